@@ -1,0 +1,526 @@
+"""Configuration: TOML → validated, frozen dataclasses.
+
+The whole file is checked at start-up. Every problem is a :class:`~cometstream.errors.ConfigError`
+naming the dotted key (``sinks.archive.fsync: expected one of always, batch, never, got "sometimes"``);
+unknown keys are errors, because a typo must not silently switch a feature off.
+
+Secrets (password, TOTP secret, session key) are held in :class:`Secret`, whose ``repr`` is masked,
+and may come from the file itself, a ``*_file``, the environment (``COMETSTREAM_PASSWORD``,
+``COMETSTREAM_TOTP_SECRET``, ``COMETSTREAM_SESSION_KEY``, which win) or systemd's
+``$CREDENTIALS_DIRECTORY`` (credentials named ``password``, ``totp_secret``, ``session_key``).
+Relative paths are taken relative to the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import binascii
+import difflib
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+from .constants import SEVT, SEVT_NAMES
+from .errors import ConfigError
+from .events import FORMATS
+from .protocol import AUTH_TYPES, stream_url, totp_code
+
+__all__ = [
+    "DEFAULT_PATH",
+    "Config",
+    "HttpConfig",
+    "LogConfig",
+    "ResyncConfig",
+    "Secret",
+    "Section",
+    "ServerConfig",
+    "SinkConfig",
+    "StateConfig",
+    "StreamConfig",
+    "load_config",
+    "parse_config",
+    "parse_listen",
+]
+
+DEFAULT_PATH: Final = "/etc/cometstream/config.toml"
+WHEN_FULL: Final = ("block", "drop_newest")
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("auto", "console", "json")
+_SINK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+class Secret:
+    """A secret string. ``repr``/``str`` are masked; ``reveal()`` gives the value to the one place
+    that sends it."""
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str = "config") -> None:
+        self._value = value
+        #: where it came from (``config``, ``file``, ``env``, ``credential``), for diagnostics
+        self.source = source
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret('******', source={self.source!r})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"' if len(value) <= 60 else f'"{value[:57]}..."'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value).lower() if isinstance(value, bool) else repr(value)
+
+
+class Section:
+    """Reads one TOML table with type and range checks; ``done()`` rejects the keys nobody read.
+
+    Public so that third-party sinks validate their options with the same clear errors::
+
+        opts = Section(options, f"sinks.{name}")
+        url = opts.str("url", required=True)
+        opts.done()
+    """
+
+    def __init__(self, table: Mapping[str, Any], prefix: str, *, base_dir: Path | None = None) -> None:
+        if not isinstance(table, Mapping):
+            raise ConfigError(prefix, f"expected a table, got {_fmt(table)}")
+        self._table = table
+        self.prefix = prefix
+        self.base_dir = base_dir
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.key(name), problem)
+
+    def has(self, name: str) -> bool:
+        return name in self._table
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        self._seen.add(name)
+        return self._table.get(name, default)
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False,
+            choices: tuple[str, ...] | None = None, allow_empty: bool = True) -> str:
+        value = self.raw(name)
+        if value is None:
+            if required or default is None:
+                raise self.error(name, "is required")
+            return default
+        if not isinstance(value, str):
+            raise self.error(name, f"expected a string, got {_fmt(value)}")
+        if choices is not None and value not in choices:
+            hint = difflib.get_close_matches(value, choices, n=1)
+            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+            raise self.error(name, f"expected one of {', '.join(choices)}, got {_fmt(value)}{extra}")
+        if not allow_empty and not value:
+            raise self.error(name, "must not be empty")
+        return value
+
+    def opt_str(self, name: str) -> str | None:
+        if self.raw(name) is None:
+            return None
+        return self.str(name)
+
+    def path(self, name: str, default: str | None = None) -> Path | None:
+        value = self.opt_str(name)
+        if value is None:
+            value = default
+        if value is None:
+            return None
+        if not value:
+            raise self.error(name, "must not be empty")
+        p = Path(value).expanduser()
+        if not p.is_absolute() and self.base_dir is not None:
+            p = self.base_dir / p
+        return p
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected true or false, got {_fmt(value)}")
+        return value
+
+    def float(self, name: str, default: float, *, min: float = 0.0, max: float = math.inf,
+              min_exclusive: bool = False) -> float:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise self.error(name, f"expected a number of seconds, got {_fmt(value)}")
+        value = float(value)
+        if value < min or (min_exclusive and value == min) or value > max:
+            low = f"> {min:g}" if min_exclusive else f">= {min:g}"
+            rng = low if max == math.inf else f"{low} and <= {max:g}"
+            raise self.error(name, f"must be {rng}, got {_fmt(value)}")
+        return value
+
+    def int(self, name: str, default: int, *, min: int = 0, max: int | None = None) -> int:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"expected an integer, got {_fmt(value)}")
+        if value < min or (max is not None and value > max):
+            rng = f">= {min}" if max is None else f"between {min} and {max}"
+            raise self.error(name, f"must be {rng}, got {value}")
+        return value
+
+    def table(self, name: str) -> Section:
+        value = self.raw(name, {})
+        return Section(value, self.key(name), base_dir=self.base_dir)
+
+    def done(self) -> None:
+        unknown = [k for k in self._table if k not in self._seen]
+        if unknown:
+            name = unknown[0]
+            known = sorted(self._seen)
+            hint = difflib.get_close_matches(name, known, n=1)
+            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+            raise self.error(name, f"unknown key{extra}")
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    url: str
+    ws_url: str
+    name: str
+    username: str
+    auth_type: str
+    password: Secret | None = field(default=None, repr=False)
+    totp_secret: Secret | None = field(default=None, repr=False)
+    session_key: Secret | None = field(default=None, repr=False)
+    tls_verify: bool = True
+    ca_file: Path | None = None
+
+    def totp_now(self, at: float | None = None) -> str:
+        """The TOTP code for a login now (``PasswordTOTP``), or "" when not used."""
+        if self.auth_type != "PasswordTOTP" or self.totp_secret is None:
+            return ""
+        return totp_code(self.totp_secret.reveal(), at)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamConfig:
+    connect_timeout: float = 10.0
+    ping_interval: float = 20.0
+    ping_timeout: float = 20.0
+    idle_timeout: float = 0.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 60.0
+    max_message_bytes: int = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ResyncConfig:
+    enabled: bool = True
+    overlap: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    dir: Path = Path("/var/lib/cometstream")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:9780"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class SinkConfig:
+    """The pipeline's part of a sink (filter, buffer, policy) and the sink's own options."""
+
+    name: str
+    type: str
+    types: frozenset[int] | None  # None = every event
+    format: str
+    buffer: int
+    when_full: str
+    options: Mapping[str, Any]  # passed to the sink class's from_config, "format" included
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    stream: StreamConfig
+    resync: ResyncConfig
+    state: StateConfig
+    http: HttpConfig
+    log: LogConfig
+    shutdown_timeout: float
+    sinks: tuple[SinkConfig, ...]
+    path: Path | None = None
+
+
+# --------------------------------------------------------------------------------------------
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → (host, port)."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise ValueError(f'expected "HOST:PORT", got "{value}"')
+    port = int(port_s)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port
+
+
+def _read_secret_file(sect: Section, name: str) -> Secret | None:
+    path = sect.path(name)
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise sect.error(name, f"file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise sect.error(name, f"cannot read {path}: {exc.__class__.__name__}") from None
+    # Only the final line break goes: a password may begin or end with spaces.
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    return Secret(text, "file")
+
+
+def _credential(name: str, env: Mapping[str, str]) -> Secret | None:
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if not cred_dir:
+        return None
+    path = Path(cred_dir) / name
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return Secret(text[:-1] if text.endswith("\n") else text, "credential")
+
+
+def _secret(sect: Section, key: str, env_var: str, env: Mapping[str, str]) -> Secret | None:
+    """env var > inline key > KEY_file > systemd credential KEY."""
+    inline = sect.opt_str(key)
+    file_key = f"{key}_file"
+    if inline is not None and sect.raw(file_key) is not None:
+        raise sect.error(file_key, f"set either {key} or {key}_file, not both")
+    if env_var in env:
+        sect.path(file_key)  # still type-checked, but not read: the environment wins
+        return Secret(env[env_var], "env")
+    from_file = _read_secret_file(sect, file_key)
+    if inline is not None:
+        return Secret(inline, "config")
+    if from_file is not None:
+        return from_file
+    return _credential(key, env)
+
+
+def _parse_server(sect: Section, env: Mapping[str, str]) -> ServerConfig:
+    url = sect.str("url", required=True, allow_empty=False)
+    try:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https", "ws", "wss"):
+            raise ValueError("the scheme must be http or https")
+        if not parts.hostname:
+            raise ValueError("no host")
+        _ = parts.port  # raises ValueError for a bad port
+        ws_url = stream_url(url)
+    except ValueError as exc:
+        raise sect.error("url", f"not a valid http(s) URL ({exc}): {_fmt(url)}") from None
+    name = sect.str("name", parts.hostname or "", allow_empty=False)
+    username = sect.str("username", required=True, allow_empty=False)
+    auth_type = sect.str("auth_type", "Password", choices=AUTH_TYPES)
+    password = _secret(sect, "password", "COMETSTREAM_PASSWORD", env)
+    totp_secret = _secret(sect, "totp_secret", "COMETSTREAM_TOTP_SECRET", env)
+    session_key = _secret(sect, "session_key", "COMETSTREAM_SESSION_KEY", env)
+    tls_verify = sect.bool("tls_verify", True)
+    ca_file = sect.path("ca_file")
+    if ca_file is not None and not ca_file.is_file():
+        raise sect.error("ca_file", f"file not found: {ca_file}")
+    sect.done()
+
+    if auth_type in ("Password", "PasswordTOTP") and password is None:
+        raise sect.error("password", f"required for auth_type {auth_type}: set password or "
+                         "password_file, COMETSTREAM_PASSWORD, or a 'password' systemd credential")
+    if auth_type == "PasswordTOTP":
+        if totp_secret is None:
+            raise sect.error("totp_secret_file", "required for auth_type PasswordTOTP (the base32 "
+                             "TOTP secret), or COMETSTREAM_TOTP_SECRET")
+        try:
+            totp_code(totp_secret.reveal())
+        except (binascii.Error, ValueError):
+            raise sect.error("totp_secret_file", "the TOTP secret is not valid base32") from None
+    if auth_type == "SessionKey" and session_key is None:
+        raise sect.error("session_key_file", "required for auth_type SessionKey, or "
+                         "COMETSTREAM_SESSION_KEY")
+    return ServerConfig(url=url, ws_url=ws_url, name=name, username=username, auth_type=auth_type,
+                        password=password, totp_secret=totp_secret, session_key=session_key,
+                        tls_verify=tls_verify, ca_file=ca_file)
+
+
+def _parse_stream(sect: Section) -> StreamConfig:
+    d = StreamConfig()
+    cfg = StreamConfig(
+        connect_timeout=sect.float("connect_timeout", d.connect_timeout, min=0, min_exclusive=True),
+        ping_interval=sect.float("ping_interval", d.ping_interval, min=0),
+        ping_timeout=sect.float("ping_timeout", d.ping_timeout, min=0, min_exclusive=True),
+        idle_timeout=sect.float("idle_timeout", d.idle_timeout, min=0),
+        backoff_initial=sect.float("backoff_initial", d.backoff_initial, min=0, min_exclusive=True),
+        backoff_max=sect.float("backoff_max", d.backoff_max, min=0, min_exclusive=True),
+        max_message_bytes=sect.int("max_message_bytes", d.max_message_bytes, min=1024,
+                                   max=1 << 30),
+    )
+    if cfg.backoff_max < cfg.backoff_initial:
+        raise sect.error("backoff_max", f"must be >= backoff_initial ({cfg.backoff_initial:g}), "
+                         f"got {cfg.backoff_max:g}")
+    sect.done()
+    return cfg
+
+
+def parse_types(sect: Section, name: str) -> frozenset[int] | None:
+    """A filter list of SEVT names or numbers; an unknown name is an error, never "matches nothing"."""
+    value = sect.raw(name)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise sect.error(name, f'expected a list of SEVT names or numbers, got {_fmt(value)}')
+    if not value:
+        raise sect.error(name, "an empty list would match no event; remove the key to match all")
+    out: set[int] = set()
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            key = item.strip().upper()
+            if key not in SEVT:
+                hint = difflib.get_close_matches(key, list(SEVT), n=1)
+                extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+                raise sect.error(f"{name}[{i}]", f"unknown event type {_fmt(item)}{extra}")
+            out.add(SEVT[key])
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not 4000 <= item <= 4999:
+                raise sect.error(f"{name}[{i}]", f"event type numbers are 4000-4999, got {item}")
+            out.add(item)
+        else:
+            raise sect.error(f"{name}[{i}]", f"expected an SEVT name or number, got {_fmt(item)}")
+    return frozenset(out)
+
+
+def _parse_sink(name: str, sect: Section) -> SinkConfig:
+    from .sinks import resolve_sink_class  # late: the registry imports sink modules
+
+    if not _SINK_NAME.match(name):
+        raise ConfigError(sect.prefix, "sink names use letters, digits, '_', '-' and '.' "
+                          "(up to 64 characters)")
+    type_ = sect.str("type", required=True, allow_empty=False)
+    cls = resolve_sink_class(type_, key=sect.key("type"))
+    types = parse_types(sect, "types")
+    fmt = sect.str("format", cls.default_format, choices=FORMATS)
+    buffer = sect.int("buffer", 10000, min=1, max=10_000_000)
+    when_full = sect.str("when_full", "block", choices=WHEN_FULL)
+    options: dict[str, Any] = {k: v for k, v in sect._table.items()
+                               if k not in ("type", "types", "format", "buffer", "when_full")}
+    options["format"] = fmt
+    # The sink validates its own keys (raising ConfigError with sinks.NAME.key); nothing is opened.
+    opts = Section(options, sect.prefix, base_dir=sect.base_dir)
+    cls.from_config(name, opts)
+    return SinkConfig(name=name, type=type_, types=types, format=fmt, buffer=buffer,
+                      when_full=when_full, options=options)
+
+
+def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
+                 env: Mapping[str, str] | None = None) -> Config:
+    """Validate a parsed TOML document into a :class:`Config` (raises ConfigError)."""
+    env = os.environ if env is None else env
+    base_dir = path.parent if path is not None else Path.cwd()
+    top = Section(data, "", base_dir=base_dir)
+    server = _parse_server(top.table("server"), env)
+    stream = _parse_stream(top.table("stream"))
+
+    rs = top.table("resync")
+    resync = ResyncConfig(enabled=rs.bool("enabled", True),
+                          overlap=rs.float("overlap", 120.0, min=0, max=30 * 86400))
+    rs.done()
+
+    st = top.table("state")
+    state = StateConfig(dir=st.path("dir", "/var/lib/cometstream") or Path("/var/lib/cometstream"))
+    st.done()
+
+    ht = top.table("http")
+    listen = ht.str("listen", "127.0.0.1:9780")
+    if listen:
+        try:
+            parse_listen(listen)
+        except ValueError as exc:
+            raise ht.error("listen", str(exc)) from None
+    http = HttpConfig(listen=listen)
+    ht.done()
+
+    lg = top.table("log")
+    log = LogConfig(level=lg.str("level", "info", choices=LOG_LEVELS),
+                    format=lg.str("format", "auto", choices=LOG_FORMATS))
+    lg.done()
+
+    sd = top.table("shutdown")
+    shutdown_timeout = sd.float("timeout", 10.0, min=0, max=3600)
+    sd.done()
+
+    sinks_tbl = top.table("sinks")
+    sinks: list[SinkConfig] = []
+    for name in list(sinks_tbl._table):
+        sinks.append(_parse_sink(name, sinks_tbl.table(name)))
+    sinks_tbl.done()
+    if not sinks:
+        raise ConfigError("sinks", 'no sink configured: add at least one [sinks.NAME] table '
+                          '(e.g. type = "stdout")')
+    top.done()
+    return Config(server=server, stream=stream, resync=resync, state=state, http=http, log=log,
+                  shutdown_timeout=shutdown_timeout, sinks=tuple(sinks), path=path)
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML file (raises ConfigError with a one-line reason)."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("", f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError("", f"{p}: is a directory") from None
+    except PermissionError:
+        raise ConfigError("", f"{p}: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{p}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{p}: not UTF-8 text") from None
+    return parse_config(data, path=p.resolve(), env=env)
+
+
+# The event-type names accepted in filters, for documentation and error hints.
+KNOWN_TYPE_NAMES: Final = tuple(SEVT_NAMES[v] for v in sorted(SEVT_NAMES))

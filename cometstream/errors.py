@@ -1,0 +1,88 @@
+"""The exception tree of cometstream.
+
+Every error the daemon expects to meet is one of these, with a one-line ``__str__`` fit for a
+log line or a CLI message, and a ``retryable`` flag that the supervisor and the sink workers read
+instead of matching strings::
+
+    CometStreamError                 retryable?
+    ├── ConfigError(key)             no   (exit 2)
+    ├── CredentialsRejected          no on the first login (exit 3), retried after a good session
+    ├── StreamError                  yes  (connect refused, TLS, timeouts, dropped, silent peer)
+    ├── ApiError(status)             per status (5xx and transport yes, 4xx no)
+    └── SinkError(sink)              per instance (disk full yes, bad request no)
+
+Foreign exceptions (aiohttp, OSError, ssl) are translated into these at each I/O boundary with
+``raise ... from exc``; nothing from a library leaks into the pipeline.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ApiError",
+    "CometStreamError",
+    "ConfigError",
+    "CredentialsRejected",
+    "SinkError",
+    "StreamError",
+]
+
+
+class CometStreamError(Exception):
+    """Base class: a one-line message and whether trying again may help."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if retryable is not None:
+            self.retryable = retryable
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(CometStreamError):
+    """The configuration is invalid; ``key`` is the dotted key at fault (e.g. ``sinks.bus.acks``)."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{key}: {problem}" if key else problem, retryable=False)
+
+
+class CredentialsRejected(CometStreamError):
+    """The server refused the login (anything but ``200 OK`` after the five frames)."""
+
+    def __init__(self, message: str, *, reply: str = "") -> None:
+        self.reply = reply
+        super().__init__(message, retryable=False)
+
+
+class StreamError(CometStreamError):
+    """The event stream failed: could not connect, timed out, was dropped or went silent."""
+
+    retryable = True
+
+    def __init__(self, message: str, *, reason: str = "error", retryable: bool = True) -> None:
+        #: a bounded label for ``disconnects_total{reason}`` / ``connects_total{result}``
+        self.reason = reason
+        super().__init__(message, retryable=retryable)
+
+
+class ApiError(CometStreamError):
+    """The admin HTTP API failed; ``status`` is the HTTP status or the body's ``Status``."""
+
+    def __init__(self, message: str, *, status: int = 0, retryable: bool | None = None) -> None:
+        self.status = status
+        if retryable is None:
+            retryable = status == 0 or status >= 500 or status == 429
+        super().__init__(message, retryable=retryable)
+
+
+class SinkError(CometStreamError):
+    """A sink could not accept a batch. ``retryable=False`` means the events will never be accepted."""
+
+    def __init__(self, sink: str, message: str, *, retryable: bool = True) -> None:
+        self.sink = sink
+        super().__init__(f"sink {sink}: {message}", retryable=retryable)

@@ -1,0 +1,132 @@
+"""The Event: one StreamableEvent as received (or synthesized), and how it is written out.
+
+An Event keeps the bytes the server sent. The ``event`` output format writes them unchanged, so
+integers beyond 64 bits, unknown fields, key order and unicode reach the sinks byte for byte; the
+``envelope`` format splices those same bytes into a small JSON wrapper. Nothing is re-serialized.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Final
+
+import orjson
+
+from .constants import SEVT, SEVT_NAMES, job_status_name
+
+__all__ = [
+    "FORMATS",
+    "ORIGINS",
+    "Event",
+    "JOB_COMPLETED",
+    "type_label",
+]
+
+ORIGINS: Final = ("stream", "resync", "backfill")
+FORMATS: Final = ("event", "envelope")
+JOB_COMPLETED: Final = SEVT["SEVT_JOB_COMPLETED"]
+_JOB_NEW: Final = SEVT["SEVT_JOB_NEW"]
+
+
+def type_label(type_: int) -> str:
+    """A bounded metric label for an event type: the SEVT name, or ``other`` for unknown numbers."""
+    return SEVT_NAMES.get(type_, "other")
+
+
+class Event:
+    """One StreamableEvent. ``raw`` is a single line of JSON (the server's bytes, line breaks folded)."""
+
+    __slots__ = ("raw", "doc", "type", "origin", "received_at", "server", "seq", "_type_name")
+
+    def __init__(
+        self,
+        raw: bytes,
+        doc: dict[str, Any],
+        type_: int,
+        *,
+        origin: str = "stream",
+        received_at: float = 0.0,
+        server: str = "",
+    ) -> None:
+        self.raw = raw
+        self.doc = doc
+        self.type = type_
+        self.origin = origin
+        self.received_at = received_at
+        self.server = server
+        #: position in the pipeline, assigned when published (0 = not yet)
+        self.seq = 0
+        self._type_name: str | None = None
+
+    @classmethod
+    def synthesize(
+        cls, doc: dict[str, Any], *, origin: str, received_at: float, server: str
+    ) -> Event:
+        """An Event built by cometstream itself (resync, backfill): the same shape as a live one."""
+        return cls(orjson.dumps(doc), doc, int(doc["Type"]), origin=origin,
+                   received_at=received_at, server=server)
+
+    # --- views -----------------------------------------------------------------------------
+    @property
+    def type_name(self) -> str:
+        """``SEVT_...``: the known name; for a type this version does not know, the server's
+        ``TypeString`` when it gives one, else ``SEVT_UNKNOWN_<n>``."""
+        name = self._type_name
+        if name is None:
+            name = SEVT_NAMES.get(self.type)
+            if name is None:
+                ts = self.doc.get("TypeString")
+                name = ts if isinstance(ts, str) and ts else f"SEVT_UNKNOWN_{self.type}"
+            self._type_name = name
+        return name
+
+    @property
+    def timestamp(self) -> int:
+        """The server's ``Timestamp`` (Unix seconds), 0 when absent or not an integer."""
+        ts = self.doc.get("Timestamp")
+        return ts if isinstance(ts, int) and not isinstance(ts, bool) else 0
+
+    @property
+    def data(self) -> Any:
+        return self.doc.get("Data")
+
+    @property
+    def job(self) -> dict[str, Any] | None:
+        """The BackupJobDetail of a job event, or None."""
+        if self.type == JOB_COMPLETED or self.type == _JOB_NEW:
+            data = self.doc.get("Data")
+            if isinstance(data, dict):
+                return data
+        return None
+
+    @property
+    def job_status_label(self) -> str:
+        job = self.job
+        return job_status_name(job.get("Status")) if job is not None else "other"
+
+    def dedup_key(self) -> str:
+        """One key per logical event: job events by type and job GUID, the rest by a raw digest."""
+        job = self.job
+        if job is not None:
+            guid = job.get("GUID")
+            if isinstance(guid, str) and guid:
+                return f"{self.type}:{guid}"
+        return f"{self.type}#{hashlib.blake2b(self.raw, digest_size=12).hexdigest()}"
+
+    # --- output formats ------------------------------------------------------------------------
+    def envelope(self) -> bytes:
+        """``{"server", "origin", "received_at", "type_name", "event"}`` with the raw event inside."""
+        return b"".join((
+            b'{"server":', orjson.dumps(self.server),
+            b',"origin":"', self.origin.encode(),
+            b'","received_at":', orjson.dumps(self.received_at),
+            b',"type_name":', orjson.dumps(self.type_name),
+            b',"event":', self.raw, b"}",
+        ))
+
+    def render(self, fmt: str) -> bytes:
+        """The event in output format ``fmt`` (``event`` or ``envelope``), without a newline."""
+        return self.raw if fmt == "event" else self.envelope()
+
+    def __repr__(self) -> str:
+        return f"Event({self.type_name}, origin={self.origin}, seq={self.seq})"

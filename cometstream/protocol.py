@@ -1,0 +1,165 @@
+"""The Comet event-stream protocol, without I/O.
+
+After the websocket upgrade the client sends five text frames (Username, AuthType, Password,
+SessionKey, TOTP; an empty frame skips a value) and the server answers ``200 OK`` or
+``403 Unauth``. Then each text frame is one JSON ``StreamableEvent``, ``SEVT_META_HELLO`` first.
+
+This module turns credentials into the five frames, classifies the reply, and turns a frame into
+an :class:`~cometstream.events.Event` or a :class:`Malformed` description. It imports no asyncio
+and no websocket library, and is tested with plain lists of frames.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import struct
+import time
+from dataclasses import dataclass
+from typing import Final
+
+import orjson
+
+from .errors import CredentialsRejected
+from .events import Event
+
+__all__ = [
+    "AUTH_TYPES",
+    "HELLO",
+    "OK_REPLY",
+    "Credentials",
+    "Malformed",
+    "auth_frames",
+    "check_reply",
+    "decode_frame",
+    "stream_url",
+    "totp_code",
+]
+
+AUTH_TYPES: Final = ("Password", "PasswordTOTP", "SessionKey")
+OK_REPLY: Final = "200 OK"
+HELLO: Final = 4000
+STREAM_PATH: Final = "api/v1/events/stream"
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What one login sends. ``totp`` is the code for this login (computed by the caller)."""
+
+    username: str
+    auth_type: str
+    password: str = ""
+    session_key: str = ""
+    totp: str = ""
+
+    def __repr__(self) -> str:  # never show secrets, even in a traceback
+        return f"Credentials(username={self.username!r}, auth_type={self.auth_type!r})"
+
+
+def auth_frames(creds: Credentials) -> list[str]:
+    """The five handshake frames in protocol order; values the auth type does not use are empty."""
+    use_password = creds.auth_type in ("Password", "PasswordTOTP")
+    return [
+        creds.username,
+        creds.auth_type,
+        creds.password if use_password else "",
+        creds.session_key if creds.auth_type == "SessionKey" else "",
+        creds.totp if creds.auth_type == "PasswordTOTP" else "",
+    ]
+
+
+def check_reply(reply: str | bytes | None) -> None:
+    """Accept ``200 OK`` (surrounding whitespace tolerated); anything else rejects the login."""
+    text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
+    if text is not None and text.strip() == OK_REPLY:
+        return
+    shown = "no reply" if text is None else repr(text.strip()[:80])
+    raise CredentialsRejected(f"login rejected by server: {shown}", reply=(text or "")[:80])
+
+
+def stream_url(base_url: str) -> str:
+    """The websocket URL of the event stream for a server's base URL.
+
+    ``http`` becomes ``ws`` and ``https`` becomes ``wss``; a path prefix (a reverse proxy's
+    sub-path) is kept. A ``ws``/``wss`` URL that already names the stream is used as given.
+    """
+    scheme, sep, rest = base_url.partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("http", "https", "ws", "wss"):
+        raise ValueError(f"expected an http:// or https:// URL, got {base_url!r}")
+    host, slash, path = rest.partition("/")
+    if not host:
+        raise ValueError(f"no host in {base_url!r}")
+    path, _, _query = path.partition("?")
+    path = path.partition("#")[0]
+    ws_scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    if path.rstrip("/").endswith(STREAM_PATH):
+        return f"{ws_scheme}://{host}/{path.rstrip('/')}"
+    prefix = path.strip("/")
+    prefix = f"/{prefix}" if prefix else ""
+    return f"{ws_scheme}://{host}{prefix}/{STREAM_PATH}"
+
+
+def totp_code(secret_b32: str, at: float | None = None, *, step: int = 30, digits: int = 6) -> str:
+    """The RFC 6238 TOTP code (HMAC-SHA1) of a base32 secret at time ``at`` (default: now)."""
+    key = base64.b32decode(_b32_normalize(secret_b32), casefold=True)
+    counter = int((time.time() if at is None else at) // step)
+    mac = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
+    offset = mac[-1] & 0x0F
+    value = struct.unpack(">I", mac[offset : offset + 4])[0] & 0x7FFFFFFF
+    return str(value % 10**digits).zfill(digits)
+
+
+def _b32_normalize(secret: str) -> str:
+    s = "".join(secret.split()).replace("-", "").upper()
+    return s + "=" * (-len(s) % 8)
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A frame that is not a StreamableEvent. ``reason`` is a bounded label; ``sample`` a short excerpt."""
+
+    reason: str  # invalid_json | too_deep | not_object | bad_type | binary | not_utf8
+    detail: str
+    sample: str
+    size: int
+
+
+def _sample(data: bytes) -> str:
+    return repr(data[:60])[2:-1] + ("..." if len(data) > 60 else "")
+
+
+def decode_frame(
+    data: bytes | str,
+    *,
+    received_at: float,
+    server: str,
+    origin: str = "stream",
+) -> Event | Malformed:
+    """One text frame → an Event, or a Malformed for anything that is not a JSON object with an
+    integer ``Type``. Unknown types and unknown fields are fine: they are the server's to add."""
+    raw = data.encode() if isinstance(data, str) else data
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        msg = str(exc)
+        if "depth" in msg or "recursion" in msg.lower():
+            return Malformed("too_deep", "nesting deeper than 1024 levels", _sample(raw), len(raw))
+        if isinstance(data, bytes):
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                return Malformed("not_utf8", "frame is not valid UTF-8", _sample(raw), len(raw))
+        return Malformed("invalid_json", msg.split(":", 1)[0][:80], _sample(raw), len(raw))
+    if not isinstance(doc, dict):
+        return Malformed("not_object", f"JSON {type(doc).__name__}, not an object", _sample(raw), len(raw))
+    type_ = doc.get("Type")
+    if type(type_) is not int:
+        return Malformed("bad_type", "no integer Type field", _sample(raw), len(raw))
+    raw = raw.strip()
+    if b"\n" in raw or b"\r" in raw:
+        # Line breaks outside strings are insignificant whitespace in JSON (inside strings they
+        # must be escaped), so folding them keeps the document and makes it one JSON Lines line.
+        raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
+    return Event(raw, doc, type_, origin=origin, received_at=received_at, server=server)

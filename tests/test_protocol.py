@@ -1,0 +1,146 @@
+"""The sans-I/O protocol: handshake frames, reply classification, frame decoding, URLs, TOTP."""
+
+from __future__ import annotations
+
+import base64
+
+import orjson
+import pytest
+
+from cometstream.errors import CredentialsRejected
+from cometstream.events import Event
+from cometstream.protocol import (
+    Credentials,
+    Malformed,
+    auth_frames,
+    check_reply,
+    decode_frame,
+    stream_url,
+    totp_code,
+)
+
+
+def test_password_login_sends_five_frames_with_empty_unused_values() -> None:
+    """Password auth sends username, type, password and two empty frames, in that order."""
+    creds = Credentials("admin", "Password", password="p w&=\"'é", session_key="k", totp="1")
+    assert auth_frames(creds) == ["admin", "Password", "p w&=\"'é", "", ""]
+
+
+def test_totp_and_session_key_frames_carry_only_their_values() -> None:
+    """PasswordTOTP fills password and TOTP; SessionKey fills only the session key."""
+    assert auth_frames(Credentials("u", "PasswordTOTP", password="pw", totp="123456")) == [
+        "u", "PasswordTOTP", "pw", "", "123456"]
+    assert auth_frames(Credentials("u", "SessionKey", password="pw", session_key="sk")) == [
+        "u", "SessionKey", "", "sk", ""]
+
+
+def test_credentials_repr_hides_secrets() -> None:
+    """A traceback showing Credentials never shows the password."""
+    assert "hunter2" not in repr(Credentials("u", "Password", password="hunter2"))
+
+
+@pytest.mark.parametrize("reply", ["200 OK", "200 OK\n", b"200 OK", " 200 OK "])
+def test_ok_reply_accepted(reply: str | bytes) -> None:
+    """Only 200 OK (whitespace tolerated) is a successful login."""
+    check_reply(reply)
+
+
+@pytest.mark.parametrize("reply", ["403 Unauth", "", "200", "OK", "500 Internal", None])
+def test_any_other_reply_rejects(reply: str | None) -> None:
+    """403 Unauth, or anything else, is a rejected login."""
+    with pytest.raises(CredentialsRejected):
+        check_reply(reply)
+
+
+@pytest.mark.parametrize(("base", "expected"), [
+    ("https://comet.example.com:8060/", "wss://comet.example.com:8060/api/v1/events/stream"),
+    ("http://127.0.0.1:8060", "ws://127.0.0.1:8060/api/v1/events/stream"),
+    ("https://h/comet/", "wss://h/comet/api/v1/events/stream"),
+    ("HTTPS://h/a/b", "wss://h/a/b/api/v1/events/stream"),
+    ("wss://h/api/v1/events/stream", "wss://h/api/v1/events/stream"),
+])
+def test_stream_url_keeps_path_prefix(base: str, expected: str) -> None:
+    """http→ws, https→wss, and a reverse-proxy prefix is kept."""
+    assert stream_url(base) == expected
+
+
+def test_stream_url_rejects_other_schemes() -> None:
+    """ftp:// and a bare host are not server URLs."""
+    for bad in ("ftp://h/", "comet.example.com"):
+        with pytest.raises(ValueError):
+            stream_url(bad)
+
+
+def test_totp_matches_rfc6238_vectors() -> None:
+    """The TOTP code equals RFC 6238's SHA1 test vectors."""
+    secret = base64.b32encode(b"12345678901234567890").decode()
+    assert totp_code(secret, 59, digits=8) == "94287082"
+    assert totp_code(secret, 1111111109, digits=8) == "07081804"
+    assert totp_code(secret.lower(), 2000000000, digits=8) == "69279037"
+    assert len(totp_code(secret)) == 6
+
+
+def _decode(data: bytes | str) -> Event | Malformed:
+    return decode_frame(data, received_at=1700000000.5, server="comet1")
+
+
+def test_event_keeps_raw_bytes_for_big_ints_unicode_and_unknown_fields() -> None:
+    """The event format writes the server's bytes: u64+1 ints, unicode and new fields intact."""
+    raw = ('{"Actor":"zoë","Type":4201,"Timestamp":1733400000,"New":{"x":[1,2]},'
+           '"Data":{"GUID":"g1","Status":5000,"TotalSize":18446744073709551616}}').encode()
+    ev = _decode(raw)
+    assert isinstance(ev, Event)
+    assert ev.render("event") == raw
+    assert ev.type_name == "SEVT_JOB_COMPLETED"
+    env = ev.render("envelope")
+    assert env.endswith(b',"event":' + raw + b"}")
+    parsed = orjson.loads(env)
+    assert parsed["server"] == "comet1" and parsed["origin"] == "stream"
+    assert parsed["received_at"] == 1700000000.5 and parsed["type_name"] == "SEVT_JOB_COMPLETED"
+
+
+def test_unknown_type_is_an_event_named_by_its_typestring() -> None:
+    """A type this version does not know is still delivered."""
+    ev = _decode(b'{"Type":4950,"TypeString":"SEVT_FUTURE_THING"}')
+    assert isinstance(ev, Event)
+    assert ev.type_name == "SEVT_FUTURE_THING"
+    ev2 = _decode(b'{"Type":4951}')
+    assert isinstance(ev2, Event) and ev2.type_name == "SEVT_UNKNOWN_4951"
+
+
+def test_pretty_printed_event_becomes_one_line() -> None:
+    """Line breaks between tokens are folded so JSON Lines stays one event per line."""
+    ev = _decode(b'{\n  "Type": 4000,\n  "Data": {"a": "x\\ny"}\r\n}\n')
+    assert isinstance(ev, Event)
+    assert b"\n" not in ev.raw and b"\r" not in ev.raw
+    assert orjson.loads(ev.raw) == {"Type": 4000, "Data": {"a": "x\ny"}}
+
+
+@pytest.mark.parametrize(("frame", "reason"), [
+    (b"not json", "invalid_json"),
+    (b'{"Type":4201', "invalid_json"),
+    (b"[1,2]", "not_object"),
+    (b'"hello"', "not_object"),
+    (b"{}", "bad_type"),
+    (b'{"Type":"4201"}', "bad_type"),
+    (b'{"Type":4201.5}', "bad_type"),
+    (b'{"Type":true}', "bad_type"),
+    (b"\xff\xfe{}", "not_utf8"),
+    (b"[" * 5000 + b"]" * 5000, "too_deep"),
+])
+def test_malformed_frames_are_classified(frame: bytes, reason: str) -> None:
+    """Anything but a JSON object with an integer Type is Malformed, with a bounded reason."""
+    m = _decode(frame)
+    assert isinstance(m, Malformed)
+    assert m.reason == reason
+    assert len(m.sample) < 80
+
+
+def test_job_dedup_key_is_type_and_guid() -> None:
+    """Job events dedup by type + GUID; others by a digest of their bytes."""
+    a = _decode(b'{"Type":4201,"Data":{"GUID":"abc"}}')
+    b = _decode(b'{"Type":4201,"Timestamp":5,"Data":{"GUID":"abc"}}')
+    c = _decode(b'{"Type":4102,"Data":{"Username":"u"}}')
+    assert isinstance(a, Event) and isinstance(b, Event) and isinstance(c, Event)
+    assert a.dedup_key() == b.dedup_key() == "4201:abc"
+    assert c.dedup_key().startswith("4102#")
