@@ -12,12 +12,13 @@ and no websocket library, and is tested with plain lists of frames.
 from __future__ import annotations
 
 import base64
+import json
 import hashlib
 import hmac
 import struct
 import time
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
@@ -127,7 +128,30 @@ class Malformed:
 
 
 def _sample(data: bytes) -> str:
-    return repr(data[:60])[2:-1] + ("..." if len(data) > 60 else "")
+    text = data[:60].decode("utf-8", "replace")
+    text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+    return text + ("..." if len(data) > 60 else "")
+
+
+def _slow_loads(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
+    """Where orjson refuses a document, decide with the standard library.
+
+    orjson rejects numbers beyond a double's range (``1e400``, 400-digit integers), which are
+    valid JSON: the stdlib parses them. Only frames orjson refused take this path.
+    """
+    msg = str(exc)
+    if "depth" in msg or "recursion" in msg.lower():
+        return Malformed("too_deep", "nesting deeper than 1024 levels", _sample(raw), len(raw))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return Malformed("not_utf8", "frame is not valid UTF-8", _sample(raw), len(raw))
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return Malformed("too_deep", "nesting too deep", _sample(raw), len(raw))
+    except ValueError:
+        return Malformed("invalid_json", msg.split(":", 1)[0][:80], _sample(raw), len(raw))
 
 
 def decode_frame(
@@ -143,15 +167,9 @@ def decode_frame(
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        msg = str(exc)
-        if "depth" in msg or "recursion" in msg.lower():
-            return Malformed("too_deep", "nesting deeper than 1024 levels", _sample(raw), len(raw))
-        if isinstance(data, bytes):
-            try:
-                data.decode("utf-8")
-            except UnicodeDecodeError:
-                return Malformed("not_utf8", "frame is not valid UTF-8", _sample(raw), len(raw))
-        return Malformed("invalid_json", msg.split(":", 1)[0][:80], _sample(raw), len(raw))
+        doc = _slow_loads(raw, exc)
+        if isinstance(doc, Malformed):
+            return doc
     if not isinstance(doc, dict):
         return Malformed("not_object", f"JSON {type(doc).__name__}, not an object", _sample(raw), len(raw))
     type_ = doc.get("Type")

@@ -1,0 +1,245 @@
+"""The command line: ``run``, ``check``, ``demo``, ``simulate``, ``--version``.
+
+``main(argv) -> int`` is the only place that turns errors into exit codes and one-line messages:
+0 clean stop; 2 usage or configuration error; 3 credentials rejected on the first login; 1 any
+other fatal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from . import __version__
+from .config import DEFAULT_PATH, Config, load_config, parse_config, parse_listen
+from .daemon import EXIT_CREDENTIALS, EXIT_FATAL, EXIT_OK, Daemon
+from .errors import ConfigError, CredentialsRejected, StreamError
+from .observe.logging import configure_logging, register_secret
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo password & more = fun"  # exercises form/frame escaping on purpose
+
+log = structlog.get_logger("cometstream.cli")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cometstream",
+        description="Deliver a Comet Backup Server's live events to sinks.",
+    )
+    p.add_argument("--version", action="version", version=f"cometstream {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("-c", "--config", default=DEFAULT_PATH,
+                        help=f"configuration file (default {DEFAULT_PATH})")
+        sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        help="override log.level")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground")
+    common(run)
+    chk = sub.add_parser("check", help="validate the configuration")
+    common(chk)
+    chk.add_argument("--connect", action="store_true",
+                     help="also log in to the event stream once")
+    demo = sub.add_parser("demo", help="the built-in simulator and the daemon against it")
+    demo.add_argument("--rate", type=float, default=4.0, help="simulated events per second")
+    demo.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                      default="info")
+    sim = sub.add_parser("simulate", help="run the Comet Server simulator alone")
+    sim.add_argument("--listen", default="127.0.0.1:8060", help="HOST:PORT (default %(default)s)")
+    sim.add_argument("--username", default="admin")
+    sim.add_argument("--password", default="admin")
+    sim.add_argument("--rate", type=float, default=5.0, help="events per second (default 5)")
+    sim.add_argument("--seed", type=int, default=None)
+    return p
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)  # type: ignore[no-any-return]
+
+
+def _err(msg: str) -> None:
+    print(f"cometstream: {msg}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 for --help/--version
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "check":
+            return _cmd_check(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+        if args.command == "simulate":
+            return _cmd_simulate(args)
+    except ConfigError as exc:
+        _err(f"config: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:  # the unexpected: one line, and the traceback for a bug report
+        _err(f"fatal: {exc.__class__.__name__}: {exc}")
+        import traceback
+
+        traceback.print_exc()
+        return EXIT_FATAL
+    return EXIT_USAGE
+
+
+def _load(args: argparse.Namespace) -> Config:
+    cfg = load_config(args.config)
+    level = args.log_level or cfg.log.level
+    configure_logging(level, cfg.log.format)
+    return cfg
+
+
+async def _serve(daemon: Daemon) -> int:
+    stop = asyncio.Event()
+    daemon.install_signal_handlers(stop)
+    return await daemon.run(stop)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    code = _run_async(_serve(Daemon(cfg)))
+    if code == EXIT_CREDENTIALS:
+        _err(f"login rejected by {cfg.server.name} for user {cfg.server.username!r} "
+             f"({cfg.server.auth_type}): check the credentials")
+    return code
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if not args.connect:
+        print("ok")
+        return EXIT_OK
+    return _run_async(_check_connect(cfg))
+
+
+async def _check_connect(cfg: Config) -> int:
+    """Log in once and wait for the HELLO; report in one line."""
+    from .observe.metrics import StreamStats
+    from .stream import Session, make_ssl_context
+
+    for secret in (cfg.server.password, cfg.server.totp_secret, cfg.server.session_key):
+        if secret is not None:
+            register_secret(secret.reveal())
+    hello: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+    def on_hello(ev: Any) -> None:
+        if not hello.done():
+            hello.set_result(ev)
+
+    session = Session(cfg.server, cfg.stream, lambda ev: None, StreamStats(),
+                      ssl_context=make_ssl_context(cfg.server), on_hello=on_hello)
+    task = asyncio.create_task(session.run())
+    try:
+        done, _ = await asyncio.wait({task, hello}, timeout=cfg.stream.connect_timeout + 5,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if hello in done:
+            ev = hello.result()
+            version = ev.data.get("Version") if isinstance(ev.data, dict) else None
+            print(f"ok: logged in to {cfg.server.ws_url} as {cfg.server.username}"
+                  + (f" (Comet {version})" if version else ""))
+            return EXIT_OK
+        if task in done:
+            exc = task.exception()
+            if isinstance(exc, CredentialsRejected):
+                _err(f"{exc} (user {cfg.server.username!r}, {cfg.server.auth_type})")
+                return EXIT_CREDENTIALS
+            _err(f"stream: {exc}" if isinstance(exc, StreamError) else f"stream: {exc!r}")
+            return EXIT_FATAL
+        _err("stream: logged in but no SEVT_META_HELLO arrived in time")
+        return EXIT_FATAL
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from .simulator import run_simulator
+
+    configure_logging("info", "auto")
+    try:
+        host, port = parse_listen(args.listen)
+    except ValueError as exc:
+        _err(f"--listen: {exc}")
+        return EXIT_USAGE
+
+    async def go() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        def ready(url: str) -> None:
+            print(f"simulator listening on {url} (user {args.username!r})", file=sys.stderr,
+                  flush=True)
+
+        try:
+            await run_simulator(host=host, port=port, username=args.username,
+                                password=args.password, rate=args.rate, stop=stop,
+                                seed=args.seed, ready=ready)
+        except OSError as exc:
+            _err(f"cannot listen on {args.listen}: {exc.strerror or exc}")
+            return EXIT_FATAL
+        return EXIT_OK
+
+    return _run_async(go())
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, "auto")
+
+    async def go() -> int:
+        from .simulator import Simulator
+
+        sim = Simulator(username=DEMO_USER, password=DEMO_PASSWORD, rate=args.rate)
+        await sim.start("127.0.0.1", 0)
+        try:
+            with tempfile.TemporaryDirectory(prefix="cometstream-demo-") as state_dir:
+                cfg = parse_config({
+                    "server": {"url": sim.url, "name": "demo", "username": DEMO_USER,
+                               "password": DEMO_PASSWORD},
+                    "state": {"dir": state_dir},
+                    "http": {"listen": "127.0.0.1:9780"},
+                    "shutdown": {"timeout": 3.0},
+                    "sinks": {"console": {"type": "stdout"}},
+                }, env={k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")})
+                print(f"demo: simulated Comet Server at {sim.url}, {args.rate:g} events/s; "
+                      "events follow on stdout. Ctrl-C to stop.", file=sys.stderr, flush=True)
+                return await _serve(Daemon(cfg))
+        finally:
+            await sim.stop()
+
+    return _run_async(go())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Observability: metrics, logging, health endpoints and systemd notification."""

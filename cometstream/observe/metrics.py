@@ -1,0 +1,223 @@
+"""Every metric of the contract, defined once, on an injected Prometheus registry.
+
+The hot path never touches prometheus-client: the read loop and the sink workers bump plain
+integers on :class:`StreamStats` and :class:`SinkStats`, and :class:`Metrics` (a collector) turns
+them into metric families when scraped. That keeps a counter update at the cost of an integer
+increment. Label values are bounded: event types fold unknown numbers into ``other``, job
+statuses into their range, disconnect reasons and drop reasons are fixed vocabularies.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Final
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from ..constants import SEVT_NAMES
+
+__all__ = ["LATENCY_BUCKETS", "Histogram", "Metrics", "SinkStats", "StreamStats"]
+
+PREFIX: Final = "cometstream_"
+#: delivery latency buckets, 1 ms to 60 s
+LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                          5.0, 10.0, 30.0, 60.0)
+
+
+class Histogram:
+    """A cheap fixed-bucket histogram (no locks: the event loop is its only writer)."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        counts, bounds = self.counts, self.bounds
+        total = 0.0
+        n = 0
+        for v in values:
+            counts[bisect_left(bounds, v)] += 1
+            total += v
+            n += 1
+        self.sum += total
+        self.count += n
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        out: list[tuple[str, float]] = []
+        acc = 0
+        for bound, c in zip(self.bounds, self.counts, strict=False):
+            acc += c
+            out.append((repr(bound), acc))
+        acc += self.counts[-1]
+        out.append(("+Inf", acc))
+        return out
+
+    def quantile(self, q: float) -> float:
+        """An upper-bound estimate of quantile ``q`` from the buckets (for status lines)."""
+        target = q * self.count
+        acc = 0
+        for bound, c in zip(self.bounds, self.counts, strict=False):
+            acc += c
+            if acc >= target:
+                return bound
+        return float("inf")
+
+
+class StreamStats:
+    """Stream-side numbers, bumped by the read loop and the supervisor."""
+
+    def __init__(self) -> None:
+        self.connection_up = 0
+        self.connects: dict[str, int] = defaultdict(int)  # result: ok|rejected|error|timeout
+        self.disconnects: dict[str, int] = defaultdict(int)  # reason
+        self.received: dict[int, int] = defaultdict(int)  # raw Type -> count
+        self.malformed = 0
+        self.malformed_by_reason: dict[str, int] = defaultdict(int)
+        self.last_event_time = 0.0
+        self.jobs_completed: dict[str, int] = defaultdict(int)  # status label
+        self.resync_runs: dict[str, int] = defaultdict(int)
+        self.resync_events: dict[str, int] = defaultdict(int)
+        self.resync_duration = Histogram((0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0))
+
+    @property
+    def events_received(self) -> int:
+        return sum(self.received.values())
+
+
+class SinkStats:
+    """One sink's numbers, bumped by the pipeline."""
+
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.filtered = 0
+        self.dropped: dict[str, int] = defaultdict(int)  # reason: queue_full|rejected|shutdown
+        self.errors = 0
+        self.queue_depth = 0  # maintained by the pipeline at scrape time via a callback
+        self.latency = Histogram()
+        self.failing = False
+        self.last_error = ""
+
+
+class Metrics(Collector):
+    """A collector over the stats objects; register once per registry."""
+
+    def __init__(self, server: str, registry: CollectorRegistry | None = None) -> None:
+        self.server = server
+        self.stream = StreamStats()
+        self.sinks: dict[str, SinkStats] = {}
+        self._depth: dict[str, object] = {}
+        if registry is not None:
+            registry.register(self)
+
+    def sink(self, name: str, depth: object = None) -> SinkStats:
+        """The stats of sink ``name``; ``depth`` is a callable giving its current queue depth."""
+        st = self.sinks.get(name)
+        if st is None:
+            st = self.sinks[name] = SinkStats()
+        if depth is not None:
+            self._depth[name] = depth
+        return st
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:  # noqa: C901 - one family after the other
+        s = self.stream
+        srv = self.server
+
+        g = GaugeMetricFamily(PREFIX + "connection_up", "1 while logged in to the event stream",
+                              labels=["server"])
+        g.add_metric([srv], s.connection_up)
+        yield g
+
+        c = CounterMetricFamily(PREFIX + "connects", "Connection attempts by result",
+                                labels=["server", "result"])
+        for result in ("ok", "rejected", "error", "timeout", *sorted(set(s.connects) - {"ok", "rejected", "error", "timeout"})):
+            c.add_metric([srv, result], s.connects.get(result, 0))
+        yield c
+
+        c = CounterMetricFamily(PREFIX + "disconnects", "Lost connections by reason",
+                                labels=["server", "reason"])
+        for reason, n in sorted(s.disconnects.items()):
+            c.add_metric([srv, reason], n)
+        yield c
+
+        c = CounterMetricFamily(PREFIX + "events_received", "Events received by SEVT type "
+                                "(unknown numbers as other)", labels=["server", "type"])
+        folded: dict[str, int] = defaultdict(int)
+        for t, n in s.received.items():
+            folded[SEVT_NAMES.get(t, "other")] += n
+        for name, n in sorted(folded.items()):
+            c.add_metric([srv, name], n)
+        yield c
+
+        c = CounterMetricFamily(PREFIX + "events_malformed", "Frames that were not a "
+                                "StreamableEvent (skipped)", labels=["server"])
+        c.add_metric([srv], s.malformed)
+        yield c
+
+        g = GaugeMetricFamily(PREFIX + "last_event_timestamp_seconds", "Unix time of the last "
+                              "event received", labels=["server"])
+        g.add_metric([srv], s.last_event_time)
+        yield g
+
+        c = CounterMetricFamily(PREFIX + "jobs_completed", "Job-completed events by JOB_STATUS",
+                                labels=["server", "status"])
+        for status, n in sorted(s.jobs_completed.items()):
+            c.add_metric([srv, status], n)
+        yield c
+
+        c = CounterMetricFamily(PREFIX + "resync_runs", "Remedial sync runs by result",
+                                labels=["server", "result"])
+        for result, n in sorted(s.resync_runs.items()):
+            c.add_metric([srv, result], n)
+        yield c
+        c = CounterMetricFamily(PREFIX + "resync_events", "Events synthesized by remedial sync",
+                                labels=["server", "kind"])
+        for kind, n in sorted(s.resync_events.items()):
+            c.add_metric([srv, kind], n)
+        yield c
+        h = HistogramMetricFamily(PREFIX + "resync_duration_seconds", "Remedial sync duration",
+                                  labels=["server"])
+        h.add_metric([srv], s.resync_duration.cumulative(), s.resync_duration.sum)
+        yield h
+
+        delivered = CounterMetricFamily(PREFIX + "events_delivered", "Events acknowledged by "
+                                        "the sink", labels=["sink"])
+        dropped = CounterMetricFamily(PREFIX + "events_dropped", "Events a sink will never get",
+                                      labels=["sink", "reason"])
+        filtered = CounterMetricFamily(PREFIX + "events_filtered", "Events the sink's filter "
+                                       "skipped", labels=["sink"])
+        errors = CounterMetricFamily(PREFIX + "sink_errors", "Failed sink writes", labels=["sink"])
+        depth = GaugeMetricFamily(PREFIX + "sink_queue_depth", "Events queued for the sink",
+                                  labels=["sink"])
+        latency = HistogramMetricFamily(PREFIX + "delivery_latency_seconds", "Received to "
+                                        "acknowledged by the sink", labels=["sink"])
+        for name, st in self.sinks.items():
+            delivered.add_metric([name], st.delivered)
+            for reason in ("queue_full", "rejected", "shutdown"):
+                dropped.add_metric([name, reason], st.dropped.get(reason, 0))
+            filtered.add_metric([name], st.filtered)
+            errors.add_metric([name], st.errors)
+            fn = self._depth.get(name)
+            depth.add_metric([name], fn() if callable(fn) else st.queue_depth)
+            latency.add_metric([name], st.latency.cumulative(), st.latency.sum)
+        yield from (delivered, dropped, filtered, errors, depth, latency)

@@ -1,0 +1,317 @@
+"""The pipeline: per sink a filter, a bounded buffer with an overflow policy, and a worker.
+
+``publish(event)`` is called by the read loop for every event. It is synchronous and cheap: for
+each route it tests the filter and appends to the route's queue. Only a route whose policy is
+``block`` and whose queue is full makes ``publish`` return an awaitable (the read loop waits, as
+the operator chose); ``drop_newest`` counts the event as dropped and moves on.
+
+Each route's worker takes what is queued (up to ``batch_max``) and calls ``sink.send(batch)``.
+A retryable :class:`~cometstream.errors.SinkError` (or an unexpected exception) retries the same
+batch with backoff, the route reporting itself failing meanwhile; a permanent one drops the batch,
+counted as ``rejected``. Success is an acknowledgement: it moves the route's acked sequence number,
+feeds the latency histogram and calls the ack listeners. ``delivered_through()`` is the highest
+sequence number that every route has finished with (acked, filtered or dropped): the checkpoint's
+watermark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+import structlog
+
+from .backoff import Backoff
+from .config import SinkConfig
+from .errors import SinkError
+from .events import Event
+from .observe.metrics import Metrics, SinkStats
+from .sinks.base import Sink
+
+__all__ = ["BATCH_MAX", "Pipeline", "Route"]
+
+BATCH_MAX: Final = 1024
+FAILING_REMINDER: Final = 60.0
+log = structlog.get_logger("cometstream.pipeline")
+
+AckListener = Callable[["Route", Sequence[Event]], None]
+
+
+class Route:
+    """One sink with its filter, queue and worker state."""
+
+    def __init__(self, cfg: SinkConfig, sink: Sink, stats: SinkStats) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.sink = sink
+        self.stats = stats
+        self.types = cfg.types
+        self.maxlen = cfg.buffer
+        self.drop_when_full = cfg.when_full == "drop_newest"
+        self.queue: deque[Event] = deque()
+        self.inflight = 0
+        self.acked_seq = 0
+        self.opened = False
+        self.last_warned = 0.0
+        self._wakeup: asyncio.Future[None] | None = None
+        self._space: asyncio.Future[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self.queue) + self.inflight
+
+    @property
+    def failing(self) -> bool:
+        return self.stats.failing
+
+    def wake(self) -> None:
+        w = self._wakeup
+        if w is not None:
+            self._wakeup = None
+            if not w.done():
+                w.set_result(None)
+
+    def _space_freed(self) -> None:
+        s = self._space
+        if s is not None:
+            self._space = None
+            if not s.done():
+                s.set_result(None)
+
+    async def wait_for_space(self) -> None:
+        while len(self.queue) >= self.maxlen:
+            if self._space is None or self._space.done():
+                self._space = asyncio.get_running_loop().create_future()
+            await self._space
+
+
+class Pipeline:
+    """Routes events to sinks. ``start()`` launches the workers, ``drain()`` stops them."""
+
+    def __init__(
+        self,
+        routes: Sequence[tuple[SinkConfig, Sink]],
+        metrics: Metrics,
+        *,
+        batch_max: int = BATCH_MAX,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+    ) -> None:
+        self.metrics = metrics
+        self.routes: list[Route] = []
+        for cfg, sink in routes:
+            route = Route(cfg, sink, metrics.sink(cfg.name))
+            metrics.sink(cfg.name, depth=lambda r=route: r.depth)
+            self.routes.append(route)
+        self.batch_max = batch_max
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.seq = 0
+        self._closing = False
+        self._ack_listeners: list[AckListener] = []
+        # the filter/queue step per route, precomputed as tuples for the hot loop
+        self._fast = [(r, r.types, r.queue, r.maxlen, r.stats) for r in self.routes]
+
+    # --- the hot path ---------------------------------------------------------------------------
+    def publish(self, ev: Event) -> Awaitable[None] | None:
+        """Hand one event to every route; returns an awaitable only if a ``block`` queue is full."""
+        self.seq += 1
+        ev.seq = self.seq
+        blocked: list[Route] | None = None
+        for route, types, queue, maxlen, stats in self._fast:
+            if types is not None and ev.type not in types:
+                stats.filtered += 1
+                continue
+            if len(queue) >= maxlen:
+                if route.drop_when_full:
+                    stats.dropped["queue_full"] += 1
+                    continue
+                if blocked is None:
+                    blocked = []
+                blocked.append(route)
+                continue
+            queue.append(ev)
+            if route._wakeup is not None:
+                route.wake()
+        if blocked is not None:
+            return self._publish_blocked(ev, blocked)
+        return None
+
+    async def _publish_blocked(self, ev: Event, routes: list[Route]) -> None:
+        for route in routes:
+            await route.wait_for_space()
+            route.queue.append(ev)
+            route.wake()
+
+    # --- acknowledgements -------------------------------------------------------------------------
+    def add_ack_listener(self, fn: AckListener) -> None:
+        self._ack_listeners.append(fn)
+
+    def delivered_through(self) -> int:
+        """The highest seq such that every route has finished with every event up to it."""
+        low = self.seq
+        for r in self.routes:
+            if r.queue or r.inflight:
+                low = min(low, r.acked_seq)
+        return low
+
+    @property
+    def failing_sinks(self) -> list[str]:
+        return [r.name for r in self.routes if r.stats.failing]
+
+    # --- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        for route in self.routes:
+            route.task = asyncio.create_task(self._worker(route), name=f"sink-{route.name}")
+
+    def reopen(self) -> None:
+        for route in self.routes:
+            try:
+                route.sink.reopen()
+            except Exception:
+                log.exception("sink reopen failed", sink=route.name)
+
+    async def drain(self, timeout: float) -> bool:
+        """Deliver what is queued within ``timeout`` seconds, then close every sink.
+
+        Returns True if everything was delivered; what was not is counted as dropped (shutdown).
+        """
+        self._closing = True
+        for route in self.routes:
+            route.wake()
+        tasks = [r.task for r in self.routes if r.task is not None]
+        complete = True
+        if tasks:
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                complete = False
+                await asyncio.wait(pending)
+        for route in self.routes:
+            left = len(route.queue) + route.inflight
+            if left:
+                complete = False
+                route.stats.dropped["shutdown"] += left
+                log.warning("events not delivered at shutdown", sink=route.name, events=left,
+                            timeout=timeout)
+                route.queue.clear()
+                route.inflight = 0
+            route._space_freed()
+            if route.opened:
+                try:
+                    await asyncio.wait_for(route.sink.aclose(), timeout=max(timeout, 1.0))
+                except Exception as exc:
+                    log.warning("sink close failed", sink=route.name, error=_describe(exc))
+        return complete
+
+    # --- workers ---------------------------------------------------------------------------------
+    async def _worker(self, route: Route) -> None:
+        backoff = Backoff(self.retry_initial, self.retry_max)
+        stats = route.stats
+        queue = route.queue
+        while not route.opened:
+            try:
+                await route.sink.open()
+                route.opened = True
+                if stats.failing:
+                    log.info("sink recovered", sink=route.name)
+                stats.failing = False
+            except Exception as exc:
+                if self._closing:
+                    return
+                self._failed(route, exc, "sink open failed", backoff)
+                await self._pause(backoff.next_delay())
+        backoff.reset()
+        loop = asyncio.get_running_loop()
+        while True:
+            if not queue:
+                if self._closing:
+                    return
+                route._wakeup = loop.create_future()
+                await route._wakeup
+                continue
+            n = min(len(queue), self.batch_max)
+            batch = [queue.popleft() for _ in range(n)]
+            route.inflight = n
+            route._space_freed()
+            while True:
+                try:
+                    await route.sink.send(batch)
+                except asyncio.CancelledError:
+                    # drain() gave up: put the batch back so it is counted, not silently lost
+                    queue.extendleft(reversed(batch))
+                    route.inflight = 0
+                    raise
+                except SinkError as exc:
+                    if not exc.retryable:
+                        self._rejected(route, batch, exc)
+                        break
+                    self._failed(route, exc, "sink write failed", backoff)
+                except Exception as exc:
+                    self._failed(route, exc, "sink write failed", backoff, unexpected=True)
+                else:
+                    self._acked(route, batch)
+                    if stats.failing:
+                        stats.failing = False
+                        stats.last_error = ""
+                        log.info("sink recovered", sink=route.name)
+                    backoff.reset()
+                    break
+                await self._pause(backoff.next_delay())
+            route.inflight = 0
+
+    async def _pause(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+
+    def _acked(self, route: Route, batch: list[Event]) -> None:
+        stats = route.stats
+        stats.delivered += len(batch)
+        route.acked_seq = batch[-1].seq
+        now = time.time()
+        stats.latency.observe_many([now - ev.received_at for ev in batch])
+        for fn in self._ack_listeners:
+            fn(route, batch)
+
+    def _rejected(self, route: Route, batch: list[Event], exc: SinkError) -> None:
+        stats = route.stats
+        stats.errors += 1
+        stats.dropped["rejected"] += len(batch)
+        route.acked_seq = batch[-1].seq
+        log.error("sink refused events permanently", sink=route.name, events=len(batch),
+                  error=str(exc))
+
+    def _failed(self, route: Route, exc: BaseException, what: str, backoff: Backoff,
+                *, unexpected: bool = False) -> None:
+        stats = route.stats
+        stats.errors += 1
+        msg = _describe(exc)
+        now = time.monotonic()
+        # one warning when a failure starts or changes, then a reminder a minute while it lasts
+        first = (not stats.failing or stats.last_error != msg
+                 or now - route.last_warned >= FAILING_REMINDER)
+        if first:
+            route.last_warned = now
+        stats.failing = True
+        stats.last_error = msg
+        if unexpected and first:
+            log.exception(what, sink=route.name, retry_in=round(backoff.ceiling(), 2))
+        elif first:
+            log.warning(what, sink=route.name, error=msg, retry_in=round(backoff.ceiling(), 2))
+        else:
+            log.debug(what, sink=route.name, error=msg)
+
+    def status(self) -> dict[str, Any]:
+        return {r.name: {"depth": r.depth, "failing": r.stats.failing, "error": r.stats.last_error}
+                for r in self.routes}
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SinkError):
+        return str(exc)
+    text = str(exc)
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__

@@ -1,0 +1,53 @@
+"""Sinks: the built-ins and the registry that finds third-party ones by entry point.
+
+Built-in types: ``stdout``, ``file``, ``memory`` (recording, for tests and plugin authors).
+Others come from the entry point group ``cometstream.sinks`` (``name = "package.module:Class"``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from typing import Final
+
+from ..errors import ConfigError
+from .base import Sink
+
+__all__ = ["ENTRY_POINT_GROUP", "Sink", "available_sink_types", "resolve_sink_class"]
+
+ENTRY_POINT_GROUP: Final = "cometstream.sinks"
+_BUILTINS: Final = {
+    "stdout": "cometstream.sinks.stdout:StdoutSink",
+    "file": "cometstream.sinks.file:FileSink",
+    "memory": "cometstream.sinks.memory:MemorySink",
+}
+
+
+def _load(spec: str) -> type[Sink]:
+    module, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+
+
+def available_sink_types() -> list[str]:
+    names = set(_BUILTINS)
+    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names)
+
+
+def resolve_sink_class(type_: str, *, key: str = "type") -> type[Sink]:
+    """The class for a sink type: a built-in, else the entry point of that name."""
+    spec = _BUILTINS.get(type_)
+    if spec is not None:
+        return _load(spec)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == type_:
+            try:
+                cls = ep.load()
+            except Exception as exc:  # a broken plugin is a config problem, in one line
+                raise ConfigError(key, f'sink plugin "{type_}" ({ep.value}) failed to load: '
+                                  f"{exc.__class__.__name__}: {exc}") from None
+            if not (isinstance(cls, type) and issubclass(cls, Sink)):
+                raise ConfigError(key, f'sink plugin "{type_}" ({ep.value}) is not a Sink class')
+            return cls
+    raise ConfigError(key, f'unknown sink type "{type_}" (available: '
+                      f"{', '.join(available_sink_types())})")

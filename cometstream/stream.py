@@ -1,0 +1,407 @@
+"""The event stream's I/O shell: one websocket session, and the supervisor that reconnects.
+
+This is the only module that imports the websocket library (aiohttp's client: on this machine it
+drains ~2x faster than ``websockets``; see ``docs/design.md``). The protocol itself — the five
+frames, the reply, frame decoding — lives in :mod:`cometstream.protocol`.
+
+A session: connect (TCP, TLS, upgrade) → five frames → ``200 OK`` → read loop, with a keepalive
+task (a ping every ``ping_interval``; no pong within ``ping_timeout`` = the peer is dead) and an
+optional idle watchdog (no event frame for ``idle_timeout`` = recycle), all within
+``connect_timeout`` for the connect and login part. The read loop only decodes and hands events to
+the pipeline; it never waits on a sink unless a sink's policy is ``block``.
+
+The supervisor runs sessions forever, sleeping a full-jitter exponential backoff between them,
+reset once a session proved healthy (logged in and an event received). A login rejected before any
+session of this process succeeded is fatal (:class:`CredentialsRejected`, exit 3); after one, it is
+retried (the server may be restarting).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import aiohttp
+import structlog
+from aiohttp import WSMsgType
+
+from .backoff import Backoff
+from .config import ServerConfig, StreamConfig
+from .errors import CredentialsRejected, StreamError
+from .events import JOB_COMPLETED, Event
+from .observe.metrics import StreamStats
+from .protocol import HELLO, Credentials, Malformed, auth_frames, check_reply, decode_frame
+
+__all__ = ["Publish", "RateLimitedLog", "Session", "Supervisor", "classify", "make_ssl_context"]
+
+log = structlog.get_logger("cometstream.stream")
+
+Publish = Callable[[Event], Awaitable[None] | None]
+StatusCallback = Callable[[str, str], None]  # (state, human-readable detail)
+
+_CLOSE_TIMEOUT: Final = 1.0
+_MALFORMED_LOG_INTERVAL: Final = 60.0
+
+
+def make_ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
+    """TLS for wss: verification on by default, ``ca_file`` for a private CA."""
+    if not server.ws_url.startswith("wss://"):
+        return None
+    ctx = ssl.create_default_context(cafile=str(server.ca_file) if server.ca_file else None)
+    if not server.tls_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def classify(exc: BaseException, *, phase: str, timeout: float = 0.0) -> StreamError | CredentialsRejected:
+    """Translate anything a session can raise into our error tree (one place, one decision)."""
+    if isinstance(exc, (StreamError, CredentialsRejected)):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return StreamError(f"timed out after {timeout:g} s while {phase}", reason="timeout")
+    if isinstance(exc, aiohttp.WSServerHandshakeError):
+        return StreamError(f"websocket upgrade refused: HTTP {exc.status} {exc.message}".rstrip(),
+                           reason="upgrade")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return StreamError(f"TLS certificate not trusted: {exc.certificate_error}", reason="tls")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return StreamError(f"TLS failed: {exc}", reason="tls")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        why = exc.os_error.strerror or str(exc.os_error) or exc.os_error.__class__.__name__
+        return StreamError(f"cannot connect to {exc.host}:{exc.port}: {why}", reason="refused")
+    if isinstance(exc, aiohttp.ClientError | OSError):
+        text = str(exc) or exc.__class__.__name__
+        return StreamError(f"connection failed while {phase}: {text}", reason="error")
+    return StreamError(f"unexpected {exc.__class__.__name__} while {phase}: {exc}", reason="error")
+
+
+class RateLimitedLog:
+    """Logs the first occurrence of each kind at once, then one summary line per interval."""
+
+    def __init__(self, interval: float = _MALFORMED_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def __call__(self, kind: str, event: str, **fields: Any) -> None:
+        now = time.monotonic()
+        last = self._last.get(kind)
+        if last is not None and now - last < self.interval:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        suppressed = self._suppressed.pop(kind, 0)
+        if suppressed:
+            fields["suppressed_since_last"] = suppressed
+        log.warning(event, **fields)
+
+
+class Session:
+    """One connection: connect, log in, read until something fails (always ends by raising)."""
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        cfg: StreamConfig,
+        publish: Publish,
+        stats: StreamStats,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        on_login: Callable[[], None] | None = None,
+        on_hello: Callable[[Event], None] | None = None,
+        malformed_log: RateLimitedLog | None = None,
+    ) -> None:
+        self.server = server
+        self.cfg = cfg
+        self.publish = publish
+        self.stats = stats
+        self.ssl_context = ssl_context
+        self.on_login = on_login
+        self.on_hello = on_hello
+        self.malformed_log = malformed_log or RateLimitedLog()
+        self.logged_in = False
+        self.events = 0
+        self.hello: Event | None = None
+        self.last_frame = 0.0  # wall time of the last data frame
+        self._pong: asyncio.Future[None] | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+
+    # --- connect and log in ------------------------------------------------------------------
+    def credentials(self) -> Credentials:
+        s = self.server
+        return Credentials(
+            username=s.username,
+            auth_type=s.auth_type,
+            password=s.password.reveal() if s.password else "",
+            session_key=s.session_key.reveal() if s.session_key else "",
+            totp=s.totp_now(),
+        )
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        connector = aiohttp.TCPConnector(limit=1, force_close=True, ssl=self.ssl_context or True)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            phase = "connecting"
+            try:
+                async with asyncio.timeout(cfg.connect_timeout):
+                    ws = await http.ws_connect(
+                        self.server.ws_url,
+                        autoping=False,
+                        autoclose=True,
+                        heartbeat=None,
+                        compress=0,
+                        max_msg_size=cfg.max_message_bytes,
+                        decode_text=False,
+                        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_CLOSE_TIMEOUT),
+                    )
+                    self._ws = ws
+                    phase = "logging in"
+                    log.debug("connected, sending credentials", url=self.server.ws_url,
+                              username=self.server.username, auth_type=self.server.auth_type)
+                    for frame in auth_frames(self.credentials()):
+                        await ws.send_str(frame)
+                    reply = await ws.receive()
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                raise classify(exc, phase=phase, timeout=cfg.connect_timeout) from exc
+            try:
+                self._check_reply(reply)
+                self.logged_in = True
+                if self.on_login is not None:
+                    self.on_login()
+                await self._serve(ws)
+            finally:
+                await self._close(ws)
+
+    def _check_reply(self, reply: aiohttp.WSMessage) -> None:
+        if reply.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            check_reply(reply.data)
+            return
+        if reply.type == WSMsgType.ERROR:
+            raise classify(reply.data, phase="logging in") if isinstance(reply.data, BaseException) \
+                else StreamError("connection failed while logging in", reason="error")
+        raise StreamError("server closed the connection without answering the login",
+                          reason="login_closed")
+
+    async def _close(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT * 2):
+                await ws.close()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            pass
+
+    # --- the connected phase ----------------------------------------------------------------------
+    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.last_frame = time.time()
+        tasks = [asyncio.create_task(self._read(ws), name="stream-read")]
+        if self.cfg.ping_interval > 0:
+            tasks.append(asyncio.create_task(self._keepalive(ws), name="stream-keepalive"))
+        if self.cfg.idle_timeout > 0:
+            tasks.append(asyncio.create_task(self._idle_watch(), name="stream-idle"))
+        try:
+            done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for t in done:
+            exc = t.exception()
+            if exc is not None:
+                raise classify(exc, phase="reading")
+        raise StreamError("stream ended", reason="closed")
+
+    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        receive = ws.receive
+        on_frame = self._on_frame
+        TEXT = WSMsgType.TEXT
+        while True:
+            msg = await receive()
+            if msg.type is TEXT:
+                waiting = on_frame(msg.data)
+                if waiting is not None:
+                    await waiting
+                continue
+            kind = msg.type
+            if kind is WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif kind is WSMsgType.PONG:
+                pong = self._pong
+                if pong is not None and not pong.done():
+                    pong.set_result(None)
+            elif kind is WSMsgType.BINARY:
+                self.last_frame = time.time()
+                self._malformed(Malformed("binary", "binary frame (events are text frames)",
+                                          repr(bytes(msg.data[:40]))[2:-1], len(msg.data)))
+            elif kind is WSMsgType.ERROR:
+                exc = msg.data
+                if isinstance(exc, aiohttp.WebSocketError) and \
+                        exc.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                    self._malformed(Malformed("oversized", str(exc), "", 0))
+                    raise StreamError(f"message larger than max_message_bytes "
+                                      f"({self.cfg.max_message_bytes}): connection reset",
+                                      reason="oversized") from exc
+                raise classify(exc, phase="reading") if isinstance(exc, BaseException) else \
+                    StreamError("connection error", reason="error")
+            else:  # CLOSE, CLOSING, CLOSED
+                code = ws.close_code
+                raise StreamError(f"server closed the connection (code {code})" if code else
+                                  "connection closed", reason="closed")
+
+    def _on_frame(self, data: bytes) -> Awaitable[None] | None:
+        now = time.time()
+        self.last_frame = now
+        ev = decode_frame(data, received_at=now, server=self.server.name)
+        if ev.__class__ is Malformed:
+            self._malformed(ev)  # type: ignore[arg-type]
+            return None
+        assert isinstance(ev, Event)
+        stats = self.stats
+        stats.received[ev.type] += 1
+        stats.last_event_time = now
+        self.events += 1
+        if ev.type == JOB_COMPLETED:
+            stats.jobs_completed[ev.job_status_label] += 1
+        if self.hello is None:
+            self._first_event(ev)
+        return self.publish(ev)
+
+    def _first_event(self, ev: Event) -> None:
+        self.hello = ev
+        data = ev.data if isinstance(ev.data, dict) else {}
+        if ev.type != HELLO:
+            log.warning("first event was not SEVT_META_HELLO", type=ev.type_name)
+        else:
+            log.info("stream ready", server=self.server.name, version=data.get("Version"),
+                     server_start=data.get("ServerStartTime"))
+        if self.on_hello is not None:
+            self.on_hello(ev)
+
+    def _malformed(self, m: Malformed) -> None:
+        self.stats.malformed += 1
+        self.stats.malformed_by_reason[m.reason] += 1
+        self.malformed_log(m.reason, "malformed frame skipped", reason=m.reason, detail=m.detail,
+                           size=m.size, sample=m.sample, server=self.server.name)
+
+    async def _keepalive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        loop = asyncio.get_running_loop()
+        interval, timeout = self.cfg.ping_interval, self.cfg.ping_timeout
+        while True:
+            await asyncio.sleep(interval)
+            self._pong = pong = loop.create_future()
+            await ws.ping(b"cometstream")
+            try:
+                await asyncio.wait_for(pong, timeout)
+            except TimeoutError:
+                raise StreamError(f"no pong within {timeout:g} s: the server is not responding",
+                                  reason="ping_timeout") from None
+
+    async def _idle_watch(self) -> None:
+        idle = self.cfg.idle_timeout
+        while True:
+            left = self.last_frame + idle - time.time()
+            if left <= 0:
+                raise StreamError(f"no event for {idle:g} s (idle_timeout): recycling the "
+                                  "connection", reason="idle_timeout")
+            await asyncio.sleep(left)
+
+
+class Supervisor:
+    """Runs sessions for one server until cancelled; see the module docstring for the policy."""
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        cfg: StreamConfig,
+        publish: Publish,
+        stats: StreamStats,
+        *,
+        rand: Callable[[], float] = random.random,
+        on_status: StatusCallback | None = None,
+        on_hello: Callable[[Event], None] | None = None,
+    ) -> None:
+        self.server = server
+        self.cfg = cfg
+        self.publish = publish
+        self.stats = stats
+        self.backoff = Backoff(cfg.backoff_initial, cfg.backoff_max, rand=rand)
+        self.on_status = on_status
+        self.on_hello = on_hello
+        self.ever_logged_in = False
+        self.connected = False
+        self.sessions = 0
+        self.last_error = ""
+        self.session: Session | None = None
+        self._ssl = make_ssl_context(server)
+        self._malformed_log = RateLimitedLog()
+
+    def _status(self, state: str, detail: str) -> None:
+        if self.on_status is not None:
+            self.on_status(state, detail)
+
+    def _hello(self, ev: Event) -> None:
+        # a session that logged in and delivered its first event proved healthy
+        self.backoff.reset()
+        if self.on_hello is not None:
+            self.on_hello(ev)
+
+    async def run(self) -> None:
+        """Connect and read forever; raises CredentialsRejected only for the first login."""
+        while True:
+            session = Session(self.server, self.cfg, self.publish, self.stats,
+                              ssl_context=self._ssl, on_login=self._logged_in,
+                              on_hello=self._hello,
+                              malformed_log=self._malformed_log)
+            self.session = session
+            self.sessions += 1
+            self._status("connecting", f"connecting to {self.server.name}")
+            try:
+                await self._run_session(session)
+            except CredentialsRejected as exc:
+                self.stats.connects["rejected"] += 1
+                self.last_error = str(exc)
+                if not self.ever_logged_in:
+                    log.error("login rejected", server=self.server.name,
+                              username=self.server.username, auth_type=self.server.auth_type,
+                              reply=exc.reply)
+                    raise
+                delay = self.backoff.next_delay()
+                log.warning("login rejected, retrying", server=self.server.name, reply=exc.reply,
+                            retry_in=round(delay, 2))
+            except StreamError as exc:
+                self.last_error = str(exc)
+                delay = self.backoff.next_delay()
+                if session.logged_in:
+                    self.stats.disconnects[exc.reason] += 1
+                    log.warning("stream disconnected", server=self.server.name, reason=exc.reason,
+                                error=str(exc), events=session.events, retry_in=round(delay, 2))
+                else:
+                    self.stats.connects["timeout" if exc.reason == "timeout" else "error"] += 1
+                    log.warning("connect failed", server=self.server.name, error=str(exc),
+                                retry_in=round(delay, 2))
+            self._status("reconnecting", f"reconnecting in {delay:.0f} s: {self.last_error}")
+            await asyncio.sleep(delay)
+
+    async def _run_session(self, session: Session) -> None:
+        try:
+            # Session.run always ends by raising; the finally keeps the gauges honest
+            await session.run()
+        finally:
+            if self.connected:
+                self.connected = False
+                self.stats.connection_up = 0
+
+    def _logged_in(self) -> None:
+        self.connected = True
+        self.ever_logged_in = True
+        self.stats.connection_up = 1
+        self.stats.connects["ok"] += 1
+        log.info("logged in", server=self.server.name, url=self.server.ws_url,
+                 username=self.server.username)
+        self._status("connected", f"connected to {self.server.name}")
