@@ -220,7 +220,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     async def go() -> int:
         from .simulator import Simulator
 
-        sim = Simulator(username=DEMO_USER, password=DEMO_PASSWORD, rate=args.rate)
+        sim = Simulator(username=DEMO_USER, password=DEMO_PASSWORD, rate=args.rate, record=False)
         await sim.start("127.0.0.1", 0)
         try:
             with tempfile.TemporaryDirectory(prefix="cometstream-demo-") as state_dir:

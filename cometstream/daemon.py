@@ -22,6 +22,7 @@ from .errors import CredentialsRejected
 from .events import Event
 from .observe.logging import register_secret
 from .observe.metrics import Metrics
+from .observe.systemd import Notifier
 from .pipeline import Pipeline
 from .sinks import Sink, resolve_sink_class
 from .stream import Supervisor
@@ -50,8 +51,10 @@ class Daemon:
         registry: CollectorRegistry | None = None,
         sinks: dict[str, Sink] | None = None,
         rand: Callable[[], float] = random.random,
+        notifier: Notifier | None = None,
     ) -> None:
         self.cfg = cfg
+        self.notifier = notifier if notifier is not None else Notifier()
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = Metrics(cfg.server.name, self.registry)
         s = cfg.server
@@ -71,6 +74,9 @@ class Daemon:
 
     def _on_status(self, state: str, detail: str) -> None:
         self.status = (state, detail)
+        if state == "connected":
+            detail = f"{detail}, {self.metrics.stream.events_received} events so far"
+        self.notifier.status(detail)
 
     @property
     def ready(self) -> bool:
@@ -94,6 +100,8 @@ class Daemon:
         self.pipeline.start()
         sup = asyncio.create_task(self.supervisor.run(), name="supervisor")
         stopper = asyncio.create_task(stop.wait(), name="stop")
+        watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
+        self.notifier.ready()
         self.started.set()
         code = EXIT_OK
         try:
@@ -109,12 +117,16 @@ class Daemon:
             else:
                 log.info("stopping", reason="signal")
         finally:
+            self.notifier.stopping()
+            self.notifier.status("stopping: draining sink queues")
             stopper.cancel()
             sup.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sup
             self.metrics.stream.connection_up = 0
             complete = await self.pipeline.drain(cfg.shutdown_timeout)
+            watchdog.cancel()
             log.info("stopped", delivered={r.name: r.stats.delivered for r in self.pipeline.routes},
                      complete=complete)
+            self.notifier.close()
         return code

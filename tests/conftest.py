@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,21 @@ PASSWORD = "p@ss w&rd=\"é'\\ ü"
 
 #: fast reconnects for tests; the policy is the same as production's
 FAST_STREAM = {"backoff_initial": 0.05, "backoff_max": 0.2, "connect_timeout": 2.0}
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """cli.main() configures logging for the process (onto pytest's per-test capture): undo it."""
+    yield
+    import logging
+
+    import structlog
+
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_cometstream", False):
+            root.removeHandler(h)
 
 
 @pytest.fixture

@@ -1,0 +1,79 @@
+"""systemd's notify protocol, without libsystemd: READY, STATUS, WATCHDOG, STOPPING.
+
+A datagram to ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace). Outside
+systemd (no ``NOTIFY_SOCKET``) every call is a no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from collections.abc import Mapping
+
+import structlog
+
+__all__ = ["Notifier"]
+
+log = structlog.get_logger("cometstream.systemd")
+
+
+class Notifier:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        env = os.environ if env is None else env
+        addr = env.get("NOTIFY_SOCKET", "")
+        self.address: str | None = None
+        if addr.startswith("@"):
+            self.address = "\0" + addr[1:]
+        elif addr.startswith("/"):
+            self.address = addr
+        self.watchdog_interval: float | None = None
+        usec = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        if usec.isdigit() and int(usec) > 0 and (not pid or pid == str(os.getpid())):
+            self.watchdog_interval = int(usec) / 1e6 / 2
+        self._sock: socket.socket | None = None
+        self._last_status = ""
+        self._warned = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.address is not None
+
+    def notify(self, message: str) -> None:
+        if self.address is None:
+            return
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # never block the event loop on a notify socket nobody drains
+                self._sock.setblocking(False)
+            self._sock.sendto(message.encode(), self.address)
+        except OSError as exc:
+            if not self._warned:  # once: a missing socket would otherwise flood the log
+                self._warned = True
+                log.warning("systemd notify failed", error=str(exc), socket=self.address)
+
+    def ready(self) -> None:
+        self.notify("READY=1")
+
+    def status(self, text: str) -> None:
+        if text != self._last_status:
+            self._last_status = text
+            self.notify(f"STATUS={text}")
+
+    def stopping(self) -> None:
+        self.notify("STOPPING=1")
+
+    async def watchdog(self) -> None:
+        """Send WATCHDOG=1 at half of WATCHDOG_USEC from the event loop (so a stuck loop misses it)."""
+        if self.watchdog_interval is None or self.address is None:
+            return
+        while True:
+            self.notify("WATCHDOG=1")
+            await asyncio.sleep(self.watchdog_interval)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

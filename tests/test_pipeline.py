@@ -1,0 +1,202 @@
+"""Delivery through the pipeline: order, formats, filters, buffers, failures, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import orjson
+
+from cometstream.simulator import Simulator
+
+from .conftest import PASSWORD, USER, cli_env, make_config, run_cli, running, toml_str, wait_until
+
+
+async def test_two_file_sinks_get_every_event_in_order_in_both_formats(sim: Simulator,
+                                                                       tmp_path: Path) -> None:
+    """2,000 generated events reach an event-format and an envelope-format file, in order."""
+    ev_path, env_path = tmp_path / "ev.jsonl", tmp_path / "sub" / "env.jsonl"
+    cfg = make_config(sim.url, tmp_path, sinks={
+        "raw": {"type": "file", "path": str(ev_path), "format": "event"},
+        "wrapped": {"type": "file", "path": str(env_path), "format": "envelope", "fsync": "always"},
+    })
+    async with running(cfg) as d:
+        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        sent = sim.emit_many(2000)
+        await wait_until(lambda: d.sink_stats("raw").delivered == 2001
+                         and d.sink_stats("wrapped").delivered == 2001, timeout=15,
+                         what="delivery to both sinks")
+    raw_lines = ev_path.read_bytes().splitlines()
+    assert orjson.loads(raw_lines[0])["Type"] == 4000
+    assert raw_lines[1:] == sent
+    env_lines = env_path.read_bytes().splitlines()
+    assert len(env_lines) == 2001
+    for line, original in zip(env_lines[1:], sent, strict=True):
+        env = orjson.loads(line)
+        assert set(env) == {"server", "origin", "received_at", "type_name", "event"}
+        assert env["server"] == "sim" and env["origin"] == "stream"
+        assert env["event"] == orjson.loads(original)
+        assert line.endswith(b',"event":' + original + b"}")  # the server's bytes, spliced
+        assert env["type_name"].startswith("SEVT_")
+    assert d.stats.events_received == 2001
+
+
+async def test_filter_routes_only_matching_types(sim: Simulator, tmp_path: Path) -> None:
+    """A sink with types = [...] gets only those; the rest are counted as filtered."""
+    cfg = make_config(sim.url, tmp_path, sinks={
+        "jobs": {"type": "memory", "types": ["SEVT_JOB_COMPLETED", 4999]},
+        "all": {"type": "memory"},
+    })
+    async with running(cfg) as d:
+        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        for t in (4200, 4201, 4102, 4999, 4201, 4998):
+            sim.emit({"Type": t, "Data": {"GUID": f"g{t}"}})
+        await wait_until(lambda: d.sink_stats("all").delivered == 7, what="all")
+        await wait_until(lambda: d.sink_stats("jobs").delivered == 3, what="jobs")
+        assert [ev.type for ev in d.sink("jobs").events] == [4201, 4999, 4201]
+        assert d.sink_stats("jobs").filtered == 4
+
+
+async def test_drop_newest_sink_never_blocks_the_others(sim: Simulator, tmp_path: Path) -> None:
+    """A hung sink with drop_newest drops and counts; the file sink beside it gets everything."""
+    path = tmp_path / "ev.jsonl"
+    cfg = make_config(sim.url, tmp_path, sinks={
+        "stuck": {"type": "memory", "buffer": 10, "when_full": "drop_newest"},
+        "file": {"type": "file", "path": str(path), "format": "event"},
+    })
+    async with running(cfg) as d:
+        stuck = d.sink("stuck")
+        stuck.hang.clear()
+        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        sent = sim.emit_many(500)
+        await wait_until(lambda: d.sink_stats("file").delivered == 501, what="file delivery")
+        st = d.sink_stats("stuck")
+        queued = d.daemon.pipeline.routes[0].depth
+        assert st.dropped["queue_full"] > 0
+        assert st.dropped["queue_full"] + queued + st.delivered == 501
+        assert path.read_bytes().splitlines()[1:] == sent
+        stuck.hang.set()
+        await wait_until(lambda: st.delivered == 501 - st.dropped["queue_full"], what="unstuck")
+
+
+async def test_retryable_failures_are_retried_until_delivered(sim: Simulator,
+                                                              tmp_path: Path) -> None:
+    """A sink failing three times (retryable) gets the same batch again; nothing lost, errors counted."""
+    cfg = make_config(sim.url, tmp_path)
+    async with running(cfg) as d:
+        d.daemon.pipeline.retry_initial = 0.01
+        mem = d.sink("mem")
+        await wait_until(lambda: d.sink_stats("mem").delivered == 1, what="HELLO delivered")
+        mem.fail_next = 3
+        sent = sim.emit_many(50)
+        await wait_until(lambda: d.sink_stats("mem").delivered == 51, timeout=10, what="retries")
+        assert [ev.raw for ev in mem.events[1:]] == sent
+        st = d.sink_stats("mem")
+        assert st.errors == 3 and not st.failing
+
+
+async def test_permanent_failure_drops_the_batch_and_counts_it(sim: Simulator,
+                                                               tmp_path: Path) -> None:
+    """A non-retryable SinkError drops that batch as rejected; later batches go through."""
+    cfg = make_config(sim.url, tmp_path)
+    async with running(cfg) as d:
+        mem = d.sink("mem")
+        await wait_until(lambda: d.sink_stats("mem").delivered == 1, what="HELLO delivered")
+        mem.fail_next, mem.fail_permanently = 1, True
+        sim.emit({"Type": 4201, "Data": {"GUID": "lost"}})
+        await wait_until(lambda: d.sink_stats("mem").dropped["rejected"] == 1, what="rejected")
+        sim.emit({"Type": 4201, "Data": {"GUID": "kept"}})
+        await wait_until(lambda: d.sink_stats("mem").delivered == 2, what="next batch")
+        assert mem.events[-1].doc["Data"]["GUID"] == "kept"
+
+
+async def test_pipeline_watermark_follows_acks(sim: Simulator, tmp_path: Path) -> None:
+    """delivered_through() only passes events every sink has finished with."""
+    cfg = make_config(sim.url, tmp_path, sinks={"a": {"type": "memory"}, "b": {"type": "memory"}})
+    async with running(cfg) as d:
+        p = d.daemon.pipeline
+        await wait_until(lambda: p.delivered_through() == 1, what="HELLO acked")
+        d.sink("b").hang.clear()
+        sim.emit_many(5)
+        await wait_until(lambda: d.sink_stats("a").delivered == 6, what="a acks")
+        assert p.delivered_through() == 1
+        d.sink("b").hang.set()
+        await wait_until(lambda: p.delivered_through() == 6, what="b acks")
+
+
+def _conf(tmp_path: Path, sim: Simulator, path: Path, extra: str = "") -> Path:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"""
+[server]
+url = "{sim.url}"
+username = "{USER}"
+password = {toml_str(PASSWORD)}
+[stream]
+backoff_initial = 0.05
+[http]
+listen = ""
+[state]
+dir = "{tmp_path / 'state'}"
+[log]
+format = "json"
+[sinks.file]
+type = "file"
+path = "{path}"
+format = "event"
+{extra}
+""", encoding="utf-8")
+    return conf
+
+
+async def test_sigterm_drains_queues_and_exits_0(sim: Simulator, tmp_path: Path) -> None:
+    """SIGTERM stops reading, delivers what is queued (a slow sink), and exits 0."""
+    path = tmp_path / "out.jsonl"
+    conf = _conf(tmp_path, sim, path)
+    proc = await run_cli("run", "-c", str(conf))
+    try:
+        await sim.wait_for_clients(1, timeout=10)
+        sent = sim.emit_many(3000)
+        await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0, err.decode()
+    logs = [orjson.loads(line) for line in err.splitlines()]
+    assert any(rec["event"] == "stopping" for rec in logs)
+    stopped = next(rec for rec in logs if rec["event"] == "stopped")
+    lines = path.read_bytes().splitlines()
+    # everything the daemon had received was written before exit
+    assert stopped["complete"] is True
+    assert stopped["delivered"]["file"] == len(lines)
+    assert lines[1:] == sent[: len(lines) - 1]
+    assert PASSWORD not in err.decode()
+
+
+async def test_sighup_reopens_the_file_for_logrotate(sim: Simulator, tmp_path: Path) -> None:
+    """After the file is moved away, SIGHUP makes the sink write to a new file at the path."""
+    path = tmp_path / "out.jsonl"
+    conf = _conf(tmp_path, sim, path, extra='fsync = "always"')
+    proc = await run_cli("run", "-c", str(conf), env=cli_env())
+    try:
+        await sim.wait_for_clients(1, timeout=10)
+        first = sim.emit_many(10)
+        await wait_until(lambda: path.exists() and len(path.read_bytes().splitlines()) == 11,
+                         what="first events")
+        rotated = tmp_path / "out.jsonl.1"
+        path.rename(rotated)
+        proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        second = sim.emit_many(10)
+        await wait_until(lambda: path.exists() and len(path.read_bytes().splitlines()) == 10,
+                         what="events in the new file")
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 20)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert rotated.read_bytes().splitlines()[1:] == first
+    assert path.read_bytes().splitlines() == second
