@@ -21,7 +21,7 @@ import structlog
 from . import __version__
 from .config import DEFAULT_PATH, Config, load_config, parse_config, parse_listen
 from .daemon import EXIT_CREDENTIALS, EXIT_FATAL, EXIT_OK, Daemon
-from .errors import ConfigError, CredentialsRejected, StreamError
+from .errors import ConfigError, ConfigErrors, CredentialsRejected, StreamError
 from .observe.logging import configure_logging, register_secret
 
 __all__ = ["main"]
@@ -96,6 +96,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_demo(args)
         if args.command == "simulate":
             return _cmd_simulate(args)
+    except ConfigErrors as exc:
+        for e in exc.errors:
+            _err(f"config: {e}")
+        return EXIT_USAGE
     except ConfigError as exc:
         _err(f"config: {exc}")
         return EXIT_USAGE

@@ -26,7 +26,7 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from .constants import SEVT, SEVT_NAMES
-from .errors import ConfigError
+from .errors import ConfigError, ConfigErrors
 from .events import FORMATS
 from .protocol import AUTH_TYPES, stream_url, totp_code
 
@@ -122,14 +122,17 @@ class Section:
         return self._table.get(name, default)
 
     def str(self, name: str, default: str | None = None, *, required: bool = False,
-            choices: tuple[str, ...] | None = None, allow_empty: bool = True) -> str:
+            choices: tuple[str, ...] | None = None, allow_empty: bool = True,
+            secret: bool = False) -> str:
+        """A string; ``secret=True`` keeps the value out of error messages."""
         value = self.raw(name)
         if value is None:
             if required or default is None:
                 raise self.error(name, "is required")
             return default
         if not isinstance(value, str):
-            raise self.error(name, f"expected a string, got {_fmt(value)}")
+            shown = f"a {type(value).__name__} (value not shown)" if secret else _fmt(value)
+            raise self.error(name, f"expected a string, got {shown}")
         if choices is not None and value not in choices:
             hint = difflib.get_close_matches(value, choices, n=1)
             extra = f' (did you mean "{hint[0]}"?)' if hint else ""
@@ -138,10 +141,10 @@ class Section:
             raise self.error(name, "must not be empty")
         return value
 
-    def opt_str(self, name: str) -> str | None:
+    def opt_str(self, name: str, *, secret: bool = False) -> str | None:
         if self.raw(name) is None:
             return None
-        return self.str(name)
+        return self.str(name, secret=secret)
 
     def path(self, name: str, default: str | None = None) -> Path | None:
         value = self.opt_str(name)
@@ -266,6 +269,11 @@ class SinkConfig:
     buffer: int
     when_full: str
     options: Mapping[str, Any]  # passed to the sink class's from_config, "format" included
+    base_dir: Path | None = None  # relative paths in options are relative to this folder
+
+    def section(self) -> Section:
+        """The options as the Section a sink class's ``from_config`` takes."""
+        return Section(dict(self.options), f"sinks.{self.name}", base_dir=self.base_dir)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +335,7 @@ def _credential(name: str, env: Mapping[str, str]) -> Secret | None:
 
 def _secret(sect: Section, key: str, env_var: str, env: Mapping[str, str]) -> Secret | None:
     """env var > inline key > KEY_file > systemd credential KEY."""
-    inline = sect.opt_str(key)
+    inline = sect.opt_str(key, secret=True)
     file_key = f"{key}_file"
     if inline is not None and sect.raw(file_key) is not None:
         raise sect.error(file_key, f"set either {key} or {key}_file, not both")
@@ -354,6 +362,10 @@ def _parse_server(sect: Section, env: Mapping[str, str]) -> ServerConfig:
         ws_url = stream_url(url)
     except ValueError as exc:
         raise sect.error("url", f"not a valid http(s) URL ({exc}): {_fmt(url)}") from None
+    if parts.username is not None or parts.password is not None:
+        # it would be logged with the URL; credentials belong in username/password
+        raise sect.error("url", "must not contain credentials (user:password@); use "
+                         "server.username and server.password")
     name = sect.str("name", parts.hostname or "", allow_empty=False)
     username = sect.str("username", required=True, allow_empty=False)
     auth_type = sect.str("auth_type", "Password", choices=AUTH_TYPES)
@@ -446,61 +458,94 @@ def _parse_sink(name: str, sect: Section) -> SinkConfig:
     options: dict[str, Any] = {k: v for k, v in sect._table.items()
                                if k not in ("type", "types", "format", "buffer", "when_full")}
     options["format"] = fmt
+    cfg = SinkConfig(name=name, type=type_, types=types, format=fmt, buffer=buffer,
+                     when_full=when_full, options=options, base_dir=sect.base_dir)
     # The sink validates its own keys (raising ConfigError with sinks.NAME.key); nothing is opened.
-    opts = Section(options, sect.prefix, base_dir=sect.base_dir)
-    cls.from_config(name, opts)
-    return SinkConfig(name=name, type=type_, types=types, format=fmt, buffer=buffer,
-                      when_full=when_full, options=options)
+    cls.from_config(name, cfg.section())
+    return cfg
 
 
 def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
                  env: Mapping[str, str] | None = None) -> Config:
-    """Validate a parsed TOML document into a :class:`Config` (raises ConfigError)."""
+    """Validate a parsed TOML document into a :class:`Config`.
+
+    Every section and every sink is checked even after one fails, so ``check`` can list all the
+    problems at once: one error raises that ConfigError, several raise :class:`ConfigErrors`.
+    """
     env = os.environ if env is None else env
     base_dir = path.parent if path is not None else Path.cwd()
     top = Section(data, "", base_dir=base_dir)
-    server = _parse_server(top.table("server"), env)
-    stream = _parse_stream(top.table("stream"))
+    errors: list[ConfigError] = []
 
-    rs = top.table("resync")
+    def attempt(fn: Any) -> Any:
+        try:
+            return fn()
+        except ConfigErrors as exc:
+            errors.extend(exc.errors)
+        except ConfigError as exc:
+            errors.append(exc)
+        return None
+
+    server = attempt(lambda: _parse_server(top.table("server"), env))
+    stream = attempt(lambda: _parse_stream(top.table("stream")))
+    resync = attempt(lambda: _parse_resync(top.table("resync")))
+    state = attempt(lambda: _parse_state(top.table("state")))
+    http = attempt(lambda: _parse_http(top.table("http")))
+    log = attempt(lambda: _parse_log(top.table("log")))
+    shutdown_timeout = attempt(lambda: _parse_shutdown(top.table("shutdown")))
+    sinks: list[SinkConfig] = []
+    sinks_tbl = attempt(lambda: top.table("sinks"))
+    if sinks_tbl is not None:
+        for name in list(sinks_tbl._table):
+            sink = attempt(lambda name=name: _parse_sink(name, sinks_tbl.table(name)))
+            if sink is not None:
+                sinks.append(sink)
+        attempt(sinks_tbl.done)
+        if not sinks_tbl._table:
+            errors.append(ConfigError("sinks", 'no sink configured: add at least one '
+                                      '[sinks.NAME] table (e.g. type = "stdout")'))
+    attempt(top.done)
+    if errors:
+        raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
+    return Config(server=server, stream=stream, resync=resync, state=state, http=http, log=log,
+                  shutdown_timeout=shutdown_timeout, sinks=tuple(sinks), path=path)
+
+
+def _parse_resync(rs: Section) -> ResyncConfig:
     resync = ResyncConfig(enabled=rs.bool("enabled", True),
                           overlap=rs.float("overlap", 120.0, min=0, max=30 * 86400))
     rs.done()
+    return resync
 
-    st = top.table("state")
+
+def _parse_state(st: Section) -> StateConfig:
     state = StateConfig(dir=st.path("dir", "/var/lib/cometstream") or Path("/var/lib/cometstream"))
     st.done()
+    return state
 
-    ht = top.table("http")
+
+def _parse_http(ht: Section) -> HttpConfig:
     listen = ht.str("listen", "127.0.0.1:9780")
     if listen:
         try:
             parse_listen(listen)
         except ValueError as exc:
             raise ht.error("listen", str(exc)) from None
-    http = HttpConfig(listen=listen)
     ht.done()
+    return HttpConfig(listen=listen)
 
-    lg = top.table("log")
+
+def _parse_log(lg: Section) -> LogConfig:
     log = LogConfig(level=lg.str("level", "info", choices=LOG_LEVELS),
                     format=lg.str("format", "auto", choices=LOG_FORMATS))
     lg.done()
+    return log
 
-    sd = top.table("shutdown")
-    shutdown_timeout = sd.float("timeout", 10.0, min=0, max=3600)
+
+def _parse_shutdown(sd: Section) -> float:
+    timeout = sd.float("timeout", 10.0, min=0, max=3600)
     sd.done()
-
-    sinks_tbl = top.table("sinks")
-    sinks: list[SinkConfig] = []
-    for name in list(sinks_tbl._table):
-        sinks.append(_parse_sink(name, sinks_tbl.table(name)))
-    sinks_tbl.done()
-    if not sinks:
-        raise ConfigError("sinks", 'no sink configured: add at least one [sinks.NAME] table '
-                          '(e.g. type = "stdout")')
-    top.done()
-    return Config(server=server, stream=stream, resync=resync, state=state, http=http, log=log,
-                  shutdown_timeout=shutdown_timeout, sinks=tuple(sinks), path=path)
+    return timeout
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import structlog
 from prometheus_client import CollectorRegistry
 
-from .config import Config, Section, SinkConfig
+from .config import Config, SinkConfig
 from .errors import CredentialsRejected
 from .events import Event
 from .observe.logging import register_secret
@@ -38,7 +38,7 @@ log = structlog.get_logger("cometstream.daemon")
 
 def build_sink(cfg: SinkConfig) -> Sink:
     cls = resolve_sink_class(cfg.type, key=f"sinks.{cfg.name}.type")
-    return cls.from_config(cfg.name, Section(dict(cfg.options), f"sinks.{cfg.name}"))
+    return cls.from_config(cfg.name, cfg.section())
 
 
 class Daemon:

@@ -5,7 +5,7 @@ log line or a CLI message, and a ``retryable`` flag that the supervisor and the 
 instead of matching strings::
 
     CometStreamError                 retryable?
-    ├── ConfigError(key)             no   (exit 2)
+    ├── ConfigError(key)             no   (exit 2; ConfigErrors: several at once)
     ├── CredentialsRejected          no on the first login (exit 3), retried after a good session
     ├── StreamError                  yes  (connect refused, TLS, timeouts, dropped, silent peer)
     ├── ApiError(status)             per status (5xx and transport yes, 4xx no)
@@ -21,6 +21,7 @@ __all__ = [
     "ApiError",
     "CometStreamError",
     "ConfigError",
+    "ConfigErrors",
     "CredentialsRejected",
     "SinkError",
     "StreamError",
@@ -49,6 +50,18 @@ class ConfigError(CometStreamError):
         self.key = key
         self.problem = problem
         super().__init__(f"{key}: {problem}" if key else problem, retryable=False)
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration problems at once (``check`` prints one line each)."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        super().__init__(errors[0].key, errors[0].problem)
+        self.message = "; ".join(str(e) for e in errors)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class CredentialsRejected(CometStreamError):

@@ -56,6 +56,7 @@ class Route:
         self.acked_seq = 0
         self.opened = False
         self.last_warned = 0.0
+        self.last_rejection = ""
         self._wakeup: asyncio.Future[None] | None = None
         self._space: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
@@ -181,6 +182,8 @@ class Pipeline:
         Returns True if everything was delivered; what was not is counted as dropped (shutdown).
         """
         self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         for route in self.routes:
             route.wake()
         tasks = [r.task for r in self.routes if r.task is not None]
@@ -202,11 +205,15 @@ class Pipeline:
                 route.queue.clear()
                 route.inflight = 0
             route._space_freed()
-            if route.opened:
-                try:
-                    await asyncio.wait_for(route.sink.aclose(), timeout=max(timeout, 1.0))
-                except Exception as exc:
-                    log.warning("sink close failed", sink=route.name, error=_describe(exc))
+        # close every sink at once, within what is left of the same deadline (at least 1 s)
+        opened = [r for r in self.routes if r.opened]
+        if opened:
+            results = await asyncio.gather(
+                *(asyncio.wait_for(r.sink.aclose(), max(deadline - loop.time(), 1.0))
+                  for r in opened), return_exceptions=True)
+            for route, res in zip(opened, results, strict=True):
+                if isinstance(res, BaseException):
+                    log.warning("sink close failed", sink=route.name, error=_describe(res))
         return complete
 
     # --- workers ---------------------------------------------------------------------------------
@@ -282,8 +289,13 @@ class Pipeline:
         stats.errors += 1
         stats.dropped["rejected"] += len(batch)
         route.acked_seq = batch[-1].seq
-        log.error("sink refused events permanently", sink=route.name, events=len(batch),
-                  error=str(exc))
+        now = time.monotonic()
+        msg = str(exc)
+        if msg != route.last_rejection or now - route.last_warned >= FAILING_REMINDER:
+            route.last_warned = now
+            route.last_rejection = msg
+            log.error("sink refused events permanently", sink=route.name, events=len(batch),
+                      dropped_total=stats.dropped["rejected"], error=msg)
 
     def _failed(self, route: Route, exc: BaseException, what: str, backoff: Backoff,
                 *, unexpected: bool = False) -> None:

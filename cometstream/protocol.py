@@ -19,6 +19,7 @@ import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -83,23 +84,20 @@ def stream_url(base_url: str) -> str:
     """The websocket URL of the event stream for a server's base URL.
 
     ``http`` becomes ``ws`` and ``https`` becomes ``wss``; a path prefix (a reverse proxy's
-    sub-path) is kept. A ``ws``/``wss`` URL that already names the stream is used as given.
+    sub-path) and a query string are kept. A ``ws``/``wss`` URL that already names the stream is
+    used as given.
     """
-    scheme, sep, rest = base_url.partition("://")
-    scheme = scheme.lower()
-    if not sep or scheme not in ("http", "https", "ws", "wss"):
+    parts = urlsplit(base_url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https", "ws", "wss"):
         raise ValueError(f"expected an http:// or https:// URL, got {base_url!r}")
-    host, slash, path = rest.partition("/")
-    if not host:
+    if not parts.hostname:
         raise ValueError(f"no host in {base_url!r}")
-    path, _, _query = path.partition("?")
-    path = path.partition("#")[0]
     ws_scheme = {"http": "ws", "https": "wss"}.get(scheme, scheme)
-    if path.rstrip("/").endswith(STREAM_PATH):
-        return f"{ws_scheme}://{host}/{path.rstrip('/')}"
-    prefix = path.strip("/")
-    prefix = f"/{prefix}" if prefix else ""
-    return f"{ws_scheme}://{host}{prefix}/{STREAM_PATH}"
+    path = parts.path.rstrip("/")
+    if not path.endswith("/" + STREAM_PATH):
+        path = f"{path}/{STREAM_PATH}"
+    return urlunsplit((ws_scheme, parts.netloc, path, parts.query, ""))
 
 
 def totp_code(secret_b32: str, at: float | None = None, *, step: int = 30, digits: int = 6) -> str:
@@ -133,6 +131,11 @@ def _sample(data: bytes) -> str:
     return text + ("..." if len(data) > 60 else "")
 
 
+def _reject_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON; accepting them would write unparseable lines
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _slow_loads(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
     """Where orjson refuses a document, decide with the standard library.
 
@@ -147,7 +150,7 @@ def _slow_loads(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
     except UnicodeDecodeError:
         return Malformed("not_utf8", "frame is not valid UTF-8", _sample(raw), len(raw))
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         return Malformed("too_deep", "nesting too deep", _sample(raw), len(raw))
     except ValueError:

@@ -115,6 +115,7 @@ class Session:
         on_login: Callable[[], None] | None = None,
         on_hello: Callable[[Event], None] | None = None,
         malformed_log: RateLimitedLog | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.server = server
         self.cfg = cfg
@@ -127,7 +128,11 @@ class Session:
         self.logged_in = False
         self.events = 0
         self.hello: Event | None = None
-        self.last_frame = 0.0  # wall time of the last data frame
+        self.last_frame = 0.0  # monotonic time of the last data frame
+        #: True while the read loop waits for room in a full ``block`` queue
+        self.blocked = False
+        self._blocked_epochs = 0
+        self._clock = clock
         self._pong: asyncio.Future[None] | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
 
@@ -139,7 +144,7 @@ class Session:
             auth_type=s.auth_type,
             password=s.password.reveal() if s.password else "",
             session_key=s.session_key.reveal() if s.session_key else "",
-            totp=s.totp_now(),
+            totp=s.totp_now(self._clock()),
         )
 
     async def run(self) -> None:
@@ -167,6 +172,11 @@ class Session:
                     for frame in auth_frames(self.credentials()):
                         await ws.send_str(frame)
                     reply = await ws.receive()
+                    while reply.type in (WSMsgType.PING, WSMsgType.PONG):
+                        # a server may ping before it answers the login
+                        if reply.type is WSMsgType.PING:
+                            await ws.pong(reply.data)
+                        reply = await ws.receive()
             except asyncio.CancelledError:
                 raise
             except BaseException as exc:
@@ -199,7 +209,7 @@ class Session:
 
     # --- the connected phase ----------------------------------------------------------------------
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.last_frame = time.time()
+        self.last_frame = time.monotonic()
         tasks = [asyncio.create_task(self._read(ws), name="stream-read")]
         if self.cfg.ping_interval > 0:
             tasks.append(asyncio.create_task(self._keepalive(ws), name="stream-keepalive"))
@@ -226,7 +236,7 @@ class Session:
             if msg.type is TEXT:
                 waiting = on_frame(msg.data)
                 if waiting is not None:
-                    await waiting
+                    await self._wait_for_sinks(waiting)
                 continue
             kind = msg.type
             if kind is WSMsgType.PING:
@@ -236,7 +246,7 @@ class Session:
                 if pong is not None and not pong.done():
                     pong.set_result(None)
             elif kind is WSMsgType.BINARY:
-                self.last_frame = time.time()
+                self.last_frame = time.monotonic()
                 self._malformed(Malformed("binary", "binary frame (events are text frames)",
                                           repr(bytes(msg.data[:40]))[2:-1], len(msg.data)))
             elif kind is WSMsgType.ERROR:
@@ -254,9 +264,20 @@ class Session:
                 raise StreamError(f"server closed the connection (code {code})" if code else
                                   "connection closed", reason="closed")
 
+    async def _wait_for_sinks(self, waiting: Awaitable[None]) -> None:
+        """A ``block`` sink is full: wait for it, telling the keepalive and idle watch that the
+        silence meanwhile is ours, not the server's."""
+        self.blocked = True
+        self._blocked_epochs += 1
+        try:
+            await waiting
+        finally:
+            self.blocked = False
+            self.last_frame = time.monotonic()
+
     def _on_frame(self, data: bytes) -> Awaitable[None] | None:
         now = time.time()
-        self.last_frame = now
+        self.last_frame = time.monotonic()
         ev = decode_frame(data, received_at=now, server=self.server.name)
         if ev.__class__ is Malformed:
             self._malformed(ev)  # type: ignore[arg-type]
@@ -296,17 +317,27 @@ class Session:
             await asyncio.sleep(interval)
             self._pong = pong = loop.create_future()
             await ws.ping(b"cometstream")
-            try:
-                await asyncio.wait_for(pong, timeout)
-            except TimeoutError:
-                raise StreamError(f"no pong within {timeout:g} s: the server is not responding",
-                                  reason="ping_timeout") from None
+            epochs = self._blocked_epochs
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(pong), timeout)
+                    break
+                except TimeoutError:
+                    # The pong may be sitting unread behind events while the read loop waits
+                    # for a full `block` sink: that is not a silent server. Wait on.
+                    if self.blocked or self._blocked_epochs != epochs:
+                        epochs = self._blocked_epochs
+                        continue
+                    raise StreamError(f"no pong within {timeout:g} s: the server is not "
+                                      "responding", reason="ping_timeout") from None
 
     async def _idle_watch(self) -> None:
         idle = self.cfg.idle_timeout
         while True:
-            left = self.last_frame + idle - time.time()
-            if left <= 0:
+            left = self.last_frame + idle - time.monotonic()
+            if self.blocked:
+                left = idle
+            elif left <= 0:
                 raise StreamError(f"no event for {idle:g} s (idle_timeout): recycling the "
                                   "connection", reason="idle_timeout")
             await asyncio.sleep(left)
@@ -325,12 +356,16 @@ class Supervisor:
         rand: Callable[[], float] = random.random,
         on_status: StatusCallback | None = None,
         on_hello: Callable[[Event], None] | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.server = server
         self.cfg = cfg
         self.publish = publish
         self.stats = stats
         self.backoff = Backoff(cfg.backoff_initial, cfg.backoff_max, rand=rand)
+        self._sleep = sleep
+        self._clock = clock
         self.on_status = on_status
         self.on_hello = on_hello
         self.ever_logged_in = False
@@ -357,7 +392,7 @@ class Supervisor:
             session = Session(self.server, self.cfg, self.publish, self.stats,
                               ssl_context=self._ssl, on_login=self._logged_in,
                               on_hello=self._hello,
-                              malformed_log=self._malformed_log)
+                              malformed_log=self._malformed_log, clock=self._clock)
             self.session = session
             self.sessions += 1
             self._status("connecting", f"connecting to {self.server.name}")
@@ -386,7 +421,7 @@ class Supervisor:
                     log.warning("connect failed", server=self.server.name, error=str(exc),
                                 retry_in=round(delay, 2))
             self._status("reconnecting", f"reconnecting in {delay:.0f} s: {self.last_error}")
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
     async def _run_session(self, session: Session) -> None:
         try:

@@ -215,3 +215,49 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     """An unknown subcommand is a usage error."""
     assert main(["frobnicate"]) == 2
     assert main([]) == 2
+
+
+def test_a_password_of_the_wrong_type_is_not_echoed() -> None:
+    """password = 84736251 (unquoted) is an error that does not print the number."""
+    doc = _cfg()
+    doc["server"]["password"] = 84736251
+    err = _error(doc)
+    assert err.key == "server.password" and "84736251" not in str(err)
+
+
+def test_credentials_in_the_url_are_refused() -> None:
+    """user:password@ in server.url would end up in logs: refused with a pointer."""
+    doc = _cfg()
+    doc["server"]["url"] = "https://admin:hunter2@comet.example.com/"
+    err = _error(doc)
+    assert err.key == "server.url" and "hunter2" not in str(err)
+
+
+def test_every_broken_section_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """check lists one line per problem, across sections and sinks."""
+    conf = tmp_path / "c.toml"
+    conf.write_text(BASE.format(state=tmp_path) + """
+[stream]
+ping_timeout = -1
+[log]
+level = "loud"
+[sinks.f]
+type = "file"
+""")
+    assert main(["check", "-c", str(conf)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3
+    assert [ln.split(":")[2].strip() for ln in lines] == [
+        "stream.ping_timeout", "log.level", "sinks.f.path"]
+
+
+async def test_file_sink_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
+    """A relative sink path is resolved next to the config file, whatever the working dir."""
+    from cometstream.daemon import build_sink
+
+    conf = tmp_path / "c.toml"
+    conf.write_text(BASE.format(state="state")
+                    + '\n[sinks.f]\ntype = "file"\npath = "out/events.jsonl"\n')
+    cfg = load_config(conf, env={})
+    sink = build_sink(next(s for s in cfg.sinks if s.name == "f"))
+    assert sink.path == tmp_path / "out" / "events.jsonl"  # type: ignore[attr-defined]

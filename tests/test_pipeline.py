@@ -10,7 +10,16 @@ import orjson
 
 from cometstream.simulator import Simulator
 
-from .conftest import PASSWORD, USER, cli_env, make_config, run_cli, running, toml_str, wait_until
+from .conftest import (
+    PASSWORD,
+    USER,
+    cli_env,
+    make_config,
+    run_cli,
+    running,
+    toml_str,
+    wait_until,
+)
 
 
 async def test_two_file_sinks_get_every_event_in_order_in_both_formats(sim: Simulator,
@@ -200,3 +209,72 @@ async def test_sighup_reopens_the_file_for_logrotate(sim: Simulator, tmp_path: P
     assert proc.returncode == 0
     assert rotated.read_bytes().splitlines()[1:] == first
     assert path.read_bytes().splitlines() == second
+
+
+async def test_stop_drains_what_is_queued_before_closing(sim: Simulator, tmp_path: Path) -> None:
+    """Events still queued for a slow sink at stop are delivered (within shutdown.timeout)."""
+    cfg = make_config(sim.url, tmp_path, shutdown={"timeout": 10.0},
+                      sinks={"slow": {"type": "memory", "delay": 0.05}})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        d.daemon.pipeline.batch_max = 5
+        sent = sim.emit_many(60)
+        await wait_until(lambda: d.stats.events_received == 61, what="all received")
+        queued = d.daemon.pipeline.routes[0].depth
+        assert queued > 20  # most of it is still waiting for the slow sink
+        assert await d.stopped() == 0
+    assert [ev.raw for ev in d.sink("slow").events[1:]] == sent
+    assert d.sink("slow").closed
+    assert d.sink_stats("slow").dropped["shutdown"] == 0
+
+
+async def test_shutdown_timeout_bounds_a_hung_sink(sim: Simulator, tmp_path: Path) -> None:
+    """A sink that never returns cannot hold the daemon past shutdown.timeout; its queue is
+    counted as dropped at shutdown."""
+    cfg = make_config(sim.url, tmp_path, shutdown={"timeout": 0.3})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.sink_stats("mem").delivered == 1, what="HELLO")
+        d.sink("mem").hang.clear()
+        sim.emit_many(10)
+        await wait_until(lambda: d.stats.events_received == 11, what="received")
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await d.stopped() == 0
+        assert loop.time() - t0 < 2.5
+    assert d.sink_stats("mem").dropped["shutdown"] == 10
+
+
+async def test_sigterm_exits_even_when_stdout_is_never_read(sim: Simulator, tmp_path: Path) -> None:
+    """A stdout sink blocked on a full pipe does not keep the process alive after SIGTERM."""
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"""
+[server]
+url = "{sim.url}"
+username = "{USER}"
+password = {toml_str(PASSWORD)}
+[http]
+listen = ""
+[state]
+dir = "{tmp_path}"
+[shutdown]
+timeout = 1.0
+[sinks.out]
+type = "stdout"
+""", encoding="utf-8")
+    proc = await run_cli("run", "-c", str(conf))  # its stdout is a pipe we never read
+    try:
+        await sim.wait_for_clients(1, timeout=10)
+        sim.emit_many(2000)  # ~2 MB: far more than a pipe holds
+        await asyncio.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        # (proc.wait() would also wait for the stdout pipe we leave unread: poll the exit)
+        await wait_until(lambda: proc.returncode is not None, timeout=10, what="exit")
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        assert proc.stdout is not None and proc.stderr is not None
+        await proc.stdout.read()
+        err = await proc.stderr.read()
+        await proc.wait()
+    assert proc.returncode == 0
+    assert b"events not delivered at shutdown" in err

@@ -161,3 +161,81 @@ async def test_stdout_closed_is_a_permanent_error() -> None:
         out.close()
     except BrokenPipeError:
         pass
+
+
+@pytest.mark.parametrize("data", [
+    {"GUID": "g", "Classification": {"odd": 1}, "Status": [1], "StartTime": "x", "EndTime": None},
+    {"GUID": None, "Username": 5, "Classification": 4001, "StartTime": 2**60, "EndTime": 2**62},
+])
+def test_pretty_line_survives_odd_job_fields(data: dict[str, object]) -> None:
+    """Fields of unexpected types or sizes never make the console sink fail."""
+    doc = {"Type": 4201, "Timestamp": 99999999999999999, "Data": data}
+    raw = orjson.dumps(doc).replace(b'"Type":4201', b'"Type":4201,"Big":' + b"9" * 40)
+    ev = decode_frame(raw, received_at=1733400000.0, server="s")
+    assert isinstance(ev, Event)
+    assert "SEVT_JOB_COMPLETED" in pretty_line(ev, colour=True)
+
+
+async def test_fsync_always_covers_both_files_of_a_rotation(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With fsync = always, the part of a batch written before a rotation is fsynced too."""
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    path = tmp_path / "e.jsonl"
+    sink = _sink(path, rotate_bytes=4096, fsync="always")
+    await sink.open()
+    await sink.send([_event(i, pad=300) for i in range(8)])  # ~3.5 KB: one file
+    await sink.send([_event(i, pad=300) for i in range(8, 12)])  # crosses the rotation
+    inodes = {path.stat().st_ino, path.with_name("e.jsonl.1").stat().st_ino}
+    await sink.aclose()
+    assert inodes <= set(synced)
+
+
+ROLLBACK_SCRIPT = r"""
+import asyncio, resource, signal, sys, orjson
+from cometstream.config import Section
+from cometstream.errors import SinkError
+from cometstream.protocol import decode_frame
+from cometstream.sinks.file import FileSink
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # get EFBIG instead of being killed
+def ev(i):
+    return decode_frame(orjson.dumps({"Type": 4201, "Data": {"GUID": f"g{i}", "Pad": "x" * 500}}),
+                        received_at=1.0, server="s")
+async def main(path):
+    sink = FileSink.from_config("f", Section({"path": path, "format": "event"}, "sinks.f"))
+    await sink.open()
+    await sink.send([ev(i) for i in range(4)])
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4000, hard))   # the next batch cannot fit
+    try:
+        await sink.send([ev(i) for i in range(4, 8)])
+        print("no error")
+    except SinkError as exc:
+        print("retryable" if exc.retryable else "permanent")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))   # space again: the retry
+    await sink.send([ev(i) for i in range(4, 8)])
+    await sink.aclose()
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_failed_write_is_rolled_back_so_the_retry_writes_each_line_once(tmp_path: Path) -> None:
+    """A write that fails half-way (file size limit: EFBIG) leaves no partial line; the retry
+    of the same batch then writes every line exactly once."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "e.jsonl"
+    proc = subprocess.run([sys.executable, "-c", ROLLBACK_SCRIPT, str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "retryable"
+    guids = [orjson.loads(line)["Data"]["GUID"] for line in path.read_bytes().splitlines()]
+    assert guids == [f"g{i}" for i in range(8)]

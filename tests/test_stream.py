@@ -9,8 +9,10 @@ from pathlib import Path
 
 import orjson
 
+from cometstream.observe.metrics import StreamStats
 from cometstream.protocol import totp_code
 from cometstream.simulator import Simulator
+from cometstream.stream import Session, Supervisor
 
 from .conftest import (
     PASSWORD,
@@ -22,6 +24,7 @@ from .conftest import (
     wait_until,
     write_toml,
 )
+from .peers import HELLO, scripted_server
 
 
 async def test_handshake_sends_the_five_frames_exactly(sim: Simulator, tmp_path: Path) -> None:
@@ -250,3 +253,79 @@ async def test_slow_sink_with_block_keeps_order(sim: Simulator, tmp_path: Path) 
         got = [ev.raw for ev in d.sink("mem").events[1:]]
     assert got == sent
     assert [orjson.loads(x)["Type"] for x in got] == [orjson.loads(x)["Type"] for x in sent]
+
+
+# --- against scripted Comet-like servers (not the simulator) ---------------------------------------
+async def test_server_ping_before_the_login_reply_is_answered(tmp_path: Path) -> None:
+    """A server (or proxy) that pings before answering the login is ponged, and the login works."""
+    async def script(ws, frames, n):  # type: ignore[no-untyped-def]
+        await ws.ping(b"early")
+        await ws.send_str("200 OK")
+        await ws.send_str(HELLO)
+        await ws.send_str('{"Type":4201,"Data":{"GUID":"x"}}')
+        await asyncio.sleep(5)
+
+    async with scripted_server(script) as (url, logins):
+        async with running(make_config(url, tmp_path)) as d:
+            await wait_until(lambda: len(d.sink("mem").events) == 2, what="events")
+            assert d.stats.connects["rejected"] == 0 and len(logins) == 1
+
+
+async def test_backoff_grows_until_a_session_proves_healthy(tmp_path: Path) -> None:
+    """200 OK followed by a close (no event) does not reset the backoff; a HELLO does."""
+    async def script(ws, frames, n):  # type: ignore[no-untyped-def]
+        await ws.send_str("200 OK")
+        if n in (5, 6):  # healthy sessions
+            await ws.send_str(HELLO)
+        await asyncio.sleep(0.05 if n == 5 else 0)
+
+    delays: list[float] = []
+
+    async def sleep(delay: float) -> None:
+        delays.append(delay)
+        await asyncio.sleep(0)
+
+    async with scripted_server(script) as (url, logins):
+        cfg = make_config(url, tmp_path, stream={"backoff_initial": 0.05, "backoff_max": 0.3})
+        stats = StreamStats()
+        sup = Supervisor(cfg.server, cfg.stream, lambda ev: None, stats, rand=lambda: 1.0,
+                         sleep=sleep)
+        task = asyncio.create_task(sup.run())
+        await wait_until(lambda: len(logins) >= 7, what="seven sessions")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # four sessions without an event: 0.05, 0.1, 0.2, 0.3 (capped); the fifth was healthy:
+    # its loss starts again at 0.05; the sixth was healthy too
+    assert delays[:6] == [0.05, 0.1, 0.2, 0.3, 0.05, 0.05]
+
+
+def test_totp_code_is_computed_at_each_login(tmp_path: Path) -> None:
+    """Each login computes the code for its own moment, not one cached at start-up."""
+    secret = base64.b32encode(b"cometstream-totp-secret!").decode()
+    cfg = make_config("http://127.0.0.1:1/", tmp_path,
+                      server={"auth_type": "PasswordTOTP", "totp_secret": secret})
+    now = [1_800_000_000.0]
+    session = Session(cfg.server, cfg.stream, lambda ev: None, StreamStats(), clock=lambda: now[0])
+    first = session.credentials().totp
+    now[0] += 30
+    second = session.credentials().totp
+    assert first == totp_code(secret, 1_800_000_000.0)
+    assert second == totp_code(secret, 1_800_000_030.0) and second != first
+
+
+async def test_block_sink_slower_than_the_keepalive_does_not_drop_the_stream(
+        sim: Simulator, tmp_path: Path) -> None:
+    """A full `block` queue holds the read loop; its unread pongs and the unread events behind
+    it are not a silent or idle server, so the stream is kept."""
+    cfg = make_config(sim.url, tmp_path,
+                      stream={"ping_interval": 0.1, "ping_timeout": 0.15, "idle_timeout": 0.5},
+                      sinks={"mem": {"type": "memory", "buffer": 1, "when_full": "block",
+                                     "delay": 0.6}})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        sim.set_rate(20)  # always more to read: the stream is never really idle
+        await asyncio.sleep(2.5)
+        sim.set_rate(0)
+        assert dict(d.stats.disconnects) == {}
+        assert d.daemon.supervisor.sessions == 1
+        assert d.sink_stats("mem").delivered >= 3

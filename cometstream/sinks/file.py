@@ -6,27 +6,27 @@ Options (``[sinks.NAME]``, ``type = "file"``):
 - ``rotate_bytes`` (default 0 = never): before a write would take the file past this size, it is
   renamed ``PATH.1`` (older ones shift to ``PATH.2`` … ``PATH.<keep>``; the oldest is deleted).
 - ``keep`` (default 5): how many rotated files to keep.
-- ``fsync``: ``always`` = every batch is fsynced before it is acknowledged (durable acks);
+- ``fsync``: ``always`` = every write is fsynced before the batch is acknowledged (durable acks);
   ``batch`` (default) = written batches are acknowledged at once and fsynced at most once a
   second, at rotation and at close; ``never`` = left to the OS (still fsynced at close).
 
 Writing happens on one worker thread per sink, so a slow disk never stalls the event loop. A
-failed write is rolled back to the last whole line (``ftruncate``), so a retry never leaves a torn
-or duplicated line behind. SIGHUP (``reopen()``) makes the next write reopen ``path``: logrotate's
+failed write (or failed fsync with ``always``) is cut back to where it began (``ftruncate``), so a
+retry leaves no torn or duplicated line behind; a batch that a rotation split in two can only be
+rolled back to the rotation. SIGHUP (``reopen()``) makes the next write reopen ``path``: logrotate's
 ``create`` mode then works without ``copytruncate``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from ..errors import SinkError
+from ._writer import WriterThread
 from .base import Sink
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ class FileSink(Sink):
         self._reopen = False
         self._last_fsync = 0.0
         self._dirty = False
-        self._executor: ThreadPoolExecutor | None = None
+        self._writer: WriterThread | None = None
 
     @classmethod
     def from_config(cls, name: str, options: Section) -> Self:
@@ -75,8 +75,8 @@ class FileSink(Sink):
 
     # --- lifecycle (event loop side) ------------------------------------------------------------
     async def open(self) -> None:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{self.name}")
+        if self._writer is None:
+            self._writer = WriterThread(f"sink-{self.name}")
         await self._run(self._open_sync)
 
     async def send(self, batch: Sequence[Event]) -> None:
@@ -88,21 +88,21 @@ class FileSink(Sink):
         await self._run(self._write_sync, lines)
 
     async def aclose(self) -> None:
-        if self._executor is None:
+        if self._writer is None:
             return
         try:
             await self._run(self._close_sync)
         finally:
-            self._executor.shutdown(wait=False)
-            self._executor = None
+            self._writer.close()
+            self._writer = None
 
     def reopen(self) -> None:
         self._reopen = True
 
     async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
-        assert self._executor is not None, "sink not open"
+        assert self._writer is not None, "sink not open"
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await self._writer.run(fn, *args)
         except OSError as exc:
             raise SinkError(self.name, f"{self.path}: {exc.strerror or exc}",
                             retryable=True) from exc
@@ -159,11 +159,7 @@ class FileSink(Sink):
                 self._append(b"\n".join(chunk) + b"\n")
         else:
             self._append(b"\n".join(lines) + b"\n")
-        self._dirty = True
-        if self.fsync == "always":
-            os.fsync(self._fd)
-            self._dirty = False
-        elif self.fsync == "batch":
+        if self.fsync == "batch":
             now = time.monotonic()
             if now - self._last_fsync >= _BATCH_FSYNC_INTERVAL:
                 os.fsync(self._fd)
@@ -171,15 +167,21 @@ class FileSink(Sink):
                 self._dirty = False
 
     def _append(self, data: bytes) -> None:
+        """Append whole lines; on any failure (write or, with fsync=always, fsync) the file is
+        cut back to where this write began, so a retry writes each line exactly once."""
         fd = self._fd
-        start = self._size
+        # the real end of file (another writer or a copytruncate may have moved it)
+        start = os.fstat(fd).st_size
         view = memoryview(data)
         written = 0
         try:
             while written < len(data):
                 written += os.write(fd, view[written:])
+            self._dirty = True
+            if self.fsync == "always":
+                os.fsync(fd)
+                self._dirty = False
         except OSError:
-            # roll back the partial batch so that a retry writes whole lines exactly once
             if written:
                 try:
                     os.ftruncate(fd, start)

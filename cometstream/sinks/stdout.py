@@ -8,16 +8,15 @@ the event loop; a closed stdout (``| head``) is a permanent failure, counted and
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import IO, TYPE_CHECKING, Any
 
 from ..constants import job_status_name
 from ..errors import SinkError
+from ._writer import WriterThread
 from .base import Sink
 
 if TYPE_CHECKING:
@@ -54,6 +53,10 @@ def _size(n: object) -> str:
     return ""
 
 
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _duration(seconds: int) -> str:
     if seconds < 60:
         return f"{seconds}s"
@@ -83,7 +86,9 @@ def _status_colour(status: object) -> str:
 def pretty_line(ev: Event, *, colour: bool = True) -> str:
     """One human line for an event: time, type, and what matters for that type."""
     c = (lambda code: code) if colour else (lambda code: "")
-    ts = ev.timestamp or int(ev.received_at)
+    ts = ev.timestamp
+    if not 0 < ts < 253402300799:  # a Timestamp localtime() cannot show: use the arrival time
+        ts = int(ev.received_at)
     clock = time.strftime("%H:%M:%S", time.localtime(ts))
     doc = ev.doc
     data = doc.get("Data")
@@ -93,11 +98,11 @@ def pretty_line(ev: Event, *, colour: bool = True) -> str:
     job = ev.job
     if job is not None:
         status = job.get("Status")
-        kind = _CLASSIFICATION.get(job.get("Classification"), "job")  # type: ignore[arg-type]
+        kind = _CLASSIFICATION.get(_int(job.get("Classification")) or 0, "job")
         parts.append(f"{_s(job.get('Username'), 32)} {kind} {_s(job.get('GUID'), 8)}")
         parts.append(f"{c(_status_colour(status))}{job_status_name(status).removeprefix('JOB_STATUS_')}{c(_RESET)}")
-        start, end = job.get("StartTime"), job.get("EndTime")
-        if isinstance(start, int) and isinstance(end, int) and end >= start > 0:
+        start, end = _int(job.get("StartTime")), _int(job.get("EndTime"))
+        if start is not None and end is not None and end >= start > 0:
             parts.append(_duration(end - start))
         if end:
             up = _size(job.get("UploadSize"))
@@ -134,9 +139,10 @@ class StdoutSink(Sink):
         self.format = format
         self._pretty_opt = pretty
         self._stream = stream
+        self._fd: int | None = None
         self.pretty = False
         self.colour = False
-        self._executor: ThreadPoolExecutor | None = None
+        self._writer: WriterThread | None = None
 
     @classmethod
     def from_config(cls, name: str, options: Section) -> Self:
@@ -152,39 +158,54 @@ class StdoutSink(Sink):
         return cls(name, format=fmt, pretty=pretty)
 
     async def open(self) -> None:
-        out = self._stream if self._stream is not None else sys.stdout.buffer
-        self._stream = out
         tty = False
-        try:
-            tty = os.isatty(out.fileno())
-        except (OSError, ValueError, AttributeError):
-            pass
+        if self._stream is None:
+            # Write to fd 1 directly, unbuffered: if a write blocks on a full pipe, nothing is
+            # left in sys.stdout's buffer for the interpreter to flush (and hang on) at exit.
+            self._fd = sys.stdout.fileno()
+            tty = os.isatty(self._fd)
+        else:
+            try:
+                tty = os.isatty(self._stream.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
         self.pretty = tty if self._pretty_opt is None else self._pretty_opt
         self.colour = tty and "NO_COLOR" not in os.environ
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"sink-{self.name}")
+        if self._writer is None:
+            self._writer = WriterThread(f"sink-{self.name}")
 
     async def send(self, batch: Sequence[Event]) -> None:
         if self.pretty:
-            colour = self.colour
-            data = "".join(pretty_line(ev, colour=colour) + "\n" for ev in batch).encode()
+            data = "".join([self._pretty(ev) for ev in batch]).encode("utf-8", "replace")
         elif self.format == "event":
             data = b"\n".join([ev.raw for ev in batch]) + b"\n"
         else:
             data = b"\n".join([ev.envelope() for ev in batch]) + b"\n"
-        assert self._executor is not None
+        assert self._writer is not None, "sink not open"
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._write, data)
+            await self._writer.run(self._write, data)
         except BrokenPipeError as exc:
             raise SinkError(self.name, "stdout is closed", retryable=False) from exc
         except OSError as exc:
             raise SinkError(self.name, f"stdout: {exc.strerror or exc}", retryable=True) from exc
 
     def _write(self, data: bytes) -> None:
+        if self._fd is not None:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view):]
+            return
         assert self._stream is not None
         self._stream.write(data)
         self._stream.flush()
 
+    def _pretty(self, ev: Event) -> str:
+        try:
+            return pretty_line(ev, colour=self.colour) + "\n"
+        except Exception:  # an event shaped like nothing we know: show it as it came
+            return ev.raw.decode("utf-8", "replace") + "\n"
+
     async def aclose(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        if self._writer is not None:
+            self._writer.close()  # never waits: a write stuck on a full pipe must not hang exit
+            self._writer = None
