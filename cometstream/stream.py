@@ -151,7 +151,9 @@ class Session:
         cfg = self.cfg
         connector = aiohttp.TCPConnector(limit=1, force_close=True, ssl=self.ssl_context or True)
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout)
-        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        # trust_env: HTTPS_PROXY/NO_PROXY are honoured, like any other HTTP client on the host
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout,
+                                         trust_env=True) as http:
             phase = "connecting"
             try:
                 async with asyncio.timeout(cfg.connect_timeout):
