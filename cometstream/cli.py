@@ -21,7 +21,8 @@ import structlog
 from . import __version__
 from .config import DEFAULT_PATH, Config, load_config, parse_config, parse_listen
 from .daemon import EXIT_CREDENTIALS, EXIT_FATAL, EXIT_OK, Daemon
-from .errors import ConfigError, ConfigErrors, CredentialsRejected, StreamError
+from .api import ApiAuthError
+from .errors import ApiError, ConfigError, ConfigErrors, CredentialsRejected, StreamError
 from .observe.logging import configure_logging, register_secret
 
 __all__ = ["main"]
@@ -53,6 +54,13 @@ def _parser() -> argparse.ArgumentParser:
     common(chk)
     chk.add_argument("--connect", action="store_true",
                      help="also log in to the event stream once")
+    bf = sub.add_parser("backfill", help="replay historical job completions to the sinks")
+    common(bf)
+    bf.add_argument("--since", required=True, help="start: 2026-11-01, 2026-11-01T12:30 "
+                    "(local time unless an offset is given) or Unix seconds")
+    bf.add_argument("--until", default=None, help="end (exclusive; default: now)")
+    bf.add_argument("--sink", action="append", default=[], metavar="NAME",
+                    help="only this sink (repeatable; default: all)")
     demo = sub.add_parser("demo", help="the built-in simulator and the daemon against it")
     demo.add_argument("--rate", type=float, default=4.0, help="simulated events per second")
     demo.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -94,8 +102,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_check(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "backfill":
+            return _cmd_backfill(args)
         if args.command == "simulate":
             return _cmd_simulate(args)
+    except ApiError as exc:
+        _err(f"api: {exc}")
+        return EXIT_CREDENTIALS if isinstance(exc, ApiAuthError) else EXIT_FATAL
     except ConfigErrors as exc:
         for e in exc.errors:
             _err(f"config: {e}")
@@ -169,7 +182,7 @@ async def _check_connect(cfg: Config) -> int:
             version = ev.data.get("Version") if isinstance(ev.data, dict) else None
             print(f"ok: logged in to {cfg.server.ws_url} as {cfg.server.username}"
                   + (f" (Comet {version})" if version else ""))
-            return EXIT_OK
+            return await _check_api(cfg)
         if task in done:
             exc = task.exception()
             if isinstance(exc, CredentialsRejected):
@@ -182,6 +195,46 @@ async def _check_connect(cfg: Config) -> int:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    import time
+
+    from .backfill import parse_when, run_backfill
+
+    cfg = _load(args)
+    since = parse_when(args.since, option="--since")
+    until = parse_when(args.until, option="--until") if args.until else int(time.time())
+    for secret in (cfg.server.password, cfg.server.totp_secret, cfg.server.session_key):
+        if secret is not None:
+            register_secret(secret.reveal())
+
+    async def go() -> int:
+        count = await run_backfill(cfg, since=since, until=until, sink_names=args.sink)
+        print(f"backfilled {count} job completions", file=sys.stderr)
+        return EXIT_OK
+
+    return _run_async(go())
+
+
+async def _check_api(cfg: Config) -> int:
+    """The admin API with the same credentials (remedial sync needs it)."""
+    from .api import AdminClient
+    from .stream import make_ssl_context
+
+    if not cfg.resync.enabled:
+        return EXIT_OK
+    async with AdminClient(cfg.server, ssl_context=make_ssl_context(cfg.server),
+                           connect_timeout=cfg.stream.connect_timeout, attempts=1) as api:
+        try:
+            info = await api.meta_version()
+        except ApiError as exc:
+            _err(f"api: {exc}")
+            return EXIT_CREDENTIALS if isinstance(exc, ApiAuthError) else EXIT_FATAL
+    roles = "" if info.get("AuthenticationRole", True) else \
+        " (warning: AuthenticationRole is off: job and account APIs are unavailable)"
+    print(f"ok: admin API at {api.base} answers (Comet {info.get('Version', '?')}){roles}")
+    return EXIT_OK
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from .protocol import AUTH_TYPES, stream_url, totp_code
 __all__ = [
     "DEFAULT_PATH",
     "Config",
+    "RedactConfig",
     "HttpConfig",
     "LogConfig",
     "ResyncConfig",
@@ -239,6 +240,12 @@ class ResyncConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedactConfig:
+    enabled: bool = True
+    extra_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class StateConfig:
     dir: Path = Path("/var/lib/cometstream")
 
@@ -286,6 +293,7 @@ class Config:
     log: LogConfig
     shutdown_timeout: float
     sinks: tuple[SinkConfig, ...]
+    redact: RedactConfig = RedactConfig()
     path: Path | None = None
 
 
@@ -493,6 +501,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
     http = attempt(lambda: _parse_http(top.table("http")))
     log = attempt(lambda: _parse_log(top.table("log")))
     shutdown_timeout = attempt(lambda: _parse_shutdown(top.table("shutdown")))
+    redact = attempt(lambda: _parse_redact(top.table("redact")))
     sinks: list[SinkConfig] = []
     sinks_tbl = attempt(lambda: top.table("sinks"))
     if sinks_tbl is not None:
@@ -508,7 +517,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     return Config(server=server, stream=stream, resync=resync, state=state, http=http, log=log,
-                  shutdown_timeout=shutdown_timeout, sinks=tuple(sinks), path=path)
+                  shutdown_timeout=shutdown_timeout, sinks=tuple(sinks), redact=redact, path=path)
 
 
 def _parse_resync(rs: Section) -> ResyncConfig:
@@ -540,6 +549,15 @@ def _parse_log(lg: Section) -> LogConfig:
                     format=lg.str("format", "auto", choices=LOG_FORMATS))
     lg.done()
     return log
+
+
+def _parse_redact(rd: Section) -> RedactConfig:
+    enabled = rd.bool("enabled", True)
+    extra = rd.raw("extra_keys", [])
+    if not isinstance(extra, list) or not all(isinstance(k, str) and k for k in extra):
+        raise rd.error("extra_keys", "expected a list of field names")
+    rd.done()
+    return RedactConfig(enabled=enabled, extra_keys=tuple(extra))
 
 
 def _parse_shutdown(sd: Section) -> float:

@@ -1,9 +1,17 @@
-"""Wires the parts together: sinks → pipeline ← supervisor, and the lifecycle around them.
+"""Wires the parts together: supervisor → (gate, dedup, redaction) → pipeline → sinks, plus
+remedial sync and the checkpoint, and the lifecycle around them.
 
-``Daemon.run(stop)`` starts the sink workers, then the stream supervisor, and waits until
-``stop`` is set (SIGTERM/SIGINT) or the supervisor gives up (a rejected first login). Shutdown
-order: stop reading the stream, let the sinks drain their queues within ``shutdown.timeout``,
-close the sinks. The return value is the process exit code.
+``Daemon.run(stop)`` loads the checkpoint, starts the sink workers and the stream supervisor, and
+waits until ``stop`` is set (SIGTERM/SIGINT) or the supervisor gives up (a rejected first login).
+
+After every login (the HELLO), live events are held while a remedial sync runs; its synthesized
+events go out first, then the held live events, de-duplicated. A resync that fails is retried
+with backoff in the background, the held events being released meanwhile; until one succeeds the
+watermark stays frozen before the gap. The checkpoint is written once a second when something
+changed, after each resync and at shutdown.
+
+Shutdown order: stop reading, release held events, let the sinks drain within
+``shutdown.timeout``, close the sinks, write the checkpoint. The return value is the exit code.
 """
 
 from __future__ import annotations
@@ -12,26 +20,38 @@ import asyncio
 import contextlib
 import random
 import signal
-from collections.abc import Callable
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import structlog
 from prometheus_client import CollectorRegistry
 
+from .api import AdminClient
+from .backoff import Backoff
 from .config import Config, SinkConfig
-from .errors import CredentialsRejected
+from .errors import ApiError, ConfigError, CredentialsRejected
 from .events import Event
 from .observe.logging import register_secret
 from .observe.metrics import Metrics
 from .observe.systemd import Notifier
 from .pipeline import Pipeline
+from .redact import Redactor
+from .resync import ResyncResult, Resyncer, Tracker
 from .sinks import Sink, resolve_sink_class
-from .stream import Supervisor
+from .state import StateStore
+from .stream import Supervisor, make_ssl_context
 
 __all__ = ["EXIT_CREDENTIALS", "EXIT_FATAL", "EXIT_OK", "Daemon", "build_sink"]
 
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_CREDENTIALS = 3
+CHECKPOINT_INTERVAL: Final = 1.0
+#: live events held during a resync beyond this many are released before it finishes
+HOLD_MAX: Final = 200_000
+_JOB_TYPES: Final = frozenset({4200, 4201})
 
 log = structlog.get_logger("cometstream.daemon")
 
@@ -52,6 +72,7 @@ class Daemon:
         sinks: dict[str, Sink] | None = None,
         rand: Callable[[], float] = random.random,
         notifier: Notifier | None = None,
+        resync_retry: tuple[float, float] = (1.0, 60.0),
     ) -> None:
         self.cfg = cfg
         self.notifier = notifier if notifier is not None else Notifier()
@@ -65,19 +86,155 @@ class Daemon:
         self.sinks = {sc.name: given.get(sc.name) or build_sink(sc) for sc in cfg.sinks}
         self.pipeline = Pipeline([(sc, self.sinks[sc.name]) for sc in cfg.sinks], self.metrics)
         self.supervisor = Supervisor(s, cfg.stream, self._publish, self.metrics.stream,
-                                     rand=rand, on_status=self._on_status)
+                                     rand=rand, on_status=self._on_status,
+                                     on_hello=self._on_hello)
+        self.store = StateStore(cfg.state.dir, s.name)
+        self.redactor = Redactor(enabled=cfg.redact.enabled, extra_keys=cfg.redact.extra_keys)
+        self.tracker = Tracker()
+        self.api = AdminClient(s, ssl_context=make_ssl_context(s),
+                               connect_timeout=cfg.stream.connect_timeout)
+        self.resyncer = Resyncer(self.api, self.tracker, server=s.name,
+                                 overlap=cfg.resync.overlap, redactor=self.redactor)
+        self._resync_retry = resync_retry
+        self._resync_task: asyncio.Task[None] | None = None
+        self._holding = False
+        self._held: deque[Event] = deque()
+        self._releasing: asyncio.Task[None] | None = None
+        self._skew = 0.0
         self.status = ("starting", "starting")
         self.started = asyncio.Event()
+        self.resyncs_ok = 0
+        self.last_resync: ResyncResult | None = None
 
-    def _publish(self, ev: Event):  # type: ignore[no-untyped-def]
-        return self.pipeline.publish(ev)
+    # --- the publish path ------------------------------------------------------------------------
+    def _publish(self, ev: Event) -> Awaitable[None] | None:
+        if self._holding:
+            self._held.append(ev)
+            if len(self._held) > HOLD_MAX and self._releasing is None:
+                log.warning("resync is slow: releasing held live events before it finishes",
+                            held=len(self._held))
+                self._releasing = asyncio.ensure_future(self._release_held())
+            return None
+        return self._deliver(ev)
 
+    def _deliver(self, ev: Event) -> Awaitable[None] | None:
+        tracker = self.tracker
+        key = tracker.admit(ev)
+        if key is False:
+            self.metrics.stream.duplicates += 1
+            return None
+        tracker.observe(ev)  # before redaction: account digests are of the full profile
+        if ev.type not in _JOB_TYPES:
+            self.redactor.apply(ev)
+        waiting = self.pipeline.publish(ev)
+        tracker.published(ev, key)
+        return waiting
+
+    async def _release_held(self) -> None:
+        try:
+            held = self._held
+            while held:
+                waiting = self._deliver(held.popleft())
+                if waiting is not None:
+                    await waiting
+            self._holding = False
+        finally:
+            self._releasing = None
+
+    # --- stream callbacks ------------------------------------------------------------------------
     def _on_status(self, state: str, detail: str) -> None:
         self.status = (state, detail)
+        if state == "reconnecting" and self.cfg.resync.enabled:
+            self.tracker.frozen = True  # a gap: the watermark waits for the next resync
         if state == "connected":
             detail = f"{detail}, {self.metrics.stream.events_received} events so far"
         self.notifier.status(detail)
 
+    def _on_hello(self, ev: Event) -> None:
+        data = ev.data if isinstance(ev.data, dict) else {}
+        current = data.get("CurrentTime")
+        if isinstance(current, int) and current > 0:
+            self._skew = current - time.time()
+        if not self.cfg.resync.enabled:
+            return
+        self._holding = True
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+        self._resync_task = asyncio.ensure_future(self._resync_loop(data))
+
+    # --- remedial sync ---------------------------------------------------------------------------
+    async def _resync_loop(self, hello: dict[str, Any]) -> None:
+        stats = self.metrics.stream
+        backoff = Backoff(*self._resync_retry)
+        while True:
+            t0 = time.monotonic()
+            try:
+                res = await self.resyncer.run(hello)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                stats.resync_runs["error"] += 1
+                delay = backoff.next_delay()
+                if isinstance(exc, ApiError):
+                    log.warning("resync failed", server=self.cfg.server.name, error=str(exc),
+                                retry_in=round(delay, 1))
+                else:
+                    log.exception("resync failed unexpectedly", retry_in=round(delay, 1))
+                self.notifier.status(f"resync failing, retry in {delay:.0f} s: {exc}")
+                if self._holding and self._releasing is None:
+                    await self._release_held()  # live events flow while we retry
+                await asyncio.sleep(delay)
+                continue
+            for ev in res.events:
+                waiting = self._deliver(ev)
+                if waiting is not None:
+                    await waiting
+            duration = time.monotonic() - t0
+            self.last_resync = res
+            stats.resync_runs["baseline" if res.baseline else "ok"] += 1
+            stats.resync_duration.observe(duration)
+            for kind, n in res.kinds.items():
+                stats.resync_events[kind] += n
+            log.info("resync done", server=self.cfg.server.name, baseline=res.baseline,
+                     events=len(res.events), kinds=res.kinds, since=res.window[0] or None,
+                     duration=round(duration, 3))
+            if self._releasing is not None:
+                await self._releasing
+            await self._release_held()
+            self.tracker.frozen = False
+            self.resyncs_ok += 1
+            self.checkpoint()
+            return
+
+    # --- checkpoint ------------------------------------------------------------------------------
+    def checkpoint(self, *, force: bool = False) -> None:
+        """Fold acknowledgements into the tracker and write the checkpoint if anything changed."""
+        live = self.supervisor.connected and not self._holding and not self.tracker.frozen
+        self.tracker.settle(self.pipeline.delivered_through(), live=live,
+                            server_now=time.time() + self._skew)
+        if self.tracker.changed or force:
+            self.store.save(self.tracker.snapshot())
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            self.checkpoint()
+
+    def _load_state(self) -> None:
+        try:
+            self.store.prepare()
+        except OSError as exc:
+            raise ConfigError("state.dir", f"cannot use {self.store.dir}: "
+                              f"{exc.strerror or exc}") from None
+        cp = self.store.load()
+        self.tracker = Tracker(cp)
+        self.tracker.frozen = self.tracker.has_checkpoint and self.cfg.resync.enabled
+        self.resyncer.tracker = self.tracker
+        if cp is not None:
+            log.info("checkpoint loaded", watermark=cp.watermark, running_jobs=len(cp.running_jobs),
+                     accounts=len(cp.accounts), dedup=len(cp.dedup))
+
+    # --- lifecycle -------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
         return self.supervisor.connected and not self.pipeline.failing_sinks
@@ -95,12 +252,15 @@ class Daemon:
 
     async def run(self, stop: asyncio.Event) -> int:
         cfg = self.cfg
+        self._load_state()
         log.info("starting", server=cfg.server.name, url=cfg.server.url,
-                 sinks=[f"{sc.name}:{sc.type}" for sc in cfg.sinks])
+                 sinks=[f"{sc.name}:{sc.type}" for sc in cfg.sinks],
+                 resync=cfg.resync.enabled, state=str(self.store.path))
         self.pipeline.start()
         sup = asyncio.create_task(self.supervisor.run(), name="supervisor")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
+        saver = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
         self.notifier.ready()
         self.started.set()
         code = EXIT_OK
@@ -119,12 +279,23 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self.notifier.status("stopping: draining sink queues")
-            stopper.cancel()
-            sup.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await sup
+            for task in (stopper, sup, self._resync_task, saver):
+                if task is not None:
+                    task.cancel()
+            for task in (sup, self._resync_task, saver):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
             self.metrics.stream.connection_up = 0
+            if self._holding:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._release_held(), cfg.shutdown_timeout)
             complete = await self.pipeline.drain(cfg.shutdown_timeout)
+            self.tracker.settle(self.pipeline.delivered_through(), live=False,
+                                server_now=time.time() + self._skew)
+            self.tracker.drop_pending()
+            self.store.save(self.tracker.snapshot())
+            await self.api.aclose()
             watchdog.cancel()
             log.info("stopped", delivered={r.name: r.stats.delivered for r in self.pipeline.routes},
                      complete=complete)

@@ -7,7 +7,6 @@ integers beyond 64 bits, unknown fields, key order and unicode reach the sinks b
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Final
 
 import orjson
@@ -104,14 +103,20 @@ class Event:
         job = self.job
         return job_status_name(job.get("Status")) if job is not None else "other"
 
-    def dedup_key(self) -> str:
-        """One key per logical event: job events by type and job GUID, the rest by a raw digest."""
+    def dedup_key(self) -> str | None:
+        """The key that identifies a job event across the stream, resync and restarts
+        (``"<Type>:<job GUID>"``), or None for events that are not de-duplicated.
+
+        Other events carry no identity: two logins of one user to one path in the same second
+        are byte-identical and still two events, so a digest of the bytes would drop real events.
+        They are never replayed either (resync rebuilds account changes from profile digests).
+        """
         job = self.job
         if job is not None:
             guid = job.get("GUID")
             if isinstance(guid, str) and guid:
                 return f"{self.type}:{guid}"
-        return f"{self.type}#{hashlib.blake2b(self.raw, digest_size=12).hexdigest()}"
+        return None
 
     # --- output formats ------------------------------------------------------------------------
     def envelope(self) -> bytes:

@@ -55,6 +55,7 @@ class Route:
         self.inflight = 0
         self.acked_seq = 0
         self.opened = False
+        self.abandoned = False
         self.last_warned = 0.0
         self.last_rejection = ""
         self._wakeup: asyncio.Future[None] | None = None
@@ -156,7 +157,7 @@ class Pipeline:
         """The highest seq such that every route has finished with every event up to it."""
         low = self.seq
         for r in self.routes:
-            if r.queue or r.inflight:
+            if r.queue or r.inflight or r.abandoned:
                 low = min(low, r.acked_seq)
         return low
 
@@ -204,6 +205,7 @@ class Pipeline:
                             timeout=timeout)
                 route.queue.clear()
                 route.inflight = 0
+                route.abandoned = True  # never delivered: not "finished with" for the watermark
             route._space_freed()
         # close every sink at once, within what is left of the same deadline (at least 1 s)
         opened = [r for r in self.routes if r.opened]

@@ -49,7 +49,12 @@ async def sim() -> AsyncIterator[Simulator]:
 
 def make_config(sim_url: str, tmp_path: Path, *, sinks: dict[str, Any] | None = None,
                 stream: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
-                **sections: Any) -> Config:
+                exact: bool = False, **sections: Any) -> Config:
+    """A config for the daemon against ``sim_url``. ``exact=True`` turns redaction off, for
+    tests that compare delivered bytes with what the simulator sent (its account events carry
+    password hashes, which redaction rightly rewrites)."""
+    if exact:
+        sections.setdefault("redact", {"enabled": False})
     doc: dict[str, Any] = {
         "server": {"url": sim_url, "name": "sim", "username": USER, "password": PASSWORD,
                    **(server or {})},
@@ -97,7 +102,7 @@ async def running(cfg: Config, *, sinks: dict[str, Sink] | None = None,
                   rand: Callable[[], float] = lambda: 1.0) -> AsyncIterator[RunningDaemon]:
     """Run a Daemon in this event loop; stops it (and checks it did not crash) on exit."""
     stop = asyncio.Event()
-    daemon = Daemon(cfg, sinks=sinks, rand=rand)
+    daemon = Daemon(cfg, sinks=sinks, rand=rand, resync_retry=(0.05, 0.3))
     task = asyncio.create_task(daemon.run(stop))
     rd = RunningDaemon(daemon, task, stop)
     try:

@@ -242,7 +242,7 @@ async def test_hung_login_hits_the_connect_timeout(sim: Simulator, tmp_path: Pat
 
 async def test_slow_sink_with_block_keeps_order(sim: Simulator, tmp_path: Path) -> None:
     """A block-policy sink slower than the stream loses nothing and keeps the server's order."""
-    cfg = make_config(sim.url, tmp_path,
+    cfg = make_config(sim.url, tmp_path, exact=True,
                       sinks={"mem": {"type": "memory", "buffer": 8, "when_full": "block",
                                      "delay": 0.002}})
     async with running(cfg) as d:

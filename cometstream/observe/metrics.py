@@ -90,6 +90,7 @@ class StreamStats:
         self.disconnects: dict[str, int] = defaultdict(int)  # reason
         self.received: dict[int, int] = defaultdict(int)  # raw Type -> count
         self.malformed = 0
+        self.duplicates = 0
         self.malformed_by_reason: dict[str, int] = defaultdict(int)
         self.last_event_time = 0.0
         self.jobs_completed: dict[str, int] = defaultdict(int)  # status label
@@ -172,6 +173,11 @@ class Metrics(Collector):
         c = CounterMetricFamily(PREFIX + "events_malformed", "Frames that were not a "
                                 "StreamableEvent (skipped)", labels=["server"])
         c.add_metric([srv], s.malformed)
+        yield c
+
+        c = CounterMetricFamily(PREFIX + "events_duplicate", "Events dropped as already "
+                                "delivered (dedup window)", labels=["server"])
+        c.add_metric([srv], s.duplicates)
         yield c
 
         g = GaugeMetricFamily(PREFIX + "last_event_timestamp_seconds", "Unix time of the last "

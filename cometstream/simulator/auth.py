@@ -13,11 +13,12 @@ import hmac
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = [
     "AUTH_TYPES",
     "HANDSHAKE_FRAMES",
+    "TOTP_MISSING",
     "Credentials",
     "decode_totp_secret",
     "totp_code",
@@ -29,6 +30,10 @@ HANDSHAKE_FRAMES = 5
 
 #: AuthType values the stream accepts (the HTTP API also knows PasswordWebAuthn and TOTP).
 AUTH_TYPES = ("Password", "PasswordTOTP", "SessionKey")
+
+#: The refusal reason for a correct password without a TOTP code while one is needed; the HTTP
+#: API answers it with ``ERR_TOTP_REQUIRED`` instead of ``Unauthorised``.
+TOTP_MISSING = "totp missing"
 
 _TOTP_STEP = 30
 _TOTP_DIGITS = 6
@@ -79,12 +84,17 @@ def _hotp(key: bytes, counter: int) -> str:
 
 @dataclass(frozen=True)
 class Credentials:
-    """What the simulated server accepts on its event stream."""
+    """What the simulated server accepts, on its event stream and its admin API alike.
+
+    With ``totp_required`` (and a ``totp_secret``), AuthType ``Password`` is refused with
+    ``TOTP_MISSING``, as Comet refuses a password-only login to an account with 2FA.
+    """
 
     username: str
     password: str = field(repr=False)
     totp_secret: str | None = field(default=None, repr=False)
     session_keys: frozenset[str] = field(default=frozenset(), repr=False)
+    totp_required: bool = False
 
     @classmethod
     def build(
@@ -93,26 +103,39 @@ class Credentials:
         password: str,
         totp_secret: str | None = None,
         session_keys: Iterable[str] = (),
+        *,
+        totp_required: bool = False,
     ) -> Credentials:
         """Validated credentials; raises ValueError for a TOTP secret that is not base32."""
         if totp_secret is not None:
             decode_totp_secret(totp_secret)
-        return cls(username, password, totp_secret, frozenset(session_keys))
+        elif totp_required:
+            raise ValueError("totp_required needs a totp_secret")
+        return cls(username, password, totp_secret, frozenset(session_keys), totp_required)
+
+    def with_session_keys(self, session_keys: Iterable[str]) -> Credentials:
+        """A copy accepting exactly `session_keys` for AuthType SessionKey."""
+        return replace(self, session_keys=frozenset(session_keys))
 
     def check(self, frames: Sequence[str], at: float | None = None) -> str | None:
-        """None if the five handshake frames log in, else a short reason (safe to log)."""
+        """None if the five values (Username, AuthType, Password, SessionKey, TOTP) log in,
+        else a short reason (safe to log); ``TOTP_MISSING`` when only a TOTP code is missing."""
         if len(frames) != HANDSHAKE_FRAMES:
             return "wrong frame count"
         username, auth_type, password, session_key, totp = frames
         if not hmac.compare_digest(username.encode(), self.username.encode()):
             return "unknown user"
         if auth_type == "Password":
-            return None if self._password_ok(password) else "wrong password"
+            if not self._password_ok(password):
+                return "wrong password"
+            return TOTP_MISSING if self.totp_required else None
         if auth_type == "PasswordTOTP":
             if not self._password_ok(password):
                 return "wrong password"
             if self.totp_secret is None:
                 return "totp not enabled"
+            if not totp:
+                return TOTP_MISSING
             return None if totp_matches(self.totp_secret, totp, at) else "wrong totp"
         if auth_type == "SessionKey":
             return (

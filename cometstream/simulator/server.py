@@ -1,8 +1,11 @@
-"""The simulated Comet Server: aiohttp on real sockets, serving the live event stream.
+"""The simulated Comet Server: aiohttp on real sockets, serving the live event stream and the admin API.
 
 ``GET /api/v1/events/stream`` upgrades to a websocket. The client sends five text frames
 (Username, AuthType, Password, SessionKey, TOTP); the server answers ``200 OK`` followed by a
 SEVT_META_HELLO event and then the live events, or ``403 Unauth`` and closes.
+
+``POST /api/v1/admin/...`` is the admin HTTP API the remedial sync uses (``api.py``), answered
+from the same ``World`` and authenticated with the same credentials and session keys.
 
 Every authenticated client has a bounded queue of outgoing frames drained by its own writer task.
 Broadcasting only appends to those queues, so it never waits on a client; a client whose queue
@@ -17,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import socket
 import struct
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Self
@@ -31,6 +35,7 @@ import structlog
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
+from cometstream.simulator.api import AdminAPI
 from cometstream.simulator.auth import HANDSHAKE_FRAMES, Credentials
 from cometstream.simulator.world import World, server_meta_version_info
 from cometstream.simulator.world import event as make_event
@@ -53,18 +58,35 @@ _MAX_BURST = 5000
 class Faults:
     """Faults injected by the simulated server; change the fields at any time.
 
-    - ``reject_logins``: every login gets ``403 Unauth``.
-    - ``reject_next``: the next N logins get ``403 Unauth`` (counts down).
+    Event stream (the admin API is not affected by these):
+
+    - ``reject_logins``: every stream login gets ``403 Unauth``.
+    - ``reject_next``: the next N stream logins get ``403 Unauth`` (counts down).
     - ``silent``: connected and new clients get nothing more, and their sockets are no longer read
       (so websocket pings get no pong); TCP stays open. Clearing it resumes reading and sending;
       events broadcast meanwhile are lost for those clients.
     - ``hang_handshake``: new connections are upgraded but the five frames are never answered.
+
+    Admin HTTP API (applied in this order, before routing and authentication):
+
+    - ``api_delay``: seconds to sleep before answering each API call.
+    - ``api_down``: every API call gets HTTP 503 with a plain-text body.
+    - ``api_fail_next``: the next N API calls get HTTP 500 with a plain-text body (counts down).
+    - ``api_reject``: every API call gets HTTP 200 ``{"Status":403,"Message":"Unauthorised"}``
+      while the stream still accepts the same credentials.
+    - ``null_lists``: empty top-level lists and maps in API answers are JSON ``null`` (as Comet's
+      Go encoder writes nil slices and maps); False sends ``[]`` / ``{}``.
     """
 
     reject_logins: bool = False
     reject_next: int = 0
     silent: bool = False
     hang_handshake: bool = False
+    api_down: bool = False
+    api_reject: bool = False
+    api_delay: float = 0.0
+    api_fail_next: int = 0
+    null_lists: bool = True
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -172,11 +194,14 @@ class _Client:
 
 
 class Simulator:
-    """A protocol-faithful Comet Server event stream with a generated world and fault injection.
+    """A protocol-faithful Comet Server (event stream and admin API) with a generated world and
+    fault injection.
 
     Use ``async with Simulator(...) as sim:`` or ``await start()`` / ``await stop()``.
     ``emit()`` broadcasts a frame now; a background generator emits world events at ``rate``
-    per second. Counters and recordings (``handshakes``, ``sent``, ...) are for tests.
+    per second, whether or not a client is connected (events nobody receives still change the
+    world, which the admin API then reports). Counters and recordings (``handshakes``, ``sent``,
+    ``api_calls``, ...) are for tests.
     """
 
     def __init__(
@@ -191,13 +216,23 @@ class Simulator:
         queue_limit: int = 10000,
         handshake_timeout: float = 10.0,
         record: bool = True,
+        totp_required: bool = False,
     ) -> None:
-        """Configure the server; raises ValueError for a bad TOTP secret, rate or limit."""
+        """Configure the server; raises ValueError for a bad TOTP secret, rate or limit.
+
+        `session_keys` are accepted from the start (AuthType SessionKey), besides the keys that
+        ``/api/v1/admin/account/session-start`` issues. With `totp_required` (needs
+        `totp_secret`), AuthType Password is refused: ``ERR_TOTP_REQUIRED`` on the API,
+        ``403 Unauth`` on the stream.
+        """
         if rate < 0:
             raise ValueError("rate must be >= 0")
         if queue_limit < 1:
             raise ValueError("queue_limit must be >= 1")
-        self._credentials = Credentials.build(username, password, totp_secret, session_keys)
+        self._credentials = Credentials.build(
+            username, password, totp_secret, session_keys, totp_required=totp_required
+        )
+        self._session_keys: set[str] = set(self._credentials.session_keys)
         self._rate = float(rate)
         self.queue_limit = queue_limit
         self.handshake_timeout = handshake_timeout
@@ -211,9 +246,13 @@ class Simulator:
         self.logins_ok = 0
         self.logins_rejected = 0
         self.slow_drops = 0
-        #: The aiohttp application; more routes (an admin API) may be added before start().
+        #: Admin API calls by request path (every call, faulted and refused ones included).
+        self.api_calls: Counter[str] = Counter()
+        #: The aiohttp application; more routes may be added before start().
         self.app = web.Application()
         self.app.router.add_get(STREAM_PATH, self._stream_handler)
+        self.api = AdminAPI(self)
+        self.api.install(self.app)
         self._faults = Faults()
         self._attach_faults()
         self._conns: set[_Client] = set()
@@ -362,6 +401,45 @@ class Simulator:
         """Generate and broadcast `n` world events in order; return their bytes."""
         return [self.emit() for _ in range(n)]
 
+    @property
+    def credentials(self) -> Credentials:
+        """What the stream and the API accept now (session keys included)."""
+        return self._credentials
+
+    @property
+    def session_keys(self) -> frozenset[str]:
+        """Session keys accepted now (configured and issued, minus revoked)."""
+        return self._credentials.session_keys
+
+    def start_session(self) -> str:
+        """Issue a new admin session key (what AdminAccountSessionStart does) and return it."""
+        key = secrets.token_urlsafe(24)
+        self._session_keys.add(key)
+        self._credentials = self._credentials.with_session_keys(self._session_keys)
+        return key
+
+    def revoke_session(self, key: str) -> bool:
+        """Stop accepting one session key; False if it was not accepted anyway."""
+        if key not in self._session_keys:
+            return False
+        self._session_keys.discard(key)
+        self._credentials = self._credentials.with_session_keys(self._session_keys)
+        return True
+
+    def expire_sessions(self) -> None:
+        """Every session key stops working (sessions expired); open stream connections stay."""
+        self._session_keys.clear()
+        self._credentials = self._credentials.with_session_keys(())
+
+    def meta_version_info(self) -> dict[str, Any]:
+        """The ServerMetaVersionInfo of HELLO and AdminMetaVersion (CurrentTime = now)."""
+        return server_meta_version_info(
+            start_time=self.server_start_time,
+            start_hash=self.server_start_hash,
+            now=int(time.time()),
+            configured_devices=self.world.device_count(),
+        )
+
     async def drop_clients(self) -> None:
         """Abort every client's TCP connection (no close frame), authenticated or not."""
         for conn in list(self._conns):
@@ -470,15 +548,15 @@ class Simulator:
                 next_at = loop.time()
 
     def _hello(self) -> bytes:
-        now = int(time.time())
-        data = server_meta_version_info(
-            start_time=self.server_start_time,
-            start_hash=self.server_start_hash,
-            now=now,
-            configured_devices=self.world.device_count(),
-        )
+        data = self.meta_version_info()
         return orjson.dumps(
-            make_event("SEVT_META_HELLO", actor="", organization="", data=data, timestamp=now)
+            make_event(
+                "SEVT_META_HELLO",
+                actor="",
+                organization="",
+                data=data,
+                timestamp=data["CurrentTime"],
+            )
         )
 
     def _login(self, frames: list[str]) -> str | None:

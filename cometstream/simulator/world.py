@@ -1,7 +1,7 @@
 """A generated Comet Server world: organizations, users, devices, Protected Items, vaults and jobs.
 
-The world is plain data plus pure methods (no I/O, no asyncio), so the event stream and a future
-admin API can answer from one state. Every random choice comes from one `random.Random(seed)`:
+The world is plain data plus pure methods (no I/O, no asyncio), so the event stream and the
+admin API answer from one state. Every random choice comes from one `random.Random(seed)`:
 two worlds with the same seed and the same clock produce byte-identical events. Only timestamps
 depend on the clock.
 
@@ -15,6 +15,9 @@ Shapes follow Comet's SDK definitions (see ``comet-api.md``):
   Keys are in the SDK serializer's order, omitempty fields dropped when empty (``JOB_DETAIL_KEYS``).
 - Events are ``StreamableEvent`` dicts (``event()``), ``Data`` shared with the world's state:
   encode an event before the next call changes the world.
+- A finished job updates its profile's statistics (``Sources[*].Statistics.LastBackupJob`` /
+  ``LastSuccessfulBackupJob``, ``Destinations[*].Statistics.ClientProvidedSize``) without an
+  account event, as Comet does; ``cancel_silently``/``abandon`` finish a job with no event at all.
 
 Values (sizes, engines, platforms, password hashes) are made up but plausible; none is a real
 secret.
@@ -127,6 +130,8 @@ NO_DATA: Any = _NoData()
 _BACKUP = 4001
 _STATUS_RUNNING = 6001
 _STATUS_SUCCESS = 5000
+_STATUS_CANCELLED = 7005
+_STATUS_ABANDONED = 7007
 _FINAL_STATUSES = ((5000, 85), (7001, 7), (7002, 5), (7005, 3))
 _CLASSIFICATIONS = ((4001, 90), (4003, 6), (4006, 2), (4009, 1), (4010, 1))
 
@@ -343,6 +348,17 @@ def server_meta_version_info(
     }
 
 
+def _without_statistics(profile: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of a profile without ``Sources[*]`` / ``Destinations[*]`` ``Statistics``."""
+    out = dict(profile)
+    for key in ("Sources", "Destinations"):
+        out[key] = {
+            item_id: {k: v for k, v in item.items() if k != "Statistics"}
+            for item_id, item in profile[key].items()
+        }
+    return out
+
+
 def _progress(
     counter: int, sent: int, received: int, done: int, items: int, total: int
 ) -> dict[str, int]:
@@ -398,6 +414,8 @@ class World:
         self.running: dict[str, None] = {}
         #: device ID -> LiveUserConnection-like dict for live-connected devices.
         self.live: dict[str, dict[str, Any]] = {}
+        #: Whether profile_hash() covers Sources/Destinations statistics (see there).
+        self.hash_statistics = True
         self._usernames: list[str] = []
         self._busy_sources: set[str] = set()
 
@@ -570,6 +588,8 @@ class World:
         ts = self._now() if now is None else now
         user = self.rng.choice(self._usernames)
         profile = self.users[user]
+        if not profile["Devices"]:  # every device was removed (remove_device)
+            return self.login(user, now=ts)
         device_id = self.rng.choice(list(profile["Devices"]))
         if device_id in self.live:
             del self.live[device_id]
@@ -591,6 +611,8 @@ class World:
         user = username if username is not None else self.rng.choice(self._usernames)
         profile = self.users[user]
         change = self.rng.randrange(6)
+        if (change == 3 and not profile["Devices"]) or (change == 4 and not profile["Sources"]):
+            change = 2  # nothing to rename (remove_device took the last device)
         if change == 0:
             profile["AccountName"] = self._account_name(profile.get("OrganizationID", ""))
         elif change == 1:
@@ -662,6 +684,74 @@ class World:
             timestamp=ts,
         )
 
+    def cancel_silently(
+        self, guid: str, status: int = _STATUS_CANCELLED, now: int | None = None
+    ) -> dict[str, Any]:
+        """Finish a running job with a final `status` and NO event; return its BackupJobDetail.
+
+        This is an admin cancelling a stuck job from the web UI (comet-api.md §1.3: no
+        SEVT_JOB_* is emitted); the job, and the Protected Item's and vault's statistics, change
+        exactly as with ``complete_job``. Raises LookupError if the job is not running and
+        ValueError for a status that is not final (5xxx or 7xxx).
+        """
+        if not (5000 <= status <= 5999 or 7000 <= status <= 7999):
+            raise ValueError(f"{status} is not a final job status")
+        self.complete_job(guid, now, status=status)
+        return self.jobs[guid]
+
+    def abandon(self, guid: str, now: int | None = None) -> dict[str, Any]:
+        """Mark a running job abandoned (7007) with NO event (like AdminJobAbandon); see cancel_silently."""
+        return self.cancel_silently(guid, _STATUS_ABANDONED, now)
+
+    def add_device(self, username: str, now: int | None = None) -> dict[str, Any]:
+        """Register a new device for `username`; SEVT_DEVICE_NEW (ResourceID = device ID, Data = DeviceConfig).
+
+        The device joins the profile's ``Devices`` (without Protected Items and not live-connected).
+        Raises LookupError for an unknown user.
+        """
+        ts = self._now() if now is None else now
+        profile = self.users.get(username)
+        if profile is None:
+            raise LookupError(f"no user {username!r}")
+        device_id, device, _ = self._new_device(username, ts)
+        profile["Devices"][device_id] = device
+        return event(
+            "SEVT_DEVICE_NEW",
+            actor=username,
+            organization=profile.get("OrganizationID", ""),
+            resource=device_id,
+            data=device,
+            timestamp=ts,
+        )
+
+    def remove_device(
+        self, username: str, device_id: str, now: int | None = None
+    ) -> dict[str, Any]:
+        """An admin revokes a device; SEVT_DEVICE_REMOVED (ResourceID = device ID, no Data).
+
+        The device leaves ``Devices``, its Protected Items leave ``Sources`` and its live connection
+        ends (no DEVICE_LIVE_DISCONNECT event). A job running on it keeps running. Raises
+        LookupError for an unknown user or device.
+        """
+        ts = self._now() if now is None else now
+        profile = self.users.get(username)
+        if profile is None:
+            raise LookupError(f"no user {username!r}")
+        if device_id not in profile["Devices"]:
+            raise LookupError(f"user {username!r} has no device {device_id!r}")
+        del profile["Devices"][device_id]
+        sources = profile["Sources"]
+        for source_id in [s for s, cfg in sources.items() if cfg["OwnerDevice"] == device_id]:
+            del sources[source_id]
+        self.live.pop(device_id, None)
+        return event(
+            "SEVT_DEVICE_REMOVED",
+            actor=self.admin,
+            organization=profile.get("OrganizationID", ""),
+            resource=device_id,
+            timestamp=ts,
+        )
+
     # ----------------------------------------------------------------- queries (admin API shapes)
 
     def job(self, guid: str) -> dict[str, Any] | None:
@@ -684,6 +774,17 @@ class World:
             if start <= j["StartTime"] <= end or (j["EndTime"] and start <= j["EndTime"] <= end)
         ]
 
+    def recent_jobs(self, now: int | None = None, window: int = 86400) -> list[dict[str, Any]]:
+        """Jobs that started or ended in the last `window` seconds, plus every running job
+        (AdminGetJobsRecent: "recent and incomplete"; Comet's window is undocumented)."""
+        ts = self._now() if now is None else now
+        since = ts - window
+        return [
+            j
+            for g, j in self.jobs.items()
+            if g in self.running or j["StartTime"] >= since or j["EndTime"] >= since
+        ]
+
     def jobs_for_user(self, username: str) -> list[dict[str, Any]]:
         """Every known job of one user (AdminGetJobsForUser)."""
         return [j for j in self.jobs.values() if j["Username"] == username]
@@ -697,10 +798,16 @@ class World:
         return self.users.get(username)
 
     def profile_hash(self, username: str) -> str | None:
-        """An opaque digest of a profile's current state (AdminGetUserProfileHash), or None."""
+        """An opaque digest of a profile's current state (AdminGetUserProfileHash), or None.
+
+        Whether Comet's ProfileHash covers the job statistics is undocumented; by default it does
+        (it changes after every job of the user), ``hash_statistics = False`` leaves them out.
+        """
         profile = self.users.get(username)
         if profile is None:
             return None
+        if not self.hash_statistics:
+            profile = _without_statistics(profile)
         return hashlib.sha256(orjson.dumps(profile)).hexdigest()
 
     def live_connections(self) -> dict[str, dict[str, Any]]:
@@ -823,20 +930,8 @@ class World:
         devices: dict[str, dict[str, Any]] = {}
         device_os: dict[str, str] = {}
         for _ in range(rng.choice((1, 1, 2, 2, 3))):
-            device_id = f"{rng.getrandbits(160):040x}"
-            os_name, _, versions, arches, prefix = _PLATFORMS[
-                self._weighted(tuple((i, p[1]) for i, p in enumerate(_PLATFORMS)))
-            ]
-            reported = {**rng.choice(versions), "os": os_name, "arch": rng.choice(arches)}
-            platform = {k: reported[k] for k in _OSINFO_KEYS if k in reported}
-            registered = created + rng.randint(0, 20) * 86400
-            devices[device_id] = {
-                "FriendlyName": f"{prefix}-{username.split('.')[0].upper()}-{rng.randrange(10, 99)}",
-                "RegistrationTime": registered,
-                "PlatformVersion": platform,
-                "DeviceTimezone": rng.choice(_TIMEZONES),
-                "ClientVersion": CLIENT_VERSION,
-            }
+            device_id, device, os_name = self._new_device(username, created, spread_days=20)
+            devices[device_id] = device
             device_os[device_id] = os_name
         destinations: dict[str, dict[str, Any]] = {}
         for _ in range(rng.choice((1, 1, 2))):
@@ -908,6 +1003,28 @@ class World:
         self.users[username] = profile
         self._usernames.append(username)
         return username
+
+    def _new_device(
+        self, username: str, registered: int, *, spread_days: int = 0
+    ) -> tuple[str, dict[str, Any], str]:
+        """(device ID, DeviceConfig, os) of a new device, registered up to `spread_days` after."""
+        rng = self.rng
+        device_id = f"{rng.getrandbits(160):040x}"
+        os_name, _, versions, arches, prefix = _PLATFORMS[
+            self._weighted(tuple((i, p[1]) for i, p in enumerate(_PLATFORMS)))
+        ]
+        reported = {**rng.choice(versions), "os": os_name, "arch": rng.choice(arches)}
+        platform = {k: reported[k] for k in _OSINFO_KEYS if k in reported}
+        if spread_days:
+            registered += rng.randint(0, spread_days) * 86400
+        device = {
+            "FriendlyName": f"{prefix}-{username.split('.')[0].upper()}-{rng.randrange(10, 99)}",
+            "RegistrationTime": registered,
+            "PlatformVersion": platform,
+            "DeviceTimezone": rng.choice(_TIMEZONES),
+            "ClientVersion": CLIENT_VERSION,
+        }
+        return device_id, device, os_name
 
     def _seed_history(self, now: int, days: int) -> None:
         """Finished jobs over the last `days` days, so date-range queries have data from the start."""

@@ -1,0 +1,261 @@
+"""The Comet Server admin HTTP API: the calls remedial sync and backfill need.
+
+Every call is a ``POST`` of form fields to a kebab-case path (``/api/v1/admin/get-jobs-for-date-range``)
+with the auth fields (``Username``, ``AuthType``, ``Password``/``SessionKey``/``TOTP``) in the same
+form. There is one place that turns what comes back into results or errors
+(:meth:`AdminClient._decode`):
+
+- HTTP 401/403, or HTTP 200 with ``{"Status": 403, "Message": ...}`` → :class:`ApiAuthError`
+  (``ERR_TOTP_REQUIRED`` in the message → :class:`TotpRequired`); not retried.
+- other HTTP 4xx, or a 200 body with ``Status`` outside 200-299 → :class:`ApiError` (not retried);
+- HTTP 5xx, 429, transport errors and timeouts → retryable :class:`ApiError`, retried with backoff;
+- JSON ``null`` where a list or map is expected means empty.
+
+With ``PasswordTOTP`` the client logs in once with a code (``account/session-start``) and then uses
+the session key, because a TOTP code may be single-use; an expired session is renewed once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+from collections.abc import Mapping
+from typing import Any, Final
+
+import aiohttp
+import orjson
+import structlog
+
+from .backoff import Backoff
+from .config import ServerConfig
+from .errors import ApiError
+
+__all__ = ["AdminClient", "ApiAuthError", "TotpRequired", "api_base_url"]
+
+log = structlog.get_logger("cometstream.api")
+
+TOTP_REQUIRED: Final = "ERR_TOTP_REQUIRED"
+_PREFIX: Final = "/api/v1/"
+
+
+class ApiAuthError(ApiError):
+    """The API refused the credentials (wrong password, no admin rights, expired session)."""
+
+    def __init__(self, message: str, *, status: int = 403) -> None:
+        super().__init__(message, status=status, retryable=False)
+
+
+class TotpRequired(ApiAuthError):
+    """The account needs a TOTP code (``ERR_TOTP_REQUIRED``): set auth_type = "PasswordTOTP"."""
+
+
+def api_base_url(url: str) -> str:
+    """The server's base URL for API calls (http/https; a ws/wss URL is mapped back)."""
+    base = url.strip()
+    if base.startswith("ws://"):
+        base = "http://" + base[5:]
+    elif base.startswith("wss://"):
+        base = "https://" + base[6:]
+    base = base.split("?", 1)[0].split("#", 1)[0]
+    marker = base.find("/api/v1/")
+    if marker != -1:
+        base = base[:marker]
+    return base.rstrip("/")
+
+
+class AdminClient:
+    """One aiohttp session (keep-alive) to one server's admin API. Use ``async with``."""
+
+    def __init__(
+        self,
+        server: ServerConfig,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 120.0,
+        attempts: int = 4,
+        retry_initial: float = 0.5,
+        retry_max: float = 8.0,
+        rand: Any = random.random,
+    ) -> None:
+        self.server = server
+        self.base = api_base_url(server.url)
+        self._ssl = ssl_context
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
+                                              sock_read=read_timeout)
+        self.attempts = attempts
+        self._retry = (retry_initial, retry_max, rand)
+        self._http: aiohttp.ClientSession | None = None
+        self._session_key: str | None = None
+        self.calls = 0
+
+    async def __aenter__(self) -> AdminClient:
+        self._open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._http is None or self._http.closed:
+            connector = aiohttp.TCPConnector(limit=4, ssl=self._ssl or True)
+            self._http = aiohttp.ClientSession(connector=connector, timeout=self._timeout,
+                                               trust_env=True, raise_for_status=False)
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+            self._http = None
+
+    # --- auth ------------------------------------------------------------------------------------
+    def _auth_fields(self) -> dict[str, str]:
+        s = self.server
+        if s.auth_type == "SessionKey":
+            return {"Username": s.username, "AuthType": "SessionKey",
+                    "SessionKey": s.session_key.reveal() if s.session_key else ""}
+        if s.auth_type == "PasswordTOTP" and self._session_key:
+            return {"Username": s.username, "AuthType": "SessionKey",
+                    "SessionKey": self._session_key}
+        fields = {"Username": s.username, "AuthType": s.auth_type,
+                  "Password": s.password.reveal() if s.password else ""}
+        if s.auth_type == "PasswordTOTP":
+            fields["TOTP"] = s.totp_now()
+        return fields
+
+    async def _ensure_session(self) -> None:
+        if self.server.auth_type != "PasswordTOTP" or self._session_key:
+            return
+        body = await self._post("admin/account/session-start", {})
+        key = body.get("SessionKey") if isinstance(body, dict) else None
+        if not isinstance(key, str) or not key:
+            raise ApiAuthError("account/session-start returned no SessionKey")
+        self._session_key = key
+        log.debug("api session started", server=self.server.name)
+
+    # --- calls -----------------------------------------------------------------------------------
+    async def call(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+        """POST ``/api/v1/<path>`` with auth + params; returns the decoded JSON (retries per policy)."""
+        await self._ensure_session()
+        try:
+            return await self._post(path, params or {})
+        except ApiAuthError:
+            if self.server.auth_type == "PasswordTOTP" and self._session_key:
+                # the session may have expired: log in again once
+                self._session_key = None
+                await self._ensure_session()
+                return await self._post(path, params or {})
+            raise
+
+    async def _post(self, path: str, params: Mapping[str, Any]) -> Any:
+        initial, cap, rand = self._retry
+        backoff = Backoff(initial, cap, rand=rand)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await self._post_once(path, params)
+            except ApiError as exc:
+                if not exc.retryable or attempt >= self.attempts:
+                    raise
+                delay = backoff.next_delay()
+                log.info("api call failed, retrying", path=path, error=str(exc),
+                         attempt=attempt, retry_in=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    async def _post_once(self, path: str, params: Mapping[str, Any]) -> Any:
+        form = self._auth_fields()
+        for k, v in params.items():
+            form[k] = _form_value(v)
+        url = f"{self.base}{_PREFIX}{path}"
+        http = self._open()
+        self.calls += 1
+        try:
+            async with http.post(url, data=form, headers={"Accept-Encoding": "gzip"}) as resp:
+                body = await resp.read()
+                status = resp.status
+                ctype = resp.headers.get("Content-Type", "")
+        except TimeoutError as exc:
+            raise ApiError(f"{path}: timed out", status=0) from exc
+        except aiohttp.ClientConnectorError as exc:
+            why = exc.os_error.strerror or str(exc.os_error)
+            raise ApiError(f"{path}: cannot connect to {exc.host}:{exc.port}: {why}",
+                           status=0) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise ApiError(f"{path}: {exc.__class__.__name__}: {exc}", status=0) from exc
+        return self._decode(path, status, ctype, body)
+
+    @staticmethod
+    def _decode(path: str, status: int, ctype: str, body: bytes) -> Any:
+        """The one error-mapping boundary (see the module docstring)."""
+        data: Any = None
+        parsed = False
+        if body[:1] in (b"{", b"[", b"n", b'"') or "json" in ctype:
+            try:
+                data = orjson.loads(body)
+                parsed = True
+            except orjson.JSONDecodeError:
+                parsed = False
+        message = ""
+        body_status = 0
+        if parsed and isinstance(data, dict) and isinstance(data.get("Status"), int) \
+                and isinstance(data.get("Message"), str):
+            body_status = data["Status"]
+            message = data["Message"]
+        if status >= 400:
+            text = message or body[:120].decode("utf-8", "replace").strip() or f"HTTP {status}"
+            if status in (401, 403):
+                raise ApiAuthError(f"{path}: HTTP {status}: {text}", status=status)
+            raise ApiError(f"{path}: HTTP {status}: {text}", status=status)
+        if body_status and not 200 <= body_status <= 299:
+            if TOTP_REQUIRED in message:
+                raise TotpRequired(f"{path}: the account requires a TOTP code "
+                                   f"({TOTP_REQUIRED}): use auth_type = \"PasswordTOTP\"")
+            if body_status in (401, 403):
+                raise ApiAuthError(f"{path}: {body_status} {message}", status=body_status)
+            raise ApiError(f"{path}: {body_status} {message}", status=body_status)
+        if not parsed:
+            raise ApiError(f"{path}: the response is not JSON ({ctype or 'no content type'})",
+                           status=status, retryable=False)
+        return data
+
+    # --- the calls resync needs ------------------------------------------------------------------
+    async def meta_version(self) -> dict[str, Any]:
+        return _as_map(await self.call("admin/meta/version"))
+
+    async def jobs_for_date_range(self, start: int, end: int) -> list[dict[str, Any]]:
+        """Jobs that started or ended within [start, end]; (0, 0) = the incomplete jobs."""
+        data = await self.call("admin/get-jobs-for-date-range", {"Start": start, "End": end})
+        return [j for j in _as_list(data) if isinstance(j, dict)]
+
+    async def job_properties(self, guid: str) -> dict[str, Any]:
+        return _as_map(await self.call("admin/get-job-properties", {"JobID": guid}))
+
+    async def list_users_full(self) -> dict[str, dict[str, Any]]:
+        data = _as_map(await self.call("admin/list-users-full"))
+        return {k: v for k, v in data.items() if isinstance(v, dict)}
+
+
+def _form_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (dict, list)):
+        return orjson.dumps(v).decode()
+    return str(v)
+
+
+def _as_list(data: Any) -> list[Any]:
+    if data is None:
+        return []
+    if isinstance(data, list):
+        return data
+    raise ApiError(f"expected a JSON list, got {type(data).__name__}", retryable=False)
+
+
+def _as_map(data: Any) -> dict[str, Any]:
+    if data is None:
+        return {}
+    if isinstance(data, dict):
+        return data
+    raise ApiError(f"expected a JSON object, got {type(data).__name__}", retryable=False)

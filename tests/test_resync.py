@@ -1,0 +1,417 @@
+"""Remedial sync, checkpoint and dedup, against the simulator's stream and admin API."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cometstream.simulator import Simulator
+
+from .conftest import PASSWORD, USER, make_config, run_cli, running, toml_str, wait_until
+
+COMPLETED, NEW = 4201, 4200
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
+
+
+def _completions(path: Path) -> list[tuple[str, str]]:
+    """(job GUID, origin) of every SEVT_JOB_COMPLETED line of an envelope file, in order."""
+    return [(e["event"]["Data"]["GUID"], e["origin"]) for e in _lines(path)
+            if e["event"]["Type"] == COMPLETED]
+
+
+def _file_cfg(sim: Simulator, tmp_path: Path, path: Path, **kw: Any) -> Any:
+    return make_config(sim.url, tmp_path, sinks={"f": {"type": "file", "path": str(path),
+                                                       "fsync": "always"}}, **kw)
+
+
+def _gap_jobs(sim: Simulator, n: int) -> list[str]:
+    """Start and complete n jobs in the world without any event reaching a client."""
+    guids = []
+    for _ in range(n):
+        guid = sim.world.start_job()["Data"]["GUID"]
+        sim.world.complete_job(guid)
+        guids.append(guid)
+    return guids
+
+
+async def _open_gap(sim: Simulator, d: Any) -> None:
+    """Drop the client and refuse logins until _close_gap."""
+    sim.faults.reject_logins = True
+    await sim.drop_clients()
+    await wait_until(lambda: d.stats.connects["rejected"] >= 1, what="gap open")
+
+
+async def test_jobs_completed_during_a_drop_are_delivered_once_before_newer_live_events(
+        sim: Simulator, tmp_path: Path) -> None:
+    """30 jobs complete while we are disconnected: after the reconnect all 30 arrive once,
+    marked resync, before the live events of the new connection."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        await _open_gap(sim, d)
+        gap = _gap_jobs(sim, 30)
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
+        live_new = sim.world.start_job()
+        sim.emit(live_new)
+        live = sim.world.complete_job(live_new["Data"]["GUID"])
+        sim.emit(live)
+        await wait_until(lambda: (live["Data"]["GUID"], "stream") in _completions(path),
+                         what="live completion")
+    done = _completions(path)
+    resynced = [g for g, origin in done if origin == "resync"]
+    assert sorted(resynced) == sorted(gap)
+    assert len(done) == len(set(g for g, _o in done)) == 31
+    assert done[-1] == (live["Data"]["GUID"], "stream")
+    assert d.stats.resync_events["job_completed"] == 30
+    assert d.stats.resync_runs["ok"] == 1 and d.stats.resync_runs["baseline"] == 1
+
+
+async def test_silent_peer_is_replaced_and_resynced(sim: Simulator, tmp_path: Path) -> None:
+    """Jobs that complete while the server is silent arrive through the resync that follows."""
+    path = tmp_path / "events.jsonl"
+    cfg = _file_cfg(sim, tmp_path, path, stream={"ping_interval": 0.2, "ping_timeout": 0.3})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        sim.faults.silent = True
+        gap = _gap_jobs(sim, 5)
+        await wait_until(lambda: d.stats.disconnects["ping_timeout"] == 1, what="detected")
+        sim.faults.silent = False
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
+        await wait_until(lambda: len(_completions(path)) == 5, what="delivery")
+    assert sorted(g for g, o in _completions(path) if o == "resync") == sorted(gap)
+
+
+async def test_a_silently_cancelled_job_is_found_by_rechecking_running_jobs(
+        sim: Simulator, tmp_path: Path) -> None:
+    """A job cancelled without any event, outside the resync window, is re-checked by GUID."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        old = int(time.time()) - 20000
+        started = sim.world.start_job(now=old)
+        sim.emit(started)
+        guid = started["Data"]["GUID"]
+        await wait_until(lambda: guid in d.daemon.tracker.running_jobs, what="tracked")
+        sim.world.cancel_silently(guid, now=old + 60)  # ended long before the overlap window
+        await sim.drop_clients()
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
+        await wait_until(lambda: (guid, "resync") in _completions(path), what="delivered")
+    line = next(e for e in _lines(path) if e["event"]["Type"] == COMPLETED)
+    assert line["event"]["Data"]["Status"] == 7005
+    assert sim.api_calls["/api/v1/admin/get-job-properties"] >= 1
+    assert guid not in d.daemon.tracker.running_jobs
+
+
+def _conf(sim: Simulator, tmp_path: Path, path: Path) -> Path:
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"""
+[server]
+url = "{sim.url}"
+username = "{USER}"
+password = {toml_str(PASSWORD)}
+[stream]
+backoff_initial = 0.05
+backoff_max = 0.5
+[http]
+listen = ""
+[state]
+dir = "{tmp_path / 'state'}"
+[log]
+format = "json"
+[sinks.f]
+type = "file"
+path = "{path}"
+fsync = "always"
+""", encoding="utf-8")
+    return conf
+
+
+async def _start(conf: Path) -> asyncio.subprocess.Process:
+    return await run_cli("run", "-c", str(conf))
+
+
+async def _checkpointed(tmp_path: Path, predicate: Any) -> None:
+    cp = tmp_path / "state" / "checkpoint.json"
+    await wait_until(lambda: cp.exists() and predicate(orjson.loads(cp.read_bytes())),
+                     timeout=10, what="checkpoint")
+
+
+async def test_sigkill_then_jobs_while_down_then_restart_loses_and_repeats_nothing(
+        sim: Simulator, tmp_path: Path) -> None:
+    """Killed with -9; jobs complete (and a running one ends) while it is down; after the
+    restart every completion is in the file exactly once."""
+    path = tmp_path / "events.jsonl"
+    conf = _conf(sim, tmp_path, path)
+    proc = await _start(conf)
+    try:
+        await sim.wait_for_clients(1, timeout=10)
+        await _checkpointed(tmp_path, lambda c: c["watermark"] > 0)
+        live = []
+        for _ in range(10):
+            ev = sim.world.start_job()
+            sim.emit(ev)
+            sim.emit(sim.world.complete_job(ev["Data"]["GUID"]))
+            live.append(ev["Data"]["GUID"])
+        running_then = sim.world.start_job()
+        sim.emit(running_then)
+        await wait_until(lambda: len(_completions(path)) == 10, what="live delivery")
+        rj = running_then["Data"]["GUID"]
+        await _checkpointed(tmp_path, lambda c: rj in c["running_jobs"])
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        down = _gap_jobs(sim, 10)
+        sim.world.complete_job(rj)
+        proc = await _start(conf)
+        await wait_until(lambda: len(_completions(path)) == 21, timeout=15, what="catch-up")
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    done = _completions(path)
+    counts = Counter(g for g, _o in done)
+    assert set(counts) == set(live) | set(down) | {rj}
+    assert max(counts.values()) == 1
+    assert {g for g, o in done if o == "resync"} == set(down) | {rj}
+
+
+async def test_sigterm_during_a_burst_and_restart_loses_and_repeats_nothing(
+        sim: Simulator, tmp_path: Path) -> None:
+    """SIGTERM while jobs stream in, jobs go on while it is down, restart: every job that
+    completed after the first start is delivered exactly once."""
+    path = tmp_path / "events.jsonl"
+    conf = _conf(sim, tmp_path, path)
+    proc = await _start(conf)
+    try:
+        await sim.wait_for_clients(1, timeout=10)
+        await _checkpointed(tmp_path, lambda c: c["watermark"] > 0)
+        t0 = int(time.time())
+        sim.set_rate(400)
+        await asyncio.sleep(1.5)
+        proc.send_signal(signal.SIGTERM)
+        _o, err = await asyncio.wait_for(proc.communicate(), 15)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        await asyncio.sleep(1.0)  # the world goes on without us
+        proc = await _start(conf)
+        await sim.wait_for_clients(1, timeout=10)
+        await asyncio.sleep(1.0)
+        sim.set_rate(0)
+        expected = {g for g, j in sim.world.jobs.items() if j["EndTime"] > t0}
+        await wait_until(lambda: {g for g, _o in _completions(path)} >= expected, timeout=15,
+                         what="all completions")
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.communicate(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    counts = Counter(g for g, _o in _completions(path))
+    assert len(expected) > 50
+    assert max(counts.values()) == 1, [g for g, n in counts.items() if n > 1][:5]
+    # nothing delivered that did not complete after the first start (or in its very second)
+    assert all(sim.world.jobs[g]["EndTime"] >= t0 for g in counts)
+
+
+async def test_account_changes_during_a_gap_become_the_right_events(
+        sim: Simulator, tmp_path: Path) -> None:
+    """New, updated, re-created and removed accounts and added/removed devices are synthesized;
+    accounts whose only change is job statistics are not reported as updated."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        await _open_gap(sim, d)
+        users = sorted(sim.world.users)
+        updated = sim.world.update_account(users[0])["Data"]["Username"]
+        created = sim.world.new_account()["Data"]["Username"]
+        sim.world.remove_account(users[1])
+        dev_new = sim.world.add_device(users[2])["ResourceID"]
+        victim = users[3]
+        dev_gone = sorted(sim.world.users[victim]["Devices"])[0]
+        sim.world.remove_device(victim, dev_gone)
+        stats_only = {sim.world.jobs[g]["Username"] for g in _gap_jobs(sim, 10)}
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
+        await wait_until(lambda: d.stats.resync_events["account_removed"] >= 1, what="events")
+    got: dict[str, set[str]] = {}
+    for e in _lines(path):
+        if e["origin"] == "resync" and e["event"]["Type"] not in (COMPLETED, NEW):
+            got.setdefault(e["type_name"], set()).add(e["event"].get("ResourceID", ""))
+    assert got["SEVT_ACCOUNT_NEW"] == {created}
+    assert got["SEVT_ACCOUNT_REMOVED"] == {users[1]}
+    assert got["SEVT_DEVICE_NEW"] == {dev_new}
+    assert got["SEVT_DEVICE_REMOVED"] == {dev_gone}
+    # a changed profile or device list is an update; statistics alone are not
+    assert got["SEVT_ACCOUNT_UPDATED"] == {updated, users[2], victim}
+    assert stats_only - {updated, users[2], victim}, "some accounts only had job statistics"
+
+
+async def test_secrets_in_account_and_server_events_never_reach_a_sink(
+        sim: Simulator, tmp_path: Path) -> None:
+    """PasswordHash, TOTPKey, recovery codes, server passwords and keys are redacted, live
+    and synthesized; other values (a 2**64 integer) survive."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        user = sorted(sim.world.users)[0]
+        sim.world.users[user]["PasswordHash"] = "LIVE-HASH-SECRET"
+        sim.world.users[user]["TOTPKey"] = "LIVE-TOTP-SECRET"
+        sim.emit(sim.world.update_account(user))
+        sim.emit(b'{"Type":4403,"TypeString":"SEVT_SERVER_UPDATED","Data":{"Email":'
+                 b'{"SMTPPassword":"SMTP-SECRET","Port":587},"Big":18446744073709551616,'
+                 b'"S3":[{"AccessKey":"AK-SECRET","SecretKey":"SK-SECRET","Bucket":"b"}]}}')
+        await wait_until(lambda: d.stats.events_received == 3, what="live events")
+        await _open_gap(sim, d)
+        other = sorted(sim.world.users)[1]
+        sim.world.users[other]["PasswordRecovery"] = "RECOVERY-SECRET"
+        sim.world.update_account(other)
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.stats.resync_events["account_updated"] >= 1, timeout=10,
+                         what="synthesized update")
+        await wait_until(lambda: d.sink_stats("f").delivered >= d.stats.events_received,
+                         what="delivery")
+    text = path.read_bytes()
+    for secret in (b"HASH-SECRET", b"TOTP-SECRET", b"SMTP-SECRET", b"AK-SECRET", b"SK-SECRET",
+                   b"RECOVERY-SECRET"):
+        assert secret not in text
+    assert b'"SMTPPassword":"[REDACTED]"' in text and b'"Bucket":"b"' in text
+    assert b'"Big":18446744073709551616' in text and b'"Port":587' in text
+    assert b'"PasswordFormat"' in text  # not a secret: kept
+
+
+async def test_a_failing_api_is_retried_while_live_events_flow(sim: Simulator,
+                                                                tmp_path: Path) -> None:
+    """API down after a gap: resync retries with backoff, live events are delivered meanwhile,
+    the watermark stays before the gap; when the API is back the gap is filled."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        await _open_gap(sim, d)
+        d.daemon.checkpoint()
+        before = d.daemon.tracker.watermark
+        gap = _gap_jobs(sim, 5)
+        sim.faults.api_down = True
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.stats.resync_runs["error"] >= 2, timeout=10, what="retries")
+        live = sim.world.start_job()
+        sim.emit(live)
+        await wait_until(lambda: any(e["event"].get("ResourceID") == live["Data"]["GUID"]
+                                     for e in _lines(path)), what="live event during outage")
+        await asyncio.sleep(1.2)
+        d.daemon.checkpoint()
+        assert d.daemon.tracker.watermark == before
+        sim.faults.api_down = False
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
+        await wait_until(lambda: len(_completions(path)) == 5, what="gap filled")
+        d.daemon.checkpoint()
+        assert d.daemon.tracker.watermark > before
+    assert sorted(g for g, _o in _completions(path)) == sorted(gap)
+
+
+async def test_corrupt_checkpoint_is_moved_aside_and_the_daemon_runs(sim: Simulator,
+                                                                     tmp_path: Path) -> None:
+    """A torn checkpoint is reported, kept for inspection, and replaced by a fresh baseline."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "checkpoint.json").write_bytes(b'{"version": 1, "watermark": 17')
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        assert d.stats.resync_runs["baseline"] == 1
+    aside = list(state.glob("checkpoint.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b'{"version": 1')
+    fresh = orjson.loads((state / "checkpoint.json").read_bytes())
+    assert fresh["version"] == 1 and fresh["watermark"] > 17 and fresh["accounts_baseline"]
+
+
+async def test_checkpoint_survives_a_restart(sim: Simulator, tmp_path: Path) -> None:
+    """The second run loads the checkpoint and resyncs from it instead of a new baseline."""
+    path = tmp_path / "events.jsonl"
+    cfg = _file_cfg(sim, tmp_path, path)
+    async with running(cfg) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+    cp = orjson.loads((tmp_path / "state" / "checkpoint.json").read_bytes())
+    assert cp["server"] == "sim" and cp["server_start_hash"] == sim.server_start_hash
+    assert len(cp["accounts"]) == len(sim.world.users)
+    async with running(cfg) as d2:
+        await wait_until(lambda: d2.daemon.resyncs_ok == 1, what="resync")
+        assert d2.stats.resync_runs == {"ok": 1}
+
+
+async def test_server_restart_widens_the_window(sim: Simulator, tmp_path: Path) -> None:
+    """A new ServerStartHash reaches back further than the overlap."""
+    path = tmp_path / "events.jsonl"
+    cfg = _file_cfg(sim, tmp_path, path, resync={"overlap": 10})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        wm = d.daemon.tracker.watermark
+        await sim.restart()
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
+    assert d.daemon.tracker.server_start_hash == sim.server_start_hash
+    # the window asked for started an hour before the watermark, not 10 s
+    assert d.daemon.last_resync is not None
+    assert d.daemon.last_resync.window[0] <= wm - 3600
+
+
+async def test_backfill_replays_history_to_the_chosen_sink(sim: Simulator, tmp_path: Path) -> None:
+    """cometstream backfill sends the job completions of a past period, origin backfill."""
+    path = tmp_path / "history.jsonl"
+    other = tmp_path / "other.jsonl"
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"""
+[server]
+url = "{sim.url}"
+username = "{USER}"
+password = {toml_str(PASSWORD)}
+[http]
+listen = ""
+[sinks.hist]
+type = "file"
+path = "{path}"
+[sinks.other]
+type = "file"
+path = "{other}"
+""", encoding="utf-8")
+    now = int(time.time())
+    since, until = now - 2 * 86400, now - 3600
+    proc = await run_cli("backfill", "-c", str(conf), "--since", str(since), "--until",
+                         str(until), "--sink", "hist")
+    _out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    expected = sorted((j["EndTime"], g) for g, j in sim.world.jobs.items()
+                      if j["EndTime"] and since <= j["EndTime"] < until)
+    lines = _lines(path)
+    assert [(e["event"]["Data"]["EndTime"], e["event"]["Data"]["GUID"]) for e in lines] == expected
+    assert len(expected) > 10
+    assert {e["origin"] for e in lines} == {"backfill"}
+    assert not other.exists() or other.read_bytes() == b""
+
+
+async def test_a_repeated_job_event_is_delivered_once_but_identical_logins_twice(
+        sim: Simulator, tmp_path: Path) -> None:
+    """Dedup is by job identity: a replayed SEVT_JOB_COMPLETED is dropped (and counted), two
+    byte-identical login events (same user, path and second) are two real events."""
+    async with running(make_config(sim.url, tmp_path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        job = b'{"Type":4201,"Timestamp":1733400000,"Data":{"GUID":"same-job","Status":5000}}'
+        login = b'{"Actor":"u","Type":4103,"Timestamp":1733400000,"ResourceID":"/api/v1/x"}'
+        for frame in (job, login, job, login):
+            sim.emit(frame)
+        await wait_until(lambda: d.stats.events_received == 5, what="received")
+        await wait_until(lambda: d.sink_stats("mem").delivered == 4, what="delivered")
+        assert [ev.type for ev in d.sink("mem").events[1:]] == [4201, 4103, 4103]
+        assert d.stats.duplicates == 1
