@@ -291,7 +291,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 }, env={k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")})
                 print(f"demo: simulated Comet Server at {sim.url}, {args.rate:g} events/s; "
                       "events follow on stdout. Ctrl-C to stop.", file=sys.stderr, flush=True)
-                return await _serve(Daemon(cfg))
+                return await _serve(Daemon(cfg, http_required=False))
         finally:
             await sim.stop()
 

@@ -26,13 +26,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import structlog
-from prometheus_client import CollectorRegistry
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 from .api import AdminClient
 from .backoff import Backoff
 from .config import Config, SinkConfig
 from .errors import ApiError, ConfigError, CredentialsRejected
 from .events import Event
+from .config import parse_listen
+from .observe.http import HttpServer
 from .observe.logging import register_secret
 from .observe.metrics import Metrics
 from .observe.systemd import Notifier
@@ -73,10 +80,18 @@ class Daemon:
         rand: Callable[[], float] = random.random,
         notifier: Notifier | None = None,
         resync_retry: tuple[float, float] = (1.0, 60.0),
+        http_required: bool = True,
     ) -> None:
         self.cfg = cfg
         self.notifier = notifier if notifier is not None else Notifier()
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+        self.registry = registry
+        self.http: HttpServer | None = None
+        self._http_required = http_required
         self.metrics = Metrics(cfg.server.name, self.registry)
         s = cfg.server
         for secret in (s.password, s.totp_secret, s.session_key):
@@ -147,7 +162,8 @@ class Daemon:
         if state == "reconnecting" and self.cfg.resync.enabled:
             self.tracker.frozen = True  # a gap: the watermark waits for the next resync
         if state == "connected":
-            detail = f"{detail}, {self.metrics.stream.events_received} events so far"
+            n = self.metrics.stream.events_received
+            detail = f"{detail}, {n:,} events".replace(",", " ")
         self.notifier.status(detail)
 
     def _on_hello(self, ev: Event) -> None:
@@ -216,9 +232,15 @@ class Daemon:
             self.store.save(self.tracker.snapshot())
 
     async def _checkpoint_loop(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(CHECKPOINT_INTERVAL)
             self.checkpoint()
+            ticks += 1
+            if ticks % 5 == 0 and self.supervisor.connected:
+                n = self.metrics.stream.events_received
+                self.notifier.status(f"connected to {self.cfg.server.name}, "
+                                     f"{n:,} events".replace(",", " "))
 
     def _load_state(self) -> None:
         try:
@@ -237,7 +259,36 @@ class Daemon:
     # --- lifecycle -------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.supervisor.connected and not self.pipeline.failing_sinks
+        return not self.not_ready_reasons()
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why /readyz says 503: not logged in to the stream, or a sink failing."""
+        reasons = []
+        if not self.supervisor.connected:
+            state, detail = self.status
+            reasons.append(f"stream: {detail}" if detail else f"stream: {state}")
+        for route in self.pipeline.routes:
+            if route.stats.failing:
+                reasons.append(f"sink {route.name}: {route.stats.last_error or 'failing'}")
+        return reasons
+
+    async def _start_http(self) -> None:
+        listen = self.cfg.http.listen
+        if not listen:
+            return
+        host, port = parse_listen(listen)
+        server = HttpServer(self.registry, self.not_ready_reasons, host=host, port=port)
+        try:
+            await server.start()
+        except OSError as exc:
+            if self._http_required:
+                raise ConfigError("http.listen", f"cannot listen on {listen}: "
+                                  f"{exc.strerror or exc}") from None
+            log.warning("metrics endpoint not started", listen=listen,
+                        error=exc.strerror or str(exc))
+            return
+        self.http = server
+        log.info("http endpoints", url=server.url, paths="/metrics /healthz /readyz")
 
     def reopen(self) -> None:
         """SIGHUP: reopen the files of file sinks (logrotate)."""
@@ -253,6 +304,7 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> int:
         cfg = self.cfg
         self._load_state()
+        await self._start_http()
         log.info("starting", server=cfg.server.name, url=cfg.server.url,
                  sinks=[f"{sc.name}:{sc.type}" for sc in cfg.sinks],
                  resync=cfg.resync.enabled, state=str(self.store.path))
@@ -296,6 +348,8 @@ class Daemon:
             self.tracker.drop_pending()
             self.store.save(self.tracker.snapshot())
             await self.api.aclose()
+            if self.http is not None:
+                await self.http.stop()
             watchdog.cancel()
             log.info("stopped", delivered={r.name: r.stats.delivered for r in self.pipeline.routes},
                      complete=complete)

@@ -75,6 +75,8 @@ class Tracker:
         #: True until a resync has covered the current gap: the watermark must not pass it
         self.frozen = self.has_checkpoint
         self.changed = False
+        #: the newest timestamp of any acknowledged event
+        self.newest_acked = 0
 
     # --- the publish path ------------------------------------------------------------------------
     def admit(self, ev: Event) -> str | bool:
@@ -131,19 +133,19 @@ class Tracker:
         happened up to about ``server_now``.
         """
         pending = self._pending
-        newest = 0
         while pending and pending[0][0] <= delivered_through:
             _seq, key, ts = pending.popleft()
             if key:
                 self.dedup.acked(key, ts)
-            newest = max(newest, ts)
+            if ts > self.newest_acked:
+                self.newest_acked = ts
             self.changed = True
         if self.frozen:
             return
         if pending:
             candidate = min(ts for _s, _k, ts in pending) - 1
         else:
-            candidate = newest
+            candidate = self.newest_acked
             if live:
                 candidate = max(candidate, int(server_now) - _LIVE_LAG)
         if candidate > self.watermark:

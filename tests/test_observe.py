@@ -1,0 +1,162 @@
+"""Metrics, health endpoints and logging, scraped over HTTP like Prometheus does."""
+
+from __future__ import annotations
+
+import gzip
+import socket
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from cometstream.simulator import Simulator
+
+from .conftest import make_config, running, wait_until
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _get(url: str, **kw: Any) -> tuple[int, bytes, dict[str, str]]:
+    async with aiohttp.ClientSession(auto_decompress=False) as http, http.get(url, **kw) as r:
+        return r.status, await r.read(), dict(r.headers)
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _v(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+async def test_metrics_values_match_a_scripted_session(sim: Simulator, tmp_path: Path) -> None:
+    """After known events, a malformed frame, a filtered sink, drops and rejected re-logins,
+    /metrics reports exactly those numbers (not just the names)."""
+    port = _port()
+    cfg = make_config(sim.url, tmp_path, http={"listen": f"127.0.0.1:{port}"}, sinks={
+        "all": {"type": "memory"},
+        "jobs": {"type": "memory", "types": ["SEVT_JOB_COMPLETED"]},
+        "tiny": {"type": "memory", "buffer": 1, "when_full": "drop_newest"},
+    })
+    async with running(cfg) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        d.sink("tiny").hang.clear()
+        frames = [
+            {"Type": 4201, "Data": {"GUID": "a", "Status": 5000}},
+            {"Type": 4201, "Data": {"GUID": "b", "Status": 7002}},
+            {"Type": 4201, "Data": {"GUID": "c", "Status": 7999}},
+            {"Type": 4103, "Actor": "u", "ResourceID": "/x"},
+            {"Type": 4999, "TypeString": "SEVT_NEW_KIND"},
+            {"Type": 4600},
+        ]
+        for f in frames:
+            sim.emit(f)
+        sim.emit(b"{broken")
+        await wait_until(lambda: d.sink_stats("all").delivered == 7, what="delivery")
+        await wait_until(lambda: d.sink_stats("jobs").delivered == 3, what="filtered delivery")
+        sim.faults.reject_next = 2
+        await sim.drop_clients()
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="re-login")
+        status, body, headers = await _get(f"http://127.0.0.1:{port}/metrics",
+                                           headers={"Accept-Encoding": "identity"})
+        d.sink("tiny").hang.set()
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    m = _samples(body.decode())
+    srv = {"server": "sim"}
+    assert _v(m, "cometstream_events_received_total", type="SEVT_JOB_COMPLETED", **srv) == 3
+    assert _v(m, "cometstream_events_received_total", type="SEVT_META_HELLO", **srv) == 2
+    assert _v(m, "cometstream_events_received_total", type="SEVT_ACCOUNT_LOGIN", **srv) == 1
+    assert _v(m, "cometstream_events_received_total", type="SEVT_POLICY_NEW", **srv) == 1
+    assert _v(m, "cometstream_events_received_total", type="other", **srv) == 1
+    assert _v(m, "cometstream_events_malformed_total", **srv) == 1
+    assert _v(m, "cometstream_jobs_completed_total", status="JOB_STATUS_STOP_SUCCESS", **srv) == 1
+    assert _v(m, "cometstream_jobs_completed_total", status="JOB_STATUS_FAILED_ERROR", **srv) == 1
+    assert _v(m, "cometstream_jobs_completed_total", status="JOB_STATUS_FAILED_OTHER", **srv) == 1
+    assert _v(m, "cometstream_connects_total", result="ok", **srv) == 2
+    assert _v(m, "cometstream_connects_total", result="rejected", **srv) == 2
+    assert _v(m, "cometstream_connection_up", **srv) == 1
+    assert sum(v for (n, _l), v in m.items() if n == "cometstream_disconnects_total") == 1
+    assert _v(m, "cometstream_resync_runs_total", result="baseline", **srv) == 1
+    assert _v(m, "cometstream_resync_runs_total", result="ok", **srv) == 1
+    assert _v(m, "cometstream_events_delivered_total", sink="all") == 8  # + the 2nd HELLO
+    assert _v(m, "cometstream_events_delivered_total", sink="jobs") == 3
+    assert _v(m, "cometstream_events_filtered_total", sink="jobs") == 5
+    tiny_dropped = _v(m, "cometstream_events_dropped_total", sink="tiny", reason="queue_full")
+    tiny_depth = _v(m, "cometstream_sink_queue_depth", sink="tiny")
+    assert tiny_dropped >= 5 and tiny_dropped + tiny_depth == 8
+    assert _v(m, "cometstream_delivery_latency_seconds_count", sink="all") == 8
+    assert _v(m, "cometstream_delivery_latency_seconds_bucket", sink="all", le="+Inf") == 8
+    assert _v(m, "cometstream_last_event_timestamp_seconds", **srv) > 1.7e9
+    assert any(n.startswith("process_") for n, _l in m)
+    assert any(n.startswith("python_") for n, _l in m)
+
+
+async def test_metrics_are_gzipped_when_asked(sim: Simulator, tmp_path: Path) -> None:
+    """Prometheus asks for gzip; the body is gzip and decodes to the exposition."""
+    port = _port()
+    cfg = make_config(sim.url, tmp_path, http={"listen": f"127.0.0.1:{port}"})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.daemon.http is not None, what="http")
+        status, body, headers = await _get(f"http://127.0.0.1:{port}/metrics",
+                                           headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and headers.get("Content-Encoding") == "gzip"
+    assert b"cometstream_connection_up" in gzip.decompress(body)
+
+
+async def test_readyz_turns_503_with_reasons_when_the_stream_or_a_sink_fails(
+        sim: Simulator, tmp_path: Path) -> None:
+    """/readyz is 200 when logged in with healthy sinks, 503 naming the cause otherwise;
+    /healthz stays 200."""
+    port = _port()
+    base = f"http://127.0.0.1:{port}"
+    cfg = make_config(sim.url, tmp_path, http={"listen": f"127.0.0.1:{port}"})
+    async with running(cfg) as d:
+        d.daemon.pipeline.retry_initial = 0.01
+        await wait_until(lambda: d.daemon.supervisor.connected, what="login")
+        status, body, _h = await _get(base + "/readyz")
+        assert status == 200 and b'"ready":true' in body
+        sim.faults.reject_logins = True
+        await sim.drop_clients()
+        await wait_until(lambda: not d.daemon.supervisor.connected, what="disconnect")
+        status, body, _h = await _get(base + "/readyz")
+        assert status == 503 and b"stream:" in body
+        assert (await _get(base + "/healthz"))[0] == 200
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.daemon.supervisor.connected, timeout=10, what="reconnect")
+        d.sink("mem").fail_next = 10**6
+        sim.emit({"Type": 4103})
+        await wait_until(lambda: d.sink_stats("mem").failing, what="sink failing")
+        status, body, _h = await _get(base + "/readyz")
+        assert status == 503 and b"sink mem: sink mem: injected failure" in body
+        d.sink("mem").fail_next = 0
+        await wait_until(lambda: not d.sink_stats("mem").failing, what="sink recovers")
+        assert (await _get(base + "/readyz"))[0] == 200
+
+
+async def test_http_listen_in_use_is_a_config_error(sim: Simulator, tmp_path: Path) -> None:
+    """A busy http.listen port stops `run` with exit 2 and a line naming the key."""
+    from cometstream.daemon import Daemon
+    from cometstream.errors import ConfigError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = make_config(sim.url, tmp_path, http={"listen": f"127.0.0.1:{port}"})
+        import asyncio
+
+        try:
+            await Daemon(cfg).run(asyncio.Event())
+        except ConfigError as exc:
+            assert exc.key == "http.listen" and "in use" in str(exc)
+        else:
+            raise AssertionError("expected ConfigError")
