@@ -92,7 +92,8 @@ async def test_metrics_values_match_a_scripted_session(sim: Simulator, tmp_path:
     assert _v(m, "cometstream_events_filtered_total", sink="jobs") == 5
     tiny_dropped = _v(m, "cometstream_events_dropped_total", sink="tiny", reason="queue_full")
     tiny_depth = _v(m, "cometstream_sink_queue_depth", sink="tiny")
-    assert tiny_dropped >= 5 and tiny_dropped + tiny_depth == 8
+    tiny_delivered = _v(m, "cometstream_events_delivered_total", sink="tiny")
+    assert tiny_dropped >= 5 and tiny_dropped + tiny_depth + tiny_delivered == 8
     assert _v(m, "cometstream_delivery_latency_seconds_count", sink="all") == 8
     assert _v(m, "cometstream_delivery_latency_seconds_bucket", sink="all", le="+Inf") == 8
     assert _v(m, "cometstream_last_event_timestamp_seconds", **srv) > 1.7e9
