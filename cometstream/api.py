@@ -18,6 +18,7 @@ the session key, because a TOTP code may be single-use; an expired session is re
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import ssl
 from collections.abc import Mapping
@@ -196,7 +197,12 @@ class AdminClient:
                 data = orjson.loads(body)
                 parsed = True
             except orjson.JSONDecodeError:
-                parsed = False
+                # orjson refuses numbers beyond a double (valid JSON): the stdlib takes them
+                try:
+                    data = json.loads(body, parse_constant=_no_constants)
+                    parsed = True
+                except (ValueError, RecursionError):
+                    parsed = False
         message = ""
         body_status = 0
         if parsed and isinstance(data, dict) and isinstance(data.get("Status"), int) \
@@ -235,6 +241,10 @@ class AdminClient:
     async def list_users_full(self) -> dict[str, dict[str, Any]]:
         data = _as_map(await self.call("admin/list-users-full"))
         return {k: v for k, v in data.items() if isinstance(v, dict)}
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _form_value(v: Any) -> str:

@@ -45,7 +45,15 @@ from .observe.metrics import Metrics
 from .observe.systemd import Notifier
 from .pipeline import Pipeline
 from .redact import Redactor
-from .resync import ResyncResult, Resyncer, Tracker
+from .resync import (
+    ACCOUNT_NEW,
+    ACCOUNT_UPDATED,
+    JOB_NEW,
+    ResyncResult,
+    Resyncer,
+    Tracker,
+    account_entry,
+)
 from .sinks import Sink, resolve_sink_class
 from .state import StateStore
 from .stream import Supervisor, make_ssl_context
@@ -81,8 +89,10 @@ class Daemon:
         notifier: Notifier | None = None,
         resync_retry: tuple[float, float] = (1.0, 60.0),
         http_required: bool = True,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
+        self.clock = clock
         self.notifier = notifier if notifier is not None else Notifier()
         if registry is None:
             registry = CollectorRegistry()
@@ -105,11 +115,16 @@ class Daemon:
                                      on_hello=self._on_hello)
         self.store = StateStore(cfg.state.dir, s.name)
         self.redactor = Redactor(enabled=cfg.redact.enabled, extra_keys=cfg.redact.extra_keys)
-        self.tracker = Tracker()
+        self.tracker = Tracker(clock=self.server_time)
+        self._held_keys: set[str] = set()
         self.api = AdminClient(s, ssl_context=make_ssl_context(s),
                                connect_timeout=cfg.stream.connect_timeout)
         self.resyncer = Resyncer(self.api, self.tracker, server=s.name,
-                                 overlap=cfg.resync.overlap, redactor=self.redactor)
+                                 overlap=cfg.resync.overlap, redactor=self.redactor,
+                                 clock=self.server_time, held=self._held_keys.__contains__)
+        self._release_filter: ResyncResult | None = None
+        self._saving = False
+        self._save_cost = 0.0
         self._resync_retry = resync_retry
         self._resync_task: asyncio.Task[None] | None = None
         self._holding = False
@@ -121,10 +136,18 @@ class Daemon:
         self.resyncs_ok = 0
         self.last_resync: ResyncResult | None = None
 
+    def server_time(self) -> float:
+        """The server's clock: ours plus the offset its HELLO's CurrentTime showed."""
+        return self.clock() + self._skew
+
     # --- the publish path ------------------------------------------------------------------------
     def _publish(self, ev: Event) -> Awaitable[None] | None:
         if self._holding:
             self._held.append(ev)
+            if ev.type in _JOB_TYPES:
+                key = ev.dedup_key()
+                if key is not None:
+                    self._held_keys.add(key)
             if len(self._held) > HOLD_MAX and self._releasing is None:
                 log.warning("resync is slow: releasing held live events before it finishes",
                             held=len(self._held))
@@ -138,23 +161,48 @@ class Daemon:
         if key is False:
             self.metrics.stream.duplicates += 1
             return None
-        tracker.observe(ev)  # before redaction: account digests are of the full profile
+        action = tracker.action(ev)  # before redaction: digests are of the full profile
         if ev.type not in _JOB_TYPES:
             self.redactor.apply(ev)
-        waiting = self.pipeline.publish(ev)
-        tracker.published(ev, key)
+        waiting = self.pipeline.publish(ev)  # assigns ev.seq
+        tracker.published(ev, key, action)
         return waiting
+
+    async def _emit(self, ev: Event) -> None:
+        waiting = self._deliver(ev)
+        if waiting is not None:
+            await waiting
+
+    def _repeats_resync(self, ev: Event) -> bool:
+        """A held live event that says again what the sync that just ran reported: a JOB_NEW of
+        a job it reported completed, an account change it reported with the same profile."""
+        res = self._release_filter
+        if res is None:
+            return False
+        if ev.type == JOB_NEW:
+            job = ev.job
+            return job is not None and job.get("GUID") in res.completed
+        if ev.type in (ACCOUNT_NEW, ACCOUNT_UPDATED) and isinstance(ev.data, dict):
+            name = ev.data.get("Username")
+            return isinstance(name, str) and res.accounts.get(name) == account_entry(ev.data)[0]
+        return False
 
     async def _release_held(self) -> None:
         try:
             held = self._held
             while held:
-                waiting = self._deliver(held.popleft())
+                ev = held.popleft()
+                if self._repeats_resync(ev):
+                    self.metrics.stream.duplicates += 1
+                    continue
+                waiting = self._deliver(ev)
                 if waiting is not None:
                     await waiting
             self._holding = False
         finally:
             self._releasing = None
+            self._release_filter = None
+            self._held_keys.clear()
 
     # --- stream callbacks ------------------------------------------------------------------------
     def _on_status(self, state: str, detail: str) -> None:
@@ -170,13 +218,24 @@ class Daemon:
         data = ev.data if isinstance(ev.data, dict) else {}
         current = data.get("CurrentTime")
         if isinstance(current, int) and current > 0:
-            self._skew = current - time.time()
+            self._skew = current - self.clock()
+        if not self.tracker.has_checkpoint and not self.tracker.baseline_before:
+            self.tracker.baseline_before = int(self.server_time())
         if not self.cfg.resync.enabled:
             return
         self._holding = True
         if self._resync_task is not None:
             self._resync_task.cancel()
         self._resync_task = asyncio.ensure_future(self._resync_loop(data))
+        self._resync_task.add_done_callback(self._resync_ended)
+
+    def _resync_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # a bug, not an API failure (those are retried inside): never leave events held
+        log.error("resync task failed", error=repr(task.exception()), exc_info=task.exception())
+        if self._holding and self._releasing is None:
+            self._releasing = asyncio.ensure_future(self._release_held())
 
     # --- remedial sync ---------------------------------------------------------------------------
     async def _resync_loop(self, hello: dict[str, Any]) -> None:
@@ -185,7 +244,7 @@ class Daemon:
         while True:
             t0 = time.monotonic()
             try:
-                res = await self.resyncer.run(hello)
+                res = await self.resyncer.run(hello, self._emit)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -201,10 +260,8 @@ class Daemon:
                     await self._release_held()  # live events flow while we retry
                 await asyncio.sleep(delay)
                 continue
-            for ev in res.events:
-                waiting = self._deliver(ev)
-                if waiting is not None:
-                    await waiting
+            if res.staged is not None:
+                self.tracker.stage_accounts(self.pipeline.seq, *res.staged)
             duration = time.monotonic() - t0
             self.last_resync = res
             stats.resync_runs["baseline" if res.baseline else "ok"] += 1
@@ -212,30 +269,50 @@ class Daemon:
             for kind, n in res.kinds.items():
                 stats.resync_events[kind] += n
             log.info("resync done", server=self.cfg.server.name, baseline=res.baseline,
-                     events=len(res.events), kinds=res.kinds, since=res.window[0] or None,
+                     events=res.count, kinds=res.kinds, since=res.window[0] or None,
                      duration=round(duration, 3))
             if self._releasing is not None:
                 await self._releasing
+            self._release_filter = res
             await self._release_held()
             self.tracker.frozen = False
             self.resyncs_ok += 1
-            self.checkpoint()
+            self.checkpoint(write=False)
+            await self._save()
             return
 
     # --- checkpoint ------------------------------------------------------------------------------
-    def checkpoint(self, *, force: bool = False) -> None:
-        """Fold acknowledgements into the tracker and write the checkpoint if anything changed."""
-        live = self.supervisor.connected and not self._holding and not self.tracker.frozen
-        self.tracker.settle(self.pipeline.delivered_through(), live=live,
-                            server_now=time.time() + self._skew)
-        if self.tracker.changed or force:
+    def checkpoint(self, *, write: bool = True) -> None:
+        """Fold acknowledgements into the tracker and (``write``) save it if anything changed."""
+        live_until = None
+        alive = self.supervisor.alive_at
+        if alive and self.supervisor.connected and not self._holding and not self.tracker.frozen:
+            # what the server sent up to our last sign of life from it (a pong or a frame) has
+            # arrived: TCP keeps order. After that a half-open connection may hide events.
+            live_until = alive + self._skew
+        self.tracker.settle(self.pipeline.delivered_through(), live_until=live_until)
+        if write and self.tracker.changed:
             self.store.save(self.tracker.snapshot())
+
+    async def _save(self) -> None:
+        """Write the checkpoint on a thread (it can be megabytes), one write at a time."""
+        if self._saving or not self.tracker.changed:
+            return
+        self._saving = True
+        t0 = time.monotonic()
+        try:
+            await asyncio.to_thread(self.store.save, self.tracker.snapshot())
+        finally:
+            self._saving = False
+            self._save_cost = time.monotonic() - t0
 
     async def _checkpoint_loop(self) -> None:
         ticks = 0
         while True:
-            await asyncio.sleep(CHECKPOINT_INTERVAL)
-            self.checkpoint()
+            # a big checkpoint is written less often: at most ~10% of the time goes to it
+            await asyncio.sleep(max(CHECKPOINT_INTERVAL, 10 * self._save_cost))
+            self.checkpoint(write=False)
+            await self._save()
             ticks += 1
             if ticks % 5 == 0 and self.supervisor.connected:
                 n = self.metrics.stream.events_received
@@ -249,7 +326,7 @@ class Daemon:
             raise ConfigError("state.dir", f"cannot use {self.store.dir}: "
                               f"{exc.strerror or exc}") from None
         cp = self.store.load()
-        self.tracker = Tracker(cp)
+        self.tracker = Tracker(cp, clock=self.server_time)
         self.tracker.frozen = self.tracker.has_checkpoint and self.cfg.resync.enabled
         self.resyncer.tracker = self.tracker
         if cp is not None:
@@ -343,8 +420,7 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._release_held(), cfg.shutdown_timeout)
             complete = await self.pipeline.drain(cfg.shutdown_timeout)
-            self.tracker.settle(self.pipeline.delivered_through(), live=False,
-                                server_now=time.time() + self._skew)
+            self.tracker.settle(self.pipeline.delivered_through(), live_until=None)
             self.tracker.drop_pending()
             self.store.save(self.tracker.snapshot())
             await self.api.aclose()

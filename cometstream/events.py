@@ -18,6 +18,7 @@ __all__ = [
     "ORIGINS",
     "Event",
     "JOB_COMPLETED",
+    "completion_key",
     "type_label",
 ]
 
@@ -25,6 +26,12 @@ ORIGINS: Final = ("stream", "resync", "backfill")
 FORMATS: Final = ("event", "envelope")
 JOB_COMPLETED: Final = SEVT["SEVT_JOB_COMPLETED"]
 _JOB_NEW: Final = SEVT["SEVT_JOB_NEW"]
+
+
+def completion_key(guid: str, end_time: object) -> str:
+    """The dedup key of a job completion (see :meth:`Event.dedup_key`)."""
+    end = end_time if isinstance(end_time, int) and not isinstance(end_time, bool) else 0
+    return f"{JOB_COMPLETED}:{guid}:{end}"
 
 
 def type_label(type_: int) -> str:
@@ -104,8 +111,11 @@ class Event:
         return job_status_name(job.get("Status")) if job is not None else "other"
 
     def dedup_key(self) -> str | None:
-        """The key that identifies a job event across the stream, resync and restarts
-        (``"<Type>:<job GUID>"``), or None for events that are not de-duplicated.
+        """The key that identifies a job event across the stream, resync and restarts, or None
+        for events that are not de-duplicated.
+
+        ``4200:<GUID>`` for a start, ``4201:<GUID>:<EndTime>`` for a completion (a job marked
+        abandoned and then revived completes a second time, with another EndTime).
 
         Other events carry no identity: two logins of one user to one path in the same second
         are byte-identical and still two events, so a digest of the bytes would drop real events.
@@ -115,6 +125,8 @@ class Event:
         if job is not None:
             guid = job.get("GUID")
             if isinstance(guid, str) and guid:
+                if self.type == JOB_COMPLETED:
+                    return completion_key(guid, job.get("EndTime"))
                 return f"{self.type}:{guid}"
         return None
 

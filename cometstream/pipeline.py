@@ -85,7 +85,9 @@ class Route:
                 s.set_result(None)
 
     async def wait_for_space(self) -> None:
-        while len(self.queue) >= self.maxlen:
+        """Until the queue is below its bound again (it may be over it by the events of
+        producers that are waiting here)."""
+        while len(self.queue) > self.maxlen:
             if self._space is None or self._space.done():
                 self._space = asyncio.get_running_loop().create_future()
             await self._space
@@ -132,22 +134,22 @@ class Pipeline:
                 if route.drop_when_full:
                     stats.dropped["queue_full"] += 1
                     continue
+                # block: the event is queued now (in order, and never lost if the waiting
+                # producer is cancelled); the producer waits until the queue is back in bounds
                 if blocked is None:
                     blocked = []
                 blocked.append(route)
-                continue
             queue.append(ev)
             if route._wakeup is not None:
                 route.wake()
         if blocked is not None:
-            return self._publish_blocked(ev, blocked)
+            return self._wait_for_space(blocked)
         return None
 
-    async def _publish_blocked(self, ev: Event, routes: list[Route]) -> None:
+    @staticmethod
+    async def _wait_for_space(routes: list[Route]) -> None:
         for route in routes:
             await route.wait_for_space()
-            route.queue.append(ev)
-            route.wake()
 
     # --- acknowledgements -------------------------------------------------------------------------
     def add_ack_listener(self, fn: AckListener) -> None:

@@ -5,7 +5,7 @@ Account events carry the whole ``UserProfileConfig`` (``PasswordHash``, ``TOTPKe
 ``SEVT_SERVER_UPDATED`` the whole server configuration (SMTP passwords, storage credentials,
 licence keys...). Redaction walks ``Data`` of every event except the job events (whose
 ``BackupJobDetail`` holds no secret, and which are the bulk of the stream), and replaces the value
-of every key that names a secret with ``"[REDACTED]"``. The list is in ``docs/redaction.md``.
+of every key that names a secret with ``"[REDACTED]"``. The rule is in ``docs/resync.md``.
 
 A redacted event is re-encoded with the standard library's JSON encoder (which keeps integers of
 any size and the key order); an event with nothing to redact keeps its original bytes.
@@ -25,12 +25,14 @@ __all__ = ["MARK", "SECRET_KEY_PATTERN", "SAFE_KEYS", "Redactor"]
 MARK: Final = "[REDACTED]"
 #: key names (case-insensitive, anywhere in the name) whose values are secrets
 SECRET_KEY_PATTERN: Final = re.compile(
-    r"password|passwd|passphrase|secret|totpkey|privatekey|private_key|apikey|api_key|"
-    r"accesskey|access_key|sessionkey|session_key|token|credential|recovery|"
-    r"serialnumber|licensekey|signingkey|encryptionkey|u2fregistrations|webauthnregistrations|"
-    r"sharedkey|masterkey",
+    r"password|passwd|passphrase|secret|totpkey|privatekey|private_key|apikey|api_key|appkey|"
+    r"accesskey|access_key|accountkey|bucketkey|sessionkey|session_key|token|credential|"
+    r"recovery|serialnumber|licensekey|signingkey|encryptionkey|sharedkey|masterkey|"
+    r"u2fregistrations|webauthnregistrations|customheaders|authorization|^key$",
     re.IGNORECASE,
 )
+#: names ending so describe a secret (its format, method, mode or switch), not hold one
+_SAFE_SUFFIX: Final = re.compile(r"(format|method|mode|enabled)$", re.IGNORECASE)
 #: names that match the pattern but hold no secret (flags and formats)
 SAFE_KEYS: Final = frozenset({
     "PasswordFormat", "AllowPasswordLogin", "AllowPasswordAndTOTPLogin",
@@ -47,7 +49,7 @@ class Redactor:
         self.redacted_events = 0
 
     def is_secret(self, key: str) -> bool:
-        if key in SAFE_KEYS:
+        if key in SAFE_KEYS or _SAFE_SUFFIX.search(key):
             return False
         return bool(SECRET_KEY_PATTERN.search(key)) or key.lower() in self.extra
 

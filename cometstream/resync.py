@@ -3,32 +3,36 @@
 Comet drops a client that drains too slowly, and a client that is down misses everything; the API
 Guide's answer is a "remedial sync using the standard Comet Server APIs". Two parts:
 
-:class:`Tracker` keeps, in memory and in the checkpoint, what has been delivered: the dedup
-window, the watermark (server time up to which every sink acknowledged every event), the jobs seen
-running, and digests of the account profiles. The daemon feeds it every event it publishes
-(``admit`` → ``observe``) and, once a second, the pipeline's acknowledgements (``settle``).
+:class:`Tracker` keeps what has been **delivered** (acknowledged by every sink), in memory and in
+the checkpoint: the dedup window, the watermark (server time up to which every sink acknowledged
+every event), the jobs seen running, the account digests and the device IDs. The daemon tells it
+about every event it publishes (``admit`` → ``published``); each event's effect on that state is
+applied only when the pipeline reports it acknowledged (``settle``), so a crash before delivery
+never makes the next sync skip anything.
 
-:class:`Resyncer` runs one catch-up (comet-api.md §14):
+:class:`Resyncer` runs one catch-up (comet-api.md §14) and hands each synthesized event to the
+daemon as it goes (``emit``), a day of jobs at a time:
 
 - jobs: ``get-jobs-for-date-range(watermark - overlap, now)`` plus ``(0, 0)`` (every incomplete
   job); jobs believed running and in neither list are re-checked with ``get-job-properties``
   (a job cancelled from the web UI may emit no event). A completed job not yet delivered becomes a
   synthesized ``SEVT_JOB_COMPLETED``; a running job not seen before a ``SEVT_JOB_NEW``.
 - accounts: ``list-users-full`` diffed against the stored digests, which leave out the statistics
-  that change after every job: ``SEVT_ACCOUNT_NEW`` / ``_UPDATED`` / ``_REMOVED`` (a changed
-  ``CreationGUID`` is REMOVED then NEW) and ``SEVT_DEVICE_NEW`` / ``_REMOVED`` for devices added
-  to or removed from a profile. The first run only records a baseline.
+  that change after every job and the device list: ``SEVT_ACCOUNT_NEW`` / ``_UPDATED`` /
+  ``_REMOVED`` (a changed ``CreationGUID`` is REMOVED then NEW); devices: the set of device IDs
+  across all profiles against the stored one, ``SEVT_DEVICE_NEW`` / ``_REMOVED``.
+- the first sync of a process without a checkpoint only records a baseline.
 - a new ``ServerStartHash`` (the server restarted) widens the job window.
 
 Synthesized events have the StreamableEvent shape (Actor, OwnerOrganizationID, ResourceID, Type,
-Timestamp, TypeString, Data) and origin ``resync``.
+Timestamp, TypeString, Data), origin ``resync``, and server-clock timestamps.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 import structlog
@@ -36,11 +40,11 @@ import structlog
 from .api import AdminClient
 from .constants import SEVT
 from .errors import ApiError
-from .events import Event
+from .events import Event, completion_key
 from .redact import Redactor
 from .state import Checkpoint, Dedup, profile_digest
 
-__all__ = ["RESTART_WINDOW", "ResyncResult", "Resyncer", "Tracker"]
+__all__ = ["RESTART_WINDOW", "ResyncResult", "Resyncer", "Tracker", "account_entry"]
 
 log = structlog.get_logger("cometstream.resync")
 
@@ -53,27 +57,55 @@ DEVICE_NEW: Final = SEVT["SEVT_DEVICE_NEW"]
 DEVICE_REMOVED: Final = SEVT["SEVT_DEVICE_REMOVED"]
 #: after a server restart the job window reaches back at least this far
 RESTART_WINDOW: Final = 3600.0
-#: the watermark trails the server's clock by this much while the stream is live and idle
+#: the job window is read a day at a time
+CHUNK: Final = 86400
+#: timestamps more than this far in the server's future are not trusted for the watermark
+_FUTURE_SLACK: Final = 60
 _LIVE_LAG: Final = 5
+
+Action = tuple[Any, ...] | None
+ServerClock = Callable[[], float]
+
+
+def account_entry(profile: dict[str, Any]) -> list[Any]:
+    """What the checkpoint keeps of a profile: [digest without statistics and devices, CreationGUID]."""
+    return [profile_digest(profile), profile.get("CreationGUID", "") or ""]
+
+
+def _devices_of(users: dict[str, dict[str, Any]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, profile in users.items():
+        devices = profile.get("Devices")
+        if isinstance(devices, dict):
+            for dev in devices:
+                out[str(dev)] = name
+    return out
 
 
 class Tracker:
     """What has been delivered; the in-memory side of the checkpoint."""
 
-    def __init__(self, cp: Checkpoint | None = None, *, dedup: Dedup | None = None) -> None:
+    def __init__(self, cp: Checkpoint | None = None, *, dedup: Dedup | None = None,
+                 clock: ServerClock = time.time) -> None:
         cp = cp or Checkpoint()
+        self.clock = clock
         self.has_checkpoint = cp.watermark > 0
         self.watermark = cp.watermark
         self.server_start_hash = cp.server_start_hash
         self.running_jobs: dict[str, list[Any]] = dict(cp.running_jobs)
         self.accounts: dict[str, list[Any]] = dict(cp.accounts)
+        self.devices: dict[str, str] = dict(cp.devices)
         self.accounts_baseline = cp.accounts_baseline
         self.dedup = dedup or Dedup()
         self.dedup.load(cp.dedup)
-        #: published, not yet acknowledged by every sink: (seq, dedup key, timestamp)
-        self._pending: deque[tuple[int, str, int]] = deque()  # key "" = not de-duplicated
+        #: published, not yet acknowledged by every sink: (seq, dedup key or "", timestamp, action)
+        self._pending: deque[tuple[int, str, int, Action]] = deque()
+        #: a resync's account/device snapshot, committed once its events are acknowledged
+        self._staged: tuple[int, dict[str, list[Any]], dict[str, str]] | None = None
         #: True until a resync has covered the current gap: the watermark must not pass it
         self.frozen = self.has_checkpoint
+        #: server time of this process's first HELLO (the baseline's horizon), 0 = not yet
+        self.baseline_before = 0
         self.changed = False
         #: the newest timestamp of any acknowledged event
         self.newest_acked = 0
@@ -89,76 +121,115 @@ class Tracker:
             return False
         return key
 
-    def published(self, ev: Event, key: str | bool) -> None:
+    def _stamp(self, ev: Event) -> int:
+        ts = ev.timestamp or int(ev.received_at)
+        # a server bug (or clock) must not push the watermark into the future for good
+        return min(ts, int(self.clock()) + _FUTURE_SLACK)
+
+    def published(self, ev: Event, key: str | bool, action: Action) -> None:
+        """Record a published event (``action`` from :meth:`action`, taken before redaction)."""
         if isinstance(key, str):
             self.dedup.add_inflight(key, ev.seq)
-            self._pending.append((ev.seq, key, ev.timestamp or int(ev.received_at)))
+            self._pending.append((ev.seq, key, self._stamp(ev), action))
         else:
-            self._pending.append((ev.seq, "", ev.timestamp or int(ev.received_at)))
+            self._pending.append((ev.seq, "", self._stamp(ev), action))
 
-    def observe(self, ev: Event) -> None:
-        """Keep running jobs and account digests current from the events that go out."""
+    @staticmethod
+    def action(ev: Event) -> Action:
+        """The change this event makes to the tracked state, applied once it is delivered."""
         t = ev.type
         if t == JOB_NEW or t == JOB_COMPLETED:
             job = ev.job
             guid = job.get("GUID") if job else None
             if isinstance(guid, str) and guid:
                 if t == JOB_NEW:
-                    self.running_jobs[guid] = [job.get("Username", ""), job.get("StartTime", 0)]  # type: ignore[union-attr]
-                else:
-                    self.running_jobs.pop(guid, None)
-                self.changed = True
-        elif ev.origin != "stream":
-            # resync set the account state itself (and its events carry redacted profiles,
-            # whose digests would not match the next diff)
-            return
-        elif t == ACCOUNT_NEW or t == ACCOUNT_UPDATED:
-            data = ev.data
+                    user = job.get("Username")  # type: ignore[union-attr]
+                    start = job.get("StartTime")  # type: ignore[union-attr]
+                    return ("job_new", guid, user if isinstance(user, str) else "",
+                            start if type(start) is int else 0)
+                return ("job_done", guid)
+            return None
+        if ev.origin != "stream":
+            return None  # a resync stages its account/device state as a whole
+        data = ev.data
+        if t == ACCOUNT_NEW or t == ACCOUNT_UPDATED:
             if isinstance(data, dict) and isinstance(data.get("Username"), str):
-                self.accounts[data["Username"]] = account_entry(data)
-                self.changed = True
+                return ("account", data["Username"], account_entry(data))
         elif t == ACCOUNT_REMOVED:
-            data = ev.data
             name = data if isinstance(data, str) else (
                 data.get("Username") if isinstance(data, dict) else None)
             name = name or ev.doc.get("ResourceID")
-            if isinstance(name, str) and self.accounts.pop(name, None) is not None:
-                self.changed = True
+            if isinstance(name, str) and name:
+                return ("account_removed", name)
+        elif t == DEVICE_NEW or t == DEVICE_REMOVED:
+            dev = ev.doc.get("ResourceID")
+            if isinstance(dev, str) and dev:
+                actor = ev.doc.get("Actor")
+                return ("device", dev, t == DEVICE_NEW, actor if isinstance(actor, str) else "")
+        return None
+
+    def _apply(self, action: tuple[Any, ...]) -> None:
+        kind = action[0]
+        if kind == "job_new":
+            self.running_jobs[action[1]] = [action[2], action[3]]
+        elif kind == "job_done":
+            self.running_jobs.pop(action[1], None)
+        elif kind == "account":
+            self.accounts[action[1]] = action[2]
+        elif kind == "account_removed":
+            self.accounts.pop(action[1], None)
+        elif kind == "device":
+            if action[2]:
+                self.devices[action[1]] = action[3]
+            else:
+                self.devices.pop(action[1], None)
+
+    def stage_accounts(self, upto_seq: int, accounts: dict[str, list[Any]],
+                       devices: dict[str, str]) -> None:
+        """A resync's snapshot: committed once every event up to ``upto_seq`` is delivered."""
+        self._staged = (upto_seq, accounts, devices)
 
     # --- acknowledgements --------------------------------------------------------------------------
-    def settle(self, delivered_through: int, *, live: bool, server_now: float) -> None:
-        """Move acknowledged keys into the dedup window and advance the watermark.
-
-        ``live``: the stream is connected and caught up, so "nothing pending" means nothing
-        happened up to about ``server_now``.
-        """
+    def settle(self, delivered_through: int, *, live_until: float | None) -> None:
+        """Apply the acknowledged events, move their keys into the dedup window, and advance the
+        watermark. ``live_until``: server time up to which the live stream is known complete
+        (connected, caught up, and heard from), or None."""
         pending = self._pending
         while pending and pending[0][0] <= delivered_through:
-            _seq, key, ts = pending.popleft()
+            _seq, key, ts, action = pending.popleft()
             if key:
                 self.dedup.acked(key, ts)
+            if action is not None:
+                self._apply(action)
             if ts > self.newest_acked:
                 self.newest_acked = ts
+            self.changed = True
+        staged = self._staged
+        if staged is not None and staged[0] <= delivered_through:
+            self.accounts, self.devices = staged[1], staged[2]
+            self._staged = None
             self.changed = True
         if self.frozen:
             return
         if pending:
-            candidate = min(ts for _s, _k, ts in pending) - 1
+            candidate = min(ts for _s, _k, ts, _a in pending) - 1
         else:
             candidate = self.newest_acked
-            if live:
-                candidate = max(candidate, int(server_now) - _LIVE_LAG)
+            if live_until is not None:
+                candidate = max(candidate, int(live_until) - _LIVE_LAG)
+        candidate = min(candidate, int(self.clock()))
         if candidate > self.watermark:
             self.watermark = candidate
             self.changed = True
         self.dedup.prune(self.watermark)
 
     def drop_pending(self) -> None:
-        """Events that will never be acknowledged (dropped at shutdown): forget their keys."""
-        for _seq, key, _ts in self._pending:
+        """Events that will never be acknowledged (dropped at shutdown): forget them."""
+        for _seq, key, _ts, _a in self._pending:
             if key:
                 self.dedup.forget_inflight(key)
         self._pending.clear()
+        self._staged = None
 
     def snapshot(self) -> Checkpoint:
         self.changed = False
@@ -167,40 +238,43 @@ class Tracker:
             server_start_hash=self.server_start_hash,
             running_jobs=dict(self.running_jobs),
             accounts=dict(self.accounts),
+            devices=dict(self.devices),
             accounts_baseline=self.accounts_baseline,
             dedup=self.dedup.dump(),
         )
 
 
-def account_entry(profile: dict[str, Any]) -> list[Any]:
-    devices = profile.get("Devices")
-    return [profile_digest(profile), profile.get("CreationGUID", ""),
-            sorted(devices) if isinstance(devices, dict) else []]
-
-
 class ResyncResult:
     def __init__(self) -> None:
-        self.events: list[Event] = []
+        self.count = 0
         self.kinds: dict[str, int] = {}
         self.baseline = False
         self.window: tuple[int, int] = (0, 0)
+        #: jobs this sync reported completed, and accounts it reported (username -> digest):
+        #: their held live events would repeat what it said
+        self.completed: set[str] = set()
+        self.accounts: dict[str, str] = {}
+        self.staged: tuple[dict[str, list[Any]], dict[str, str]] | None = None
 
-    def add(self, ev: Event, kind: str) -> None:
-        self.events.append(ev)
-        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+
+Emit = Callable[[Event], Awaitable[None]]
 
 
 class Resyncer:
-    """Computes the catch-up events for one (re)connect; publishing is the daemon's."""
+    """Computes the catch-up events for one (re)connect and hands them to ``emit`` in order."""
 
     def __init__(self, api: AdminClient, tracker: Tracker, *, server: str, overlap: float,
-                 redactor: Redactor, clock: Callable[[], float] = time.time) -> None:
+                 redactor: Redactor, clock: ServerClock = time.time,
+                 held: Callable[[str], bool] = lambda key: False) -> None:
         self.api = api
+        #: whether a live event with this dedup key is held behind the sync: it is the better
+        #: copy (the server's own bytes), so the sync leaves that job to it
+        self.held = held
         self.tracker = tracker
         self.server = server
         self.overlap = overlap
         self.redactor = redactor
-        self.clock = clock
+        self.clock = clock  # the server's clock (ours plus the skew seen in the HELLO)
 
     def _event(self, type_: int, ts: int, data: Any, *, actor: str = "", org: str = "",
                resource: str = "") -> Event:
@@ -212,14 +286,12 @@ class Resyncer:
         doc["TypeString"] = _NAMES[type_]
         if data is not None:
             doc["Data"] = data
-        return Event.synthesize(doc, origin="resync", received_at=self.clock(),
-                                server=self.server)
+        return Event.synthesize(doc, origin="resync", received_at=time.time(), server=self.server)
 
-    async def run(self, hello: dict[str, Any]) -> ResyncResult:
+    async def run(self, hello: dict[str, Any], emit: Emit) -> ResyncResult:
         tr = self.tracker
         res = ResyncResult()
-        server_now = hello.get("CurrentTime")
-        now = int(server_now) if isinstance(server_now, int) and server_now > 0 else int(self.clock())
+        now = int(self.clock())
         start_hash = hello.get("ServerStartHash") if isinstance(hello.get("ServerStartHash"), str) else ""
         restarted = bool(tr.server_start_hash and start_hash and start_hash != tr.server_start_hash)
 
@@ -227,109 +299,173 @@ class Resyncer:
         orgs = {name: p.get("OrganizationID", "") or "" for name, p in users.items()}
         incomplete = await self.api.jobs_for_date_range(0, 0)
         if not tr.has_checkpoint:
-            # First start: what happened before it is history (that is `backfill`'s job). Record
-            # the running jobs, and the completions of the last `overlap` seconds as if delivered,
-            # so that the next resync's overlap window does not replay them.
-            res.baseline = True
-            for job in incomplete:
-                guid = job.get("GUID")
-                if isinstance(guid, str) and guid and not job.get("EndTime"):
-                    tr.running_jobs[guid] = [job.get("Username", ""), job.get("StartTime", 0)]
-            since = max(0, now - int(self.overlap))
-            res.window = (since, now + 60)
-            for job in await self.api.jobs_for_date_range(since, now):
-                guid, end = job.get("GUID"), job.get("EndTime")
-                # strictly before the HELLO: a job that ended since then has its live event
-                # held behind this resync, and must not be mistaken for history
-                if isinstance(guid, str) and guid and isinstance(end, int) and 0 < end < now:
-                    tr.dedup.acked(f"{JOB_COMPLETED}:{guid}", end)
-            tr.watermark = max(tr.watermark, now - 1)
-        else:
-            window = self.overlap
-            if restarted:
-                window = max(window, RESTART_WINDOW)
-                log.info("server restarted since the checkpoint: widening the resync window",
-                         server=self.server, window=window)
-            since = max(0, tr.watermark - int(window))
-            res.window = (since, now + 60)
-            recent = await self.api.jobs_for_date_range(since, now + 60)
-            jobs: dict[str, dict[str, Any]] = {}
-            for job in (*recent, *incomplete):
-                guid = job.get("GUID")
-                if isinstance(guid, str) and guid:
-                    jobs[guid] = job
-            for guid in [g for g in tr.running_jobs if g not in jobs]:
-                try:
-                    job = await self.api.job_properties(guid)
-                except ApiError as exc:
-                    if exc.retryable:
-                        raise
-                    log.info("job believed running is gone", job=guid, error=str(exc))
-                    tr.running_jobs.pop(guid, None)
-                    tr.changed = True
-                    continue
-                if isinstance(job.get("GUID"), str):
-                    jobs[guid] = job
-            for job in jobs.values():
-                self._job_events(job, res, orgs)
-        self._account_events(users, res)
+            await self._baseline(incomplete, res, now)
+        # after a baseline too: what happened since this process's first HELLO is ours (a
+        # baseline that comes late, after a failed first sync and a gap, must not skip it)
+        await self._jobs(incomplete, orgs, res, now, restarted and not res.baseline, emit)
+        await self._accounts(users, res, emit)
         if start_hash:
             tr.server_start_hash = start_hash
         tr.has_checkpoint = True
         tr.changed = True
-        res.events.sort(key=lambda ev: ev.timestamp)
         return res
 
-    def _job_events(self, job: dict[str, Any], res: ResyncResult, orgs: dict[str, str]) -> None:
+    async def _baseline(self, incomplete: list[dict[str, Any]], res: ResyncResult,
+                        now: int) -> None:
+        """First start: what happened before it is history (`backfill`'s job). Record the running
+        jobs, and the completions of the last `overlap` seconds as if delivered, so that the next
+        sync's overlap does not replay them."""
         tr = self.tracker
-        guid: str = job["GUID"]
-        user = job.get("Username") if isinstance(job.get("Username"), str) else ""
-        end = job.get("EndTime")
-        start = job.get("StartTime")
-        if isinstance(end, int) and end > 0:
-            if not tr.dedup.seen(f"{JOB_COMPLETED}:{guid}"):
-                res.add(self._event(JOB_COMPLETED, end, job, actor=user or "",
-                                    org=orgs.get(user or "", ""), resource=guid), "job_completed")
-        elif guid not in tr.running_jobs and not tr.dedup.seen(f"{JOB_NEW}:{guid}"):
-            ts = start if isinstance(start, int) and start > 0 else int(self.clock())
-            res.add(self._event(JOB_NEW, ts, job, actor=user or "", org=orgs.get(user or "", ""),
-                                resource=guid), "job_new")
+        res.baseline = True
+        # strictly before this process's first HELLO: a job that ended after it has its live
+        # event held behind this sync (or delivered since), it is not history
+        horizon = tr.baseline_before or now
+        for job in incomplete:
+            guid = job.get("GUID")
+            user, start = job.get("Username"), job.get("StartTime")
+            # started before the first HELLO: history; after it, the sync reports its start
+            if isinstance(guid, str) and guid and not job.get("EndTime") \
+                    and type(start) is int and start < horizon:
+                tr.running_jobs[guid] = [user if isinstance(user, str) else "", start]
+        since = max(0, horizon - int(self.overlap))
+        res.window = (since, horizon)
+        for job in await self.api.jobs_for_date_range(since, horizon):
+            guid, end = job.get("GUID"), job.get("EndTime")
+            if isinstance(guid, str) and guid and type(end) is int and 0 < end < horizon:
+                tr.dedup.acked(completion_key(guid, end), end)
+        tr.watermark = max(tr.watermark, horizon - 1)
 
-    def _account_events(self, users: dict[str, dict[str, Any]], res: ResyncResult) -> None:
+    async def _jobs(self, incomplete: list[dict[str, Any]], orgs: dict[str, str],
+                    res: ResyncResult, now: int, restarted: bool, emit: Emit) -> None:
+        tr = self.tracker
+        window = self.overlap
+        if restarted:
+            window = max(window, RESTART_WINDOW)
+            log.info("server restarted since the checkpoint: widening the resync window",
+                     server=self.server, window=window)
+        since = max(0, tr.watermark - int(window))
+        end = now + 60
+        res.window = (since, end)
+        found: set[str] = set()
+        # a day at a time, oldest first: bounded responses, and events go out in time order
+        start = since
+        while start < end:
+            stop = min(start + CHUNK, end)
+            chunk = await self.api.jobs_for_date_range(start, stop)
+            last = stop >= end
+            if last:
+                chunk = [*chunk, *incomplete]
+            jobs: dict[str, dict[str, Any]] = {}
+            for job in chunk:
+                guid = job.get("GUID")
+                if isinstance(guid, str) and guid and guid not in found:
+                    ended = job.get("EndTime")
+                    # a completed job belongs to the chunk it ended in (it is listed in the one
+                    # it started in too); running ones to the last chunk
+                    if type(ended) is int and ended > 0 and not last and not start <= ended < stop:
+                        continue
+                    jobs[guid] = job
+            if last:
+                for guid in [g for g in tr.running_jobs if g not in jobs and g not in found]:
+                    job = await self._recheck(guid)
+                    if job is not None:
+                        jobs[guid] = job
+            found.update(jobs)
+            for ev in sorted(self._job_events(jobs.values(), res, orgs),
+                             key=lambda e: e.timestamp):
+                await emit(ev)
+            start = stop
+
+    async def _recheck(self, guid: str) -> dict[str, Any] | None:
+        """A job believed running that no list returned: ask for it by GUID."""
+        try:
+            job = await self.api.job_properties(guid)
+        except ApiError as exc:
+            if exc.retryable or exc.status != 400:
+                raise  # the API is down or refuses us: not evidence that the job is gone
+            log.info("job believed running is gone", job=guid, error=str(exc))
+            self.tracker.running_jobs.pop(guid, None)
+            self.tracker.changed = True
+            return None
+        return job if isinstance(job.get("GUID"), str) else None
+
+    def _job_events(self, jobs: Any, res: ResyncResult, orgs: dict[str, str]) -> list[Event]:
+        tr = self.tracker
+        out: list[Event] = []
+        for job in jobs:
+            guid: str = job["GUID"]
+            user = job.get("Username") if isinstance(job.get("Username"), str) else ""
+            end = job.get("EndTime")
+            start = job.get("StartTime")
+            org = orgs.get(user or "", "")
+            if type(end) is int and end > 0:
+                key = completion_key(guid, end)
+                if not tr.dedup.seen(key) and not self.held(key):
+                    out.append(self._event(JOB_COMPLETED, end, job, actor=user or "", org=org,
+                                           resource=guid))
+                    res.kinds["job_completed"] = res.kinds.get("job_completed", 0) + 1
+                    res.count += 1
+                    res.completed.add(guid)
+            elif guid not in tr.running_jobs and not tr.dedup.seen(f"{JOB_NEW}:{guid}") \
+                    and not self.held(f"{JOB_NEW}:{guid}"):
+                ts = start if type(start) is int and start > 0 else int(self.clock())
+                out.append(self._event(JOB_NEW, ts, job, actor=user or "", org=org,
+                                       resource=guid))
+                res.kinds["job_new"] = res.kinds.get("job_new", 0) + 1
+                res.count += 1
+        return out
+
+    async def _accounts(self, users: dict[str, dict[str, Any]], res: ResyncResult,
+                        emit: Emit) -> None:
         tr = self.tracker
         now = int(self.clock())
         current = {name: account_entry(p) for name, p in users.items()}
+        devices = _devices_of(users)
         if not tr.accounts_baseline:
-            tr.accounts = current
+            tr.accounts, tr.devices = current, devices
             tr.accounts_baseline = True
             tr.changed = True
             return
-        old = tr.accounts
+        old, old_devices = tr.accounts, tr.devices
+
+        async def send(type_: int, kind: str, data: Any, *, org: str = "", resource: str = "",
+                       actor: str = "") -> None:
+            res.kinds[kind] = res.kinds.get(kind, 0) + 1
+            res.count += 1
+            await emit(self._event(type_, now, data, org=org, resource=resource, actor=actor))
+
         for name, entry in current.items():
             profile = users[name]
             org = profile.get("OrganizationID", "") or ""
             before = old.get(name)
             if before is None or before[1] != entry[1]:
                 if before is not None:  # same name, new CreationGUID: re-created
-                    res.add(self._event(ACCOUNT_REMOVED, now, name, org=org, resource=name),
-                            "account_removed")
-                res.add(self._event(ACCOUNT_NEW, now, self.redactor.profile(profile), org=org,
-                                    resource=name), "account_new")
-                continue
-            if before[0] != entry[0]:
-                res.add(self._event(ACCOUNT_UPDATED, now, self.redactor.profile(profile),
-                                    org=org, resource=name), "account_updated")
-            devices = profile.get("Devices") if isinstance(profile.get("Devices"), dict) else {}
-            for dev in sorted(set(entry[2]) - set(before[2])):
-                res.add(self._event(DEVICE_NEW, now, devices.get(dev), actor=name, org=org,
-                                    resource=dev), "device_new")
-            for dev in sorted(set(before[2]) - set(entry[2])):
-                res.add(self._event(DEVICE_REMOVED, now, None, actor=name, org=org,
-                                    resource=dev), "device_removed")
+                    await send(ACCOUNT_REMOVED, "account_removed", name, org=org, resource=name)
+                await send(ACCOUNT_NEW, "account_new", self.redactor.profile(profile), org=org,
+                           resource=name)
+                res.accounts[name] = entry[0]
+            elif before[0] != entry[0]:
+                await send(ACCOUNT_UPDATED, "account_updated", self.redactor.profile(profile),
+                           org=org, resource=name)
+                res.accounts[name] = entry[0]
         for name in sorted(set(old) - set(current)):
-            res.add(self._event(ACCOUNT_REMOVED, now, name, resource=name), "account_removed")
-        tr.accounts = current
-        tr.changed = True
+            await send(ACCOUNT_REMOVED, "account_removed", name, resource=name)
+        for dev in sorted(set(devices) - set(old_devices)):
+            owner = devices[dev]
+            config = users[owner].get("Devices", {}).get(dev)
+            await send(DEVICE_NEW, "device_new", self.redactor.profile(config)
+                       if isinstance(config, dict) else config, actor=owner,
+                       org=orgs_of(users, owner), resource=dev)
+        for dev in sorted(set(old_devices) - set(devices)):
+            owner = old_devices[dev]
+            await send(DEVICE_REMOVED, "device_removed", None, actor=owner,
+                       org=orgs_of(users, owner), resource=dev)
+        res.staged = (current, devices)
+
+
+def orgs_of(users: dict[str, dict[str, Any]], name: str) -> str:
+    profile = users.get(name)
+    return (profile.get("OrganizationID", "") or "") if isinstance(profile, dict) else ""
 
 
 _NAMES: Final = {v: k for k, v in SEVT.items()}

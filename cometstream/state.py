@@ -7,8 +7,9 @@
 - ``server_start_hash``: the server's ``ServerStartHash`` (a new one = the server restarted);
 - ``running_jobs``: jobs last seen running (``{GUID: [Username, StartTime]}``), re-checked by
   resync because a cancelled job may emit no event;
-- ``accounts``: per username ``[digest, CreationGUID, [device IDs]]`` (the digest leaves out the
-  statistics that change after every job); ``accounts_baseline`` says whether it is filled;
+- ``accounts``: per username ``[digest, CreationGUID]`` (the digest leaves out the statistics
+  that change after every job, and the devices); ``devices``: ``{device ID: username}``;
+  ``accounts_baseline`` says whether they are filled;
 - ``dedup``: the de-duplication window (``[[key, timestamp], ...]``, oldest first).
 
 Writes are atomic (temporary file, fsync, rename, fsync of the folder). A file that cannot be read
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,7 +42,8 @@ _VOLATILE_KEYS: Final = frozenset({"Statistics"})
 
 
 def profile_digest(profile: dict[str, Any]) -> str:
-    """A digest of a UserProfileConfig that ignores per-job statistics (and key order)."""
+    """A digest of a UserProfileConfig that ignores per-job statistics, the device list (devices
+    are tracked, and reported, on their own) and key order."""
     def strip(value: Any) -> Any:
         if isinstance(value, dict):
             return {k: strip(v) for k, v in value.items() if k not in _VOLATILE_KEYS}
@@ -48,10 +51,11 @@ def profile_digest(profile: dict[str, Any]) -> str:
             return [strip(v) for v in value]
         return value
 
+    top = {k: v for k, v in profile.items() if k != "Devices"}
     try:
-        blob = orjson.dumps(strip(profile), option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # an integer beyond 64 bits (parsed as float by orjson, so not here)
-        blob = repr(strip(profile)).encode()
+        blob = orjson.dumps(strip(top), option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer beyond 64 bits (from the stdlib fallback parser)
+        blob = repr(strip(top)).encode()
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
@@ -103,10 +107,8 @@ class Dedup:
             del d[key]
 
     def load(self, entries: Iterable[Any]) -> None:
-        for item in entries:
-            if isinstance(item, list) and len(item) == 2 and isinstance(item[0], str) \
-                    and isinstance(item[1], int):
-                self.delivered[item[0]] = item[1]
+        for key, ts in entries:
+            self.delivered[key] = ts
 
     def dump(self) -> list[list[Any]]:
         return [[k, ts] for k, ts in self.delivered.items()]
@@ -119,6 +121,7 @@ class Checkpoint:
     server_start_hash: str = ""
     running_jobs: dict[str, list[Any]] = field(default_factory=dict)
     accounts: dict[str, list[Any]] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)
     accounts_baseline: bool = False
     dedup: list[list[Any]] = field(default_factory=list)
     written_at: float = 0.0
@@ -132,6 +135,7 @@ class Checkpoint:
             "server_start_hash": self.server_start_hash,
             "running_jobs": self.running_jobs,
             "accounts": self.accounts,
+            "devices": self.devices,
             "accounts_baseline": self.accounts_baseline,
             "dedup": self.dedup,
         })
@@ -151,10 +155,26 @@ class Checkpoint:
             server_start_hash=_typed(doc, "server_start_hash", str, ""),
             running_jobs=_typed(doc, "running_jobs", dict, {}),
             accounts=_typed(doc, "accounts", dict, {}),
+            devices=_typed(doc, "devices", dict, {}),
             accounts_baseline=_typed(doc, "accounts_baseline", bool, False),
             dedup=_typed(doc, "dedup", list, []),
             written_at=float(_typed(doc, "written_at", (int, float), 0.0)),
         )
+        # the entries too: a half-valid file must be moved aside, not fail every resync
+        for guid, v in cp.running_jobs.items():
+            if not (isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+                    and type(v[1]) is int):
+                raise ValueError(f"running_jobs.{guid}: expected [username, start time]")
+        for name, v in cp.accounts.items():
+            if not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)):
+                raise ValueError(f"accounts.{name}: expected [digest, CreationGUID]")
+        for dev, owner in cp.devices.items():
+            if not isinstance(owner, str):
+                raise ValueError(f"devices.{dev}: expected a username")
+        for item in cp.dedup:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+                    and type(item[1]) is int):
+                raise ValueError("dedup: expected [key, timestamp] entries")
         return cp
 
 
@@ -178,6 +198,7 @@ class StateStore:
         self.server = server
         self.writes = 0
         self.errors = 0
+        self._lock = threading.Lock()  # the periodic writer's thread and shutdown's final write
 
     def prepare(self) -> None:
         """Create the folder and check it is writable (raises OSError with the reason)."""
@@ -221,7 +242,11 @@ class StateStore:
                       error=exc.strerror or str(exc))
 
     def save(self, cp: Checkpoint) -> bool:
-        """Write atomically; False (logged) on failure — the daemon goes on."""
+        """Write atomically; False (logged) on failure — the daemon goes on. Thread-safe."""
+        with self._lock:
+            return self._save(cp)
+
+    def _save(self, cp: Checkpoint) -> bool:
         cp.server = self.server
         cp.written_at = time.time()
         tmp = self.path.with_name(f".{FILENAME}.tmp-{os.getpid()}")
@@ -241,9 +266,10 @@ class StateStore:
                 os.fsync(dfd)
             finally:
                 os.close(dfd)
-        except OSError as exc:
+        except (OSError, TypeError, ValueError) as exc:
             self.errors += 1
-            log.error("checkpoint write failed", path=str(self.path), error=exc.strerror or str(exc))
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.error("checkpoint write failed", path=str(self.path), error=why)
             try:
                 tmp.unlink()
             except OSError:

@@ -129,6 +129,8 @@ class Session:
         self.events = 0
         self.hello: Event | None = None
         self.last_frame = 0.0  # monotonic time of the last data frame
+        #: wall time of the last sign of life from the server (a data frame or a pong)
+        self.alive_at = 0.0
         #: True while the read loop waits for room in a full ``block`` queue
         self.blocked = False
         self._blocked_epochs = 0
@@ -244,6 +246,7 @@ class Session:
             if kind is WSMsgType.PING:
                 await ws.pong(msg.data)
             elif kind is WSMsgType.PONG:
+                self.alive_at = time.time()
                 pong = self._pong
                 if pong is not None and not pong.done():
                     pong.set_result(None)
@@ -279,6 +282,7 @@ class Session:
 
     def _on_frame(self, data: bytes) -> Awaitable[None] | None:
         now = time.time()
+        self.alive_at = now
         self.last_frame = time.monotonic()
         ev = decode_frame(data, received_at=now, server=self.server.name)
         if ev.__class__ is Malformed:
@@ -377,6 +381,12 @@ class Supervisor:
         self.session: Session | None = None
         self._ssl = make_ssl_context(server)
         self._malformed_log = RateLimitedLog()
+
+    @property
+    def alive_at(self) -> float:
+        """Wall time of the connected session's last frame or pong (0 when not connected)."""
+        session = self.session
+        return session.alive_at if session is not None and self.connected else 0.0
 
     def _status(self, state: str, detail: str) -> None:
         if self.on_status is not None:

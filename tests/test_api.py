@@ -194,3 +194,15 @@ def test_api_base_url() -> None:
     assert api_base_url("https://h:8060/") == "https://h:8060"
     assert api_base_url("https://h/comet/") == "https://h/comet"
     assert api_base_url("wss://h/comet/api/v1/events/stream?x=1") == "https://h/comet"
+
+
+async def test_numbers_beyond_a_double_in_a_response_are_parsed(tmp_path: Path) -> None:
+    """A 400-digit integer (valid JSON, refused by orjson) does not fail the call."""
+    async def handler(request: web.Request, form: dict[str, str]) -> web.Response:
+        return web.Response(body=b'[{"GUID":"j","EndTime":5,"TotalSize":' + b"9" * 400 + b"}]",
+                            content_type="application/json")
+
+    async with api_server(handler) as (url, _forms):
+        async with _client(url, tmp_path) as api:
+            jobs = await api.jobs_for_date_range(1, 2)
+    assert jobs[0]["TotalSize"] == int("9" * 400)

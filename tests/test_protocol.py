@@ -137,10 +137,16 @@ def test_malformed_frames_are_classified(frame: bytes, reason: str) -> None:
 
 
 def test_job_dedup_key_is_type_and_guid() -> None:
-    """Job events dedup by type + GUID; identical non-job events are not de-duplicated."""
-    a = _decode(b'{"Type":4201,"Data":{"GUID":"abc"}}')
-    b = _decode(b'{"Type":4201,"Timestamp":5,"Data":{"GUID":"abc"}}')
+    """Job starts dedup by GUID, completions by GUID + EndTime (a revived job completes again);
+    identical non-job events are not de-duplicated."""
+    a = _decode(b'{"Type":4201,"Data":{"GUID":"abc","EndTime":7}}')
+    b = _decode(b'{"Type":4201,"Timestamp":5,"Data":{"GUID":"abc","EndTime":7}}')
+    revived = _decode(b'{"Type":4201,"Data":{"GUID":"abc","EndTime":99}}')
+    new = _decode(b'{"Type":4200,"Data":{"GUID":"abc","EndTime":0}}')
     c = _decode(b'{"Type":4103,"Actor":"u","ResourceID":"/api/v1/x","Timestamp":5}')
-    assert isinstance(a, Event) and isinstance(b, Event) and isinstance(c, Event)
-    assert a.dedup_key() == b.dedup_key() == "4201:abc"
-    assert c.dedup_key() is None
+    for ev in (a, b, revived, new, c):
+        assert isinstance(ev, Event)
+    assert a.dedup_key() == b.dedup_key() == "4201:abc:7"  # type: ignore[union-attr]
+    assert revived.dedup_key() == "4201:abc:99"  # type: ignore[union-attr]
+    assert new.dedup_key() == "4200:abc"  # type: ignore[union-attr]
+    assert c.dedup_key() is None  # type: ignore[union-attr]

@@ -237,7 +237,9 @@ async def test_account_changes_during_a_gap_become_the_right_events(
         await _open_gap(sim, d)
         users = sorted(sim.world.users)
         updated = sim.world.update_account(users[0])["Data"]["Username"]
-        created = sim.world.new_account()["Data"]["Username"]
+        created_profile = sim.world.new_account()["Data"]
+        created = created_profile["Username"]
+        removed_devices = set(sim.world.users[users[1]]["Devices"])
         sim.world.remove_account(users[1])
         dev_new = sim.world.add_device(users[2])["ResourceID"]
         victim = users[3]
@@ -253,11 +255,14 @@ async def test_account_changes_during_a_gap_become_the_right_events(
             got.setdefault(e["type_name"], set()).add(e["event"].get("ResourceID", ""))
     assert got["SEVT_ACCOUNT_NEW"] == {created}
     assert got["SEVT_ACCOUNT_REMOVED"] == {users[1]}
-    assert got["SEVT_DEVICE_NEW"] == {dev_new}
-    assert got["SEVT_DEVICE_REMOVED"] == {dev_gone}
-    # a changed profile or device list is an update; statistics alone are not
-    assert got["SEVT_ACCOUNT_UPDATED"] == {updated, users[2], victim}
-    assert stats_only - {updated, users[2], victim}, "some accounts only had job statistics"
+    # devices are tracked on their own: a new account's devices are new devices, a removed
+    # account's devices are removed devices
+    assert got["SEVT_DEVICE_NEW"] == {dev_new} | set(created_profile.get("Devices") or {})
+    assert got["SEVT_DEVICE_REMOVED"] == {dev_gone} | removed_devices
+    # a changed profile is an update (removing a device also removed its Protected Items);
+    # a new device alone, or job statistics alone, are not
+    assert got["SEVT_ACCOUNT_UPDATED"] == {updated, victim}
+    assert stats_only - {updated, victim}, "some accounts only had job statistics"
 
 
 async def test_secrets_in_account_and_server_events_never_reach_a_sink(
@@ -415,3 +420,174 @@ async def test_a_repeated_job_event_is_delivered_once_but_identical_logins_twice
         await wait_until(lambda: d.sink_stats("mem").delivered == 4, what="delivered")
         assert [ev.type for ev in d.sink("mem").events[1:]] == [4201, 4103, 4103]
         assert d.stats.duplicates == 1
+
+
+# --- review regressions: each of these once lost or repeated an event --------------------------
+def _job_ev(type_: int, guid: str, end: int = 0, *, origin: str = "stream") -> Any:
+    from cometstream.protocol import decode_frame
+
+    raw = orjson.dumps({"Type": type_, "Timestamp": end or 1733400000,
+                        "Data": {"GUID": guid, "Username": "u", "StartTime": 1733390000,
+                                 "EndTime": end, "Status": 5000 if end else 6001}})
+    ev = decode_frame(raw, received_at=time.time(), server="s")
+    ev.origin = origin  # type: ignore[union-attr]
+    return ev
+
+
+async def test_a_cancelled_blocked_publish_still_delivers_and_holds_the_watermark() -> None:
+    """A producer waiting on a full `block` queue that is cancelled has still queued its event:
+    it is delivered, and the watermark never passes it before that."""
+    import asyncio as aio
+
+    from cometstream.config import SinkConfig
+    from cometstream.observe.metrics import Metrics
+    from cometstream.pipeline import Pipeline
+    from cometstream.sinks.memory import MemorySink
+
+    sink = MemorySink("m")
+    sink.hang.clear()
+    cfg = SinkConfig(name="m", type="memory", types=None, format="event", buffer=1,
+                     when_full="block", options={})
+    p = Pipeline([(cfg, sink)], Metrics("s"))
+    p.start()
+    evs = [_job_ev(COMPLETED, f"j{i}", 1733400000 + i) for i in range(3)]
+    assert p.publish(evs[0]) is None
+    await aio.sleep(0)  # the worker takes j0 (in flight, hanging)
+    assert p.publish(evs[1]) is None
+    waiting = p.publish(evs[2])
+    assert waiting is not None
+    task = aio.ensure_future(waiting)
+    await aio.sleep(0)
+    task.cancel()
+    assert p.delivered_through() == 0
+    sink.hang.set()
+    await wait_until(lambda: len(sink.events) == 3, what="all three")
+    assert [e.doc["Data"]["GUID"] for e in sink.events] == ["j0", "j1", "j2"]
+    assert p.delivered_through() == 3
+    await p.drain(1.0)
+
+
+def test_job_and_account_state_change_only_when_delivered() -> None:
+    """A completion published but not acknowledged keeps its job 'running' in the checkpoint;
+    a resync's account snapshot is committed only once its events are delivered."""
+    from cometstream.resync import Tracker
+
+    tr = Tracker()
+    tr.running_jobs["j1"] = ["u", 1]
+    done = _job_ev(COMPLETED, "j1", 1733400000)
+    done.seq = 7
+    tr.published(done, tr.admit(done), tr.action(done))
+    tr.stage_accounts(7, {"u": ["digest", "guid"]}, {"dev": "u"})
+    tr.settle(6, live_until=None)
+    assert "j1" in tr.snapshot().running_jobs and tr.accounts == {}
+    assert tr.admit(done) is False  # in flight: a resync must not synthesize it again
+    tr.settle(7, live_until=None)
+    assert "j1" not in tr.running_jobs
+    assert tr.accounts == {"u": ["digest", "guid"]} and tr.devices == {"dev": "u"}
+
+
+def test_a_revived_job_completing_again_is_not_a_duplicate() -> None:
+    """Abandoned then revived, a job completes twice with two EndTimes: both are delivered."""
+    from cometstream.resync import Tracker
+
+    tr = Tracker()
+    first, again, replay = (_job_ev(COMPLETED, "j", 100), _job_ev(COMPLETED, "j", 200),
+                            _job_ev(COMPLETED, "j", 100))
+    for seq, ev in enumerate((first, again), 1):
+        ev.seq = seq
+        key = tr.admit(ev)
+        assert isinstance(key, str)
+        tr.published(ev, key, tr.action(ev))
+    assert tr.admit(replay) is False
+
+
+async def test_live_events_held_during_a_slow_resync_come_after_it_without_repeats(
+        sim: Simulator, tmp_path: Path) -> None:
+    """While a slow sync runs, a job starts and ends live: the sync leaves it to the held live
+    events (the server's own bytes), which follow the sync's events in order, each once."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        await _open_gap(sim, d)
+        gap = _gap_jobs(sim, 3)
+        sim.faults.api_delay = 0.4
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.daemon._holding, timeout=10, what="holding")
+        started = sim.world.start_job()
+        sim.emit(started)
+        guid = started["Data"]["GUID"]
+        sim.emit(sim.world.complete_job(guid))
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=15, what="resync")
+        after = sim.world.start_job()
+        sim.emit(after)
+        await wait_until(lambda: any(e["event"].get("ResourceID") == after["Data"]["GUID"]
+                                     for e in _lines(path)), what="later live event")
+        await wait_until(lambda: guid not in d.daemon.tracker.running_jobs, what="settled")
+    events = [(e["event"]["Type"], e["event"].get("ResourceID"), e["origin"])
+              for e in _lines(path) if e["event"]["Type"] in (NEW, COMPLETED)]
+    completions = [r for t, r, _o in events if t == COMPLETED]
+    assert sorted(completions) == sorted([*gap, guid])  # each once
+    assert [e for e in events if e[1] == guid] == [(NEW, guid, "stream"),
+                                                   (COMPLETED, guid, "stream")]
+    first_live = events.index((NEW, guid, "stream"))
+    assert {e[2] for e in events[:first_live]} == {"resync"}  # the gap came first
+    assert events[-1] == (NEW, after["Data"]["GUID"], "stream")
+
+
+async def test_a_daemon_clock_ten_minutes_ahead_loses_nothing(sim: Simulator,
+                                                              tmp_path: Path) -> None:
+    """Synthesized events and the watermark follow the server's clock, not ours."""
+    from cometstream.daemon import Daemon
+
+    path = tmp_path / "events.jsonl"
+    cfg = _file_cfg(sim, tmp_path, path)
+    stop = asyncio.Event()
+    daemon = Daemon(cfg, rand=lambda: 1.0, resync_retry=(0.05, 0.3),
+                    clock=lambda: time.time() + 600)
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        await wait_until(lambda: daemon.resyncs_ok == 1, what="baseline")
+        sim.faults.reject_logins = True
+        await sim.drop_clients()
+        await wait_until(lambda: daemon.metrics.stream.connects["rejected"] >= 1, what="gap")
+        daemon.checkpoint()
+        assert daemon.tracker.watermark <= time.time() + 1
+        gap = _gap_jobs(sim, 5)
+        sim.faults.reject_logins = False
+        await wait_until(lambda: daemon.resyncs_ok == 2, timeout=10, what="resync")
+        await wait_until(lambda: len(_completions(path)) == 5, what="delivery")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+    assert sorted(g for g, _o in _completions(path)) == sorted(gap)
+
+
+async def test_a_failed_first_sync_does_not_turn_the_gap_into_history(
+        sim: Simulator, tmp_path: Path) -> None:
+    """No checkpoint, the API down at the first connect, a drop, jobs in the gap, the API back:
+    the baseline covers only what ended before the first connect, so the gap is delivered."""
+    path = tmp_path / "events.jsonl"
+    sim.faults.api_down = True
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.stats.resync_runs["error"] >= 1, timeout=10, what="failure")
+        await asyncio.sleep(1.1)  # the gap happens in a later second than the first HELLO
+        await _open_gap(sim, d)
+        gap = _gap_jobs(sim, 4)
+        sim.faults.api_down = False
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.daemon.resyncs_ok >= 1, timeout=15, what="baseline")
+        await wait_until(lambda: len(_completions(path)) == 4, timeout=10, what="gap delivered")
+    assert sorted(g for g, _o in _completions(path)) == sorted(gap)
+
+
+async def test_a_checkpoint_with_wrong_entries_is_moved_aside(sim: Simulator,
+                                                              tmp_path: Path) -> None:
+    """Valid JSON with a malformed entry is treated as corrupt, not trusted."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "checkpoint.json").write_bytes(orjson.dumps({
+        "version": 1, "server": "sim", "watermark": 1733400000, "accounts": {"u": 5}}))
+    async with running(_file_cfg(sim, tmp_path, tmp_path / "e.jsonl")) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        assert d.stats.resync_runs == {"baseline": 1}
+    assert len(list(state.glob("checkpoint.json.corrupt-*"))) == 1
