@@ -85,7 +85,6 @@ async def run_backfill(cfg: Config, *, since: int, until: int, sink_names: list[
     pipeline.start()
     progress = _Progress(until - since)
     count = 0
-    seen: set[str] = set()
     try:
         async with AdminClient(cfg.server, ssl_context=make_ssl_context(cfg.server),
                                connect_timeout=cfg.stream.connect_timeout) as api:
@@ -96,9 +95,9 @@ async def run_backfill(cfg: Config, *, since: int, until: int, sink_names: list[
                 batch: list[dict[str, Any]] = []
                 for job in jobs:
                     guid, ended = job.get("GUID"), job.get("EndTime")
-                    if isinstance(guid, str) and isinstance(ended, int) and start <= ended < end \
-                            and ended >= since and guid not in seen:
-                        seen.add(guid)
+                    # a job is listed for the day it started and the day it ended: it belongs
+                    # to the day it ended, so it is sent once
+                    if isinstance(guid, str) and isinstance(ended, int) and start <= ended < end:
                         batch.append(job)
                 batch.sort(key=lambda j: j["EndTime"])
                 for job in batch:

@@ -278,7 +278,12 @@ async def test_secrets_in_account_and_server_events_never_reach_a_sink(
         sim.emit(sim.world.update_account(user))
         sim.emit(b'{"Type":4403,"TypeString":"SEVT_SERVER_UPDATED","Data":{"Email":'
                  b'{"SMTPPassword":"SMTP-SECRET","Port":587},"Big":18446744073709551616,'
-                 b'"S3":[{"AccessKey":"AK-SECRET","SecretKey":"SK-SECRET","Bucket":"b"}]}}')
+                 b'"S3":[{"AccessKey":"AK-SECRET","SecretKey":"SK-SECRET","Bucket":"b"}],'
+                 b'"Storage":{"CometBucketKey":"CB-SECRET","AZBAccountKey":"AZ-SECRET",'
+                 b'"B2":{"AccountID":"acct","Key":"B2-SECRET"},'
+                 b'"EncryptionKeyEncryptionMethod":2},'
+                 b'"WebhookOptions":{"w":{"URL":"https://h/","CustomHeaders":'
+                 b'{"Authorization":"Bearer HDR-SECRET"}}}}}')
         await wait_until(lambda: d.stats.events_received == 3, what="live events")
         await _open_gap(sim, d)
         other = sorted(sim.world.users)[1]
@@ -291,8 +296,9 @@ async def test_secrets_in_account_and_server_events_never_reach_a_sink(
                          what="delivery")
     text = path.read_bytes()
     for secret in (b"HASH-SECRET", b"TOTP-SECRET", b"SMTP-SECRET", b"AK-SECRET", b"SK-SECRET",
-                   b"RECOVERY-SECRET"):
+                   b"RECOVERY-SECRET", b"CB-SECRET", b"AZ-SECRET", b"B2-SECRET", b"HDR-SECRET"):
         assert secret not in text
+    assert b'"EncryptionKeyEncryptionMethod":2' in text and b'"AccountID":"acct"' in text
     assert b'"SMTPPassword":"[REDACTED]"' in text and b'"Bucket":"b"' in text
     assert b'"Big":18446744073709551616' in text and b'"Port":587' in text
     assert b'"PasswordFormat"' in text  # not a secret: kept
