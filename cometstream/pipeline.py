@@ -109,6 +109,7 @@ class Pipeline:
         self.routes: list[Route] = []
         for cfg, sink in routes:
             route = Route(cfg, sink, metrics.sink(cfg.name))
+            route.stats.capacity = cfg.buffer
             metrics.sink(cfg.name, depth=lambda r=route: r.depth)
             self.routes.append(route)
         self.batch_max = batch_max

@@ -81,9 +81,12 @@ path = "{out_path}"
     messages: list[str] = []
     loop = asyncio.get_running_loop()
 
+    stamps: list[float] = []
+
     async def collect() -> None:
         while True:
             messages.append((await loop.sock_recv(notify, 4096)).decode())
+            stamps.append(loop.time())
 
     collector = asyncio.create_task(collect())
     try:
@@ -104,7 +107,10 @@ path = "{out_path}"
     assert daemon.returncode == 0, err.decode()
     assert messages[0] == "READY=1" or "READY=1" in messages
     assert any(m.startswith("STATUS=connected to 127.0.0.1") for m in messages)
-    assert messages.count("WATCHDOG=1") >= 3  # every 0.1 s for > 0.5 s
+    # WATCHDOG_USEC=200000: a ping every 0.1 s, from READY until STOPPING
+    span = stamps[messages.index("STOPPING=1")] - stamps[messages.index("READY=1")]
+    pings = messages.count("WATCHDOG=1")
+    assert span > 0.5 and span / 0.1 - 3 <= pings <= span / 0.1 + 3, (span, pings)
     assert "STOPPING=1" in messages
     assert sim.returncode == 0
     assert b"s3cret" not in err

@@ -28,6 +28,12 @@ from ..constants import SEVT_NAMES
 __all__ = ["LATENCY_BUCKETS", "Histogram", "Metrics", "SinkStats", "StreamStats"]
 
 PREFIX: Final = "cometstream_"
+#: label values exported from the start (at 0), so that rules and dashboards see the series
+DISCONNECT_REASONS: Final = frozenset({"closed", "error", "ping_timeout", "idle_timeout",
+                                       "oversized"})
+RESYNC_RESULTS: Final = frozenset({"ok", "baseline", "error"})
+RESYNC_KINDS: Final = frozenset({"job_completed", "job_new", "account_new", "account_updated",
+                                 "account_removed", "device_new", "device_removed"})
 #: delivery latency buckets, 1 ms to 60 s
 LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                           5.0, 10.0, 30.0, 60.0)
@@ -115,6 +121,7 @@ class SinkStats:
         self.latency = Histogram()
         self.failing = False
         self.last_error = ""
+        self.capacity = 0
 
 
 class Metrics(Collector):
@@ -157,8 +164,8 @@ class Metrics(Collector):
 
         c = CounterMetricFamily(PREFIX + "disconnects", "Lost connections by reason",
                                 labels=["server", "reason"])
-        for reason, n in sorted(s.disconnects.items()):
-            c.add_metric([srv, reason], n)
+        for reason in sorted(DISCONNECT_REASONS | set(s.disconnects)):
+            c.add_metric([srv, reason], s.disconnects.get(reason, 0))
         yield c
 
         c = CounterMetricFamily(PREFIX + "events_received", "Events received by SEVT type "
@@ -193,13 +200,13 @@ class Metrics(Collector):
 
         c = CounterMetricFamily(PREFIX + "resync_runs", "Remedial sync runs by result",
                                 labels=["server", "result"])
-        for result, n in sorted(s.resync_runs.items()):
-            c.add_metric([srv, result], n)
+        for result in sorted(RESYNC_RESULTS | set(s.resync_runs)):
+            c.add_metric([srv, result], s.resync_runs.get(result, 0))
         yield c
         c = CounterMetricFamily(PREFIX + "resync_events", "Events synthesized by remedial sync",
                                 labels=["server", "kind"])
-        for kind, n in sorted(s.resync_events.items()):
-            c.add_metric([srv, kind], n)
+        for kind in sorted(RESYNC_KINDS | set(s.resync_events)):
+            c.add_metric([srv, kind], s.resync_events.get(kind, 0))
         yield c
         h = HistogramMetricFamily(PREFIX + "resync_duration_seconds", "Remedial sync duration",
                                   labels=["server"])
@@ -217,6 +224,10 @@ class Metrics(Collector):
                                   labels=["sink"])
         latency = HistogramMetricFamily(PREFIX + "delivery_latency_seconds", "Received to "
                                         "acknowledged by the sink", labels=["sink"])
+        failing = GaugeMetricFamily(PREFIX + "sink_failing", "1 while the sink's writes fail "
+                                    "(retrying)", labels=["sink"])
+        capacity = GaugeMetricFamily(PREFIX + "sink_queue_capacity", "The sink's buffer size",
+                                     labels=["sink"])
         for name, st in self.sinks.items():
             delivered.add_metric([name], st.delivered)
             for reason in ("queue_full", "rejected", "shutdown"):
@@ -226,4 +237,6 @@ class Metrics(Collector):
             fn = self._depth.get(name)
             depth.add_metric([name], fn() if callable(fn) else st.queue_depth)
             latency.add_metric([name], st.latency.cumulative(), st.latency.sum)
-        yield from (delivered, dropped, filtered, errors, depth, latency)
+            failing.add_metric([name], 1 if st.failing else 0)
+            capacity.add_metric([name], st.capacity)
+        yield from (delivered, dropped, filtered, errors, depth, latency, failing, capacity)
