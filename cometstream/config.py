@@ -52,6 +52,8 @@ DEFAULT_PATH: Final = "/etc/cometstream/config.toml"
 WHEN_FULL: Final = ("block", "drop_newest")
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("auto", "console", "json")
+#: the keys every sink has, read by the pipeline; the rest go to the sink class
+_PIPELINE_KEYS: Final = ("type", "types", "format", "buffer", "when_full", "dead_letter")
 _SINK_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -277,6 +279,7 @@ class SinkConfig:
     when_full: str
     options: Mapping[str, Any]  # passed to the sink class's from_config, "format" included
     base_dir: Path | None = None  # relative paths in options are relative to this folder
+    dead_letter: Path | None = None  # JSON Lines of the events this sink refused for good
 
     def section(self) -> Section:
         """The options as the Section a sink class's ``from_config`` takes."""
@@ -463,11 +466,13 @@ def _parse_sink(name: str, sect: Section) -> SinkConfig:
     fmt = sect.str("format", cls.default_format, choices=FORMATS)
     buffer = sect.int("buffer", 10000, min=1, max=10_000_000)
     when_full = sect.str("when_full", "block", choices=WHEN_FULL)
+    dead_letter = sect.path("dead_letter")
     options: dict[str, Any] = {k: v for k, v in sect._table.items()
-                               if k not in ("type", "types", "format", "buffer", "when_full")}
+                               if k not in _PIPELINE_KEYS}
     options["format"] = fmt
     cfg = SinkConfig(name=name, type=type_, types=types, format=fmt, buffer=buffer,
-                     when_full=when_full, options=options, base_dir=sect.base_dir)
+                     when_full=when_full, options=options, base_dir=sect.base_dir,
+                     dead_letter=dead_letter)
     # The sink validates its own keys (raising ConfigError with sinks.NAME.key); nothing is opened.
     cls.from_config(name, cfg.section())
     return cfg

@@ -94,8 +94,22 @@ class ApiError(CometStreamError):
 
 
 class SinkError(CometStreamError):
-    """A sink could not accept a batch. ``retryable=False`` means the events will never be accepted."""
+    """A sink could not accept (all of) a batch.
 
-    def __init__(self, sink: str, message: str, *, retryable: bool = True) -> None:
+    - ``retryable``: whether the same events may be accepted later (``False``: never; they are
+      dead-lettered and counted as rejected);
+    - ``accepted``: how many events at the start of the batch *were* accepted before the failure
+      (they are acknowledged and not sent again);
+    - ``failed``: with ``retryable=False``, how many events after those the refusal concerns
+      (0 = all the rest); the pipeline goes on with the events after them;
+    - ``retry_after``: the receiver's requested wait in seconds (HTTP ``Retry-After``), honoured
+      on top of the backoff.
+    """
+
+    def __init__(self, sink: str, message: str, *, retryable: bool = True, accepted: int = 0,
+                 failed: int = 0, retry_after: float | None = None) -> None:
         self.sink = sink
+        self.accepted = accepted
+        self.failed = failed
+        self.retry_after = retry_after
         super().__init__(f"sink {sink}: {message}", retryable=retryable)

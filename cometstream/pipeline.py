@@ -17,11 +17,14 @@ watermark.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import structlog
 
 from .backoff import Backoff
@@ -56,6 +59,10 @@ class Route:
         self.acked_seq = 0
         self.opened = False
         self.abandoned = False
+        #: a sink may bound the retries of one batch (webhook ``max_retries``); None = forever
+        mr = getattr(sink, "max_retries", None)
+        self.max_retries: int | None = mr if isinstance(mr, int) else None
+        self.dead_letter = DeadLetters(cfg.name, cfg.dead_letter) if cfg.dead_letter else None
         self.last_warned = 0.0
         self.last_rejection = ""
         self._wakeup: asyncio.Future[None] | None = None
@@ -251,31 +258,60 @@ class Pipeline:
             batch = [queue.popleft() for _ in range(n)]
             route.inflight = n
             route._space_freed()
-            while True:
-                try:
-                    await route.sink.send(batch)
-                except asyncio.CancelledError:
-                    # drain() gave up: put the batch back so it is counted, not silently lost
-                    queue.extendleft(reversed(batch))
-                    route.inflight = 0
-                    raise
-                except SinkError as exc:
-                    if not exc.retryable:
-                        self._rejected(route, batch, exc)
-                        break
-                    self._failed(route, exc, "sink write failed", backoff)
-                except Exception as exc:
-                    self._failed(route, exc, "sink write failed", backoff, unexpected=True)
-                else:
-                    self._acked(route, batch)
-                    if stats.failing:
-                        stats.failing = False
-                        stats.last_error = ""
-                        log.info("sink recovered", sink=route.name)
-                    backoff.reset()
-                    break
-                await self._pause(backoff.next_delay())
+            await self._deliver(route, batch, backoff)
             route.inflight = 0
+
+    async def _deliver(self, route: Route, batch: list[Event], backoff: Backoff) -> None:
+        """Send one batch until every event in it is acknowledged or refused for good."""
+        stats = route.stats
+        max_retries = route.max_retries
+        attempts = 0
+        while batch:
+            retry_after = 0.0
+            try:
+                await route.sink.send(batch)
+            except asyncio.CancelledError:
+                # drain() gave up: put the batch back so it is counted, not silently lost
+                route.queue.extendleft(reversed(batch))
+                route.inflight = 0
+                raise
+            except SinkError as exc:
+                done = min(max(exc.accepted, 0), len(batch))
+                if done:  # progress: acknowledge the accepted head, retry only the rest
+                    self._acked(route, batch[:done])
+                    batch = batch[done:]
+                    route.inflight = len(batch)
+                    attempts = 0
+                    if not batch:
+                        break
+                exhausted = max_retries is not None and attempts >= max_retries
+                if not exc.retryable or exhausted:
+                    n = exc.failed if (exc.failed > 0 and not exhausted) else len(batch)
+                    why = str(exc) if not exhausted else f"{exc} (gave up after {attempts} retries)"
+                    self._rejected(route, batch[:n], why)
+                    batch = batch[n:]
+                    route.inflight = len(batch)
+                    attempts = 0
+                    continue
+                attempts += 1
+                retry_after = exc.retry_after or 0.0
+                self._failed(route, exc, "sink write failed", backoff)
+            except Exception as exc:
+                if max_retries is not None and attempts >= max_retries:
+                    self._rejected(route, batch, f"{_describe(exc)} (gave up after {attempts} "
+                                   "retries)")
+                    break
+                attempts += 1
+                self._failed(route, exc, "sink write failed", backoff, unexpected=True)
+            else:
+                self._acked(route, batch)
+                if stats.failing:
+                    stats.failing = False
+                    stats.last_error = ""
+                    log.info("sink recovered", sink=route.name)
+                backoff.reset()
+                break
+            await self._pause(max(backoff.next_delay(), retry_after))
 
     async def _pause(self, delay: float) -> None:
         await asyncio.sleep(delay)
@@ -289,18 +325,20 @@ class Pipeline:
         for fn in self._ack_listeners:
             fn(route, batch)
 
-    def _rejected(self, route: Route, batch: list[Event], exc: SinkError) -> None:
+    def _rejected(self, route: Route, batch: list[Event], msg: str) -> None:
         stats = route.stats
         stats.errors += 1
         stats.dropped["rejected"] += len(batch)
         route.acked_seq = batch[-1].seq
+        if route.dead_letter is not None:
+            route.dead_letter.write(batch, msg)
         now = time.monotonic()
-        msg = str(exc)
         if msg != route.last_rejection or now - route.last_warned >= FAILING_REMINDER:
             route.last_warned = now
             route.last_rejection = msg
             log.error("sink refused events permanently", sink=route.name, events=len(batch),
-                      dropped_total=stats.dropped["rejected"], error=msg)
+                      dropped_total=stats.dropped["rejected"], error=msg,
+                      dead_letter=str(route.dead_letter.path) if route.dead_letter else None)
 
     def _failed(self, route: Route, exc: BaseException, what: str, backoff: Backoff,
                 *, unexpected: bool = False) -> None:
@@ -325,6 +363,35 @@ class Pipeline:
     def status(self) -> dict[str, Any]:
         return {r.name: {"depth": r.depth, "failing": r.stats.failing, "error": r.stats.last_error}
                 for r in self.routes}
+
+
+class DeadLetters:
+    """Events a sink refused for good, appended as JSON Lines with the reason:
+    ``{"sink", "failed_at", "error", "event": <the event as received>}``."""
+
+    def __init__(self, sink: str, path: Path) -> None:
+        self.sink = sink
+        self.path = path
+        self.written = 0
+
+    def write(self, batch: Sequence[Event], error: str) -> None:
+        head = b"".join((b'{"sink":', orjson.dumps(self.sink), b',"failed_at":',
+                         orjson.dumps(time.time()), b',"error":', orjson.dumps(error),
+                         b',"event":'))
+        data = b"".join(head + ev.raw + b"}\n" for ev in batch)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
+            self.written += len(batch)
+        except OSError as exc:
+            log.error("dead letter write failed: events lost", sink=self.sink, events=len(batch),
+                      path=str(self.path), error=exc.strerror or str(exc))
 
 
 def _describe(exc: BaseException) -> str:

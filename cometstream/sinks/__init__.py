@@ -20,6 +20,8 @@ _BUILTINS: Final = {
     "stdout": "cometstream.sinks.stdout:StdoutSink",
     "file": "cometstream.sinks.file:FileSink",
     "memory": "cometstream.sinks.memory:MemorySink",
+    "kafka": "cometstream.sinks.kafka:KafkaSink",
+    "webhook": "cometstream.sinks.webhook:WebhookSink",
 }
 
 

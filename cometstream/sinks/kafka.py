@@ -1,0 +1,366 @@
+"""The Kafka sink (``type = "kafka"``, extra ``cometstream[kafka]``, aiokafka).
+
+Options (``[sinks.NAME]``):
+
+- ``bootstrap_servers`` (required): ``"host:port"``, a comma-separated string or a list;
+- ``topic`` (required): a name or a template, e.g. ``"comet.{type_name}"``;
+- ``key``: a template for the message key, e.g. ``"{ResourceID}"`` or ``"{Data.Username}"``
+  (empty = no key: the partitioner spreads the messages);
+- ``acks``: ``0``, ``1`` or ``"all"`` (default ``"all"``);
+- ``idempotence``: ``"auto"`` (default: on where the broker supports it, else off with one
+  warning), ``true`` (fail loudly where it is not supported) or ``false``;
+- ``compression``: ``none`` (default), ``gzip``, ``snappy``, ``lz4``, ``zstd`` (the last three need
+  the codecs of ``cometstream[kafka]``: checked when the config is read);
+- ``linger_ms`` (default 5), ``max_batch_bytes`` (default 1 MiB), ``request_timeout_ms``
+  (default 30000), ``client_id``;
+- ``security_protocol``: ``PLAINTEXT`` (default), ``SSL``, ``SASL_PLAINTEXT``, ``SASL_SSL``;
+  ``sasl_mechanism`` (``PLAIN``, ``SCRAM-SHA-256``, ``SCRAM-SHA-512``), ``sasl_username``,
+  ``sasl_password`` / ``sasl_password_file`` / env ``COMETSTREAM_KAFKA_PASSWORD``;
+  ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``.
+
+Templates: ``{type_name}``, ``{Type}``, ``{server}``, ``{origin}``, and any field of the event by
+dotted path (``{ResourceID}``, ``{Data.Username}``, ``{Data.GUID}``); a missing field is empty.
+Topic names keep only ``[A-Za-z0-9._-]`` (other characters become ``_``).
+
+Every message carries the headers ``cometstream-origin``, ``cometstream-server`` and
+``cometstream-received-at``; the value is the event in the sink's ``format`` (``event`` by
+default: the server's bytes). ``send`` returns once the broker acknowledged every message of the
+batch (per ``acks``); while the broker is down, the batch fails as retryable and the pipeline
+retries it (the producer is rebuilt), so nothing queued is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import ssl
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+from ..errors import SinkError
+from .base import Sink
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from ..config import Section
+    from ..events import Event
+
+__all__ = ["KafkaSink", "Template"]
+
+log = structlog.get_logger("cometstream.sinks.kafka")
+
+
+class _InitPidNoise(logging.Filter):
+    """aiokafka logs an ERROR when a broker refuses InitProducerId; with idempotence = "auto"
+    that is handled (one warning of ours), so its line is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "InitProducerIdRequest" not in record.getMessage()
+
+
+logging.getLogger("aiokafka.producer.sender").addFilter(_InitPidNoise())
+
+COMPRESSIONS: Final = ("none", "gzip", "snappy", "lz4", "zstd")
+PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+_FIELD = re.compile(r"\{([^{}]*)\}")
+_TOPIC_BAD = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class Template:
+    """``"comet.{type_name}"`` → a function of an event, parsed once."""
+
+    SPECIAL: Final = ("type_name", "server", "origin")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.parts: list[str | tuple[str, ...]] = []
+        pos = 0
+        for m in _FIELD.finditer(text):
+            if m.start() > pos:
+                self.parts.append(text[pos:m.start()])
+            name = m.group(1).strip()
+            if not name or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", name):
+                raise ValueError(f"bad field {{{m.group(1)}}} in template {text!r}")
+            self.parts.append(tuple(name.split(".")))
+            pos = m.end()
+        if pos < len(text):
+            self.parts.append(text[pos:])
+        if "{" in "".join(p for p in self.parts if isinstance(p, str)) or \
+                "}" in "".join(p for p in self.parts if isinstance(p, str)):
+            raise ValueError(f"unbalanced braces in template {text!r}")
+        self.constant = all(isinstance(p, str) for p in self.parts)
+
+    def render(self, ev: Event) -> str:
+        if self.constant:
+            return self.text
+        out: list[str] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            if len(part) == 1 and part[0] in self.SPECIAL:
+                out.append(str(getattr(ev, part[0])))
+                continue
+            value: Any = ev.doc
+            for step in part:
+                value = value.get(step) if isinstance(value, dict) else None
+            if value is None or isinstance(value, dict | list):
+                continue
+            out.append(str(value).lower() if isinstance(value, bool) else str(value))
+        return "".join(out)
+
+
+def _codec_available(name: str) -> bool:
+    from aiokafka import codec
+
+    return {"none": True, "gzip": codec.has_gzip(), "snappy": codec.has_snappy(),
+            "lz4": codec.has_lz4(), "zstd": codec.has_zstd()}[name]
+
+
+class KafkaSink(Sink):
+    default_format = "event"
+
+    def __init__(self, name: str, *, bootstrap: list[str], topic: Template, key: Template | None,
+                 fmt: str, acks: int | str, idempotence: str, compression: str, linger_ms: int,
+                 max_batch_bytes: int, request_timeout_ms: int, client_id: str,
+                 security: dict[str, Any]) -> None:
+        self.name = name
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.key = key
+        self.format = fmt
+        self.acks = acks
+        self.idempotence = idempotence
+        self.compression = compression
+        self.linger_ms = linger_ms
+        self.max_batch_bytes = max_batch_bytes
+        self.request_timeout_ms = request_timeout_ms
+        self.client_id = client_id
+        self.security = security
+        self._producer: Any = None
+        self._idempotent = idempotence in ("auto", "true")
+        self.sent = 0
+
+    @classmethod
+    def from_config(cls, name: str, options: Section) -> Self:
+        try:
+            import aiokafka  # noqa: F401
+        except ImportError:
+            raise options.error("type", 'the kafka sink needs aiokafka: pip install '
+                                '"cometstream[kafka]"') from None
+        raw = options.raw("bootstrap_servers")
+        if isinstance(raw, str):
+            bootstrap = [s.strip() for s in raw.split(",") if s.strip()]
+        elif isinstance(raw, list) and all(isinstance(s, str) for s in raw):
+            bootstrap = [s.strip() for s in raw if s.strip()]
+        else:
+            raise options.error("bootstrap_servers", 'expected "host:port" or a list of them')
+        if not bootstrap:
+            raise options.error("bootstrap_servers", "is required")
+        for server in bootstrap:
+            host, sep, port = server.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise options.error("bootstrap_servers", f'expected "host:port", got "{server}"')
+        try:
+            topic = Template(options.str("topic", required=True, allow_empty=False))
+            key_text = options.str("key", "")
+            key = Template(key_text) if key_text else None
+        except ValueError as exc:
+            raise options.error("topic" if "topic" not in str(exc) else "topic", str(exc)) from None
+        fmt = options.str("format", cls.default_format)
+        acks_raw = options.raw("acks", "all")
+        if acks_raw not in (0, 1, "all", -1) or isinstance(acks_raw, bool):
+            raise options.error("acks", f'expected 0, 1 or "all", got {acks_raw!r}')
+        acks: int | str = "all" if acks_raw in ("all", -1) else int(acks_raw)
+        idem_raw = options.raw("idempotence", "auto")
+        if idem_raw not in ("auto", True, False):
+            raise options.error("idempotence", f'expected "auto", true or false, got {idem_raw!r}')
+        idempotence = "auto" if idem_raw == "auto" else ("true" if idem_raw else "false")
+        if idempotence != "false" and acks != "all":
+            if idempotence == "true":
+                raise options.error("idempotence", 'an idempotent producer needs acks = "all"')
+            idempotence = "false"
+        compression = options.str("compression", "none", choices=COMPRESSIONS)
+        if not _codec_available(compression):
+            raise options.error("compression", f"{compression} needs its codec: pip install "
+                                '"cometstream[kafka]" (cramjam)')
+        linger_ms = options.int("linger_ms", 5, min=0, max=60_000)
+        max_batch = options.int("max_batch_bytes", 1 << 20, min=1024, max=1 << 30)
+        req_timeout = options.int("request_timeout_ms", 30_000, min=1000, max=600_000)
+        client_id = options.str("client_id", f"cometstream-{name}")
+        security: dict[str, Any] = {
+            "security_protocol": options.str("security_protocol", "PLAINTEXT", choices=PROTOCOLS)}
+        if security["security_protocol"].startswith("SASL"):
+            security["sasl_mechanism"] = options.str("sasl_mechanism", "PLAIN", choices=MECHANISMS)
+            security["sasl_plain_username"] = options.str("sasl_username", required=True)
+            security["sasl_plain_password"] = _password(options)
+        else:
+            for k in ("sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file"):
+                if options.has(k):
+                    raise options.error(k, "needs security_protocol = SASL_PLAINTEXT or SASL_SSL")
+        ssl_paths = {k: options.path(k) for k in ("ssl_cafile", "ssl_certfile", "ssl_keyfile")}
+        for k, path in ssl_paths.items():
+            if path is not None and not path.is_file():
+                raise options.error(k, f"file not found: {path}")
+        if security["security_protocol"].endswith("SSL"):
+            security["ssl_paths"] = ssl_paths
+        options.done()
+        return cls(name, bootstrap=bootstrap, topic=topic, key=key, fmt=fmt, acks=acks,
+                   idempotence=idempotence, compression=compression, linger_ms=linger_ms,
+                   max_batch_bytes=max_batch, request_timeout_ms=req_timeout,
+                   client_id=client_id, security=security)
+
+    # --- producer lifecycle --------------------------------------------------------------------
+    def _make_producer(self) -> Any:
+        from aiokafka import AIOKafkaProducer
+
+        sec = {k: v for k, v in self.security.items() if k != "ssl_paths"}
+        paths = self.security.get("ssl_paths")
+        if paths is not None:
+            ctx = ssl.create_default_context(cafile=str(paths["ssl_cafile"]) if paths["ssl_cafile"] else None)
+            if paths["ssl_certfile"]:
+                ctx.load_cert_chain(str(paths["ssl_certfile"]),
+                                    str(paths["ssl_keyfile"]) if paths["ssl_keyfile"] else None)
+            sec["ssl_context"] = ctx
+        return AIOKafkaProducer(
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            acks=self.acks,
+            enable_idempotence=self._idempotent,
+            compression_type=None if self.compression == "none" else self.compression,
+            linger_ms=self.linger_ms,
+            max_batch_size=min(self.max_batch_bytes, 16 << 20),
+            max_request_size=max(self.max_batch_bytes, 1 << 20),
+            request_timeout_ms=self.request_timeout_ms,
+            **sec,
+        )
+
+    async def open(self) -> None:
+        if self._producer is not None:
+            return
+        producer = self._make_producer()
+        try:
+            await producer.start()
+        except Exception as exc:
+            await _stop_quietly(producer)
+            if self._idempotent and self.idempotence == "auto" and _init_pid_failed(exc):
+                self._no_idempotence()
+                return await self.open()
+            hint = ""
+            if self._idempotent and _init_pid_failed(exc):
+                hint = " (the broker refuses the idempotent producer: set idempotence = \"auto\")"
+            raise SinkError(self.name, f"cannot connect to Kafka {','.join(self.bootstrap)}: "
+                            f"{_describe(exc)}{hint}", retryable=True) from exc
+        self._producer = producer
+
+    def _no_idempotence(self) -> None:
+        log.warning("kafka broker refuses the idempotent producer: continuing without it "
+                    "(set idempotence = false to silence this)", sink=self.name,
+                    bootstrap=",".join(self.bootstrap))
+        self._idempotent = False
+
+    async def _reset(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await _stop_quietly(producer)
+
+    async def aclose(self) -> None:
+        if self._producer is not None:
+            try:
+                await asyncio.wait_for(self._producer.stop(), 10)
+            except Exception as exc:
+                log.warning("kafka producer close failed", sink=self.name, error=_describe(exc))
+            self._producer = None
+
+    # --- delivery --------------------------------------------------------------------------------
+    def _message(self, ev: Event) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
+        topic = _TOPIC_BAD.sub("_", self.topic.render(ev)) or "cometstream"
+        key = self.key.render(ev).encode() if self.key is not None else b""
+        headers = [("cometstream-origin", ev.origin.encode()),
+                   ("cometstream-server", ev.server.encode()),
+                   ("cometstream-received-at", repr(ev.received_at).encode())]
+        return topic, key or None, ev.render(self.format), headers
+
+    async def send(self, batch: Sequence[Event]) -> None:
+        from aiokafka.errors import KafkaError
+
+        if self._producer is None:
+            await self.open()
+        producer = self._producer
+        futures = []
+        try:
+            for ev in batch:
+                topic, key, value, headers = self._message(ev)
+                futures.append(await producer.send(topic, value, key=key, headers=headers))
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        except (KafkaError, OSError) as exc:
+            results = [exc]
+        accepted = 0
+        for res in results:
+            if isinstance(res, BaseException):
+                break
+            accepted += 1
+        if accepted == len(batch):
+            self.sent += accepted
+            return
+        exc = next(r for r in results if isinstance(r, BaseException))
+        if self._idempotent and self.idempotence == "auto" and _init_pid_failed(exc):
+            self._no_idempotence()
+        await self._reset()  # a fresh producer after any failure: reconnects, new metadata
+        retryable = not isinstance(exc, KafkaError) or getattr(exc, "retriable", True) or \
+            _init_pid_failed(exc) or type(exc).__name__ in _RETRYABLE_NAMES
+        if self.idempotence == "true" and _init_pid_failed(exc):
+            retryable = True  # loud: failing state on /readyz and a warning per minute
+        raise SinkError(self.name, f"Kafka: {_describe(exc)}", retryable=retryable,
+                        accepted=accepted) from (exc if isinstance(exc, Exception) else None)
+
+
+_RETRYABLE_NAMES: Final = frozenset({"KafkaTimeoutError", "KafkaConnectionError",
+                                     "NodeNotReadyError", "RequestTimedOutError",
+                                     "NotLeaderForPartitionError", "LeaderNotAvailableError",
+                                     "UnknownTopicOrPartitionError", "UnknownError"})
+
+
+def _init_pid_failed(exc: BaseException) -> bool:
+    return type(exc).__name__ in ("UnknownError", "UnsupportedVersionError",
+                                  "ClusterAuthorizationFailedError") or \
+        "InitProducerId" in str(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _password(options: Section) -> str:
+    env = os.environ.get("COMETSTREAM_KAFKA_PASSWORD")
+    if env is not None:
+        return env
+    inline = options.opt_str("sasl_password", secret=True)
+    path = options.path("sasl_password_file")
+    if inline is not None and path is not None:
+        raise options.error("sasl_password_file", "set either sasl_password or sasl_password_file")
+    if inline is not None:
+        return inline
+    if path is None:
+        raise options.error("sasl_password", "is required for SASL (or sasl_password_file, or "
+                            "COMETSTREAM_KAFKA_PASSWORD)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise options.error("sasl_password_file", f"cannot read {path}: "
+                            f"{exc.strerror or exc}") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
+async def _stop_quietly(producer: Any) -> None:
+    try:
+        await asyncio.wait_for(producer.stop(), 5)
+    except Exception:
+        pass

@@ -1,0 +1,155 @@
+"""The Kafka sink against a real Kafka-protocol broker (Tansu) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cometstream.config import Section
+from cometstream.errors import ConfigError
+from cometstream.simulator import Simulator
+from cometstream.sinks.kafka import KafkaSink
+
+from .conftest import make_config, running, wait_until
+from .kafka_broker import Broker
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    b = Broker()
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.stop()
+
+
+def _kafka(broker: Broker, **opts: Any) -> dict[str, Any]:
+    return {"type": "kafka", "bootstrap_servers": broker.bootstrap, "topic": "comet.{type_name}",
+            "key": "{ResourceID}", "linger_ms": 1, "request_timeout_ms": 2000, **opts}
+
+
+async def test_every_event_lands_once_keyed_and_with_headers(sim: Simulator, broker: Broker,
+                                                              tmp_path: Path) -> None:
+    """Each event becomes one message: topic from the template, key from ResourceID, the
+    server's bytes as value, and the three cometstream-* headers. The broker refuses the
+    idempotent producer: with idempotence = "auto" that is one warning, not a failure."""
+    cfg = make_config(sim.url, tmp_path, exact=True,
+                      sinks={"bus": _kafka(broker, compression="gzip")})
+    async with running(cfg) as d:
+        d.daemon.pipeline.retry_initial = 0.05
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        sent = sim.emit_many(300)
+        await wait_until(lambda: d.sink_stats("bus").delivered == 301, timeout=20,
+                         what="delivery to kafka")
+        assert d.sink("bus")._idempotent is False
+    msgs = await broker.consume(pattern=r"comet\..*", expect=301)
+    assert len(msgs) == 301
+    values = Counter(m.value for m in msgs)
+    hello = [v for v in values if b'"Type":4000' in v]
+    assert len(hello) == 1
+    assert values - Counter(hello) == Counter(sent)  # each sent frame exactly as often as sent
+    for m in msgs:
+        doc = orjson.loads(m.value)
+        assert m.topic == f"comet.{doc['TypeString']}"
+        assert m.key == (doc["ResourceID"].encode() if doc.get("ResourceID") else None)
+        headers = dict(m.headers)
+        assert headers["cometstream-origin"] == b"stream"
+        assert headers["cometstream-server"] == b"sim"
+        assert float(headers["cometstream-received-at"]) > 1.7e9
+
+
+async def test_a_broker_outage_loses_nothing_queued_or_sent_after(sim: Simulator, broker: Broker,
+                                                                    tmp_path: Path) -> None:
+    """The broker dies mid-stream and comes back (empty: memory storage). Events queued while
+    it was down and events after it came back all land; the sink reported failing meanwhile,
+    and a file sink beside it never waited."""
+    path = tmp_path / "events.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "bus": _kafka(broker, topic="comet.events", key="{Data.GUID}"),
+        "file": {"type": "file", "path": str(path), "format": "event"},
+    })
+    async with running(cfg) as d:
+        d.daemon.pipeline.retry_initial = 0.05
+        d.daemon.pipeline.retry_max = 0.5
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        before = sim.emit_many(50)
+        await wait_until(lambda: d.sink_stats("bus").delivered == 51, timeout=20, what="before")
+        await broker.stop()
+        during = sim.emit_many(100)
+        await wait_until(lambda: d.sink_stats("file").delivered == 151, what="file goes on")
+        await wait_until(lambda: d.sink_stats("bus").failing, timeout=10, what="failing")
+        assert d.daemon.not_ready_reasons()  # /readyz would say 503
+        await broker.start()
+        after = sim.emit_many(50)
+        await wait_until(lambda: d.sink_stats("bus").delivered == 201, timeout=30,
+                         what="catch-up after the outage")
+        assert not d.sink_stats("bus").failing
+        assert d.sink_stats("bus").dropped == {} or sum(d.sink_stats("bus").dropped.values()) == 0
+    msgs = await broker.consume(["comet.events"], expect=150)
+    got = Counter(m.value for m in msgs)
+    assert all(got[raw] >= 1 for raw in during + after)  # at least once, nothing lost
+    assert len(path.read_bytes().splitlines()) == 201
+    assert before  # delivered before the restart (the broker forgot them: memory storage)
+
+
+def _opts(**kw: Any) -> Section:
+    base = {"bootstrap_servers": "127.0.0.1:9092", "topic": "t", "format": "event"}
+    base.update(kw)
+    return Section(base, "sinks.bus")
+
+
+@pytest.mark.parametrize(("opts", "key", "words"), [
+    ({"bootstrap_servers": "nohostport"}, "sinks.bus.bootstrap_servers", "host:port"),
+    ({"topic": ""}, "sinks.bus.topic", "empty"),
+    ({"topic": "a.{Data..x}"}, "sinks.bus.topic", "bad field"),
+    ({"acks": "two"}, "sinks.bus.acks", 'expected 0, 1 or "all"'),
+    ({"acks": 1, "idempotence": True}, "sinks.bus.idempotence", 'acks = "all"'),
+    ({"compression": "brotli"}, "sinks.bus.compression", "expected one of"),
+    ({"security_protocol": "SASL_SSL"}, "sinks.bus.sasl_username", "required"),
+    ({"sasl_username": "u"}, "sinks.bus.sasl_username", "SASL"),
+    ({"lingerms": 5}, "sinks.bus.lingerms", "unknown key"),
+])
+def test_kafka_options_are_validated(opts: dict[str, Any], key: str, words: str) -> None:
+    """Bad Kafka options are one ConfigError naming the key."""
+    with pytest.raises(ConfigError) as info:
+        KafkaSink.from_config("bus", _opts(**opts))
+    assert info.value.key == key and words in str(info.value)
+
+
+def test_templates_render_event_fields() -> None:
+    """Topic and key templates take SEVT names and dotted fields; missing fields are empty."""
+    from cometstream.protocol import decode_frame
+    from cometstream.sinks.kafka import Template
+
+    ev = decode_frame(b'{"Type":4102,"ResourceID":"r1","Data":{"Username":"alice"}}',
+                      received_at=1.0, server="comet1")
+    assert Template("comet.{type_name}.{server}").render(ev) == "comet.SEVT_ACCOUNT_UPDATED.comet1"  # type: ignore[arg-type]
+    assert Template("{Data.Username}/{ResourceID}/{Data.Missing}").render(ev) == "alice/r1/"  # type: ignore[arg-type]
+
+
+async def test_kafka_down_at_start_is_retried_until_it_comes(sim: Simulator, tmp_path: Path) -> None:
+    """A broker that is not there yet: the sink fails open, retries, then delivers the queue."""
+    b = Broker()
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"bus": _kafka(b, topic="late")})
+    async with running(cfg) as d:
+        d.daemon.pipeline.retry_initial = 0.05
+        d.daemon.pipeline.retry_max = 0.3
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        sent = sim.emit_many(20)
+        await wait_until(lambda: d.sink_stats("bus").failing, timeout=10, what="failing open")
+        await b.start()
+        try:
+            await wait_until(lambda: d.sink_stats("bus").delivered == 21, timeout=30,
+                             what="delivery once the broker is up")
+            msgs = await b.consume(["late"], expect=21)
+        finally:
+            await b.stop()
+    assert {m.value for m in msgs} >= set(sent)
+    await asyncio.sleep(0)
