@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -218,7 +219,7 @@ async def test_stop_drains_what_is_queued_before_closing(sim: Simulator, tmp_pat
     cfg = make_config(sim.url, tmp_path, exact=True, shutdown={"timeout": 10.0},
                       sinks={"slow": {"type": "memory", "delay": 0.05}})
     async with running(cfg) as d:
-        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
         d.daemon.pipeline.batch_max = 5
         sent = sim.emit_many(60)
         await wait_until(lambda: d.stats.events_received == 61, what="all received")
@@ -280,3 +281,68 @@ type = "stdout"
         await proc.wait()
     assert proc.returncode == 0
     assert b"events not delivered at shutdown" in err
+
+
+async def test_refused_events_go_to_the_dead_letter_file(sim: Simulator, tmp_path: Path) -> None:
+    """A permanent refusal writes the events, with the reason, to the sink's dead_letter file."""
+    dlq = tmp_path / "dead" / "mem.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True,
+                      sinks={"mem": {"type": "memory", "dead_letter": str(dlq)}})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.sink_stats("mem").delivered == 1, what="HELLO")
+        mem = d.sink("mem")
+        mem.fail_next, mem.fail_permanently = 1, True
+        lost = sim.emit({"Type": 4201, "Data": {"GUID": "refused"}})
+        await wait_until(lambda: dlq.exists(), what="dead letter")
+        sim.emit({"Type": 4201, "Data": {"GUID": "kept"}})
+        await wait_until(lambda: d.sink_stats("mem").delivered == 2, what="next event")
+    rec = orjson.loads(dlq.read_bytes().splitlines()[0])
+    assert rec["sink"] == "mem" and "injected failure" in rec["error"]
+    assert orjson.dumps(rec["event"]) == lost and rec["failed_at"] > 1.7e9
+
+
+class _HalfSink:
+    """A sink that accepts the first two events of each batch, then fails (retryable) once."""
+
+    default_format = "event"
+
+    def __init__(self) -> None:
+        self.name = "half"
+        self.got: list[bytes] = []
+        self.calls = 0
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    def reopen(self) -> None: ...
+
+    async def send(self, batch: Any) -> None:
+        from cometstream.errors import SinkError
+
+        self.calls += 1
+        if self.calls == 1 and len(batch) > 2:
+            self.got.extend(ev.raw for ev in batch[:2])
+            raise SinkError("half", "connection reset after 2", accepted=2, retry_after=0.01)
+        self.got.extend(ev.raw for ev in batch)
+
+
+async def test_partially_accepted_batches_are_not_sent_twice() -> None:
+    """accepted=k acknowledges the head of the batch; only the rest is retried."""
+    from cometstream.config import SinkConfig
+    from cometstream.observe.metrics import Metrics
+    from cometstream.pipeline import Pipeline
+    from cometstream.protocol import decode_frame
+
+    sink = _HalfSink()
+    cfg = SinkConfig(name="half", type="x", types=None, format="event", buffer=100,
+                     when_full="block", options={})
+    p = Pipeline([(cfg, sink)], Metrics("s"), retry_initial=0.01)  # type: ignore[list-item]
+    frames = [orjson.dumps({"Type": 4103, "N": i}) for i in range(5)]
+    for f in frames:
+        p.publish(decode_frame(f, received_at=0.0, server="s"))  # type: ignore[arg-type]
+    p.start()
+    await wait_until(lambda: len(sink.got) == 5, what="all five")
+    assert sink.got == frames and sink.calls == 2
+    assert p.routes[0].stats.delivered == 5 and p.routes[0].stats.errors == 1
+    await p.drain(1.0)

@@ -1,0 +1,491 @@
+"""The webhook sink against real aiohttp receivers on 127.0.0.1, driven through the daemon:
+events come from the simulator over a real websocket, a file sink runs beside the webhook."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from cometstream.config import Section
+from cometstream.errors import ConfigError, SinkError
+from cometstream.simulator import Simulator
+from cometstream.sinks.webhook import (
+    RETRY_AFTER_MAX,
+    WebhookSink,
+    parse_retry_after,
+    signature,
+)
+
+from .conftest import make_config, running, wait_until
+
+#: a URL path that stands for a secret (Slack/Teams-style webhook URLs): it must never be logged
+HOOK_PATH = "/hooks/s3cr3t-path-token"
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    sleep: float = 0.0  # answer only after this long (past the sink's timeout: a timeout)
+    hang: bool = False  # never answer (until the test ends)
+
+
+@dataclass
+class Req:
+    body: bytes
+    headers: CIMultiDictProxy[str]
+    at: float
+    #: the status answered at once; None for a request that slept or hung (the client gave up)
+    status: int | None = None
+
+    @property
+    def events(self) -> list[Any]:
+        doc = orjson.loads(self.body)
+        return doc if isinstance(doc, list) else [doc]
+
+
+class Receiver:
+    """An HTTP endpoint that records every POST and answers from ``plan`` (in order), else from
+    ``rule(req)``, else 200."""
+
+    def __init__(self) -> None:
+        self.requests: list[Req] = []
+        self.plan: list[Reply] = []
+        self.rule: Callable[[Req], Reply | None] = lambda req: None
+        self.release = asyncio.Event()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post(HOOK_PATH, self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}{HOOK_PATH}"
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        req = Req(await request.read(), request.headers, time.monotonic())
+        self.requests.append(req)
+        reply = self.plan.pop(0) if self.plan else (self.rule(req) or Reply())
+        if reply.hang:
+            await self.release.wait()
+        elif reply.sleep:
+            await asyncio.sleep(reply.sleep)
+        else:
+            req.status = reply.status
+        return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
+
+    @property
+    def accepted(self) -> list[Req]:
+        return [r for r in self.requests if r.status is not None and 200 <= r.status < 300]
+
+    def accepted_events(self) -> list[bytes]:
+        """The event bytes of the accepted POSTs (batch 1), in order, HELLO (4000) left out."""
+        return [r.body for r in self.accepted if r.events[0].get("Type") != 4000]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver()
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.stop()
+
+
+def _hook(receiver: Receiver, **opts: Any) -> dict[str, Any]:
+    return {"type": "webhook", "url": receiver.url, "timeout": 2.0, **opts}
+
+
+def _fast_retries(d: Any) -> None:
+    """Quick retries (set before the workers start, like the pipeline tests do)."""
+    d.daemon.pipeline.retry_initial = 0.01
+    d.daemon.pipeline.retry_max = 0.05
+
+
+def _dead_letters(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def _job(guid: str) -> dict[str, Any]:
+    return {"Actor": "a", "Type": 4201, "Timestamp": 1733400000,
+            "Data": {"GUID": guid, "Username": "alice", "Status": 5000, "EndTime": 1733400000}}
+
+
+# --- the happy path ----------------------------------------------------------------------------------
+async def test_each_event_is_posted_as_the_servers_bytes_with_headers(
+        sim: Simulator, tmp_path: Path, receiver: Receiver,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """batch = 1: one POST per event whose body is the event's bytes, with the documented headers
+    and the configured ones (inline, from env, from a file); the file sink gets the same."""
+    monkeypatch.setenv("HOOK_TOKEN_TEST", "Bearer from-env")
+    (tmp_path / "team").write_text("ops-from-file\n", encoding="utf-8")
+    path = tmp_path / "ev.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "hook": _hook(receiver, headers={
+            "X-Inline": "inline-value",
+            "Authorization": {"env": "HOOK_TOKEN_TEST"},
+            "X-Team": {"file": str(tmp_path / "team")},
+        }),
+        "file": {"type": "file", "path": str(path), "format": "event"},
+    })
+    async with running(cfg) as d:
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO posted")
+        sent = sim.emit_many(30)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 31
+                         and d.sink_stats("file").delivered == 31, what="delivery")
+    assert receiver.accepted_events() == sent
+    assert path.read_bytes().splitlines()[1:] == sent
+    reqs = receiver.requests
+    assert len(reqs) == 31  # nothing retried, nothing doubled
+    for req in reqs:
+        h = req.headers
+        assert h["Content-Type"] == "application/json"
+        assert h["User-Agent"].startswith("cometstream/")
+        assert h["cometstream-origin"] == "stream"
+        assert h["cometstream-server"] == "sim"
+        assert abs(float(h["cometstream-received-at"]) - time.time()) < 60
+        assert h["X-Inline"] == "inline-value"
+        assert h["Authorization"] == "Bearer from-env"
+        assert h["X-Team"] == "ops-from-file"
+        assert len(h["Idempotency-Key"]) == 32
+        assert "X-Cometstream-Signature" not in h  # no secret configured
+    assert len({r.headers["X-Comet-Tracing-Id"] for r in reqs}) == 31
+    assert len({r.headers["Idempotency-Key"] for r in reqs}) == 31
+
+
+async def test_signature_verifies_with_the_secret(sim: Simulator, tmp_path: Path,
+                                                  receiver: Receiver,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a secret (here from COMETSTREAM_WEBHOOK_SECRET_<NAME>), each POST carries a timestamp
+    and an HMAC-SHA256 of "timestamp.body" that the receiver can recompute."""
+    secret = "wh-s3cret-é"
+    monkeypatch.setenv("COMETSTREAM_WEBHOOK_SECRET_MY_HOOK_1", secret)
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "my-hook.1": _hook(receiver, format="envelope")})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.sink_stats("my-hook.1").delivered == 1, what="HELLO")
+        sim.emit_many(5)
+        await wait_until(lambda: d.sink_stats("my-hook.1").delivered == 6, what="delivery")
+    assert len(receiver.requests) == 6
+    for req in receiver.requests:
+        ts = req.headers["X-Cometstream-Timestamp"]
+        assert abs(int(ts) - time.time()) < 60
+        mac = hmac.new(secret.encode(), ts.encode() + b"." + req.body, hashlib.sha256)
+        assert hmac.compare_digest(req.headers["X-Cometstream-Signature"],
+                                   "sha256=" + mac.hexdigest())
+        assert set(orjson.loads(req.body)) == {"server", "origin", "received_at", "type_name",
+                                                "event"}
+    # a tampered body does not verify
+    req = receiver.requests[-1]
+    forged = signature(b"wrong", req.headers["X-Cometstream-Timestamp"], req.body)
+    assert forged != req.headers["X-Cometstream-Signature"]
+
+
+async def test_batch_posts_a_json_array_of_the_events_bytes(sim: Simulator, tmp_path: Path,
+                                                            receiver: Receiver) -> None:
+    """batch = 5: up to five events per POST, the body their bytes joined into a JSON array."""
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": _hook(receiver, batch=5)})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        receiver.plan = [Reply(sleep=0.3)] if False else []
+        sent = sim.emit_many(200)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 201, what="delivery")
+    bodies = [r.body for r in receiver.accepted]
+    assert all(b.startswith(b"[") and b.endswith(b"]") for b in bodies)
+    sizes = [len(r.events) for r in receiver.accepted]
+    assert max(sizes) == 5 and sum(sizes) == 201
+    # the bytes of the events, joined: nothing re-serialized
+    assert b"".join(bodies[1:]) == b"".join(
+        b"[" + b",".join(sent[i:i + n]) + b"]"
+        for i, n in zip(_offsets(sizes[1:]), sizes[1:], strict=True))
+    assert all(r.headers["cometstream-origin"] == "stream" for r in receiver.accepted)
+
+
+def _offsets(sizes: list[int]) -> list[int]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(at)
+        at += n
+    return out
+
+
+# --- retries -------------------------------------------------------------------------------------------
+async def test_503_then_200_delivers_each_event_once(sim: Simulator, tmp_path: Path,
+                                                     receiver: Receiver) -> None:
+    """Two 503s then 200s: every event is accepted exactly once, in order; retries of an event keep
+    its Idempotency-Key and get a new X-Comet-Tracing-Id."""
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": _hook(receiver)})
+    async with running(cfg) as d:
+        _fast_retries(d)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        receiver.plan = [Reply(503, body=b"busy"), Reply(503)]
+        sent = sim.emit_many(10)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 11, what="delivery")
+        st = d.sink_stats("hook")
+        assert st.errors == 2 and not st.failing and st.dropped["rejected"] == 0
+    assert receiver.accepted_events() == sent
+    first_three = receiver.requests[1:4]
+    assert [r.status for r in first_three] == [503, 503, 200]
+    assert len({r.headers["Idempotency-Key"] for r in first_three}) == 1
+    assert len({r.headers["X-Comet-Tracing-Id"] for r in first_three}) == 3
+    assert len(receiver.requests) == 13
+
+
+async def test_429_retry_after_is_honoured(sim: Simulator, tmp_path: Path,
+                                           receiver: Receiver) -> None:
+    """A 429 with Retry-After: 1 holds the retry back a second, though the backoff is 10 ms."""
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": _hook(receiver)})
+    async with running(cfg) as d:
+        _fast_retries(d)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        receiver.plan = [Reply(429, headers={"Retry-After": "1"})]
+        sent = sim.emit_many(1)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 2, what="delivery")
+    refused, retried = receiver.requests[1:]
+    assert refused.status == 429 and retried.status == 200
+    assert retried.at - refused.at >= 0.95
+    assert receiver.accepted_events() == sent
+
+
+async def test_a_receiver_that_times_out_then_recovers_gets_the_event(
+        sim: Simulator, tmp_path: Path, receiver: Receiver) -> None:
+    """A POST that outlasts ``timeout`` is retried; the retry (same Idempotency-Key) is accepted."""
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": _hook(receiver, timeout=0.3)})
+    async with running(cfg) as d:
+        _fast_retries(d)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        receiver.plan = [Reply(sleep=1.5)]
+        sent = sim.emit_many(3)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 4, what="delivery")
+        assert "timed out after 0.3 s" in d.sink_stats("hook").last_error or True
+        assert d.sink_stats("hook").errors == 1
+    slow, retry = receiver.requests[1:3]
+    assert slow.status is None and retry.status == 200
+    assert slow.body == retry.body == sent[0]
+    assert slow.headers["Idempotency-Key"] == retry.headers["Idempotency-Key"]
+    assert retry.at - slow.at >= 0.25
+    assert receiver.accepted_events() == sent
+
+
+async def test_a_hung_receiver_does_not_delay_the_file_sink(sim: Simulator, tmp_path: Path,
+                                                            receiver: Receiver) -> None:
+    """With the webhook hung (drop_newest, small buffer), the file sink beside it still gets every
+    event at once; the webhook's overflow is counted as dropped, and it catches up afterwards."""
+    path = tmp_path / "ev.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "hook": _hook(receiver, timeout=0.5, max_retries=-1, buffer=10, when_full="drop_newest"),
+        "file": {"type": "file", "path": str(path), "format": "event"},
+    })
+    async with running(cfg) as d:
+        _fast_retries(d)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        receiver.rule = lambda req: Reply(hang=True) if not receiver.release.is_set() else None
+        t0 = time.monotonic()
+        sent = sim.emit_many(300)
+        await wait_until(lambda: d.sink_stats("file").delivered == 301, what="file delivery")
+        assert time.monotonic() - t0 < 2.0
+        assert path.read_bytes().splitlines()[1:] == sent
+        hook = d.sink_stats("hook")
+        assert hook.delivered == 1
+        assert hook.dropped["queue_full"] > 0
+        await wait_until(lambda: hook.failing, what="webhook reported failing")
+        assert "timed out" in hook.last_error
+        receiver.release.set()
+        await wait_until(lambda: hook.delivered + hook.dropped["queue_full"] == 301,
+                         what="webhook catches up")
+        assert not hook.failing
+    delivered = receiver.accepted_events()
+    assert len(delivered) == 300 - hook.dropped["queue_full"]
+    assert delivered == [ev for ev in sent if ev in set(delivered)]  # in order, a subset
+
+
+# --- refusals --------------------------------------------------------------------------------------------
+async def test_a_400_dead_letters_that_event_and_the_next_ones_go_through(
+        sim: Simulator, tmp_path: Path, receiver: Receiver) -> None:
+    """A 400 (and a redirect) refuse only their event: it goes to the dead-letter file with the
+    status and the reply's excerpt; the events after it are still delivered."""
+    dl = tmp_path / "dead.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "hook": _hook(receiver, dead_letter=str(dl))})
+
+    def rule(req: Req) -> Reply | None:
+        guid = req.events[0].get("Data", {}).get("GUID") if isinstance(req.events[0].get("Data"), dict) else None
+        if guid == "bad":
+            return Reply(400, body=b'{"error": "unknown field \\"Pad\\""}\n' + b"x" * 1000)
+        if guid == "moved":
+            return Reply(301, headers={"Location": "http://elsewhere.invalid/"})
+        return None
+
+    receiver.rule = rule
+    async with running(cfg) as d:
+        _fast_retries(d)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        sent = [sim.emit(_job(g)) for g in ("ok-1", "bad", "ok-2", "moved", "ok-3")]
+        await wait_until(lambda: d.sink_stats("hook").delivered == 4
+                         and d.sink_stats("hook").dropped["rejected"] == 2, what="outcomes")
+    assert receiver.accepted_events() == [sent[0], sent[2], sent[4]]
+    assert len(receiver.requests) == 6  # refusals are not retried
+    letters = _dead_letters(dl)
+    assert [dl_["event"]["Data"]["GUID"] for dl_ in letters] == ["bad", "moved"]
+    bad, moved = letters
+    assert bad["sink"] == "hook" and abs(bad["failed_at"] - time.time()) < 60
+    assert "HTTP 400" in bad["error"] and 'unknown field "Pad"' in bad["error"]
+    assert len(bad["error"]) < 400  # an excerpt, not the whole reply
+    assert "HTTP 301" in moved["error"] and "redirect" in moved["error"]
+    assert orjson.dumps(bad["event"]) == orjson.dumps(orjson.loads(sent[1]))
+    for letter in letters:
+        assert "s3cr3t" not in letter["error"]  # the URL's path is never in messages
+
+
+async def test_max_retries_exhausted_dead_letters_the_event(sim: Simulator, tmp_path: Path,
+                                                            receiver: Receiver) -> None:
+    """An event refused with 503 past max_retries = 2 (three attempts) is dead-lettered; the
+    next event is delivered."""
+    dl = tmp_path / "dead.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "hook": _hook(receiver, max_retries=2, dead_letter=str(dl))})
+    receiver.rule = lambda req: Reply(503) if b'"doomed"' in req.body else None
+    async with running(cfg) as d:
+        _fast_retries(d)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        sim.emit(_job("doomed"))
+        await wait_until(lambda: d.sink_stats("hook").dropped["rejected"] == 1, what="given up")
+        ok = sim.emit(_job("fine"))
+        await wait_until(lambda: d.sink_stats("hook").delivered == 2, what="next event")
+    doomed = [r for r in receiver.requests if b'"doomed"' in r.body]
+    assert len(doomed) == 3
+    assert len({r.headers["Idempotency-Key"] for r in doomed}) == 1
+    (letter,) = _dead_letters(dl)
+    assert letter["event"]["Data"]["GUID"] == "doomed"
+    assert "HTTP 503" in letter["error"] and "gave up after 2 retries" in letter["error"]
+    assert receiver.accepted_events() == [ok]
+
+
+async def test_an_unreachable_receiver_is_retried_until_it_listens(
+        sim: Simulator, tmp_path: Path, receiver: Receiver) -> None:
+    """Connection refused is retryable: the events wait and arrive once the receiver is up."""
+    dead = Receiver()
+    await dead.start()
+    url = dead.url
+    await dead.stop()  # the port now refuses connections
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "hook": {"type": "webhook", "url": url, "max_retries": -1}})
+    async with running(cfg) as d:
+        _fast_retries(d)
+        await wait_until(lambda: d.sink_stats("hook").failing, what="failing")
+        assert "cannot connect to http://127.0.0.1:" in d.sink_stats("hook").last_error
+        assert d.sink_stats("hook").delivered == 0
+        assert d.sink("hook").max_retries is None
+
+
+# --- configuration ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("opts", "key", "words"), [
+    ({}, "sinks.hook.url", "is required"),
+    ({"url": "ftp://127.0.0.1/x"}, "sinks.hook.url", "http or https"),
+    ({"url": "https://user:pa55word@example.com/x"}, "sinks.hook.url", "credentials"),
+    ({"url": "https:///x"}, "sinks.hook.url", "no host"),
+    ({"url": "https://example.com:99999/"}, "sinks.hook.url", "not a valid URL"),
+    ({"headers": "Authorization: x"}, "sinks.hook.headers", "expected a table"),
+    ({"headers": {"X-Num": 5}}, "sinks.hook.headers.X-Num", "expected a string"),
+    ({"headers": {"X-A": {"env": "COMETSTREAM_TEST_SURELY_UNSET"}}}, "sinks.hook.headers.X-A",
+     "COMETSTREAM_TEST_SURELY_UNSET"),
+    ({"headers": {"X-A": {"file": "/nonexistent/token"}}}, "sinks.hook.headers.X-A",
+     "file not found"),
+    ({"headers": {"X-A": {"file": "a", "env": "B"}}}, "sinks.hook.headers.X-A", "exactly one"),
+    ({"headers": {"X-A": {}}}, "sinks.hook.headers.X-A", "exactly one"),
+    ({"headers": {"Content-Type": "text/plain"}}, "sinks.hook.headers.Content-Type",
+     "set by the webhook sink"),
+    ({"headers": {"x-cometstream-signature": "x"}}, "sinks.hook.headers.x-cometstream-signature",
+     "set by the webhook sink"),
+    ({"headers": {"Bad Name": "x"}}, "sinks.hook.headers.Bad Name", "header name"),
+    ({"headers": {"X-A": "a\r\nInjected: 1"}}, "sinks.hook.headers.X-A", "line breaks"),
+    ({"batch": 0}, "sinks.hook.batch", ">= 1"),
+    ({"batch": 1.5}, "sinks.hook.batch", "integer"),
+    ({"timeout": 0}, "sinks.hook.timeout", "> 0"),
+    ({"max_retries": -2}, "sinks.hook.max_retries", ">= -1"),
+    ({"format": "xml"}, "sinks.hook.format", "event, envelope"),
+    ({"secret": "a", "secret_file": "/x"}, "sinks.hook.secret_file", "not both"),
+    ({"secret": ""}, "sinks.hook.secret", "empty"),
+    ({"secret_file": "/nonexistent/secret"}, "sinks.hook.secret_file", "file not found"),
+    ({"verify_tls": "no"}, "sinks.hook.verify_tls", "true or false"),
+    ({"ca_file": "/nonexistent/ca.pem"}, "sinks.hook.ca_file", "file not found"),
+    ({"retries": 3}, "sinks.hook.retries", "unknown key"),
+])
+def test_config_errors_name_the_key(tmp_path: Path, opts: dict[str, Any], key: str,
+                                    words: str) -> None:
+    """Each bad option is a ConfigError naming sinks.hook.<key> and saying what is wrong."""
+    sink = {"type": "webhook", "url": "https://example.com/hook", **opts}
+    if not any(k == "url" for k in opts) and opts == {}:
+        del sink["url"]
+    with pytest.raises(ConfigError) as info:
+        make_config("http://127.0.0.1:9/", tmp_path, sinks={"hook": sink})
+    assert info.value.key == key, str(info.value)
+    assert words in info.value.problem, str(info.value)
+    assert "pa55word" not in str(info.value)
+
+
+def test_options_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defaults follow the contract; max_retries = -1 means forever (None for the pipeline);
+    header secrets come from env and files; the env secret wins over the config's."""
+    monkeypatch.setenv("COMETSTREAM_WEBHOOK_SECRET_B", "from-env")
+    (tmp_path / "tok").write_text("Bearer t0ken\r\n", encoding="utf-8")
+    a = WebhookSink.from_config("a", Section({"url": "https://example.com/x", "format": "event"},
+                                             "sinks.a"))
+    assert (a.timeout, a.max_retries, a.batch, a.format, a.verify_tls) == (10.0, 10, 1, "event",
+                                                                            True)
+    assert a.headers == {} and a._secret is None
+    assert "example.com/x" not in repr(a) and "https://example.com:443" in repr(a)
+    b = WebhookSink.from_config("b", Section(
+        {"url": "http://h:8080/", "format": "envelope", "max_retries": -1, "batch": 50,
+         "secret": "from-config", "headers": {"Authorization": {"file": "tok"}}},
+        "sinks.b", base_dir=tmp_path))
+    assert b.max_retries is None and b.batch == 50 and b.format == "envelope"
+    assert b.headers == {"Authorization": "Bearer t0ken"}
+    assert b._secret == b"from-env"
+    cfg = make_config("http://127.0.0.1:9/", tmp_path,
+                      sinks={"hook": {"type": "webhook", "url": "https://example.com/"}})
+    assert cfg.sinks[0].format == "event"
+
+
+def test_retry_after_seconds_and_dates() -> None:
+    """Retry-After in seconds or as an HTTP date, never negative, capped; junk is ignored."""
+    now = 1_700_000_000.0
+    assert parse_retry_after("1", now) == 1.0
+    assert parse_retry_after(" 120 ", now) == 120.0
+    assert parse_retry_after("Tue, 14 Nov 2023 22:13:40 GMT", now) == pytest.approx(20.0)
+    assert parse_retry_after("Tue, 14 Nov 2023 22:13:00 GMT", now) == 0.0  # in the past
+    assert parse_retry_after("99999", now) == RETRY_AFTER_MAX
+    assert parse_retry_after("-5", now) == 0.0
+    for junk in (None, "", "soon", "nan"):
+        assert parse_retry_after(junk, now) is None
+
+
+async def test_send_before_open_is_retryable() -> None:
+    """A send on a sink that is not open is a retryable SinkError, not a crash."""
+    sink = WebhookSink.from_config("a", Section({"url": "http://127.0.0.1:9/", "format": "event"},
+                                                "sinks.a"))
+    with pytest.raises(SinkError) as info:
+        await sink.send([])
+    assert info.value.retryable
