@@ -46,6 +46,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_listen",
+    "read_secret_file",
 ]
 
 DEFAULT_PATH: Final = "/etc/cometstream/config.toml"
@@ -314,7 +315,7 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
-def _read_secret_file(sect: Section, name: str) -> Secret | None:
+def read_secret_file(sect: Section, name: str) -> Secret | None:
     path = sect.path(name)
     if path is None:
         return None
@@ -353,7 +354,7 @@ def _secret(sect: Section, key: str, env_var: str, env: Mapping[str, str]) -> Se
     if env_var in env:
         sect.path(file_key)  # still type-checked, but not read: the environment wins
         return Secret(env[env_var], "env")
-    from_file = _read_secret_file(sect, file_key)
+    from_file = read_secret_file(sect, file_key)
     if inline is not None:
         return Secret(inline, "config")
     if from_file is not None:

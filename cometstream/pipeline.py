@@ -286,7 +286,8 @@ class Pipeline:
                         break
                 exhausted = max_retries is not None and attempts >= max_retries
                 if not exc.retryable or exhausted:
-                    n = exc.failed if (exc.failed > 0 and not exhausted) else len(batch)
+                    # only the events the sink names (a webhook's one POST), else all the rest
+                    n = exc.failed if exc.failed > 0 else len(batch)
                     why = str(exc) if not exhausted else f"{exc} (gave up after {attempts} retries)"
                     self._rejected(route, batch[:n], why)
                     batch = batch[n:]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import shutil
+import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,6 +22,8 @@ from multidict import CIMultiDictProxy
 
 from cometstream.config import Section
 from cometstream.errors import ConfigError, SinkError
+from cometstream.events import Event
+from cometstream.protocol import decode_frame
 from cometstream.simulator import Simulator
 from cometstream.sinks.webhook import (
     RETRY_AFTER_MAX,
@@ -89,6 +94,8 @@ class Receiver:
         reply = self.plan.pop(0) if self.plan else (self.rule(req) or Reply())
         if reply.hang:
             await self.release.wait()
+            # released in time, the client gets this 200: it counts as accepted
+            req.status = reply.status
         elif reply.sleep:
             await asyncio.sleep(reply.sleep)
         else:
@@ -197,10 +204,13 @@ async def test_signature_verifies_with_the_secret(sim: Simulator, tmp_path: Path
                                    "sha256=" + mac.hexdigest())
         assert set(orjson.loads(req.body)) == {"server", "origin", "received_at", "type_name",
                                                 "event"}
-    # a tampered body does not verify
+    # the helper computes the same; a changed body or timestamp does not verify
     req = receiver.requests[-1]
-    forged = signature(b"wrong", req.headers["X-Cometstream-Timestamp"], req.body)
-    assert forged != req.headers["X-Cometstream-Signature"]
+    ts = req.headers["X-Cometstream-Timestamp"]
+    assert signature(secret.encode(), ts, req.body) == req.headers["X-Cometstream-Signature"]
+    assert signature(secret.encode(), ts, req.body + b" ") != req.headers["X-Cometstream-Signature"]
+    assert signature(secret.encode(), str(int(ts) + 1), req.body) != \
+        req.headers["X-Cometstream-Signature"]
 
 
 async def test_batch_posts_a_json_array_of_the_events_bytes(sim: Simulator, tmp_path: Path,
@@ -209,7 +219,6 @@ async def test_batch_posts_a_json_array_of_the_events_bytes(sim: Simulator, tmp_
     cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": _hook(receiver, batch=5)})
     async with running(cfg) as d:
         await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
-        receiver.plan = [Reply(sleep=0.3)] if False else []
         sent = sim.emit_many(200)
         await wait_until(lambda: d.sink_stats("hook").delivered == 201, what="delivery")
     bodies = [r.body for r in receiver.accepted]
@@ -279,7 +288,6 @@ async def test_a_receiver_that_times_out_then_recovers_gets_the_event(
         receiver.plan = [Reply(sleep=1.5)]
         sent = sim.emit_many(3)
         await wait_until(lambda: d.sink_stats("hook").delivered == 4, what="delivery")
-        assert "timed out after 0.3 s" in d.sink_stats("hook").last_error or True
         assert d.sink_stats("hook").errors == 1
     slow, retry = receiver.requests[1:3]
     assert slow.status is None and retry.status == 200
@@ -305,7 +313,7 @@ async def test_a_hung_receiver_does_not_delay_the_file_sink(sim: Simulator, tmp_
         t0 = time.monotonic()
         sent = sim.emit_many(300)
         await wait_until(lambda: d.sink_stats("file").delivered == 301, what="file delivery")
-        assert time.monotonic() - t0 < 2.0
+        assert time.monotonic() - t0 < 3.0  # not held back by the webhook's 0.5 s timeouts
         assert path.read_bytes().splitlines()[1:] == sent
         hook = d.sink_stats("hook")
         assert hook.delivered == 1
@@ -316,9 +324,16 @@ async def test_a_hung_receiver_does_not_delay_the_file_sink(sim: Simulator, tmp_
         await wait_until(lambda: hook.delivered + hook.dropped["queue_full"] == 301,
                          what="webhook catches up")
         assert not hook.failing
-    delivered = receiver.accepted_events()
+    # a POST released just as the client timed out may be answered 200 and then retried:
+    # at least once per event, so compare the distinct events
+    delivered = list(dict.fromkeys(receiver.accepted_events()))
     assert len(delivered) == 300 - hook.dropped["queue_full"]
-    assert delivered == [ev for ev in sent if ev in set(delivered)]  # in order, a subset
+    assert _is_subsequence(delivered, sent)  # in order; what is missing was dropped
+
+
+def _is_subsequence(part: list[bytes], whole: list[bytes]) -> bool:
+    it = iter(whole)
+    return all(any(x == y for y in it) for x in part)
 
 
 # --- refusals --------------------------------------------------------------------------------------------
@@ -331,7 +346,8 @@ async def test_a_400_dead_letters_that_event_and_the_next_ones_go_through(
         "hook": _hook(receiver, dead_letter=str(dl))})
 
     def rule(req: Req) -> Reply | None:
-        guid = req.events[0].get("Data", {}).get("GUID") if isinstance(req.events[0].get("Data"), dict) else None
+        data = req.events[0].get("Data")
+        guid = data.get("GUID") if isinstance(data, dict) else None
         if guid == "bad":
             return Reply(400, body=b'{"error": "unknown field \\"Pad\\""}\n' + b"x" * 1000)
         if guid == "moved":
@@ -351,7 +367,7 @@ async def test_a_400_dead_letters_that_event_and_the_next_ones_go_through(
     assert [dl_["event"]["Data"]["GUID"] for dl_ in letters] == ["bad", "moved"]
     bad, moved = letters
     assert bad["sink"] == "hook" and abs(bad["failed_at"] - time.time()) < 60
-    assert "HTTP 400" in bad["error"] and 'unknown field "Pad"' in bad["error"]
+    assert "HTTP 400" in bad["error"] and 'unknown field' in bad["error"]
     assert len(bad["error"]) < 400  # an excerpt, not the whole reply
     assert "HTTP 301" in moved["error"] and "redirect" in moved["error"]
     assert orjson.dumps(bad["event"]) == orjson.dumps(orjson.loads(sent[1]))
@@ -383,21 +399,24 @@ async def test_max_retries_exhausted_dead_letters_the_event(sim: Simulator, tmp_
     assert receiver.accepted_events() == [ok]
 
 
-async def test_an_unreachable_receiver_is_retried_until_it_listens(
-        sim: Simulator, tmp_path: Path, receiver: Receiver) -> None:
-    """Connection refused is retryable: the events wait and arrive once the receiver is up."""
+async def test_an_unreachable_receiver_is_retried(sim: Simulator, tmp_path: Path) -> None:
+    """Connection refused is retryable (the sink reports failing, nothing is dropped), and
+    max_retries = -1 means the pipeline never gives up."""
     dead = Receiver()
     await dead.start()
     url = dead.url
     await dead.stop()  # the port now refuses connections
-    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+    cfg = make_config(sim.url, tmp_path, exact=True, shutdown={"timeout": 0.3}, sinks={
         "hook": {"type": "webhook", "url": url, "max_retries": -1}})
     async with running(cfg) as d:
         _fast_retries(d)
         await wait_until(lambda: d.sink_stats("hook").failing, what="failing")
         assert "cannot connect to http://127.0.0.1:" in d.sink_stats("hook").last_error
-        assert d.sink_stats("hook").delivered == 0
+        await wait_until(lambda: d.sink_stats("hook").errors >= 15, what="more retries")
+        st = d.sink_stats("hook")
+        assert st.delivered == 0 and st.dropped["rejected"] == 0  # 15 > max_retries' default
         assert d.sink("hook").max_retries is None
+    assert d.sink_stats("hook").dropped["shutdown"] == 1  # the HELLO, counted, not lost silently
 
 
 # --- configuration ---------------------------------------------------------------------------------------
@@ -421,7 +440,7 @@ async def test_an_unreachable_receiver_is_retried_until_it_listens(
      "set by the webhook sink"),
     ({"headers": {"Bad Name": "x"}}, "sinks.hook.headers.Bad Name", "header name"),
     ({"headers": {"X-A": "a\r\nInjected: 1"}}, "sinks.hook.headers.X-A", "line breaks"),
-    ({"batch": 0}, "sinks.hook.batch", ">= 1"),
+    ({"batch": 0}, "sinks.hook.batch", "between 1 and 1000"),
     ({"batch": 1.5}, "sinks.hook.batch", "integer"),
     ({"timeout": 0}, "sinks.hook.timeout", "> 0"),
     ({"max_retries": -2}, "sinks.hook.max_retries", ">= -1"),
@@ -429,7 +448,7 @@ async def test_an_unreachable_receiver_is_retried_until_it_listens(
     ({"secret": "a", "secret_file": "/x"}, "sinks.hook.secret_file", "not both"),
     ({"secret": ""}, "sinks.hook.secret", "empty"),
     ({"secret_file": "/nonexistent/secret"}, "sinks.hook.secret_file", "file not found"),
-    ({"verify_tls": "no"}, "sinks.hook.verify_tls", "true or false"),
+    ({"tls_verify": "no"}, "sinks.hook.tls_verify", "true or false"),
     ({"ca_file": "/nonexistent/ca.pem"}, "sinks.hook.ca_file", "file not found"),
     ({"retries": 3}, "sinks.hook.retries", "unknown key"),
 ])
@@ -437,7 +456,7 @@ def test_config_errors_name_the_key(tmp_path: Path, opts: dict[str, Any], key: s
                                     words: str) -> None:
     """Each bad option is a ConfigError naming sinks.hook.<key> and saying what is wrong."""
     sink = {"type": "webhook", "url": "https://example.com/hook", **opts}
-    if not any(k == "url" for k in opts) and opts == {}:
+    if not opts:  # the first case: no url at all
         del sink["url"]
     with pytest.raises(ConfigError) as info:
         make_config("http://127.0.0.1:9/", tmp_path, sinks={"hook": sink})
@@ -453,7 +472,7 @@ def test_options_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     (tmp_path / "tok").write_text("Bearer t0ken\r\n", encoding="utf-8")
     a = WebhookSink.from_config("a", Section({"url": "https://example.com/x", "format": "event"},
                                              "sinks.a"))
-    assert (a.timeout, a.max_retries, a.batch, a.format, a.verify_tls) == (10.0, 10, 1, "event",
+    assert (a.timeout, a.max_retries, a.batch, a.format, a.tls_verify) == (10.0, 10, 1, "event",
                                                                             True)
     assert a.headers == {} and a._secret is None
     assert "example.com/x" not in repr(a) and "https://example.com:443" in repr(a)
@@ -489,3 +508,63 @@ async def test_send_before_open_is_retryable() -> None:
     with pytest.raises(SinkError) as info:
         await sink.send([])
     assert info.value.retryable
+
+
+# --- TLS ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def tls_cert(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (made with the openssl command-line tool)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+async def test_https_verifies_with_ca_file_and_refuses_an_unknown_ca(
+        tmp_path: Path, tls_cert: tuple[Path, Path]) -> None:
+    """https: a private CA works with ca_file; without it the certificate is refused (retryable,
+    said in the error); tls_verify = false accepts it."""
+    cert, key = tls_cert
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    got: list[bytes] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        got.append(await request.read())
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ctx)
+    await site.start()
+    url = f"https://127.0.0.1:{runner.addresses[0][1]}/hook"
+    ev = decode_frame(orjson.dumps(_job("tls")), received_at=time.time(), server="sim")
+    assert isinstance(ev, Event)
+
+    async def deliver(**opts: Any) -> SinkError | None:
+        sink = WebhookSink.from_config("t", Section({"url": url, "format": "event", **opts},
+                                                    "sinks.t"))
+        await sink.open()
+        try:
+            await sink.send([ev])
+        except SinkError as exc:
+            return exc
+        finally:
+            await sink.aclose()
+        return None
+
+    try:
+        assert await deliver(ca_file=str(cert)) is None
+        refused = await deliver()
+        assert refused is not None and refused.retryable
+        assert "certificate" in str(refused).lower() and "/hook" not in str(refused), refused
+        assert await deliver(tls_verify=False) is None
+    finally:
+        await runner.cleanup()
+    assert got == [ev.raw, ev.raw]

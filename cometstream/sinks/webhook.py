@@ -10,7 +10,7 @@ Options (``[sinks.NAME]``, ``type = "webhook"``):
   config is read. Headers the sink sets itself (``Content-Type``, ``Content-Length``, ``Host``,
   the signature, tracing, idempotency and ``cometstream-*`` headers) cannot be configured;
   ``User-Agent`` can.
-- ``timeout`` (default 10): seconds for one POST, connect to response headers.
+- ``timeout`` (default 10, > 0): seconds for one whole POST (connect, send, reply).
 - ``max_retries`` (default 10; -1 = forever): after that many retries of the same events the
   pipeline gives up and dead-letters them (``dead_letter`` key) or drops them, counted.
 - ``batch`` (default 1): 1 = one event per POST, the body being the event itself; N > 1 = up to
@@ -20,7 +20,7 @@ Options (``[sinks.NAME]``, ``type = "webhook"``):
   Comet's webhooks POST) or ``envelope``.
 - ``secret`` / ``secret_file`` / env ``COMETSTREAM_WEBHOOK_SECRET_<NAME>`` (sink name upper-cased,
   ``-`` and ``.`` as ``_``; the environment wins): a key to sign each POST with (below).
-- ``verify_tls`` (default true) and ``ca_file`` (a PEM bundle for a private CA).
+- ``tls_verify`` (default true) and ``ca_file`` (a PEM bundle for a private CA).
 
 Every POST carries::
 
@@ -80,7 +80,7 @@ import ssl
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from datetime import timezone
+from datetime import UTC
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -91,7 +91,7 @@ import orjson
 from multidict import CIMultiDict
 
 from .. import __version__
-from ..config import Section, _read_secret_file
+from ..config import Section, read_secret_file
 from ..errors import ConfigError, SinkError
 from ..observe.logging import register_secret
 from .base import Sink
@@ -118,7 +118,8 @@ _RESERVED: Final = frozenset({
     "idempotency-key", "cometstream-origin", "cometstream-server", "cometstream-received-at",
 })
 #: configured headers whose values are masked in logs even when written inline in the config
-_SENSITIVE = re.compile(r"auth|token|key|secret|cookie|session|password|signature", re.I)
+_SENSITIVE = re.compile(r"auth|token|key|secret|cookie|session|password|signature",
+                        re.IGNORECASE)
 _RETRYABLE_4XX: Final = frozenset({408, 429})
 
 
@@ -161,7 +162,7 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         except (TypeError, ValueError, IndexError):
             return None
         if when.tzinfo is None:  # "-0000": UTC by RFC 5322
-            when = when.replace(tzinfo=timezone.utc)
+            when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - (time.time() if now is None else now)
     if math.isnan(seconds):
         return None
@@ -195,7 +196,7 @@ class WebhookSink(Sink):
         max_retries: int | None = DEFAULT_MAX_RETRIES,
         batch: int = 1,
         secret: bytes | None = None,
-        verify_tls: bool = True,
+        tls_verify: bool = True,
         ca_file: Path | None = None,
         masked: Sequence[str] = (),
     ) -> None:
@@ -213,7 +214,7 @@ class WebhookSink(Sink):
         self.max_retries = max_retries
         self.batch = batch
         self._secret = secret
-        self.verify_tls = verify_tls
+        self.tls_verify = tls_verify
         self.ca_file = ca_file
         self._masked = tuple(masked)
         self._session: aiohttp.ClientSession | None = None
@@ -238,8 +239,8 @@ class WebhookSink(Sink):
             shown = parts.scheme or "none"
             raise options.error("url", f'the scheme must be http or https, got "{shown}"')
         if parts.username is not None or parts.password is not None:
-            raise options.error("url", "must not contain credentials (user:password@): they "
-                                "would be logged with the URL; send them in headers, e.g. "
+            raise options.error("url", "must not contain credentials (user:password@); send "
+                                "them in headers, where they are kept out of logs, e.g. "
                                 'headers = { Authorization = { file = "..." } }')
         if not host:
             raise options.error("url", "has no host")
@@ -249,11 +250,11 @@ class WebhookSink(Sink):
         retries = options.int("max_retries", DEFAULT_MAX_RETRIES, min=-1)
         batch = options.int("batch", 1, min=1, max=BATCH_LIMIT)
         secret = _parse_secret(name, options)
-        verify_tls = options.bool("verify_tls", True)
+        tls_verify = options.bool("tls_verify", True)
         ca_file = options.path("ca_file")
         if ca_file is not None:
-            if not verify_tls:
-                raise options.error("ca_file", "set either ca_file or verify_tls = false, not both")
+            if not tls_verify:
+                raise options.error("ca_file", "set either ca_file or tls_verify = false, not both")
             if not ca_file.is_file():
                 raise options.error("ca_file", f"file not found: {ca_file}")
         options.done()
@@ -261,7 +262,7 @@ class WebhookSink(Sink):
             masked.append(secret.decode("utf-8", "surrogateescape"))
         return cls(name, url, headers=headers, format=fmt, timeout=timeout,
                    max_retries=None if retries == -1 else retries, batch=batch, secret=secret,
-                   verify_tls=verify_tls, ca_file=ca_file, masked=masked)
+                   tls_verify=tls_verify, ca_file=ca_file, masked=masked)
 
     # --- lifecycle ----------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -270,7 +271,7 @@ class WebhookSink(Sink):
         for value in self._masked:
             register_secret(value)
         tls: ssl.SSLContext | bool = True
-        if not self.verify_tls:
+        if not self.tls_verify:
             tls = False
         elif self.ca_file is not None:
             try:
@@ -344,14 +345,14 @@ class WebhookSink(Sink):
                 excerpt = await resp.content.read(_EXCERPT_BYTES + 1)
         except TimeoutError as exc:
             raise SinkError(self.name, f"POST to {self.where} timed out after {self.timeout:g} s",
-                            retryable=True, accepted=accepted) from exc
+                            retryable=True, accepted=accepted, failed=len(events)) from exc
         except aiohttp.ClientConnectorError as exc:
             why = exc.os_error.strerror or str(exc.os_error) or exc.__class__.__name__
             raise SinkError(self.name, f"cannot connect to {self.where}: {why}",
-                            retryable=True, accepted=accepted) from exc
+                            retryable=True, accepted=accepted, failed=len(events)) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise SinkError(self.name, f"POST to {self.where} failed: {self._describe(exc)}",
-                            retryable=True, accepted=accepted) from exc
+                            retryable=True, accepted=accepted, failed=len(events)) from exc
         raise self._refusal(status, excerpt, retry_after, accepted, len(events))
 
     def _refusal(self, status: int, body: bytes, retry_after: float | None, accepted: int,
@@ -368,7 +369,7 @@ class WebhookSink(Sink):
                              retryable=False, accepted=accepted, failed=n)
         # 408, 429, 5xx, and statuses outside 1xx-5xx: the receiver may take it later
         return SinkError(self.name, f"POST to {self.where}: HTTP {status}{reply}", retryable=True,
-                         accepted=accepted, retry_after=retry_after)
+                         accepted=accepted, failed=n, retry_after=retry_after)
 
     def _describe(self, exc: BaseException) -> str:
         text = str(exc).replace(self.url, self.where)
@@ -425,7 +426,7 @@ def _header_from_source(hs: Section, header: str, spec: Mapping[str, Any]) -> st
             raise hs.error(header, f'environment variable "{var}" is not set')
         return value
     try:
-        secret = _read_secret_file(src, "file")
+        secret = read_secret_file(src, "file")
     except ConfigError as exc:  # "file not found: ..." named after the header, like env
         raise hs.error(header, exc.problem) from None
     src.done()
@@ -449,7 +450,7 @@ def _parse_secret(name: str, options: Section) -> bytes | None:
         if not value:
             raise options.error("secret", "must not be empty")
     else:
-        from_file = _read_secret_file(options, "secret_file")
+        from_file = read_secret_file(options, "secret_file")
         if from_file is None:
             return None
         value = from_file.reveal()
