@@ -44,6 +44,7 @@ from .observe.logging import register_secret
 from .observe.metrics import Metrics
 from .observe.systemd import Notifier
 from .pipeline import Pipeline
+from .protocol import HELLO
 from .redact import Redactor
 from .resync import (
     ACCOUNT_NEW,
@@ -142,7 +143,7 @@ class Daemon:
 
     # --- the publish path ------------------------------------------------------------------------
     def _publish(self, ev: Event) -> Awaitable[None] | None:
-        if self._holding:
+        if self._holding and ev.type != HELLO:  # the HELLO opens the session: it goes first
             self._held.append(ev)
             if ev.type in _JOB_TYPES:
                 key = ev.dedup_key()
