@@ -114,6 +114,10 @@ async def daemon(url: str, n: int, out: Path) -> tuple[float, float]:
     cfg = parse_config({
         "server": {"url": url, "username": USER, "password": PASSWORD},
         "http": {"listen": ""},
+        # the sender builds its world before anyone connects: a resync would (rightly) find
+        # those jobs already done; this measures the stream path, resync has its own figure
+        "resync": {"enabled": False},
+        "redact": {"enabled": os.environ.get("BENCH_REDACT", "1") == "1"},
         "state": {"dir": str(out.parent)},
         "sinks": {"file": {"type": "file", "path": str(out), "format": "event"}},
     }, env={})
@@ -143,6 +147,11 @@ RECEIVERS = {"naive-websockets": naive_websockets, "naive-aiohttp": naive_aiohtt
 
 def receive(kind: str, url: str, n: int) -> None:
     import structlog
+
+    if kind == "daemon":
+        from cometstream.cli import _tune_gc
+
+        _tune_gc()  # as `cometstream run` does
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     with tempfile.TemporaryDirectory() as tmp:

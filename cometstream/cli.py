@@ -74,7 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _tune_gc() -> None:
+    """Every event allocates a few dicts, and queued events keep many alive: with the default
+    thresholds the cyclic collector runs every 700 allocations and, in older generations, walks
+    all of them — a third of the daemon's time at 100k events/s. Our objects are freed by
+    reference counting; collect cycles less often, and never scan what start-up created."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    _tune_gc()
     try:
         import uvloop
     except ImportError:

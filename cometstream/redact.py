@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import re
+
+import orjson
 from collections.abc import Iterable
 from typing import Any, Final
 
@@ -40,6 +42,8 @@ SAFE_KEYS: Final = frozenset({
     "TOTPKeyEncryptionFormat", "PasswordRecoveryEnabled", "HasPassword", "PasswordLastChanged",
 })
 _JOB_TYPES: Final = frozenset({4200, 4201})
+#: a number of 19+ digits may not fit 64 bits: such events are parsed and encoded by the stdlib
+_LONG_NUMBER: Final = re.compile(rb"\d{19}")
 
 
 class Redactor:
@@ -47,11 +51,19 @@ class Redactor:
         self.enabled = enabled
         self.extra = frozenset(k.lower() for k in extra_keys)
         self.redacted_events = 0
+        # key names repeat across events (every profile has the same few hundred): decide once
+        self._verdicts: dict[str, bool] = {}
 
     def is_secret(self, key: str) -> bool:
-        if key in SAFE_KEYS or _SAFE_SUFFIX.search(key):
-            return False
-        return bool(SECRET_KEY_PATTERN.search(key)) or key.lower() in self.extra
+        verdict = self._verdicts.get(key)
+        if verdict is None:
+            if key in SAFE_KEYS or _SAFE_SUFFIX.search(key):
+                verdict = False
+            else:
+                verdict = bool(SECRET_KEY_PATTERN.search(key)) or key.lower() in self.extra
+            if len(self._verdicts) < 100_000:  # bounded: key names are the server's to choose
+                self._verdicts[key] = verdict
+        return verdict
 
     def _walk(self, value: Any) -> bool:
         changed = False
@@ -72,17 +84,19 @@ class Redactor:
         """The event with secret values replaced (the same object, re-encoded only if changed)."""
         if not self.enabled or ev.type in _JOB_TYPES:
             return ev
-        data = ev.doc.get("Data")
-        if not isinstance(data, dict | list):
+        if not isinstance(ev.doc.get("Data"), dict | list):
             return ev
-        # decide on the parsed view (cheap), then rebuild from the original bytes with the stdlib
-        # parser so that integers beyond 64 bits survive the re-encoding
-        if not self._walk(_copy(data)):
+        # Work on a fresh parse of the original bytes: orjson where that is exact, the stdlib
+        # where the event holds integers beyond 64 bits (orjson would turn them into floats).
+        exact_ints = _LONG_NUMBER.search(ev.raw) is not None
+        doc = json.loads(ev.raw) if exact_ints else orjson.loads(ev.raw)
+        if not self._walk(doc.get("Data")):
             return ev
-        exact = json.loads(ev.raw)
-        self._walk(exact.get("Data"))
-        ev.raw = json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
-        self._walk(data)
+        if exact_ints:
+            ev.raw = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        else:
+            ev.raw = orjson.dumps(doc)
+        ev.doc = doc
         self.redacted_events += 1
         return ev
 
