@@ -13,7 +13,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Coroutine, Sequence
-from pathlib import Path
 from typing import Any
 
 import structlog

@@ -134,6 +134,28 @@ def write_toml(path: Path, text: str) -> Path:
     return path
 
 
+def write_config(tmp_path: Path, url: str, body: str = "") -> Path:
+    """A config file for a `cometstream` subprocess: the server at ``url`` with the test
+    credentials, fast reconnects, no HTTP endpoint, state under tmp_path; then ``body``
+    (sinks and any other tables)."""
+    conf = tmp_path / "c.toml"
+    conf.write_text(f"""
+[server]
+url = "{url}"
+username = "{USER}"
+password = {toml_str(PASSWORD)}
+[stream]
+backoff_initial = 0.05
+backoff_max = 0.5
+[http]
+listen = ""
+[state]
+dir = "{tmp_path / 'state'}"
+{body}
+""", encoding="utf-8")
+    return conf
+
+
 def toml_str(value: str) -> str:
     """A TOML basic string literal for any text (quotes, backslashes, unicode)."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -13,13 +13,12 @@ from cometstream.simulator import Simulator
 
 from .conftest import (
     PASSWORD,
-    USER,
     cli_env,
     make_config,
     run_cli,
     running,
-    toml_str,
     wait_until,
+    write_config,
 )
 
 
@@ -136,18 +135,7 @@ async def test_pipeline_watermark_follows_acks(sim: Simulator, tmp_path: Path) -
 
 
 def _conf(tmp_path: Path, sim: Simulator, path: Path, extra: str = "") -> Path:
-    conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[server]
-url = "{sim.url}"
-username = "{USER}"
-password = {toml_str(PASSWORD)}
-[stream]
-backoff_initial = 0.05
-[http]
-listen = ""
-[state]
-dir = "{tmp_path / 'state'}"
+    return write_config(tmp_path, sim.url, f"""
 [log]
 format = "json"
 [redact]
@@ -157,8 +145,7 @@ type = "file"
 path = "{path}"
 format = "event"
 {extra}
-""", encoding="utf-8")
-    return conf
+""")
 
 
 async def test_sigterm_drains_queues_and_exits_0(sim: Simulator, tmp_path: Path) -> None:
@@ -249,21 +236,12 @@ async def test_shutdown_timeout_bounds_a_hung_sink(sim: Simulator, tmp_path: Pat
 
 async def test_sigterm_exits_even_when_stdout_is_never_read(sim: Simulator, tmp_path: Path) -> None:
     """A stdout sink blocked on a full pipe does not keep the process alive after SIGTERM."""
-    conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[server]
-url = "{sim.url}"
-username = "{USER}"
-password = {toml_str(PASSWORD)}
-[http]
-listen = ""
-[state]
-dir = "{tmp_path}"
+    conf = write_config(tmp_path, sim.url, """
 [shutdown]
 timeout = 1.0
 [sinks.out]
 type = "stdout"
-""", encoding="utf-8")
+""")
     proc = await run_cli("run", "-c", str(conf))  # its stdout is a pipe we never read
     try:
         await sim.wait_for_clients(1, timeout=10)

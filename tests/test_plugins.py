@@ -13,7 +13,7 @@ import pytest
 
 from cometstream.simulator import Simulator
 
-from .conftest import PASSWORD, USER, cli_env, run_cli, toml_str, wait_until
+from .conftest import cli_env, run_cli, wait_until, write_config
 
 PLUGIN = Path(__file__).resolve().parent / "plugin_example"
 
@@ -33,19 +33,7 @@ def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _conf(tmp_path: Path, sim: Simulator, extra: str) -> Path:
-    conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[server]
-url = "{sim.url}"
-username = "{USER}"
-password = {toml_str(PASSWORD)}
-[http]
-listen = ""
-[state]
-dir = "{tmp_path / 'state'}"
-{extra}
-""", encoding="utf-8")
-    return conf
+    return write_config(tmp_path, sim.url, extra)
 
 
 async def test_plugin_sink_is_loaded_by_name_and_receives_events(

@@ -13,7 +13,7 @@ import orjson
 
 from cometstream.simulator import Simulator
 
-from .conftest import PASSWORD, USER, make_config, run_cli, running, toml_str, wait_until
+from .conftest import PASSWORD, USER, make_config, run_cli, running, toml_str, wait_until, write_config
 
 COMPLETED, NEW = 4201, 4200
 
@@ -115,27 +115,14 @@ async def test_a_silently_cancelled_job_is_found_by_rechecking_running_jobs(
 
 
 def _conf(sim: Simulator, tmp_path: Path, path: Path) -> Path:
-    conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[server]
-url = "{sim.url}"
-username = "{USER}"
-password = {toml_str(PASSWORD)}
-[stream]
-backoff_initial = 0.05
-backoff_max = 0.5
-[http]
-listen = ""
-[state]
-dir = "{tmp_path / 'state'}"
+    return write_config(tmp_path, sim.url, f"""
 [log]
 format = "json"
 [sinks.f]
 type = "file"
 path = "{path}"
 fsync = "always"
-""", encoding="utf-8")
-    return conf
+""")
 
 
 async def _start(conf: Path) -> asyncio.subprocess.Process:
