@@ -153,3 +153,27 @@ async def test_kafka_down_at_start_is_retried_until_it_comes(sim: Simulator, tmp
             await b.stop()
     assert {m.value for m in msgs} >= set(sent)
     await asyncio.sleep(0)
+
+
+async def test_an_oversized_event_is_refused_alone(sim: Simulator, broker: Broker,
+                                                   tmp_path: Path) -> None:
+    """A message over the producer's size limit is dead-lettered; the events before and after
+    it in the same batch are delivered once."""
+    dlq = tmp_path / "dead.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "bus": _kafka(broker, topic="sized", key="", max_batch_bytes=1024,
+                      dead_letter=str(dlq))})
+    async with running(cfg) as d:
+        d.daemon.pipeline.retry_initial = 0.05
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        d.sink("bus")._producer._max_request_size = 2048  # a small limit: the client refuses
+        small = [orjson.dumps({"Type": 4103, "N": i}) for i in range(5)]
+        big = orjson.dumps({"Type": 4103, "Blob": "x" * 5000})
+        for frame in (*small[:2], big, *small[2:]):
+            sim.emit(frame)
+        await wait_until(lambda: d.sink_stats("bus").dropped.get("rejected") == 1, what="refused")
+        await wait_until(lambda: d.sink_stats("bus").delivered == 6, what="the others")
+    msgs = await broker.consume(["sized"], expect=6)
+    values = [m.value for m in msgs]
+    assert Counter(values) == Counter([v for v in values if b"4000" in v] + small)
+    assert orjson.loads(dlq.read_bytes().splitlines()[0])["event"]["Blob"] == "x" * 5000

@@ -294,13 +294,18 @@ class KafkaSink(Sink):
             await self.open()
         producer = self._producer
         futures = []
-        try:
-            for ev in batch:
-                topic, key, value, headers = self._message(ev)
+        failure: BaseException | None = None
+        for ev in batch:
+            topic, key, value, headers = self._message(ev)
+            try:
                 futures.append(await producer.send(topic, value, key=key, headers=headers))
-            results = await asyncio.gather(*futures, return_exceptions=True)
-        except (KafkaError, OSError) as exc:
-            results = [exc]
+            except (KafkaError, OSError, ValueError) as exc:  # e.g. a message over the size limit
+                failure = exc
+                break
+        # wait for what was handed to the producer before anything else: it may be delivered
+        results: list[Any] = list(await asyncio.gather(*futures, return_exceptions=True))
+        if failure is not None:
+            results.append(failure)
         accepted = 0
         for res in results:
             if isinstance(res, BaseException):
@@ -309,16 +314,20 @@ class KafkaSink(Sink):
         if accepted == len(batch):
             self.sent += accepted
             return
-        exc = next(r for r in results if isinstance(r, BaseException))
+        exc = results[accepted]
+        self.sent += accepted
         if self._idempotent and self.idempotence == "auto" and _init_pid_failed(exc):
             self._no_idempotence()
-        await self._reset()  # a fresh producer after any failure: reconnects, new metadata
         retryable = not isinstance(exc, KafkaError) or getattr(exc, "retriable", True) or \
             _init_pid_failed(exc) or type(exc).__name__ in _RETRYABLE_NAMES
-        if self.idempotence == "true" and _init_pid_failed(exc):
-            retryable = True  # loud: failing state on /readyz and a warning per minute
+        if isinstance(exc, ValueError) or type(exc).__name__ == "MessageSizeTooLargeError":
+            retryable = False
+        if retryable:
+            await self._reset()  # a fresh producer: reconnects, new metadata
+        # a permanent refusal concerns the one event (too large, invalid): the rest goes on
         raise SinkError(self.name, f"Kafka: {_describe(exc)}", retryable=retryable,
-                        accepted=accepted) from (exc if isinstance(exc, Exception) else None)
+                        accepted=accepted, failed=0 if retryable else 1) \
+            from (exc if isinstance(exc, Exception) else None)
 
 
 _RETRYABLE_NAMES: Final = frozenset({"KafkaTimeoutError", "KafkaConnectionError",
