@@ -174,9 +174,7 @@ async def _check_connect(cfg: Config) -> int:
     from .observe.metrics import StreamStats
     from .stream import Session, make_ssl_context
 
-    for secret in (cfg.server.password, cfg.server.totp_secret, cfg.server.session_key):
-        if secret is not None:
-            register_secret(secret.reveal())
+    register_secret(*cfg.server.secret_values())
     hello: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
     def on_hello(ev: Any) -> None:
@@ -217,9 +215,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     cfg = _load(args)
     since = parse_when(args.since, option="--since")
     until = parse_when(args.until, option="--until") if args.until else int(time.time())
-    for secret in (cfg.server.password, cfg.server.totp_secret, cfg.server.session_key):
-        if secret is not None:
-            register_secret(secret.reveal())
+    register_secret(*cfg.server.secret_values())
 
     async def go() -> int:
         count = await run_backfill(cfg, since=since, until=until, sink_names=args.sink)

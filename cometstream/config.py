@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from .constants import SEVT, SEVT_NAMES
+from .constants import SEVT
 from .errors import ConfigError, ConfigErrors
 from .events import FORMATS
 from .protocol import AUTH_TYPES, stream_url, totp_code
@@ -217,6 +217,11 @@ class ServerConfig:
     session_key: Secret | None = field(default=None, repr=False)
     tls_verify: bool = True
     ca_file: Path | None = None
+
+    def secret_values(self) -> list[str]:
+        """The configured secrets' values (for the log redaction), none of them empty."""
+        return [s.reveal() for s in (self.password, self.totp_secret, self.session_key)
+                if s is not None and s.reveal()]
 
     def totp_now(self, at: float | None = None) -> str:
         """The TOTP code for a login now (``PasswordTOTP``), or "" when not used."""
@@ -590,6 +595,3 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         raise ConfigError("", f"{p}: not UTF-8 text") from None
     return parse_config(data, path=p.resolve(), env=env)
 
-
-# The event-type names accepted in filters, for documentation and error hints.
-KNOWN_TYPE_NAMES: Final = tuple(SEVT_NAMES[v] for v in sorted(SEVT_NAMES))

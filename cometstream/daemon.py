@@ -105,9 +105,7 @@ class Daemon:
         self._http_required = http_required
         self.metrics = Metrics(cfg.server.name, self.registry)
         s = cfg.server
-        for secret in (s.password, s.totp_secret, s.session_key):
-            if secret is not None:
-                register_secret(secret.reveal())
+        register_secret(*s.secret_values())
         given = sinks or {}
         self.sinks = {sc.name: given.get(sc.name) or build_sink(sc) for sc in cfg.sinks}
         self.pipeline = Pipeline([(sc, self.sinks[sc.name]) for sc in cfg.sinks], self.metrics)
@@ -133,7 +131,6 @@ class Daemon:
         self._releasing: asyncio.Task[None] | None = None
         self._skew = 0.0
         self.status = ("starting", "starting")
-        self.started = asyncio.Event()
         self.resyncs_ok = 0
         self.last_resync: ResyncResult | None = None
 
@@ -335,10 +332,6 @@ class Daemon:
                      accounts=len(cp.accounts), dedup=len(cp.dedup))
 
     # --- lifecycle -------------------------------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        return not self.not_ready_reasons()
-
     def not_ready_reasons(self) -> list[str]:
         """Why /readyz says 503: not logged in to the stream, or a sink failing."""
         reasons = []
@@ -392,7 +385,6 @@ class Daemon:
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
         saver = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
         self.notifier.ready()
-        self.started.set()
         code = EXIT_OK
         try:
             await asyncio.wait({sup, stopper}, return_when=asyncio.FIRST_COMPLETED)

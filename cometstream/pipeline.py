@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import orjson
 import structlog
@@ -361,9 +361,6 @@ class Pipeline:
         else:
             log.debug(what, sink=route.name, error=msg)
 
-    def status(self) -> dict[str, Any]:
-        return {r.name: {"depth": r.depth, "failing": r.stats.failing, "error": r.stats.last_error}
-                for r in self.routes}
 
 
 class DeadLetters:

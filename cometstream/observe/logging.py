@@ -29,10 +29,11 @@ _LEVELS: Final = {"debug": logging.DEBUG, "info": logging.INFO, "warning": loggi
                   "error": logging.ERROR}
 
 
-def register_secret(value: str | None) -> None:
-    """Mask ``value`` wherever it would appear in a log line (values of 4+ characters)."""
-    if value and len(value) >= 4:
-        _secrets.add(value)
+def register_secret(*values: str | None) -> None:
+    """Mask each value wherever it would appear in a log line (values of 4+ characters)."""
+    for value in values:
+        if value and len(value) >= 4:
+            _secrets.add(value)
 
 
 def _scrub(text: str) -> str:

@@ -76,15 +76,6 @@ class Histogram:
         out.append(("+Inf", acc))
         return out
 
-    def quantile(self, q: float) -> float:
-        """An upper-bound estimate of quantile ``q`` from the buckets (for status lines)."""
-        target = q * self.count
-        acc = 0
-        for bound, c in zip(self.bounds, self.counts, strict=False):
-            acc += c
-            if acc >= target:
-                return bound
-        return float("inf")
 
 
 class StreamStats:
