@@ -37,7 +37,7 @@ from .api import AdminClient
 from .backoff import Backoff
 from .config import Config, SinkConfig
 from .errors import ApiError, ConfigError, CredentialsRejected
-from .events import Event
+from .events import JOB_TYPES, Event
 from .config import parse_listen
 from .observe.http import HttpServer
 from .observe.logging import register_secret
@@ -67,7 +67,6 @@ EXIT_CREDENTIALS = 3
 CHECKPOINT_INTERVAL: Final = 1.0
 #: live events held during a resync beyond this many are released before it finishes
 HOLD_MAX: Final = 200_000
-_JOB_TYPES: Final = frozenset({4200, 4201})
 
 log = structlog.get_logger("cometstream.daemon")
 
@@ -142,7 +141,7 @@ class Daemon:
     def _publish(self, ev: Event) -> Awaitable[None] | None:
         if self._holding and ev.type != HELLO:  # the HELLO opens the session: it goes first
             self._held.append(ev)
-            if ev.type in _JOB_TYPES:
+            if ev.type in JOB_TYPES:
                 key = ev.dedup_key()
                 if key is not None:
                     self._held_keys.add(key)
@@ -160,7 +159,7 @@ class Daemon:
             self.metrics.stream.duplicates += 1
             return None
         action = tracker.action(ev)  # before redaction: digests are of the full profile
-        if ev.type not in _JOB_TYPES:
+        if ev.type not in JOB_TYPES:
             self.redactor.apply(ev)
         waiting = self.pipeline.publish(ev)  # assigns ev.seq
         tracker.published(ev, key, action)

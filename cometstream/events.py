@@ -18,6 +18,7 @@ __all__ = [
     "ORIGINS",
     "Event",
     "JOB_COMPLETED",
+    "JOB_TYPES",
     "completion_key",
     "type_label",
 ]
@@ -26,6 +27,8 @@ ORIGINS: Final = ("stream", "resync", "backfill")
 FORMATS: Final = ("event", "envelope")
 JOB_COMPLETED: Final = SEVT["SEVT_JOB_COMPLETED"]
 _JOB_NEW: Final = SEVT["SEVT_JOB_NEW"]
+#: the two job event types (the bulk of the stream; the only ones de-duplicated)
+JOB_TYPES: Final = frozenset({_JOB_NEW, JOB_COMPLETED})
 
 
 def completion_key(guid: str, end_time: object) -> str:

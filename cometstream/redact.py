@@ -20,7 +20,7 @@ import orjson
 from collections.abc import Iterable
 from typing import Any, Final
 
-from .events import Event
+from .events import JOB_TYPES, Event
 
 __all__ = ["MARK", "SECRET_KEY_PATTERN", "SAFE_KEYS", "Redactor"]
 
@@ -41,7 +41,6 @@ SAFE_KEYS: Final = frozenset({
     "AllowPasswordAndU2FLogin", "AllowPasswordAndWebAuthnLogin", "RequirePasswordChange",
     "TOTPKeyEncryptionFormat", "PasswordRecoveryEnabled", "HasPassword", "PasswordLastChanged",
 })
-_JOB_TYPES: Final = frozenset({4200, 4201})
 #: a number of 19+ digits may not fit 64 bits: such events are parsed and encoded by the stdlib
 _LONG_NUMBER: Final = re.compile(rb"\d{19}")
 
@@ -82,7 +81,7 @@ class Redactor:
 
     def apply(self, ev: Event) -> Event:
         """The event with secret values replaced (the same object, re-encoded only if changed)."""
-        if not self.enabled or ev.type in _JOB_TYPES:
+        if not self.enabled or ev.type in JOB_TYPES:
             return ev
         if not isinstance(ev.doc.get("Data"), dict | list):
             return ev
