@@ -301,6 +301,7 @@ async def test_a_failing_api_is_retried_while_live_events_flow(sim: Simulator,
         await _open_gap(sim, d)
         d.daemon.checkpoint()
         before = d.daemon.tracker.watermark
+        await asyncio.sleep(1.1)  # the gap's jobs end in a later second than the watermark
         gap = _gap_jobs(sim, 5)
         sim.faults.api_down = True
         sim.faults.reject_logins = False
