@@ -108,6 +108,8 @@ class Daemon:
         given = sinks or {}
         self.sinks = {sc.name: given.get(sc.name) or build_sink(sc) for sc in cfg.sinks}
         self.pipeline = Pipeline([(sc, self.sinks[sc.name]) for sc in cfg.sinks], self.metrics)
+        #: whether a sink reads the parsed event (else it is dropped once routed, to save memory)
+        self._keep_doc = any(getattr(sk, "uses_doc", True) for sk in self.sinks.values())
         self.supervisor = Supervisor(s, cfg.stream, self._publish, self.metrics.stream,
                                      rand=rand, on_status=self._on_status,
                                      on_hello=self._on_hello)
@@ -153,16 +155,22 @@ class Daemon:
         return self._deliver(ev)
 
     def _deliver(self, ev: Event) -> Awaitable[None] | None:
+        """Dedup, track, redact, publish: the per-event path, kept to a few calls."""
         tracker = self.tracker
-        key = tracker.admit(ev)
-        if key is False:
-            self.metrics.stream.duplicates += 1
-            return None
-        action = tracker.action(ev)  # before redaction: digests are of the full profile
-        if ev.type not in JOB_TYPES:
+        if ev.type in JOB_TYPES:
+            key, action = tracker.job_event(ev)
+            if key is not None and (key in tracker.dedup.delivered or key in tracker.dedup.inflight):
+                tracker.dedup.duplicates += 1
+                self.metrics.stream.duplicates += 1
+                return None
+        else:
+            key = None
+            action = tracker.action(ev)  # before redaction: digests are of the full profile
             self.redactor.apply(ev)
         waiting = self.pipeline.publish(ev)  # assigns ev.seq
         tracker.published(ev, key, action)
+        if not self._keep_doc:
+            ev.release_doc()  # queued events hold only their bytes
         return waiting
 
     async def _emit(self, ev: Event) -> None:

@@ -7,6 +7,7 @@ integers beyond 64 bits, unknown fields, key order and unicode reach the sinks b
 
 from __future__ import annotations
 
+import json
 from typing import Any, Final
 
 import orjson
@@ -37,6 +38,16 @@ def completion_key(guid: str, end_time: object) -> str:
     return f"{JOB_COMPLETED}:{guid}:{end}"
 
 
+def parse_raw(raw: bytes) -> dict[str, Any]:
+    """Parse an event's bytes again (they were valid when received): orjson, or the standard
+    library for what orjson refuses (integers beyond 64 bits, numbers beyond a double)."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        doc = json.loads(raw)
+    return doc if isinstance(doc, dict) else {}
+
+
 def type_label(type_: int) -> str:
     """A bounded metric label for an event type: the SEVT name, or ``other`` for unknown numbers."""
     return SEVT_NAMES.get(type_, "other")
@@ -45,7 +56,7 @@ def type_label(type_: int) -> str:
 class Event:
     """One StreamableEvent. ``raw`` is a single line of JSON (the server's bytes, line breaks folded)."""
 
-    __slots__ = ("raw", "doc", "type", "origin", "received_at", "server", "seq", "_type_name")
+    __slots__ = ("raw", "_doc", "type", "origin", "received_at", "server", "seq", "_type_name")
 
     def __init__(
         self,
@@ -58,7 +69,7 @@ class Event:
         server: str = "",
     ) -> None:
         self.raw = raw
-        self.doc = doc
+        self._doc: dict[str, Any] | None = doc
         self.type = type_
         self.origin = origin
         self.received_at = received_at
@@ -76,6 +87,22 @@ class Event:
                    received_at=received_at, server=server)
 
     # --- views -----------------------------------------------------------------------------
+    @property
+    def doc(self) -> dict[str, Any]:
+        """The parsed event. The pipeline releases it once no sink needs it (``release_doc``),
+        to keep queued events small; reading it afterwards parses ``raw`` again."""
+        doc = self._doc
+        if doc is None:
+            doc = self._doc = parse_raw(self.raw)
+        return doc
+
+    @doc.setter
+    def doc(self, value: dict[str, Any]) -> None:
+        self._doc = value
+
+    def release_doc(self) -> None:
+        self._doc = None
+
     @property
     def type_name(self) -> str:
         """``SEVT_...``: the known name; for a type this version does not know, the server's

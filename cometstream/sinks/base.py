@@ -44,6 +44,9 @@ class Sink(ABC):
 
     #: the output format when the config does not say (``event`` or ``envelope``)
     default_format: ClassVar[str] = "envelope"
+    #: whether ``send`` reads the parsed event (``ev.doc``, ``ev.data``, ``ev.job``...). When no
+    #: sink does, queued events keep only their bytes (reading ``doc`` then parses them again).
+    uses_doc: bool = True
 
     name: str
 

@@ -43,6 +43,7 @@ _BATCH_FSYNC_INTERVAL: Final = 1.0
 
 class FileSink(Sink):
     default_format = "envelope"
+    uses_doc = False
 
     def __init__(self, name: str, path: Path, *, format: str = "envelope", rotate_bytes: int = 0,
                  keep: int = 5, fsync: str = "batch") -> None:

@@ -157,18 +157,24 @@ class StdoutSink(Sink):
         options.done()
         return cls(name, format=fmt, pretty=pretty)
 
+    @property
+    def uses_doc(self) -> bool:  # type: ignore[override]
+        """Only the readable lines read the parsed event."""
+        return self._pretty_opt if self._pretty_opt is not None else self._is_tty()
+
+    def _is_tty(self) -> bool:
+        try:
+            fd = sys.stdout.fileno() if self._stream is None else self._stream.fileno()
+            return os.isatty(fd)
+        except (OSError, ValueError, AttributeError):
+            return False
+
     async def open(self) -> None:
-        tty = False
         if self._stream is None:
             # Write to fd 1 directly, unbuffered: if a write blocks on a full pipe, nothing is
             # left in sys.stdout's buffer for the interpreter to flush (and hang on) at exit.
             self._fd = sys.stdout.fileno()
-            tty = os.isatty(self._fd)
-        else:
-            try:
-                tty = os.isatty(self._stream.fileno())
-            except (OSError, ValueError, AttributeError):
-                pass
+        tty = self._is_tty()
         self.pretty = tty if self._pretty_opt is None else self._pretty_opt
         self.colour = tty and "NO_COLOR" not in os.environ
         if self._writer is None:
