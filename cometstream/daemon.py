@@ -108,6 +108,10 @@ class Daemon:
         given = sinks or {}
         self.sinks = {sc.name: given.get(sc.name) or build_sink(sc) for sc in cfg.sinks}
         self.pipeline = Pipeline([(sc, self.sinks[sc.name]) for sc in cfg.sinks], self.metrics)
+        # settle acknowledgements as they come (not only once a second): what is pending stays
+        # small during a burst
+        self.pipeline.add_ack_listener(self._on_ack)
+        self._settled_through = 0
         #: whether a sink reads the parsed event (else it is dropped once routed, to save memory)
         self._keep_doc = any(getattr(sk, "uses_doc", True) for sk in self.sinks.values())
         self.supervisor = Supervisor(s, cfg.stream, self._publish, self.metrics.stream,
@@ -158,7 +162,7 @@ class Daemon:
         """Dedup, track, redact, publish: the per-event path, kept to a few calls."""
         tracker = self.tracker
         if ev.type in JOB_TYPES:
-            key, action = tracker.job_event(ev)
+            key, action = tracker.job_event(ev)  # key: the dedup fingerprint
             if key is not None and (key in tracker.dedup.delivered or key in tracker.dedup.inflight):
                 tracker.dedup.duplicates += 1
                 self.metrics.stream.duplicates += 1
@@ -287,6 +291,10 @@ class Daemon:
             return
 
     # --- checkpoint ------------------------------------------------------------------------------
+    def _on_ack(self, _route: object, _batch: object) -> None:
+        if self.pipeline.delivered_through() > self._settled_through:
+            self.checkpoint(write=False)
+
     def checkpoint(self, *, write: bool = True) -> None:
         """Fold acknowledgements into the tracker and (``write``) save it if anything changed."""
         live_until = None
@@ -295,7 +303,9 @@ class Daemon:
             # what the server sent up to our last sign of life from it (a pong or a frame) has
             # arrived: TCP keeps order. After that a half-open connection may hide events.
             live_until = alive + self._skew
-        self.tracker.settle(self.pipeline.delivered_through(), live_until=live_until)
+        through = self.pipeline.delivered_through()
+        self._settled_through = through
+        self.tracker.settle(through, live_until=live_until)
         if write and self.tracker.changed:
             self.store.save(self.tracker.snapshot())
 
@@ -336,7 +346,7 @@ class Daemon:
         self.resyncer.tracker = self.tracker
         if cp is not None:
             log.info("checkpoint loaded", watermark=cp.watermark, running_jobs=len(cp.running_jobs),
-                     accounts=len(cp.accounts), dedup=len(cp.dedup))
+                     accounts=len(cp.accounts), dedup=len(self.tracker.dedup))
 
     # --- lifecycle -------------------------------------------------------------------------------
     def not_ready_reasons(self) -> list[str]:

@@ -42,7 +42,7 @@ from .constants import SEVT
 from .errors import ApiError
 from .events import Event, completion_key
 from .redact import Redactor
-from .state import Checkpoint, Dedup, profile_digest
+from .state import Checkpoint, Dedup, fingerprint, profile_digest
 
 __all__ = ["RESTART_WINDOW", "ResyncResult", "Resyncer", "Tracker", "account_entry"]
 
@@ -98,8 +98,9 @@ class Tracker:
         self.accounts_baseline = cp.accounts_baseline
         self.dedup = dedup or Dedup()
         self.dedup.load(cp.dedup)
-        #: published, not yet acknowledged by every sink: (seq, dedup key or "", timestamp, action)
-        self._pending: deque[tuple[int, str, int, Action]] = deque()
+        #: published, not yet acknowledged by every sink: (seq, dedup fingerprint or None,
+        #: timestamp, action)
+        self._pending: deque[tuple[int, int | None, int, Action]] = deque()
         #: a resync's account/device snapshot, committed once its events are acknowledged
         self._staged: tuple[int, dict[str, list[Any]], dict[str, str]] | None = None
         #: True until a resync has covered the current gap: the watermark must not pass it
@@ -122,9 +123,9 @@ class Tracker:
         return key
 
     @staticmethod
-    def job_event(ev: Event) -> tuple[str | None, Action]:
-        """A job event's dedup key and tracked-state change, from one look at its data (the hot
-        path: job events are most of the stream). Same results as ``dedup_key``/``action``."""
+    def job_event(ev: Event) -> tuple[int | None, Action]:
+        """A job event's dedup fingerprint and tracked-state change, from one look at its data
+        (the hot path: job events are most of the stream). As ``dedup_key``/``action``."""
         data = ev.doc.get("Data")
         if type(data) is not dict:
             return None, None
@@ -133,22 +134,25 @@ class Tracker:
             return None, None
         if ev.type == JOB_COMPLETED:
             end = data.get("EndTime")
-            return f"{JOB_COMPLETED}:{guid}:{end if type(end) is int else 0}", ("job_done", guid)
+            return (fingerprint(f"{JOB_COMPLETED}:{guid}:{end if type(end) is int else 0}"),
+                    ("job_done", guid))
         user = data.get("Username")
         start = data.get("StartTime")
-        return f"{JOB_NEW}:{guid}", ("job_new", guid, user if type(user) is str else "",
-                                     start if type(start) is int else 0)
+        return fingerprint(f"{JOB_NEW}:{guid}"), ("job_new", guid, user if type(user) is str
+                                                  else "", start if type(start) is int else 0)
 
-    def published(self, ev: Event, key: str | bool | None, action: Action) -> None:
-        """Record a published event (``action`` from :meth:`action`, taken before redaction)."""
+    def published(self, ev: Event, key: str | int | bool | None, action: Action) -> None:
+        """Record a published event: its dedup key (or fingerprint; None/True for none) and
+        ``action`` (from :meth:`action`, taken before redaction)."""
         ts = ev.doc.get("Timestamp")
         if type(ts) is not int or not ts:
             ts = int(ev.received_at)
-        if type(key) is str:
-            self.dedup.inflight[key] = ev.seq
-            self._pending.append((ev.seq, key, ts, action))
+        if key is None or key is True:
+            self._pending.append((ev.seq, None, ts, action))
         else:
-            self._pending.append((ev.seq, "", ts, action))
+            fp = fingerprint(key)  # type: ignore[arg-type]
+            self.dedup.inflight[fp] = ev.seq
+            self._pending.append((ev.seq, fp, ts, action))
 
     @staticmethod
     def action(ev: Event) -> Action:
@@ -217,7 +221,7 @@ class Tracker:
             _seq, key, ts, action = pending.popleft()
             if ts > latest:
                 ts = latest
-            if key:
+            if key is not None:
                 self.dedup.acked(key, ts)
             if action is not None:
                 self._apply(action)
@@ -246,7 +250,7 @@ class Tracker:
     def drop_pending(self) -> None:
         """Events that will never be acknowledged (dropped at shutdown): forget them."""
         for _seq, key, _ts, _a in self._pending:
-            if key:
+            if key is not None:
                 self.dedup.forget_inflight(key)
         self._pending.clear()
         self._staged = None

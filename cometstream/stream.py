@@ -38,6 +38,8 @@ from .protocol import HELLO, Credentials, Malformed, auth_frames, check_reply, d
 
 __all__ = ["Publish", "RateLimitedLog", "Session", "Supervisor", "classify", "make_ssl_context"]
 
+#: frames read in a row before the read loop lets other tasks (the sink workers) run
+YIELD_EVERY: Final = 256
 log = structlog.get_logger("cometstream.stream")
 
 Publish = Callable[[Event], Awaitable[None] | None]
@@ -235,12 +237,19 @@ class Session:
         receive = ws.receive
         on_frame = self._on_frame
         TEXT = WSMsgType.TEXT
+        burst = 0
         while True:
             msg = await receive()
             if msg.type is TEXT:
                 waiting = on_frame(msg.data)
                 if waiting is not None:
                     await self._wait_for_sinks(waiting)
+                burst += 1
+                if burst >= YIELD_EVERY:
+                    # While frames keep arriving, receive() never suspends: let the sink
+                    # workers run, so that queues stay short (memory, latency)
+                    burst = 0
+                    await asyncio.sleep(0)
                 continue
             kind = msg.type
             if kind is WSMsgType.PING:

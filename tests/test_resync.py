@@ -334,7 +334,41 @@ async def test_corrupt_checkpoint_is_moved_aside_and_the_daemon_runs(sim: Simula
     aside = list(state.glob("checkpoint.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b'{"version": 1')
     fresh = orjson.loads((state / "checkpoint.json").read_bytes())
-    assert fresh["version"] == 1 and fresh["watermark"] > 17 and fresh["accounts_baseline"]
+    assert fresh["version"] == 2 and fresh["watermark"] > 17 and fresh["accounts_baseline"]
+
+
+def test_checkpoint_keeps_dedup_fingerprints_and_reads_format_1(tmp_path: Path) -> None:
+    """The window is stored as fingerprints (format 2) and survives a save and a load; a format-1
+    file's [key, timestamp] entries still de-duplicate after an upgrade; a damaged compact form
+    is moved aside like any corrupt checkpoint."""
+    from cometstream.state import Checkpoint, Dedup, StateStore
+
+    keys = [f"4201:{i:08d}-guid:{1733400000 + i}" for i in range(1000)]
+    dd = Dedup()
+    for i, k in enumerate(keys):
+        dd.acked(k, 1733400000 + i)
+    store = StateStore(tmp_path, "sim")
+    store.prepare()
+    assert store.save(Checkpoint(watermark=1733401000, dedup=dd.dump()))
+    blob = (tmp_path / "checkpoint.json").read_bytes()
+    assert b"guid" not in blob and len(blob) < 1000 * 24  # 16 bytes a key, in base64
+    back = Dedup()
+    back.load(store.load().dedup)  # type: ignore[union-attr]
+    assert all(back.seen(k) for k in keys) and not back.seen("4201:other:1")
+    assert list(back.delivered.values()) == list(range(1733400000, 1733401000))
+
+    (tmp_path / "checkpoint.json").write_bytes(orjson.dumps({
+        "version": 1, "server": "sim", "watermark": 1733400005,
+        "dedup": [[k, 1733400000 + i] for i, k in enumerate(keys[:3])]}))
+    old = Dedup()
+    old.load(store.load().dedup)  # type: ignore[union-attr]
+    assert old.seen(keys[0]) and old.seen(keys[2]) and not old.seen(keys[3])
+
+    (tmp_path / "checkpoint.json").write_bytes(orjson.dumps({
+        "version": 2, "server": "sim", "watermark": 1733400005,
+        "dedup": {"fingerprints": "AAAAAAAAAAA=", "timestamps": ""}}))
+    assert store.load() is None
+    assert len(list(tmp_path.glob("checkpoint.json.corrupt-*"))) == 1
 
 
 async def test_checkpoint_survives_a_restart(sim: Simulator, tmp_path: Path) -> None:
