@@ -14,7 +14,6 @@ Relative paths are taken relative to the configuration file's folder.
 from __future__ import annotations
 
 import binascii
-import difflib
 import math
 import os
 import re
@@ -138,7 +137,7 @@ class Section:
             shown = f"a {type(value).__name__} (value not shown)" if secret else _fmt(value)
             raise self.error(name, f"expected a string, got {shown}")
         if choices is not None and value not in choices:
-            hint = difflib.get_close_matches(value, choices, n=1)
+            hint = _close_matches(value, choices, n=1)
             extra = f' (did you mean "{hint[0]}"?)' if hint else ""
             raise self.error(name, f"expected one of {', '.join(choices)}, got {_fmt(value)}{extra}")
         if not allow_empty and not value:
@@ -199,7 +198,7 @@ class Section:
         if unknown:
             name = unknown[0]
             known = sorted(self._seen)
-            hint = difflib.get_close_matches(name, known, n=1)
+            hint = _close_matches(name, known, n=1)
             extra = f' (did you mean "{hint[0]}"?)' if hint else ""
             raise self.error(name, f"unknown key{extra}")
 
@@ -318,6 +317,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, port
+
+
+def _close_matches(word: str, choices: Any, n: int = 1) -> list[str]:
+    import difflib  # only when a config is wrong
+
+    return difflib.get_close_matches(word, choices, n=n)
 
 
 def read_secret_file(sect: Section, name: str) -> Secret | None:
@@ -447,7 +452,7 @@ def parse_types(sect: Section, name: str) -> frozenset[int] | None:
         if isinstance(item, str):
             key = item.strip().upper()
             if key not in SEVT:
-                hint = difflib.get_close_matches(key, list(SEVT), n=1)
+                hint = _close_matches(key, list(SEVT), n=1)
                 extra = f' (did you mean "{hint[0]}"?)' if hint else ""
                 raise sect.error(f"{name}[{i}]", f"unknown event type {_fmt(item)}{extra}")
             out.add(SEVT[key])

@@ -63,7 +63,6 @@ class Event:
         raw: bytes,
         doc: dict[str, Any],
         type_: int,
-        *,
         origin: str = "stream",
         received_at: float = 0.0,
         server: str = "",

@@ -22,6 +22,8 @@ from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
+from orjson import JSONDecodeError
+from orjson import loads as _loads
 
 from .errors import CredentialsRejected
 from .events import Event
@@ -165,22 +167,26 @@ def decode_frame(
     origin: str = "stream",
 ) -> Event | Malformed:
     """One text frame → an Event, or a Malformed for anything that is not a JSON object with an
-    integer ``Type``. Unknown types and unknown fields are fine: they are the server's to add."""
-    raw = data.encode() if isinstance(data, str) else data
+    integer ``Type``. Unknown types and unknown fields are fine: they are the server's to add.
+
+    Runs for every frame: exact type checks, one parse, no copy unless the frame has line
+    breaks or surrounding whitespace."""
+    raw = data if type(data) is bytes else (
+        data.encode() if isinstance(data, str) else bytes(data))
     try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
+        doc = _loads(raw)
+    except JSONDecodeError as exc:
         doc = _slow_loads(raw, exc)
-        if isinstance(doc, Malformed):
+        if type(doc) is Malformed:
             return doc
-    if not isinstance(doc, dict):
+    if type(doc) is not dict:
         return Malformed("not_object", f"JSON {type(doc).__name__}, not an object", _sample(raw), len(raw))
     type_ = doc.get("Type")
     if type(type_) is not int:
         return Malformed("bad_type", "no integer Type field", _sample(raw), len(raw))
-    raw = raw.strip()
-    if b"\n" in raw or b"\r" in raw:
+    raw = raw.strip()  # the same object when there is nothing to strip
+    if raw.find(10) >= 0 or raw.find(13) >= 0:  # (find: faster than `in` here)
         # Line breaks outside strings are insignificant whitespace in JSON (inside strings they
         # must be escaped), so folding them keeps the document and makes it one JSON Lines line.
         raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
-    return Event(raw, doc, type_, origin=origin, received_at=received_at, server=server)
+    return Event(raw, doc, type_, origin, received_at, server)

@@ -7,8 +7,7 @@ Others come from the entry point group ``cometstream.sinks`` (``name = "package.
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import entry_points
-from typing import Final
+from typing import Any, Final
 
 from ..errors import ConfigError
 from .base import Sink
@@ -28,6 +27,14 @@ _BUILTINS: Final = {
 def _load(spec: str) -> type[Sink]:
     module, _, attr = spec.partition(":")
     return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+
+
+def entry_points(*, group: str) -> Any:
+    # imported when a third-party sink is looked up: importlib.metadata costs a megabyte of RSS
+    # that a daemon with built-in sinks does not need
+    from importlib.metadata import entry_points as _entry_points
+
+    return _entry_points(group=group)
 
 
 def available_sink_types() -> list[str]:
