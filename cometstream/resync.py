@@ -101,6 +101,9 @@ class Tracker:
         #: published, not yet acknowledged by every sink: (seq, dedup fingerprint or None,
         #: timestamp, action)
         self._pending: deque[tuple[int, int | None, int, Action]] = deque()
+        #: the pending timestamps' running minimum, (seq, timestamp) with rising timestamps: the
+        #: oldest pending timestamp without a scan of every pending event at each settle
+        self._low: deque[tuple[int, int]] = deque()
         #: a resync's account/device snapshot, committed once its events are acknowledged
         self._staged: tuple[int, dict[str, list[Any]], dict[str, str]] | None = None
         #: True until a resync has covered the current gap: the watermark must not pass it
@@ -147,12 +150,17 @@ class Tracker:
         ts = ev.doc.get("Timestamp")
         if type(ts) is not int or not ts:
             ts = int(ev.received_at)
+        seq = ev.seq
         if key is None or key is True:
-            self._pending.append((ev.seq, None, ts, action))
+            self._pending.append((seq, None, ts, action))
         else:
             fp = fingerprint(key)  # type: ignore[arg-type]
-            self.dedup.inflight[fp] = ev.seq
-            self._pending.append((ev.seq, fp, ts, action))
+            self.dedup.inflight[fp] = seq
+            self._pending.append((seq, fp, ts, action))
+        low = self._low
+        while low and low[-1][1] >= ts:
+            low.pop()
+        low.append((seq, ts))
 
     @staticmethod
     def action(ev: Event) -> Action:
@@ -228,6 +236,9 @@ class Tracker:
             if ts > self.newest_acked:
                 self.newest_acked = ts
             self.changed = True
+        low = self._low
+        while low and low[0][0] <= delivered_through:
+            low.popleft()
         staged = self._staged
         if staged is not None and staged[0] <= delivered_through:
             self.accounts, self.devices = staged[1], staged[2]
@@ -236,7 +247,7 @@ class Tracker:
         if self.frozen:
             return
         if pending:
-            candidate = min(ts for _s, _k, ts, _a in pending) - 1
+            candidate = low[0][1] - 1  # the oldest timestamp still pending
         else:
             candidate = self.newest_acked
             if live_until is not None:
@@ -253,6 +264,7 @@ class Tracker:
             if key is not None:
                 self.dedup.forget_inflight(key)
         self._pending.clear()
+        self._low.clear()
         self._staged = None
 
     def snapshot(self) -> Checkpoint:

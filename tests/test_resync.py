@@ -514,6 +514,28 @@ def test_job_and_account_state_change_only_when_delivered() -> None:
     assert tr.accounts == {"u": ["digest", "guid"]} and tr.devices == {"dev": "u"}
 
 
+def test_the_watermark_stays_before_the_oldest_unacknowledged_timestamp() -> None:
+    """Timestamps do not rise with the publish order: the watermark waits for the oldest event
+    still unacknowledged, whichever was published first."""
+    from cometstream.resync import Tracker
+
+    tr = Tracker()
+    tr.frozen = False
+    for seq, (guid, end) in enumerate((("a", 1733400100), ("b", 1733400050),
+                                       ("c", 1733400080), ("d", 1733400090)), 1):
+        ev = _job_ev(COMPLETED, guid, end)
+        ev.seq = seq
+        tr.published(ev, tr.admit(ev), tr.action(ev))
+    tr.settle(1, live_until=None)
+    assert tr.watermark == 1733400049
+    tr.settle(2, live_until=None)
+    assert tr.watermark == 1733400079
+    tr.settle(3, live_until=None)
+    assert tr.watermark == 1733400089
+    tr.settle(4, live_until=None)
+    assert tr.watermark == 1733400100
+
+
 def test_a_revived_job_completing_again_is_not_a_duplicate() -> None:
     """Abandoned then revived, a job completes twice with two EndTimes: both are delivered."""
     from cometstream.resync import Tracker
