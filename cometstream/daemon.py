@@ -50,6 +50,7 @@ from .resync import (
     ACCOUNT_NEW,
     ACCOUNT_UPDATED,
     JOB_NEW,
+    Action,
     ResyncResult,
     Resyncer,
     Tracker,
@@ -177,10 +178,20 @@ class Daemon:
             ev.release_doc()  # queued events hold only their bytes
         return waiting
 
-    async def _emit(self, ev: Event) -> None:
-        waiting = self._deliver(ev)
-        if waiting is not None:
-            await waiting
+    def _deliver_job(self, ev: Event, fp: int, ts: int, action: Action) -> Awaitable[None] | None:
+        """:meth:`_deliver` for a job event the resync synthesized, which already knows its
+        dedup fingerprint, timestamp and tracked-state change (job events are not redacted)."""
+        tracker = self.tracker
+        dedup = tracker.dedup
+        if fp in dedup.delivered or fp in dedup.inflight:
+            dedup.duplicates += 1
+            self.metrics.stream.duplicates += 1
+            return None
+        waiting = self.pipeline.publish(ev)  # assigns ev.seq
+        tracker.published_job(ev.seq, fp, ts, action)
+        if not self._keep_doc:
+            ev.release_doc()
+        return waiting
 
     def _repeats_resync(self, ev: Event) -> bool:
         """A held live event that says again what the sync that just ran reported: a JOB_NEW of
@@ -253,7 +264,7 @@ class Daemon:
         while True:
             t0 = time.monotonic()
             try:
-                res = await self.resyncer.run(hello, self._emit)
+                res = await self.resyncer.run(hello, self._deliver, self._deliver_job)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -30,6 +30,7 @@ Timestamp, TypeString, Data), origin ``resync``, and server-clock timestamps.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -157,6 +158,16 @@ class Tracker:
             fp = fingerprint(key)  # type: ignore[arg-type]
             self.dedup.inflight[fp] = seq
             self._pending.append((seq, fp, ts, action))
+        low = self._low
+        while low and low[-1][1] >= ts:
+            low.pop()
+        low.append((seq, ts))
+
+    def published_job(self, seq: int, fp: int, ts: int, action: Action) -> None:
+        """:meth:`published` for a synthesized job event whose fingerprint, timestamp (a
+        positive int) and action are known."""
+        self.dedup.inflight[fp] = seq
+        self._pending.append((seq, fp, ts, action))
         low = self._low
         while low and low[-1][1] >= ts:
             low.pop()
@@ -293,7 +304,17 @@ class ResyncResult:
         self.staged: tuple[dict[str, list[Any]], dict[str, str]] | None = None
 
 
-Emit = Callable[[Event], Awaitable[None]]
+#: hands one synthesized event to the daemon (dedup, tracking, redaction, pipeline); returns
+#: an awaitable only when a sink's queue is full
+Emit = Callable[[Event], Awaitable[None] | None]
+#: the same for a synthesized job event, with what the sync already knows of it: its dedup
+#: fingerprint, timestamp and tracked-state change (:meth:`Tracker.job_event` would find the same)
+EmitJob = Callable[[Event, int, int, Action], Awaitable[None] | None]
+#: a job event to synthesize: (timestamp, type, BackupJobDetail, username, organization,
+#: GUID, dedup fingerprint, action)
+_Plan = tuple[int, int, dict[str, Any], str, str, str, int, Action]
+#: synthesized job events are handed over in runs of this many before the sinks get a turn
+_RUN: Final = 1024
 
 
 class Resyncer:
@@ -324,7 +345,7 @@ class Resyncer:
             doc["Data"] = data
         return Event.synthesize(doc, origin="resync", received_at=time.time(), server=self.server)
 
-    async def run(self, hello: dict[str, Any], emit: Emit) -> ResyncResult:
+    async def run(self, hello: dict[str, Any], emit: Emit, emit_job: EmitJob) -> ResyncResult:
         tr = self.tracker
         res = ResyncResult()
         now = int(self.clock())
@@ -338,7 +359,7 @@ class Resyncer:
             await self._baseline(incomplete, res, now)
         # after a baseline too: what happened since this process's first HELLO is ours (a
         # baseline that comes late, after a failed first sync and a gap, must not skip it)
-        await self._jobs(incomplete, orgs, res, now, restarted and not res.baseline, emit)
+        await self._jobs(incomplete, orgs, res, now, restarted and not res.baseline, emit_job)
         await self._accounts(users, res, emit)
         if start_hash:
             tr.server_start_hash = start_hash
@@ -372,7 +393,7 @@ class Resyncer:
         tr.watermark = max(tr.watermark, horizon - 1)
 
     async def _jobs(self, incomplete: list[dict[str, Any]], orgs: dict[str, str],
-                    res: ResyncResult, now: int, restarted: bool, emit: Emit) -> None:
+                    res: ResyncResult, now: int, restarted: bool, emit_job: EmitJob) -> None:
         tr = self.tracker
         window = self.overlap
         if restarted:
@@ -387,30 +408,48 @@ class Resyncer:
         start = since
         while start < end:
             stop = min(start + CHUNK, end)
-            chunk = await self.api.jobs_for_date_range(start, stop)
-            last = stop >= end
-            if last:
-                chunk = [*chunk, *incomplete]
-            jobs: dict[str, dict[str, Any]] = {}
-            for job in chunk:
-                guid = job.get("GUID")
-                if isinstance(guid, str) and guid and guid not in found:
-                    ended = job.get("EndTime")
-                    # a completed job belongs to the chunk it ended in (it is listed in the one
-                    # it started in too); running ones to the last chunk
-                    if type(ended) is int and ended > 0 and not last and not start <= ended < stop:
-                        continue
-                    jobs[guid] = job
-            if last:
-                for guid in [g for g in tr.running_jobs if g not in jobs and g not in found]:
-                    job = await self._recheck(guid)
-                    if job is not None:
-                        jobs[guid] = job
-            found.update(jobs)
-            for ev in sorted(self._job_events(jobs.values(), res, orgs),
-                             key=lambda e: e.timestamp):
-                await emit(ev)
+            await self._chunk(start, stop, stop >= end, incomplete, found, res, orgs, emit_job)
             start = stop
+
+    async def _chunk(self, start: int, stop: int, last: bool, incomplete: list[dict[str, Any]],
+                     found: set[str], res: ResyncResult, orgs: dict[str, str],
+                     emit_job: EmitJob) -> None:
+        """One chunk of the job window: its completions, and in the ``last`` one the running
+        jobs too. ``found``: the GUIDs of the chunks before."""
+        tr = self.tracker
+        chunk = await self.api.jobs_for_date_range(start, stop)
+        if last:
+            chunk = [*chunk, *incomplete]
+        jobs: dict[str, dict[str, Any]] = {}
+        for job in chunk:
+            guid = job.get("GUID")
+            if isinstance(guid, str) and guid and guid not in found:
+                ended = job.get("EndTime")
+                # a completed job belongs to the chunk it ended in (it is listed in the one
+                # it started in too); running ones to the last chunk
+                if type(ended) is int and ended > 0 and not last and not start <= ended < stop:
+                    continue
+                jobs[guid] = job
+        if last:
+            for guid in [g for g in tr.running_jobs if g not in jobs and g not in found]:
+                rechecked = await self._recheck(guid)
+                if rechecked is not None:
+                    jobs[guid] = rechecked
+        found.update(jobs)
+        await self._emit_jobs(self._job_plans(jobs.values(), res, orgs), emit_job)
+
+    async def _emit_jobs(self, plans: list[_Plan], emit_job: EmitJob) -> None:
+        """Synthesize and hand over the chunk's job events, oldest first, each as it is made
+        (no list of events). The sinks get a turn every ``_RUN`` events, so they write while
+        the rest is synthesized."""
+        event = self._event
+        for i, (ts, type_, job, user, org, guid, fp, action) in enumerate(plans, 1):
+            waiting = emit_job(event(type_, ts, job, actor=user, org=org, resource=guid),
+                               fp, ts, action)
+            if waiting is not None:
+                await waiting
+            elif not i % _RUN:
+                await asyncio.sleep(0)
 
     async def _recheck(self, guid: str) -> dict[str, Any] | None:
         """A job believed running that no list returned: ask for it by GUID."""
@@ -425,30 +464,50 @@ class Resyncer:
             return None
         return job if isinstance(job.get("GUID"), str) else None
 
-    def _job_events(self, jobs: Any, res: ResyncResult, orgs: dict[str, str]) -> list[Event]:
+    def _job_plans(self, jobs: Any, res: ResyncResult, orgs: dict[str, str]) -> list[_Plan]:
+        """The job events to synthesize for ``jobs`` (those neither delivered, in flight, nor
+        held), sorted by timestamp (stable: ties keep the chunk's order)."""
         tr = self.tracker
-        out: list[Event] = []
+        delivered, inflight = tr.dedup.delivered, tr.dedup.inflight
+        running = tr.running_jobs
+        held = self.held
+        completed = res.completed
+        out: list[_Plan] = []
+        n_completed = n_new = 0
         for job in jobs:
             guid: str = job["GUID"]
-            user = job.get("Username") if isinstance(job.get("Username"), str) else ""
+            user = job.get("Username")
+            if not isinstance(user, str):
+                user = ""
             end = job.get("EndTime")
-            start = job.get("StartTime")
-            org = orgs.get(user or "", "")
             if type(end) is int and end > 0:
-                key = completion_key(guid, end)
-                if not tr.dedup.seen(key) and not self.held(key):
-                    out.append(self._event(JOB_COMPLETED, end, job, actor=user or "", org=org,
-                                           resource=guid))
-                    res.kinds["job_completed"] = res.kinds.get("job_completed", 0) + 1
-                    res.count += 1
-                    res.completed.add(guid)
-            elif guid not in tr.running_jobs and not tr.dedup.seen(f"{JOB_NEW}:{guid}") \
-                    and not self.held(f"{JOB_NEW}:{guid}"):
-                ts = start if type(start) is int and start > 0 else int(self.clock())
-                out.append(self._event(JOB_NEW, ts, job, actor=user or "", org=org,
-                                       resource=guid))
-                res.kinds["job_new"] = res.kinds.get("job_new", 0) + 1
-                res.count += 1
+                key = f"{JOB_COMPLETED}:{guid}:{end}"  # completion_key(guid, end)
+                fp = fingerprint(key)
+                if fp not in delivered and fp not in inflight and not held(key):
+                    out.append((end, JOB_COMPLETED, job, user, orgs.get(user, ""), guid, fp,
+                                ("job_done", guid)))
+                    if not n_completed:
+                        res.kinds.setdefault("job_completed", 0)  # (the kinds' order as found)
+                    n_completed += 1
+                    completed.add(guid)
+            elif guid not in running:
+                key = f"{JOB_NEW}:{guid}"
+                fp = fingerprint(key)
+                if fp not in delivered and fp not in inflight and not held(key):
+                    start = job.get("StartTime")
+                    start = start if type(start) is int else 0
+                    ts = start if start > 0 else int(self.clock())
+                    out.append((ts, JOB_NEW, job, user, orgs.get(user, ""), guid, fp,
+                                ("job_new", guid, user, start)))
+                    if not n_new:
+                        res.kinds.setdefault("job_new", 0)
+                    n_new += 1
+        if n_completed:
+            res.kinds["job_completed"] += n_completed
+        if n_new:
+            res.kinds["job_new"] += n_new
+        res.count += n_completed + n_new
+        out.sort(key=_first)
         return out
 
     async def _accounts(self, users: dict[str, dict[str, Any]], res: ResyncResult,
@@ -468,7 +527,9 @@ class Resyncer:
                        actor: str = "") -> None:
             res.kinds[kind] = res.kinds.get(kind, 0) + 1
             res.count += 1
-            await emit(self._event(type_, now, data, org=org, resource=resource, actor=actor))
+            waiting = emit(self._event(type_, now, data, org=org, resource=resource, actor=actor))
+            if waiting is not None:
+                await waiting
 
         for name, entry in current.items():
             profile = users[name]
@@ -497,6 +558,10 @@ class Resyncer:
             await send(DEVICE_REMOVED, "device_removed", None, actor=owner,
                        org=orgs_of(users, owner), resource=dev)
         res.staged = (current, devices)
+
+
+def _first(plan: _Plan) -> int:
+    return plan[0]
 
 
 def orgs_of(users: dict[str, dict[str, Any]], name: str) -> str:
