@@ -641,3 +641,27 @@ async def test_a_checkpoint_with_wrong_entries_is_moved_aside(sim: Simulator,
         await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
         assert d.stats.resync_runs == {"baseline": 1}
     assert len(list(state.glob("checkpoint.json.corrupt-*"))) == 1
+
+
+def test_the_collector_paused_for_a_sync_chunk_comes_back_as_it_was() -> None:
+    """Overlapping pauses (a cancelled sync ending while the next one runs) turn the cyclic
+    collector back on only when the last ends, and never turn on one that was off."""
+    import gc
+
+    from cometstream.resync import _gc_paused
+
+    assert gc.isenabled()
+    first, second = _gc_paused(), _gc_paused()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert not gc.isenabled()
+    second.__exit__(None, None, None)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with _gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
