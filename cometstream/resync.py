@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
+import orjson
 import structlog
 
 from .api import AdminClient
@@ -334,6 +335,8 @@ class Resyncer:
         self.overlap = overlap
         self.redactor = redactor
         self.clock = clock  # the server's clock (ours plus the skew seen in the HELLO)
+        #: the start of a job event's line, per (type, actor, organization)
+        self._heads: dict[tuple[int, str, str], bytes] = {}
 
     def _event(self, type_: int, ts: int, data: Any, *, actor: str = "", org: str = "",
                resource: str = "") -> Event:
@@ -346,6 +349,27 @@ class Resyncer:
         if data is not None:
             doc["Data"] = data
         return Event.synthesize(doc, origin="resync", received_at=time.time(), server=self.server)
+
+    def _job_event(self, type_: int, ts: int, job: dict[str, Any], user: str, org: str,
+                   guid: str) -> Event:
+        """``_event(type_, ts, job, actor=user, org=org, resource=guid)``, with the same document
+        and the same bytes (orjson's compact encoding of it), assembled around the job's own
+        encoding: one exactly sized line. (orjson's result for a ~1 kB document is a larger
+        allocation; 100,000 of them queued cost more in page faults than the encoding itself.)"""
+        if type(org) is not str:  # (a server's odd OrganizationID: encoded as it is)
+            return self._event(type_, ts, job, actor=user, org=org, resource=guid)
+        head = self._heads.get((type_, user, org))
+        if head is None:
+            head = self._heads[(type_, user, org)] = (
+                b'{"Actor":' + orjson.dumps(user) + b',"OwnerOrganizationID":' + orjson.dumps(org)
+                + b',"ResourceID":')
+            if len(self._heads) > 10_000:  # bounded: one per (type, user, organization)
+                self._heads.clear()
+        raw = b"".join((head, orjson.dumps(guid), _TYPE_TS[type_], b"%d" % ts, _TYPE_DATA[type_],
+                        orjson.dumps(job), b"}"))
+        doc = {"Actor": user, "OwnerOrganizationID": org, "ResourceID": guid, "Type": type_,
+               "Timestamp": ts, "TypeString": _NAMES[type_], "Data": job}
+        return Event(raw, doc, type_, "resync", time.time(), self.server)
 
     async def run(self, hello: dict[str, Any], emit: Emit, emit_job: EmitJob) -> ResyncResult:
         tr = self.tracker
@@ -449,10 +473,9 @@ class Resyncer:
         """Synthesize and hand over the chunk's job events, oldest first, each as it is made
         (no list of events). The sinks get a turn every ``_RUN`` events, so they write while
         the rest is synthesized."""
-        event = self._event
+        event = self._job_event
         for i, (ts, type_, job, user, org, guid, fp, action) in enumerate(plans, 1):
-            waiting = emit_job(event(type_, ts, job, actor=user, org=org, resource=guid),
-                               fp, ts, action)
+            waiting = emit_job(event(type_, ts, job, user, org, guid), fp, ts, action)
             if waiting is not None:
                 await waiting
             elif not i % _RUN:
@@ -599,3 +622,7 @@ def orgs_of(users: dict[str, dict[str, Any]], name: str) -> str:
 
 
 _NAMES: Final = {v: k for k, v in SEVT.items()}
+#: a job event's line around its Timestamp and Data, per type (see Resyncer._job_event)
+_TYPE_TS: Final = {t: b',"Type":%d,"Timestamp":' % t for t in (JOB_NEW, JOB_COMPLETED)}
+_TYPE_DATA: Final = {t: b',"TypeString":' + orjson.dumps(_NAMES[t]) + b',"Data":'
+                     for t in (JOB_NEW, JOB_COMPLETED)}

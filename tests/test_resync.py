@@ -665,3 +665,26 @@ def test_the_collector_paused_for_a_sync_chunk_comes_back_as_it_was() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_synthesized_job_events_are_the_documents_orjson_would_encode() -> None:
+    """The job events a sync assembles around the job's encoding are byte for byte
+    ``orjson.dumps`` of the event document (unicode, escapes, large integers, odd names)."""
+    from cometstream.redact import Redactor
+    from cometstream.resync import Resyncer, Tracker
+
+    rs = Resyncer(None, Tracker(), server="s", overlap=120,  # type: ignore[arg-type]
+                  redactor=Redactor())
+    job = {"GUID": "g-1", "Username": "zoë \"q\" \u2028 😀", "StartTime": 1733400000,
+           "EndTime": 1733400100, "TotalSize": 18446744073709551615, "Tags": "<&>\\",
+           "Progress": {"BytesDone": -1, "Ratio": 0.5}, "Nothing": None, "Empty": []}
+    for type_, ts in ((COMPLETED, 1733400100), (NEW, 1733400000)):
+        for user, org in ((job["Username"], "org-1"), ("", ""), ("u", "ørg")):
+            for _ in range(2):  # the second time from the cached head
+                ev = rs._job_event(type_, ts, job, user, org, "g-1")
+                ref = rs._event(type_, ts, job, actor=user, org=org, resource="g-1")
+                assert ev.raw == ref.raw == orjson.dumps(ref.doc)
+                assert ev.doc == ref.doc and list(ev.doc) == list(ref.doc)
+                assert (ev.type, ev.origin, ev.server) == (ref.type, ref.origin, ref.server)
+    odd = rs._job_event(COMPLETED, 1733400100, job, "u", 7, "g-1")  # type: ignore[arg-type]
+    assert odd.raw == orjson.dumps(odd.doc) and odd.doc["OwnerOrganizationID"] == 7
