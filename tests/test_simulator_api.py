@@ -385,6 +385,33 @@ async def test_gzip_when_asked() -> None:
                 assert orjson.loads(await resp.read()) == full
 
 
+async def test_a_large_answer_is_one_gzip_member_deflated_in_pieces() -> None:
+    """Past a megabyte the answer is gzipped in pieces on threads: still one gzip member that
+    any client decodes (the standard library, aiohttp), as large as a one-piece encoding."""
+    import zlib
+
+    from cometstream.simulator.api import PARALLEL_GZIP_MIN, gzip_parallel
+
+    async with Simulator(rate=0, seed=1) as server:
+        server.world.max_jobs = 10_000
+        for _ in range(3000):
+            server.world.complete_job(server.world.start_job()["Data"]["GUID"])
+        url = server.url + "api/v1/admin/get-jobs-all"
+        async with (aiohttp.ClientSession(auto_decompress=False) as http,
+                    http.post(url, data=AUTH, headers={"Accept-Encoding": "gzip"}) as resp):
+            assert resp.headers["Content-Encoding"] == "gzip"
+            raw = await resp.read()
+        plain = gzip.decompress(raw)
+        assert len(plain) >= 2 * PARALLEL_GZIP_MIN
+        assert orjson.loads(plain) == list(server.world.jobs.values())
+        assert len(raw) < len(zlib.compress(plain, 6)) * 1.01
+        async with (aiohttp.ClientSession() as http,
+                    http.post(url, data=AUTH, headers={"Accept-Encoding": "gzip"}) as resp):
+            assert orjson.loads(await resp.read()) == orjson.loads(plain)
+    for body in (b"", b"x", b"ab" * (1 << 21) + b"c", bytes(range(256)) * 20_000):
+        assert gzip.decompress(await gzip_parallel(body)) == body
+
+
 # --------------------------------------------------------------------- world changes
 
 
