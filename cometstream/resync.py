@@ -237,18 +237,29 @@ class Tracker:
         watermark. ``live_until``: server time up to which the live stream is known complete
         (connected, caught up, and heard from), or None."""
         pending = self._pending
-        # a server bug (or clock) must not push the watermark into the future for good
-        latest = int(self.clock()) + _FUTURE_SLACK
-        while pending and pending[0][0] <= delivered_through:
-            _seq, key, ts, action = pending.popleft()
-            if ts > latest:
-                ts = latest
-            if key is not None:
-                self.dedup.acked(key, ts)
-            if action is not None:
-                self._apply(action)
-            if ts > self.newest_acked:
-                self.newest_acked = ts
+        if pending and pending[0][0] <= delivered_through:
+            # a server bug (or clock) must not push the watermark into the future for good
+            latest = int(self.clock()) + _FUTURE_SLACK
+            acked = self.dedup.acked_fp
+            running = self.running_jobs
+            newest = self.newest_acked
+            while pending and pending[0][0] <= delivered_through:
+                _seq, fp, ts, action = pending.popleft()
+                if ts > latest:
+                    ts = latest
+                if fp is not None:
+                    acked(fp, ts)
+                if action is not None:
+                    kind = action[0]  # the job cases of _apply inline: they are the bulk
+                    if kind == "job_done":
+                        running.pop(action[1], None)
+                    elif kind == "job_new":
+                        running[action[1]] = [action[2], action[3]]
+                    else:
+                        self._apply(action)
+                if ts > newest:
+                    newest = ts
+            self.newest_acked = newest
             self.changed = True
         low = self._low
         while low and low[0][0] <= delivered_through:

@@ -110,6 +110,14 @@ class Dedup:
             del d[fp]  # move to the newest end
         d[fp] = self._ts.setdefault(ts, ts)
 
+    def acked_fp(self, fp: int, ts: int) -> None:
+        """:meth:`acked` for a fingerprint (the hot path: every delivered job event)."""
+        self.inflight.pop(fp, None)
+        d = self.delivered
+        if fp in d:
+            del d[fp]  # move to the newest end
+        d[fp] = self._ts.setdefault(ts, ts)
+
     def forget_inflight(self, key: str | int) -> None:
         self.inflight.pop(fingerprint(key), None)
 
