@@ -141,12 +141,13 @@ class Tracker:
             return None, None
         if ev.type == JOB_COMPLETED:
             end = data.get("EndTime")
-            return (fingerprint(f"{JOB_COMPLETED}:{guid}:{end if type(end) is int else 0}"),
-                    ("job_done", guid))
+            key = ev._key = f"{JOB_COMPLETED}:{guid}:{end if type(end) is int else 0}"
+            return fingerprint(key), ("job_done", guid)
         user = data.get("Username")
         start = data.get("StartTime")
-        return fingerprint(f"{JOB_NEW}:{guid}"), ("job_new", guid, user if type(user) is str
-                                                  else "", start if type(start) is int else 0)
+        key = ev._key = f"{JOB_NEW}:{guid}"  # kept: a sink may ask once ``doc`` is released
+        return fingerprint(key), ("job_new", guid, user if type(user) is str else "",
+                                  start if type(start) is int else 0)
 
     def published(self, ev: Event, key: str | int | bool | None, action: Action) -> None:
         """Record a published event: its dedup key (or fingerprint; None/True for none) and
@@ -488,7 +489,8 @@ class Resyncer:
         for i, (ts, type_, job, user, org, guid, fp, action) in enumerate(plans, 1):
             waiting = emit_job(event(type_, ts, job, user, org, guid), fp, ts, action)
             if waiting is not None:
-                await waiting
+                with _gc_resumed():  # a sink slower than us, or failing: maybe a long wait
+                    await waiting
             elif not i % _RUN:
                 await asyncio.sleep(0)
 
@@ -621,6 +623,20 @@ def _gc_paused() -> Iterator[None]:
         _gc_pausers -= 1
         if not _gc_pausers and _gc_was_enabled:
             gc.enable()
+
+
+@contextlib.contextmanager
+def _gc_resumed() -> Iterator[None]:
+    """Within a pause, the collector back on (if it was) for a wait that may be long."""
+    if not (_gc_pausers and _gc_was_enabled):
+        yield
+        return
+    gc.enable()
+    try:
+        yield
+    finally:
+        if _gc_pausers:
+            gc.disable()
 
 
 def _first(plan: _Plan) -> int:

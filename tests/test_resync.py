@@ -648,8 +648,16 @@ def test_the_collector_paused_for_a_sync_chunk_comes_back_as_it_was() -> None:
     collector back on only when the last ends, and never turn on one that was off."""
     import gc
 
-    from cometstream.resync import _gc_paused
+    from cometstream.resync import _gc_paused, _gc_resumed
 
+    assert gc.isenabled()
+    with _gc_paused():
+        with _gc_resumed():
+            assert gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with _gc_resumed():
+        assert gc.isenabled()
     assert gc.isenabled()
     first, second = _gc_paused(), _gc_paused()
     first.__enter__()
@@ -661,6 +669,8 @@ def test_the_collector_paused_for_a_sync_chunk_comes_back_as_it_was() -> None:
     gc.disable()
     try:
         with _gc_paused():
+            with _gc_resumed():
+                assert not gc.isenabled()
             assert not gc.isenabled()
         assert not gc.isenabled()
     finally:
