@@ -113,6 +113,10 @@ class Daemon:
         # small during a burst
         self.pipeline.add_ack_listener(self._on_ack)
         self._settled_through = 0
+        #: the event types some sink takes (None: every type)
+        filters = [sc.types for sc in cfg.sinks]
+        self._routed_types: frozenset[int] | None = (
+            None if any(f is None for f in filters) else frozenset().union(*filters))
         #: whether a sink reads the parsed event (else it is dropped once routed, to save memory)
         self._keep_doc = any(getattr(sk, "uses_doc", True) for sk in self.sinks.values())
         self.supervisor = Supervisor(s, cfg.stream, self._publish, self.metrics.stream,
@@ -171,7 +175,9 @@ class Daemon:
         else:
             key = None
             action = tracker.action(ev)  # before redaction: digests are of the full profile
-            self.redactor.apply(ev)
+            wanted = self._routed_types
+            if wanted is None or ev.type in wanted:  # (no sink takes it: nothing to redact)
+                self.redactor.apply(ev)
         waiting = self.pipeline.publish(ev)  # assigns ev.seq
         tracker.published(ev, key, action)
         if not self._keep_doc:

@@ -56,7 +56,8 @@ def type_label(type_: int) -> str:
 class Event:
     """One StreamableEvent. ``raw`` is a single line of JSON (the server's bytes, line breaks folded)."""
 
-    __slots__ = ("raw", "_doc", "type", "origin", "received_at", "server", "seq", "_type_name")
+    __slots__ = ("raw", "_doc", "type", "origin", "received_at", "server", "seq", "_type_name",
+                 "_key")
 
     def __init__(
         self,
@@ -76,6 +77,8 @@ class Event:
         #: position in the pipeline, assigned when published (0 = not yet)
         self.seq = 0
         self._type_name: str | None = None
+        #: the dedup key once computed ("" = none): it outlives a released ``doc``
+        self._key: str | None = None
 
     @classmethod
     def synthesize(
@@ -150,14 +153,19 @@ class Event:
         are byte-identical and still two events, so a digest of the bytes would drop real events.
         They are never replayed either (resync rebuilds account changes from profile digests).
         """
-        job = self.job
-        if job is not None:
-            guid = job.get("GUID")
-            if isinstance(guid, str) and guid:
-                if self.type == JOB_COMPLETED:
-                    return completion_key(guid, job.get("EndTime"))
-                return f"{self.type}:{guid}"
-        return None
+        key = self._key
+        if key is None:
+            key = ""
+            job = self.job
+            if job is not None:
+                guid = job.get("GUID")
+                if isinstance(guid, str) and guid:
+                    if self.type == JOB_COMPLETED:
+                        key = completion_key(guid, job.get("EndTime"))
+                    else:
+                        key = f"{self.type}:{guid}"
+            self._key = key
+        return key or None
 
     # --- output formats ------------------------------------------------------------------------
     def envelope(self) -> bytes:

@@ -67,6 +67,33 @@ async def test_filter_routes_only_matching_types(sim: Simulator, tmp_path: Path)
         assert d.sink_stats("jobs").filtered == 4
 
 
+async def test_queued_events_keep_only_their_bytes_when_no_sink_reads_the_document(
+        sim: Simulator, tmp_path: Path) -> None:
+    """With only sinks that do not read the parsed document (file, webhook) a queued event holds
+    its bytes and its dedup key, not the document (which is parsed again if asked for), and the
+    event types no sink takes are not redacted at all."""
+    cfg = make_config(sim.url, tmp_path, sinks={
+        "jobs": {"type": "file", "path": str(tmp_path / "jobs.jsonl"), "format": "event",
+                 "types": ["SEVT_JOB_COMPLETED"]},
+    })
+    async with running(cfg) as d:
+        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        assert d.daemon._keep_doc is False
+        seen: list[Any] = []
+        d.daemon.pipeline.add_ack_listener(
+            lambda _r, batch: seen.extend((ev, ev._doc, ev.dedup_key()) for ev in batch))
+        job = sim.world.complete_job(sim.world.start_job()["Data"]["GUID"])
+        sim.emit({"Type": 4101, "Data": {"Username": "u", "PasswordHash": "x"}})
+        sim.emit(job)
+        await wait_until(lambda: len(seen) == 1, what="the completion delivered")
+        ev, doc, key = seen[0]
+        guid, end = job["Data"]["GUID"], job["Data"]["EndTime"]
+        assert doc is None and key == f"4201:{guid}:{end}"
+        assert ev.doc["Data"]["GUID"] == guid  # parsed again on demand
+        assert d.stats.received[4101] == 1
+        assert d.daemon.redactor.redacted_events == 0  # the profile went to no sink
+
+
 async def test_drop_newest_sink_never_blocks_the_others(sim: Simulator, tmp_path: Path) -> None:
     """A hung sink with drop_newest drops and counts; the file sink beside it gets everything."""
     path = tmp_path / "ev.jsonl"

@@ -95,6 +95,9 @@ class Template:
                 "}" in "".join(p for p in self.parts if isinstance(p, str)):
             raise ValueError(f"unbalanced braces in template {text!r}")
         self.constant = all(isinstance(p, str) for p in self.parts)
+        #: whether rendering reads the event's fields (not only type_name, server, origin)
+        self.reads_fields = any(not isinstance(p, str) and not (len(p) == 1 and p[0] in
+                                                               self.SPECIAL) for p in self.parts)
 
     def render(self, ev: Event) -> str:
         if self.constant:
@@ -134,6 +137,7 @@ class KafkaSink(Sink):
         self.bootstrap = bootstrap
         self.topic = topic
         self.key = key
+        self.uses_doc = topic.reads_fields or (key is not None and key.reads_fields)
         self.format = fmt
         self.acks = acks
         self.idempotence = idempotence

@@ -184,6 +184,8 @@ def _excerpt(body: bytes) -> str:
 
 class WebhookSink(Sink):
     default_format = "event"
+    #: reads only the dedup key (kept on the event) and the bytes
+    uses_doc = False
 
     def __init__(
         self,
