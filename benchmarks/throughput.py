@@ -214,13 +214,15 @@ def _count(path: Path) -> int:
         return sum(1 for _ in fh)
 
 
+#: name (for --only) -> (receiver, variant, label in the table)
 RECEIVERS = {
-    "naive-websockets": (naive_websockets, ""),
-    "naive-aiohttp": (naive_aiohttp, ""),
-    "daemon": (daemon, "file"),
-    "daemon, no redaction": (daemon, "noredact"),
-    "daemon, 4 sinks": (daemon, "four"),
-    "daemon, filter 10%": (daemon, "filter"),
+    "naive-websockets": (naive_websockets, "", "naive websockets"),
+    "naive-aiohttp": (naive_aiohttp, "", "naive aiohttp"),
+    "daemon": (daemon, "file", "daemon, 1 file sink"),
+    "daemon-noredact": (daemon, "noredact", "daemon, no redaction"),
+    "daemon-4sinks": (daemon, "four", "daemon, 4 sinks"),
+    "daemon-filter": (daemon, "filter", "daemon, filter 10%"),
+    "daemon-paced": (daemon, "paced", "daemon, paced"),
 }
 
 
@@ -230,7 +232,7 @@ def receive(kind: str, url: str, n: int, result: Path, extra: dict[str, str]) ->
         from cometstream.cli import _tune_gc
 
         _tune_gc()  # as `cometstream run` does
-    fn, variant = RECEIVERS[kind] if kind in RECEIVERS else (daemon, "paced")
+    fn, variant, _label = RECEIVERS[kind]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "out.jsonl").touch()
         cpu0 = time.process_time()
@@ -385,20 +387,25 @@ def main() -> int:
         return 0
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    kinds = list(RECEIVERS) if not args.only else [k.strip() for k in args.only.split(",")]
+    kinds = [k for k in RECEIVERS if k != "daemon-paced"]
+    if args.only:
+        kinds = [k.strip() for k in args.only.split(",")]
+        unknown = [k for k in kinds if k not in RECEIVERS]
+        if unknown:
+            ap.error(f"unknown receiver(s) {unknown}; choose from {', '.join(RECEIVERS)}")
     n = args.events
     peers = Peers(env)
     sender = Sender(n, 0, env)
     best: dict[str, dict[str, Any]] = {}
     try:
-        if "daemon, 4 sinks" in kinds:
+        if "daemon-4sinks" in kinds:
             peers.start()
         print(f"burst: {n:,} events of {sender.bytes:.0f} bytes on average over 127.0.0.1, "
               f"best of {args.repeat}", flush=True)
         for _ in range(args.repeat):
             for kind in kinds:
                 res = run_receiver(kind, sender, n, env, peers.extra)
-                if kind != "daemon, filter 10%":  # every event, and the HELLO, in the file
+                if kind != "daemon-filter":  # every event, and the HELLO, in the file
                     assert res["lines"] == n + 1, (kind, res["lines"], n + 1)
                 if kind not in best or res["rate"] > best[kind]["rate"]:
                     best[kind] = res
@@ -411,10 +418,10 @@ def main() -> int:
           f"{'vs fastest naive':>17}")
     for kind, r in best.items():
         ratio = f"{r['rate'] / fastest:>16.2f}x" if fastest else f"{'-':>17}"
-        print(f"{kind:<22} {r['rate']:>10,.0f} {r['cpu_per_100k']:>11.2f} {r['rss_mb']:>12.1f} "
+        print(f"{RECEIVERS[kind][2]:<22} {r['rate']:>10,.0f} {r['cpu_per_100k']:>11.2f} {r['rss_mb']:>12.1f} "
               f"{ratio}")
-    if "daemon, 4 sinks" in best:
-        r = best["daemon, 4 sinks"]
+    if "daemon-4sinks" in best:
+        r = best["daemon-4sinks"]
         print(f"  4 sinks delivered: {r['delivered']} (dropped: {r['dropped']})")
     if peers.note:
         print(f"  {peers.note}")
@@ -423,7 +430,7 @@ def main() -> int:
         m = args.paced
         sender = Sender(m, 1000, env)
         try:
-            res = run_receiver("daemon, paced", sender, m, env, {})
+            res = run_receiver("daemon-paced", sender, m, env, {})
         finally:
             sender.stop()
         lat = [(a - s) * 1000 for a, s in zip(res["acked"], res["sent"], strict=True)]

@@ -50,3 +50,22 @@ def test_systemd_units_verify_and_are_hardened(tmp_path: Path, unit: str) -> Non
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", sec.stdout + sec.stderr)
     assert m, sec.stdout + sec.stderr
     assert float(m.group(1)) <= 2.0
+
+
+def test_the_benchmarks_run_and_print_their_tables() -> None:
+    """A smoke run of both benchmarks at tiny sizes (their figures are not checked here: timing
+    on a shared machine is noise; the point is that the benchmark itself works)."""
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "throughput.py"), "--events", "300",
+         "--repeat", "1", "--paced", "200", "--only", "naive-aiohttp,daemon,daemon-filter"],
+        capture_output=True, text=True, timeout=120, check=True).stdout
+    assert re.search(r"^naive aiohttp +[\d,]+ ", out, re.M), out
+    assert re.search(r"^daemon, 1 file sink +[\d,]+ .* +[\d.]+x$", out, re.M), out
+    assert re.search(r"^daemon, filter 10% ", out, re.M), out
+    assert re.search(r"paced: 200 events .* p99 [\d.]+ ms", out), out
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "resync.py"), "--jobs", "300"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "resync of 300 job completions" in out and "300 synthesized" in out, out

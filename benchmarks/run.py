@@ -1,0 +1,45 @@
+"""Every benchmark, one command: the stream path under load, then remedial sync.
+
+    .venv/bin/python benchmarks/run.py [--quick]
+
+Runs ``throughput.py`` (a 100,000-event burst into the daemon with 1 file sink, without
+redaction, with 4 sinks and with a 10% filter, against naive aiohttp and websockets forwarders
+on the same stream; then 10,000 events paced at 1,000/s for the delivery latency) and
+``resync.py`` (a remedial sync of 100,000 job completions missed during a gap). Each starts its
+own simulator (and peers) in separate processes and prints a table; nothing is asserted.
+``--quick`` runs a tenth of the sizes (a smoke test of the benchmarks themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a tenth of the sizes, one repeat")
+    args = ap.parse_args()
+    scale = 10 if args.quick else 1
+    runs = [
+        [sys.executable, str(HERE / "throughput.py"), "--events", str(100_000 // scale),
+         "--repeat", "1" if args.quick else "2", "--paced", str(10_000 // scale)],
+        [sys.executable, str(HERE / "resync.py"), "--jobs", str(100_000 // scale)],
+    ]
+    for cmd in runs:
+        print(f"$ {' '.join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))}",
+              flush=True)
+        code = subprocess.run(cmd).returncode
+        if code:
+            return code
+        print(flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
