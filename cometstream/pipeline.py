@@ -125,6 +125,9 @@ class Pipeline:
         self.seq = 0
         self._closing = False
         self._ack_listeners: list[AckListener] = []
+        #: called with every published event (after redaction), e.g. ``cometstream tap``'s
+        #: server; must not block or raise
+        self.taps: list[Callable[[Event], None]] = []
         # the filter/queue step per route, precomputed as tuples for the hot loop
         self._fast = [(r, r.types, r.queue, r.maxlen, r.stats) for r in self.routes]
 
@@ -150,6 +153,9 @@ class Pipeline:
             queue.append(ev)
             if route._wakeup is not None:
                 route.wake()
+        if self.taps:
+            for tap in self.taps:
+                tap(ev)
         if blocked is not None:
             return self._wait_for_space(blocked)
         return None
