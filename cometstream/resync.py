@@ -326,8 +326,8 @@ Emit = Callable[[Event], Awaitable[None] | None]
 #: fingerprint, timestamp and tracked-state change (:meth:`Tracker.job_event` would find the same)
 EmitJob = Callable[[Event, int, int, Action], Awaitable[None] | None]
 #: a job event to synthesize: (timestamp, type, BackupJobDetail, username, organization,
-#: GUID, dedup fingerprint, action)
-_Plan = tuple[int, int, dict[str, Any], str, str, str, int, Action]
+#: GUID, dedup key, its fingerprint, action)
+_Plan = tuple[int, int, dict[str, Any], str, str, str, str, int, Action]
 #: synthesized job events are handed over in runs of this many before the sinks get a turn
 _RUN: Final = 1024
 
@@ -486,8 +486,10 @@ class Resyncer:
         (no list of events). The sinks get a turn every ``_RUN`` events, so they write while
         the rest is synthesized."""
         event = self._job_event
-        for i, (ts, type_, job, user, org, guid, fp, action) in enumerate(plans, 1):
-            waiting = emit_job(event(type_, ts, job, user, org, guid), fp, ts, action)
+        for i, (ts, type_, job, user, org, guid, key, fp, action) in enumerate(plans, 1):
+            ev = event(type_, ts, job, user, org, guid)
+            ev._key = key  # as Tracker.job_event does: a sink may ask once ``doc`` is released
+            waiting = emit_job(ev, fp, ts, action)
             if waiting is not None:
                 with _gc_resumed():  # a sink slower than us, or failing: maybe a long wait
                     await waiting
@@ -527,8 +529,8 @@ class Resyncer:
                 key = f"{JOB_COMPLETED}:{guid}:{end}"  # completion_key(guid, end)
                 fp = fingerprint(key)
                 if fp not in delivered and fp not in inflight and not held(key):
-                    out.append((end, JOB_COMPLETED, job, user, orgs.get(user, ""), guid, fp,
-                                ("job_done", guid)))
+                    out.append((end, JOB_COMPLETED, job, user, orgs.get(user, ""), guid, key,
+                                fp, ("job_done", guid)))
                     if not n_completed:
                         res.kinds.setdefault("job_completed", 0)  # (the kinds' order as found)
                     n_completed += 1
@@ -540,7 +542,7 @@ class Resyncer:
                     start = job.get("StartTime")
                     start = start if type(start) is int else 0
                     ts = start if start > 0 else int(self.clock())
-                    out.append((ts, JOB_NEW, job, user, orgs.get(user, ""), guid, fp,
+                    out.append((ts, JOB_NEW, job, user, orgs.get(user, ""), guid, key, fp,
                                 ("job_new", guid, user, start)))
                     if not n_new:
                         res.kinds.setdefault("job_new", 0)

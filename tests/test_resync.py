@@ -702,3 +702,24 @@ def test_synthesized_job_events_are_the_documents_orjson_would_encode() -> None:
                 assert (ev.type, ev.origin, ev.server) == (ref.type, ref.origin, ref.server)
     odd = rs._job_event(COMPLETED, 1733400100, job, "u", 7, "g-1")  # type: ignore[arg-type]
     assert odd.raw == orjson.dumps(odd.doc) and odd.doc["OwnerOrganizationID"] == 7
+
+
+async def test_synthesized_job_events_keep_their_dedup_key_without_their_document() -> None:
+    """A sink that reads only the dedup key (webhook) gets it from a synthesized job event whose
+    parsed document was released, without parsing its bytes again."""
+    from cometstream.redact import Redactor
+    from cometstream.resync import Resyncer, ResyncResult, Tracker
+
+    rs = Resyncer(None, Tracker(), server="s", overlap=120,  # type: ignore[arg-type]
+                  redactor=Redactor())
+    jobs = [{"GUID": "done", "Username": "u", "StartTime": 1733400000, "EndTime": 1733400100},
+            {"GUID": "running", "Username": "u", "StartTime": 1733400050, "EndTime": 0}]
+    got: list[Any] = []
+
+    def emit_job(ev: Any, fp: int, ts: int, action: Any) -> None:
+        ev.release_doc()
+        got.append(ev)
+
+    await rs._emit_jobs(rs._job_plans(jobs, ResyncResult(), {}), emit_job)
+    assert [ev.dedup_key() for ev in got] == [f"{NEW}:running", f"{COMPLETED}:done:1733400100"]
+    assert all(ev._doc is None for ev in got)  # not parsed again
