@@ -253,6 +253,20 @@ class RedactConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    """``[spool]``: where received events wait for the sinks (docs/guarantees.md)."""
+
+    buffer: str = "disk"  # "disk": the durable spool in state.dir; "memory": queues only
+    max_bytes: int = 1 << 30
+    max_age: float = 7 * 86400.0
+    fsync_interval: float = 0.2
+
+    @property
+    def disk(self) -> bool:
+        return self.buffer == "disk"
+
+
+@dataclass(frozen=True, slots=True)
 class StateConfig:
     dir: Path = Path("/var/lib/cometstream")
 
@@ -303,6 +317,7 @@ class Config:
     sinks: tuple[SinkConfig, ...]
     redact: RedactConfig = RedactConfig()
     path: Path | None = None
+    spool: SpoolConfig = SpoolConfig()
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,6 +533,7 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
     log = attempt(lambda: _parse_log(top.table("log")))
     shutdown_timeout = attempt(lambda: _parse_shutdown(top.table("shutdown")))
     redact = attempt(lambda: _parse_redact(top.table("redact")))
+    spool = attempt(lambda: _parse_spool(top.table("spool")))
     sinks: list[SinkConfig] = []
     sinks_tbl = attempt(lambda: top.table("sinks"))
     if sinks_tbl is not None:
@@ -533,7 +549,8 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
     if errors:
         raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     return Config(server=server, stream=stream, resync=resync, state=state, http=http, log=log,
-                  shutdown_timeout=shutdown_timeout, sinks=tuple(sinks), redact=redact, path=path)
+                  shutdown_timeout=shutdown_timeout, sinks=tuple(sinks), redact=redact, path=path,
+                  spool=spool)
 
 
 def _parse_resync(rs: Section) -> ResyncConfig:
@@ -565,6 +582,17 @@ def _parse_log(lg: Section) -> LogConfig:
                     format=lg.str("format", "auto", choices=LOG_FORMATS))
     lg.done()
     return log
+
+
+def _parse_spool(sp: Section) -> SpoolConfig:
+    spool = SpoolConfig(
+        buffer=sp.str("buffer", "disk", choices=("disk", "memory")),
+        max_bytes=sp.int("max_bytes", 1 << 30, min=1 << 20),
+        max_age=sp.float("max_age", 7 * 86400.0, min=60.0),
+        fsync_interval=sp.float("fsync_interval", 0.2, min=0.001, max=60.0),
+    )
+    sp.done()
+    return spool
 
 
 def _parse_redact(rd: Section) -> RedactConfig:

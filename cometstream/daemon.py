@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import sqlite3
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -57,8 +58,10 @@ from .resync import (
     account_entry,
 )
 from .sinks import Sink, resolve_sink_class
+from .spool import Spool
 from .state import StateStore
 from .stream import Supervisor, make_ssl_context
+from .tap import TapServer, socket_path
 
 __all__ = ["EXIT_CREDENTIALS", "EXIT_FATAL", "EXIT_OK", "Daemon", "build_sink"]
 
@@ -108,7 +111,13 @@ class Daemon:
         register_secret(*s.secret_values())
         given = sinks or {}
         self.sinks = {sc.name: given.get(sc.name) or build_sink(sc) for sc in cfg.sinks}
-        self.pipeline = Pipeline([(sc, self.sinks[sc.name]) for sc in cfg.sinks], self.metrics)
+        #: the durable spool (``[spool] buffer = "disk"``, the default), opened by run()
+        self.spool = Spool(cfg.state.dir, [sc.name for sc in cfg.sinks],
+                           max_bytes=cfg.spool.max_bytes, max_age=cfg.spool.max_age,
+                           fsync_interval=cfg.spool.fsync_interval) if cfg.spool.disk else None
+        self.pipeline = Pipeline([(sc, self.sinks[sc.name]) for sc in cfg.sinks], self.metrics,
+                                 spool=self.spool, server=s.name)
+        self.metrics.spool = self._spool_figures if self.spool is not None else None
         # settle acknowledgements as they come (not only once a second): what is pending stays
         # small during a burst
         self.pipeline.add_ack_listener(self._on_ack)
@@ -123,6 +132,8 @@ class Daemon:
                                      rand=rand, on_status=self._on_status,
                                      on_hello=self._on_hello)
         self.store = StateStore(cfg.state.dir, s.name)
+        #: ``cometstream tap``: a live view of the published events on a Unix socket in state.dir
+        self.tap = TapServer(socket_path(cfg.state.dir), self.pipeline, server=s.name)
         self.redactor = Redactor(enabled=cfg.redact.enabled, extra_keys=cfg.redact.extra_keys)
         self.tracker = Tracker(clock=self.server_time)
         self._held_keys: set[str] = set()
@@ -309,8 +320,30 @@ class Daemon:
 
     # --- checkpoint ------------------------------------------------------------------------------
     def _on_ack(self, _route: object, _batch: object) -> None:
-        if self.pipeline.delivered_through() > self._settled_through:
+        if self._settle_point() > self._settled_through:
             self.checkpoint(write=False)
+
+    def _settle_point(self) -> int:
+        """Up to which seq published events count as kept: durably spooled with a spool (the
+        *received* watermark), else acknowledged by every sink (the delivered one)."""
+        if self.spool is not None:
+            return self.spool.durable_seq
+        return self.pipeline.delivered_through()
+
+    def _spool_figures(self) -> dict[str, Any]:
+        spool = self.spool
+        assert spool is not None
+        now = time.time()
+        seq = self.pipeline.seq
+        lag = {}
+        for r in self.pipeline.routes:
+            behind = seq - r.done_through(seq)
+            since = r.behind_since or (r.queue[0].received_at if r.queue else 0.0)
+            lag[r.name] = (behind, max(0.0, now - since) if behind and since else 0.0)
+        oldest = spool.oldest_received_at
+        return {"bytes": spool.bytes, "events": spool.events + len(spool.pending),
+                "oldest_age": max(0.0, now - oldest) if oldest else 0.0, "lag": lag,
+                "write_errors": spool.write_errors}
 
     def checkpoint(self, *, write: bool = True) -> None:
         """Fold acknowledgements into the tracker and (``write``) save it if anything changed."""
@@ -320,7 +353,7 @@ class Daemon:
             # what the server sent up to our last sign of life from it (a pong or a frame) has
             # arrived: TCP keeps order. After that a half-open connection may hide events.
             live_until = alive + self._skew
-        through = self.pipeline.delivered_through()
+        through = self._settle_point()
         self._settled_through = through
         self.tracker.settle(through, live_until=live_until)
         if write and self.tracker.changed:
@@ -358,6 +391,15 @@ class Daemon:
             raise ConfigError("state.dir", f"cannot use {self.store.dir}: "
                               f"{exc.strerror or exc}") from None
         cp = self.store.load()
+        if self.spool is not None:
+            try:
+                last = self.spool.open()
+            except (OSError, sqlite3.Error) as exc:
+                raise ConfigError("state.dir", f"cannot use the spool {self.spool.path}: "
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
+            self.pipeline.resume(last, self.spool.cursors)
+            if self.spool.quarantined is not None:
+                self.metrics.stream.spool_quarantined += 1
         self.tracker = Tracker(cp, clock=self.server_time)
         self.tracker.frozen = self.tracker.has_checkpoint and self.cfg.resync.enabled
         self.resyncer.tracker = self.tracker
@@ -414,10 +456,13 @@ class Daemon:
                  sinks=[f"{sc.name}:{sc.type}" for sc in cfg.sinks],
                  resync=cfg.resync.enabled, state=str(self.store.path))
         self.pipeline.start()
+        await self.tap.start()
         sup = asyncio.create_task(self.supervisor.run(), name="supervisor")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
         saver = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
+        spooler = asyncio.create_task(self.spool.run(), name="spool") \
+            if self.spool is not None else None
         self.notifier.ready()
         code = EXIT_OK
         try:
@@ -447,10 +492,20 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._release_held(), cfg.shutdown_timeout)
             complete = await self.pipeline.drain(cfg.shutdown_timeout)
-            self.tracker.settle(self.pipeline.delivered_through(), live_until=None)
+            if spooler is not None:
+                spooler.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await spooler
+            if self.spool is not None:
+                try:
+                    await self.spool.close()  # what is pending, and every sink's cursor
+                except Exception as exc:
+                    log.error("spool close failed", error=str(exc))
+            self.tracker.settle(self._settle_point(), live_until=None)
             self.tracker.drop_pending()
             self.store.save(self.tracker.snapshot())
             await self.api.aclose()
+            await self.tap.stop()
             if self.http is not None:
                 await self.http.stop()
             watchdog.cancel()

@@ -33,6 +33,7 @@ from .errors import SinkError
 from .events import Event
 from .observe.metrics import Metrics, SinkStats
 from .sinks.base import Sink
+from .spool import Spool
 
 __all__ = ["BATCH_MAX", "Pipeline", "Route"]
 
@@ -56,7 +57,15 @@ class Route:
         self.drop_when_full = cfg.when_full == "drop_newest"
         self.queue: deque[Event] = deque()
         self.inflight = 0
+        #: seq of the first event of the batch in flight (0: none)
+        self.inflight_first = 0
         self.acked_seq = 0
+        #: with a spool: False while the sink is behind what its memory queue holds and reads
+        #: from the spool, from ``next_seq`` on (the read loop then skips it entirely)
+        self.live = True
+        self.next_seq = 0
+        #: when the oldest event the sink still waits for was received (0: caught up)
+        self.behind_since = 0.0
         self.opened = False
         self.abandoned = False
         #: a sink may bound the retries of one batch (webhook ``max_retries``); None = forever
@@ -72,6 +81,16 @@ class Route:
     @property
     def depth(self) -> int:
         return len(self.queue) + self.inflight
+
+    def done_through(self, published: int) -> int:
+        """The highest seq such that the sink is done with every event up to it."""
+        if self.inflight_first:
+            return self.inflight_first - 1
+        if self.queue:
+            return self.queue[0].seq - 1
+        if not self.live:
+            return self.next_seq - 1
+        return published
 
     @property
     def failing(self) -> bool:
@@ -111,8 +130,13 @@ class Pipeline:
         batch_max: int = BATCH_MAX,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
+        spool: Spool | None = None,
+        server: str = "",
     ) -> None:
         self.metrics = metrics
+        #: the durable spool (buffer = "disk"), or None (memory only)
+        self.spool = spool
+        self.server = server
         self.routes: list[Route] = []
         for cfg, sink in routes:
             route = Route(cfg, sink, metrics.sink(cfg.name))
@@ -130,6 +154,34 @@ class Pipeline:
         self.taps: list[Callable[[Event], None]] = []
         # the filter/queue step per route, precomputed as tuples for the hot loop
         self._fast = [(r, r.types, r.queue, r.maxlen, r.stats) for r in self.routes]
+        if spool is not None:
+            spool.bind(self.cursors, self.lagging, self._spool_dropped)
+
+    def resume(self, last_seq: int, cursors: dict[str, int]) -> None:
+        """After a restart with a spool: continue numbering after ``last_seq``; a sink whose
+        cursor is behind reads the rest from the spool."""
+        self.seq = last_seq
+        for route in self.routes:
+            cursor = cursors.get(route.name, last_seq)
+            route.acked_seq = cursor
+            if cursor < last_seq:
+                route.live = False
+                route.next_seq = cursor + 1
+                log.info("sink resumes from the spool", sink=route.name,
+                         events_behind=last_seq - cursor)
+
+    def cursors(self) -> dict[str, int]:
+        seq = self.seq
+        return {r.name: r.done_through(seq) for r in self.routes}
+
+    def lagging(self) -> dict[str, tuple[int, frozenset[int] | None]]:
+        return {r.name: (r.next_seq, r.types) for r in self.routes if not r.live}
+
+    def _spool_dropped(self, sink: str, count: int) -> None:
+        route = next(r for r in self.routes if r.name == sink)
+        route.stats.dropped["spool_limit"] += count
+        log.error("spool limit reached: the oldest events were deleted before this sink got them",
+                  sink=sink, events=count, dropped_total=route.stats.dropped["spool_limit"])
 
     # --- the hot path ---------------------------------------------------------------------------
     def publish(self, ev: Event) -> Awaitable[None] | None:
@@ -137,11 +189,24 @@ class Pipeline:
         self.seq += 1
         ev.seq = self.seq
         blocked: list[Route] | None = None
+        spool = self.spool
+        if spool is not None:
+            spool.pending.append(ev)
         for route, types, queue, maxlen, stats in self._fast:
+            if not route.live:
+                continue  # behind: it reads this one from the spool later
             if types is not None and ev.type not in types:
                 stats.filtered += 1
                 continue
             if len(queue) >= maxlen:
+                if spool is not None:
+                    # the memory queue is full: the sink goes on from the spool (nothing is
+                    # dropped, nothing blocks)
+                    route.live = False
+                    route.next_seq = ev.seq
+                    if route._wakeup is not None:
+                        route.wake()
+                    continue
                 if route.drop_when_full:
                     stats.dropped["queue_full"] += 1
                     continue
@@ -172,6 +237,8 @@ class Pipeline:
     def delivered_through(self) -> int:
         """The highest seq such that every route has finished with every event up to it."""
         low = self.seq
+        if self.spool is not None:
+            return min((r.done_through(low) for r in self.routes), default=low)
         for r in self.routes:
             if r.queue or r.inflight or r.abandoned:
                 low = min(low, r.acked_seq)
@@ -214,6 +281,18 @@ class Pipeline:
                 await asyncio.wait(pending)
         for route in self.routes:
             left = len(route.queue) + route.inflight
+            if self.spool is not None:
+                if left or not route.live:
+                    complete = False
+                    behind = self.seq - route.done_through(self.seq)
+                    log.info("events stay in the spool for the next start", sink=route.name,
+                             events=behind)
+                    route.live = False
+                    route.next_seq = route.done_through(self.seq) + 1
+                    route.queue.clear()
+                    route.inflight = route.inflight_first = 0
+                route._space_freed()
+                continue
             if left:
                 complete = False
                 route.stats.dropped["shutdown"] += left
@@ -255,6 +334,11 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         while True:
             if not queue:
+                if not route.live:
+                    if self._closing:
+                        return  # the rest stays in the spool
+                    await self._from_spool(route, backoff)
+                    continue
                 if self._closing:
                     return
                 route._wakeup = loop.create_future()
@@ -263,9 +347,40 @@ class Pipeline:
             n = min(len(queue), self.batch_max)
             batch = [queue.popleft() for _ in range(n)]
             route.inflight = n
+            route.inflight_first = batch[0].seq
             route._space_freed()
             await self._deliver(route, batch, backoff)
             route.inflight = 0
+            route.inflight_first = 0
+
+    async def _from_spool(self, route: Route, backoff: Backoff) -> None:
+        """One batch for a sink that is behind, read from the spool."""
+        assert self.spool is not None
+        start = route.next_seq
+        events = await self.spool.read(start, self.batch_max, self.server)
+        if not events:
+            # nothing at or after ``start``: caught up (or the limits took the rest)
+            route.next_seq = self.seq + 1
+            route.live = True
+            route.behind_since = 0.0
+            if start <= self.seq:
+                log.info("sink caught up from the spool", sink=route.name)
+            return
+        types = route.types
+        batch = events if types is None else [ev for ev in events if ev.type in types]
+        route.stats.filtered += len(events) - len(batch)
+        route.behind_since = events[0].received_at
+        if batch:
+            route.inflight = len(batch)
+            route.inflight_first = batch[0].seq
+            await self._deliver(route, batch, backoff)
+            route.inflight = 0
+            route.inflight_first = 0
+        route.next_seq = events[-1].seq + 1
+        if route.next_seq > self.seq:  # nothing was published meanwhile that it skipped
+            route.live = True
+            route.behind_since = 0.0
+            log.info("sink caught up from the spool", sink=route.name)
 
     async def _deliver(self, route: Route, batch: list[Event], backoff: Backoff) -> None:
         """Send one batch until every event in it is acknowledged or refused for good."""
@@ -280,6 +395,7 @@ class Pipeline:
                 # drain() gave up: put the batch back so it is counted, not silently lost
                 route.queue.extendleft(reversed(batch))
                 route.inflight = 0
+                route.inflight_first = 0
                 raise
             except SinkError as exc:
                 done = min(max(exc.accepted, 0), len(batch))
@@ -287,6 +403,7 @@ class Pipeline:
                     self._acked(route, batch[:done])
                     batch = batch[done:]
                     route.inflight = len(batch)
+                    route.inflight_first = batch[0].seq if batch else 0
                     attempts = 0
                     if not batch:
                         break
@@ -295,9 +412,10 @@ class Pipeline:
                     # only the events the sink names (a webhook's one POST), else all the rest
                     n = exc.failed if exc.failed > 0 else len(batch)
                     why = str(exc) if not exhausted else f"{exc} (gave up after {attempts} retries)"
-                    self._rejected(route, batch[:n], why)
+                    await self._rejected(route, batch[:n], why)
                     batch = batch[n:]
                     route.inflight = len(batch)
+                    route.inflight_first = batch[0].seq if batch else 0
                     attempts = 0
                     continue
                 attempts += 1
@@ -305,8 +423,8 @@ class Pipeline:
                 self._failed(route, exc, "sink write failed", backoff)
             except Exception as exc:
                 if max_retries is not None and attempts >= max_retries:
-                    self._rejected(route, batch, f"{_describe(exc)} (gave up after {attempts} "
-                                   "retries)")
+                    await self._rejected(route, batch, f"{_describe(exc)} (gave up after "
+                                         f"{attempts} retries)")
                     break
                 attempts += 1
                 self._failed(route, exc, "sink write failed", backoff, unexpected=True)
@@ -332,20 +450,30 @@ class Pipeline:
         for fn in self._ack_listeners:
             fn(route, batch)
 
-    def _rejected(self, route: Route, batch: list[Event], msg: str) -> None:
+    async def _rejected(self, route: Route, batch: list[Event], msg: str) -> None:
         stats = route.stats
         stats.errors += 1
         stats.dropped["rejected"] += len(batch)
         route.acked_seq = batch[-1].seq
-        if route.dead_letter is not None:
+        kept: list[str] = []
+        if self.spool is not None:
+            try:
+                await self.spool.add_dead_letters(route.name, batch, msg)
+                kept.append(f"spool (cometstream dlq list --sink {route.name})")
+            except Exception as exc:  # the disk is the problem: say so, go on
+                log.error("dead letters not kept in the spool: write failed", sink=route.name,
+                          events=len(batch), error=str(exc))
+        if route.dead_letter is not None:  # a configured file gets them too
             route.dead_letter.write(batch, msg)
+            kept.append(str(route.dead_letter.path))
+        where = ", ".join(kept) or None
         now = time.monotonic()
         if msg != route.last_rejection or now - route.last_warned >= FAILING_REMINDER:
             route.last_warned = now
             route.last_rejection = msg
             log.error("sink refused events permanently", sink=route.name, events=len(batch),
                       dropped_total=stats.dropped["rejected"], error=msg,
-                      dead_letter=str(route.dead_letter.path) if route.dead_letter else None)
+                      dead_letter=where)
 
     def _failed(self, route: Route, exc: BaseException, what: str, backoff: Backoff,
                 *, unexpected: bool = False) -> None:

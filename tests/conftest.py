@@ -47,6 +47,10 @@ async def sim() -> AsyncIterator[Simulator]:
         yield s
 
 
+#: ``spool=MEMORY``: tests of the memory-buffer behaviours (drop_newest, block, shutdown losses)
+MEMORY: dict[str, Any] = {"buffer": "memory"}
+
+
 def make_config(sim_url: str, tmp_path: Path, *, sinks: dict[str, Any] | None = None,
                 stream: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
                 exact: bool = False, **sections: Any) -> Config:

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cometstream.simulator import Simulator
 
-from .conftest import make_config, running, wait_until
+from .conftest import MEMORY, make_config, running, wait_until
 
 
 def _port() -> int:
@@ -42,7 +42,7 @@ async def test_metrics_values_match_a_scripted_session(sim: Simulator, tmp_path:
     """After known events, a malformed frame, a filtered sink, drops and rejected re-logins,
     /metrics reports exactly those numbers (not just the names)."""
     port = _port()
-    cfg = make_config(sim.url, tmp_path, http={"listen": f"127.0.0.1:{port}"}, sinks={
+    cfg = make_config(sim.url, tmp_path, spool=MEMORY, http={"listen": f"127.0.0.1:{port}"}, sinks={
         "all": {"type": "memory"},
         "jobs": {"type": "memory", "types": ["SEVT_JOB_COMPLETED"]},
         "tiny": {"type": "memory", "buffer": 1, "when_full": "drop_newest"},

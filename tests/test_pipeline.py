@@ -12,6 +12,7 @@ import orjson
 from cometstream.simulator import Simulator
 
 from .conftest import (
+    MEMORY,
     PASSWORD,
     cli_env,
     make_config,
@@ -97,7 +98,7 @@ async def test_queued_events_keep_only_their_bytes_when_no_sink_reads_the_docume
 async def test_drop_newest_sink_never_blocks_the_others(sim: Simulator, tmp_path: Path) -> None:
     """A hung sink with drop_newest drops and counts; the file sink beside it gets everything."""
     path = tmp_path / "ev.jsonl"
-    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+    cfg = make_config(sim.url, tmp_path, exact=True, spool=MEMORY, sinks={
         "stuck": {"type": "memory", "buffer": 10, "when_full": "drop_newest"},
         "file": {"type": "file", "path": str(path), "format": "event"},
     })
@@ -248,7 +249,7 @@ async def test_stop_drains_what_is_queued_before_closing(sim: Simulator, tmp_pat
 async def test_shutdown_timeout_bounds_a_hung_sink(sim: Simulator, tmp_path: Path) -> None:
     """A sink that never returns cannot hold the daemon past shutdown.timeout; its queue is
     counted as dropped at shutdown."""
-    cfg = make_config(sim.url, tmp_path, exact=True, shutdown={"timeout": 0.3})
+    cfg = make_config(sim.url, tmp_path, exact=True, spool=MEMORY, shutdown={"timeout": 0.3})
     async with running(cfg) as d:
         await wait_until(lambda: d.sink_stats("mem").delivered == 1, what="HELLO")
         d.sink("mem").hang.clear()
@@ -264,6 +265,8 @@ async def test_shutdown_timeout_bounds_a_hung_sink(sim: Simulator, tmp_path: Pat
 async def test_sigterm_exits_even_when_stdout_is_never_read(sim: Simulator, tmp_path: Path) -> None:
     """A stdout sink blocked on a full pipe does not keep the process alive after SIGTERM."""
     conf = write_config(tmp_path, sim.url, """
+[spool]
+buffer = "memory"
 [shutdown]
 timeout = 1.0
 [sinks.out]

@@ -32,7 +32,7 @@ from cometstream.sinks.webhook import (
     signature,
 )
 
-from .conftest import make_config, running, wait_until
+from .conftest import MEMORY, make_config, running, wait_until
 
 #: a URL path that stands for a secret (Slack/Teams-style webhook URLs): it must never be logged
 HOOK_PATH = "/hooks/s3cr3t-path-token"
@@ -302,7 +302,7 @@ async def test_a_hung_receiver_does_not_delay_the_file_sink(sim: Simulator, tmp_
     """With the webhook hung (drop_newest, small buffer), the file sink beside it still gets every
     event at once; the webhook's overflow is counted as dropped, and it catches up afterwards."""
     path = tmp_path / "ev.jsonl"
-    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+    cfg = make_config(sim.url, tmp_path, exact=True, spool=MEMORY, sinks={
         "hook": _hook(receiver, timeout=0.5, max_retries=-1, buffer=10, when_full="drop_newest"),
         "file": {"type": "file", "path": str(path), "format": "event"},
     })
@@ -406,8 +406,8 @@ async def test_an_unreachable_receiver_is_retried(sim: Simulator, tmp_path: Path
     await dead.start()
     url = dead.url
     await dead.stop()  # the port now refuses connections
-    cfg = make_config(sim.url, tmp_path, exact=True, shutdown={"timeout": 0.3}, sinks={
-        "hook": {"type": "webhook", "url": url, "max_retries": -1}})
+    cfg = make_config(sim.url, tmp_path, exact=True, shutdown={"timeout": 0.3}, spool=MEMORY,
+                      sinks={"hook": {"type": "webhook", "url": url, "max_retries": -1}})
     async with running(cfg) as d:
         _fast_retries(d)
         await wait_until(lambda: d.sink_stats("hook").failing, what="failing")

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
@@ -88,6 +88,7 @@ class StreamStats:
         self.received: dict[int, int] = defaultdict(int)  # raw Type -> count
         self.malformed = 0
         self.duplicates = 0
+        self.spool_quarantined = 0
         self.malformed_by_reason: dict[str, int] = defaultdict(int)
         self.last_event_time = 0.0
         self.jobs_completed: dict[str, int] = defaultdict(int)  # status label
@@ -123,6 +124,9 @@ class Metrics(Collector):
         self.stream = StreamStats()
         self.sinks: dict[str, SinkStats] = {}
         self._depth: dict[str, object] = {}
+        #: with a spool: a callable giving {"bytes", "events", "oldest_age", "write_errors",
+        #: "lag": {sink: (events, seconds)}}
+        self.spool: Callable[[], dict[str, Any]] | None = None
         if registry is not None:
             registry.register(self)
 
@@ -221,7 +225,7 @@ class Metrics(Collector):
                                      labels=["sink"])
         for name, st in self.sinks.items():
             delivered.add_metric([name], st.delivered)
-            for reason in ("queue_full", "rejected", "shutdown"):
+            for reason in ("queue_full", "rejected", "shutdown", "spool_limit"):
                 dropped.add_metric([name, reason], st.dropped.get(reason, 0))
             filtered.add_metric([name], st.filtered)
             errors.add_metric([name], st.errors)
@@ -231,3 +235,33 @@ class Metrics(Collector):
             failing.add_metric([name], 1 if st.failing else 0)
             capacity.add_metric([name], st.capacity)
         yield from (delivered, dropped, filtered, errors, depth, latency, failing, capacity)
+        if self.spool is not None:
+            yield from self._spool_families(self.spool())
+
+    def _spool_families(self, fig: dict[str, Any]) -> Iterator[Metric]:
+        srv = self.server
+        for name, help_, value in (
+                ("spool_bytes", "Bytes of the events in the spool", fig["bytes"]),
+                ("spool_events", "Events in the spool (some sink has not got them)", fig["events"]),
+                ("spool_oldest_age_seconds", "Age of the oldest event in the spool",
+                 fig["oldest_age"])):
+            g = GaugeMetricFamily(PREFIX + name, help_, labels=["server"])
+            g.add_metric([srv], value)
+            yield g
+        c = CounterMetricFamily(PREFIX + "spool_write_errors", "Failed spool commits (retried)",
+                                labels=["server"])
+        c.add_metric([srv], fig["write_errors"])
+        yield c
+        c = CounterMetricFamily(PREFIX + "spool_quarantined", "Damaged spools moved aside at start",
+                                labels=["server"])
+        c.add_metric([srv], self.stream.spool_quarantined)
+        yield c
+        events = GaugeMetricFamily(PREFIX + "sink_lag_events", "Events received that the sink "
+                                   "has not got yet", labels=["sink"])
+        seconds = GaugeMetricFamily(PREFIX + "sink_lag_seconds", "Age of the oldest event the "
+                                    "sink is waiting for", labels=["sink"])
+        for sink, (n, age) in fig["lag"].items():
+            events.add_metric([sink], n)
+            seconds.add_metric([sink], age)
+        yield events
+        yield seconds
