@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--password", default="admin")
     sim.add_argument("--rate", type=float, default=5.0, help="events per second (default 5)")
     sim.add_argument("--seed", type=int, default=None)
+    from .dlq import add_parser as add_dlq_parser
+
+    add_dlq_parser(sub, common)
     return p
 
 
@@ -118,6 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_backfill(args)
         if args.command == "simulate":
             return _cmd_simulate(args)
+        if args.command == "dlq":
+            from .dlq import run_dlq
+
+            return run_dlq(args)
     except ApiError as exc:
         _err(f"api: {exc}")
         return EXIT_CREDENTIALS if isinstance(exc, ApiAuthError) else EXIT_FATAL

@@ -1,0 +1,531 @@
+"""``cometstream dlq list|replay|purge``: the events sinks refused for good.
+
+A sink that refuses an event for good (a webhook answering 400, a retry budget spent) leaves it
+in the spool's ``dead_letters`` table (``spool.db`` in ``state.dir``, see
+:mod:`cometstream.spool`): one row per event per sink, with the error and the event's bytes.
+These commands read and change that table directly, with SQLite's own locking, so they work
+while the daemon runs (WAL: readers never wait; a delete waits up to :data:`BUSY_TIMEOUT_MS` for
+the daemon's commit) and while it is stopped.
+
+- ``list``: a table (or JSON Lines with each event's bytes spliced in unchanged) and a summary
+  per sink;
+- ``replay --sink NAME``: builds that sink from the configuration, sends its dead letters in id
+  order in batches of :data:`BATCH`, and deletes each batch only once the sink has accepted it
+  (``SinkError.accepted`` counts too). The first failure stops the replay; what was not accepted
+  stays. Only the rows present when the replay started are sent (the daemon may add more
+  meanwhile), and one replay at a time may run on a spool (a lock file beside it);
+- ``purge``: deletes by sink, id and age; asks for ``--yes``.
+
+Exit codes: 0 done (also: nothing to do); 1 the spool is missing or unreadable, or a replay
+stopped; 2 usage or configuration problems.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import sqlite3
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from itertools import islice
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, Final
+
+import orjson
+
+if TYPE_CHECKING:
+    from .config import Config, SinkConfig
+    from .spool import DeadLetter
+
+__all__ = ["BATCH", "DlqError", "add_parser", "parse_duration", "run_dlq"]
+
+EXIT_OK: Final = 0
+EXIT_FATAL: Final = 1
+EXIT_USAGE: Final = 2
+#: dead letters per ``send`` (and per delete) during a replay
+BATCH: Final = 100
+#: how long a delete waits for the daemon's own write transaction before giving up
+BUSY_TIMEOUT_MS: Final = 30_000
+#: characters of the error in ``list``'s table when it is not shown on a terminal
+_EXCERPT: Final = 120
+_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+class DlqError(Exception):
+    """A one-line failure of a dlq command, with its exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FATAL) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def parse_duration(text: str) -> float:
+    """``30m``, ``12h``, ``7d``, ``2w``, ``1d12h``, ``90s`` → seconds."""
+    t = text.strip().lower()
+    pos = 0
+    total = 0.0
+    for m in _DURATION.finditer(t):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not t or pos != len(t):
+        raise DlqError(f'--older-than: expected a duration like 7d, 12h or 30m, got "{text}"',
+                       EXIT_USAGE)
+    return total
+
+
+# --- the command line -------------------------------------------------------------------------
+def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Register ``dlq`` and its actions on the CLI's subparsers (``common`` adds -c/--log-level)."""
+    p = sub.add_parser("dlq", help="list, replay or purge the events sinks refused for good")
+    actions = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
+    ls = actions.add_parser("list", help="show the dead letters (oldest first)")
+    common(ls)
+    ls.add_argument("--sink", metavar="NAME", help="only this sink's")
+    ls.add_argument("--limit", type=_positive_int, metavar="N", help="at most N rows")
+    ls.add_argument("--json", action="store_true",
+                    help="JSON Lines with each event's bytes as received")
+    rp = actions.add_parser("replay", help="send a sink's dead letters to it again")
+    common(rp)
+    rp.add_argument("--sink", metavar="NAME", required=True, help="the sink (as configured)")
+    rp.add_argument("--id", dest="ids", type=_positive_int, nargs="+", action="extend",
+                    default=[], metavar="ID", help="only these dead letters")
+    rp.add_argument("--dry-run", action="store_true", help="say what would be sent; send nothing")
+    pg = actions.add_parser("purge", help="delete dead letters")
+    common(pg)
+    pg.add_argument("--sink", metavar="NAME", help="only this sink's")
+    pg.add_argument("--id", dest="ids", type=_positive_int, nargs="+", action="extend",
+                    default=[], metavar="ID", help="only these dead letters")
+    pg.add_argument("--older-than", metavar="DURATION",
+                    help="only those that failed longer ago than this (7d, 12h, 30m)")
+    pg.add_argument("--yes", action="store_true", help="really delete")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return n
+
+
+def _err(msg: str) -> None:
+    print(f"cometstream: dlq: {msg}", file=sys.stderr, flush=True)
+
+
+def run_dlq(args: argparse.Namespace) -> int:
+    """Run ``cometstream dlq ACTION`` (config errors propagate to the CLI: exit 2)."""
+    from .config import load_config
+    from .observe.logging import configure_logging
+
+    cfg = load_config(args.config)
+    configure_logging(args.log_level or "warning", cfg.log.format)
+    path = spool_path(cfg)
+    try:
+        if args.dlq_command == "list":
+            return cmd_list(cfg, args)
+        if args.dlq_command == "replay":
+            return cmd_replay(cfg, args)
+        if args.dlq_command == "purge":
+            return cmd_purge(cfg, args)
+    except DlqError as exc:
+        _err(str(exc))
+        return exc.code
+    except sqlite3.Error as exc:
+        _err(f"spool {path}: {exc}")
+        return EXIT_FATAL
+    except BrokenPipeError:  # `dlq list | head`: stop quietly (and keep the final flush quiet)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    return EXIT_USAGE
+
+
+# --- the spool ----------------------------------------------------------------------------------
+def spool_path(cfg: Config) -> Path:
+    from .spool import FILENAME
+
+    return cfg.state.dir / FILENAME
+
+
+def open_spool(cfg: Config) -> sqlite3.Connection:
+    """The daemon's spool (never created here); a busy timeout for writes beside the daemon."""
+    from .spool import SpoolCorrupt, connect
+
+    path = spool_path(cfg)
+    if not path.is_file():
+        raise DlqError(f'no spool at {path}: the daemon has not run with buffer = "disk"')
+    try:
+        db = connect(path)
+    except SpoolCorrupt as exc:
+        raise DlqError(f"cannot open the spool {path}: {exc}") from None
+    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    return db
+
+
+def _where(sink: str | None = None, ids: Sequence[int] = (), older_than: float | None = None,
+           max_id: int | None = None) -> tuple[str, list[Any]]:
+    conds: list[str] = []
+    params: list[Any] = []
+    if sink is not None:
+        conds.append("sink = ?")
+        params.append(sink)
+    if ids:
+        conds.append(f"id IN ({','.join('?' * len(ids))})")
+        params.extend(ids)
+    if older_than is not None:
+        conds.append("failed_at < ?")
+        params.append(older_than)
+    if max_id is not None:
+        conds.append("id <= ?")
+        params.append(max_id)
+    return (" WHERE " + " AND ".join(conds)) if conds else "", params
+
+
+def _rows(db: sqlite3.Connection, *, sink: str | None = None, ids: Sequence[int] = (),
+          max_id: int | None = None, limit: int | None = None,
+          page: int = 500) -> Iterator[DeadLetter]:
+    """Dead letters in id order, read a page at a time (bounded memory for any table size)."""
+    from .spool import DeadLetter
+
+    where, params = _where(sink, ids, None, max_id)
+    after = 0
+    left = limit
+    while left is None or left > 0:
+        n = page if left is None else min(page, left)
+        q = ("SELECT id, sink, failed_at, error, seq, received_at, type, origin, raw "
+             f"FROM dead_letters{where}{' AND' if where else ' WHERE'} id > ? ORDER BY id LIMIT ?")
+        batch = [DeadLetter(*row) for row in db.execute(q, [*params, after, n])]
+        yield from batch
+        if len(batch) < n:
+            return
+        after = batch[-1].id
+        if left is not None:
+            left -= len(batch)
+
+
+def _sinks_with_letters(db: sqlite3.Connection) -> list[str]:
+    return [r[0] for r in db.execute("SELECT DISTINCT sink FROM dead_letters ORDER BY sink")]
+
+
+def _unknown_sink(cfg: Config, name: str, db: sqlite3.Connection | None) -> DlqError:
+    configured = ", ".join(sc.name for sc in cfg.sinks) or "none"
+    extra = ""
+    if db is not None:
+        orphans = [s for s in _sinks_with_letters(db) if s not in {sc.name for sc in cfg.sinks}]
+        if orphans:
+            extra = f"; with dead letters but no longer configured: {', '.join(orphans)}"
+    return DlqError(f'--sink: no sink named "{name}" (configured: {configured}{extra})',
+                    EXIT_USAGE)
+
+
+def _check_sink(cfg: Config, db: sqlite3.Connection, name: str | None) -> None:
+    """A sink named on the command line must be configured or have dead letters (a sink removed
+    from the config keeps its dead letters until they are purged)."""
+    if name is None or any(sc.name == name for sc in cfg.sinks):
+        return
+    if db.execute("SELECT 1 FROM dead_letters WHERE sink = ? LIMIT 1", (name,)).fetchone():
+        return
+    raise _unknown_sink(cfg, name, db)
+
+
+def _local(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _plural(n: int, word: str = "dead letter") -> str:
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
+# --- list -----------------------------------------------------------------------------------------
+def json_line(row: DeadLetter) -> bytes:
+    """``{"id","sink","failed_at","error","event"}`` with the event's bytes as they are."""
+    head = orjson.dumps({"id": row.id, "sink": row.sink, "failed_at": row.failed_at,
+                         "error": row.error})
+    raw = bytes(row.raw)
+    if b"\n" in raw or b"\r" in raw:  # never in what the daemon stores; keep one line per row
+        raw = raw.replace(b"\r", b" ").replace(b"\n", b" ")
+    return head[:-1] + b',"event":' + raw + b"}\n"
+
+
+def _type_name(row: DeadLetter) -> str:
+    from .events import Event
+
+    ev = Event(bytes(row.raw), None, row.type, row.origin, row.received_at)  # type: ignore[arg-type]
+    try:
+        return ev.type_name
+    except ValueError:  # bytes that do not parse: the number will do
+        return f"SEVT_UNKNOWN_{row.type}"
+
+
+def _excerpt(row: DeadLetter, width: int) -> str:
+    text = row.error
+    text = text.removeprefix(f"sink {row.sink}: ")  # the sink column says it already
+    text = " ".join(text.split())
+    width = max(width, 20)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def cmd_list(cfg: Config, args: argparse.Namespace, out: IO[bytes] | None = None) -> int:
+    out = out if out is not None else sys.stdout.buffer
+    out_tty = out.isatty()
+    db = open_spool(cfg)
+    try:
+        _check_sink(cfg, db, args.sink)
+        where, params = _where(args.sink)
+        summary = db.execute(f"SELECT sink, count(*), min(failed_at), max(failed_at) "
+                             f"FROM dead_letters{where} GROUP BY sink ORDER BY sink",
+                             params).fetchall()
+        total = sum(r[1] for r in summary)
+        none = "no dead letters" + (f" for sink {args.sink}" if args.sink else "")
+        if args.json:
+            for row in _rows(db, sink=args.sink, limit=args.limit):
+                out.write(json_line(row))
+            out.flush()
+            if not total:
+                print(none, file=sys.stderr)
+            return EXIT_OK
+        if not total:
+            out.write(f"{none}\n".encode())
+            out.flush()
+            return EXIT_OK
+        cells = [((str(r.id), r.sink, _local(r.failed_at), _type_name(r)), r)
+                 for r in _rows(db, sink=args.sink, limit=args.limit)]
+    finally:
+        db.close()
+    head = ("ID", "SINK", "FAILED AT", "TYPE")
+    widths = [max(len(h), *(len(texts[i]) for texts, _ in cells)) for i, h in enumerate(head)]
+    # on a terminal the error fits the width; piped, an excerpt of a fixed length
+    fixed = sum(widths) + 2 * len(widths)
+    room = shutil.get_terminal_size().columns - fixed - 1 if out_tty else _EXCERPT
+    lines = ["  ".join([*(h.ljust(w) for h, w in zip(head, widths, strict=True)), "ERROR"])]
+    for texts, row in cells:
+        first = [texts[0].rjust(widths[0])] + [t.ljust(w) for t, w in
+                                               zip(texts[1:], widths[1:], strict=True)]
+        lines.append("  ".join([*first, _excerpt(row, room)]))
+    lines.append("")
+    for sink, count, oldest, newest in summary:
+        lines.append(f"{sink}: {_plural(count)}, oldest {_local(oldest)}, newest {_local(newest)}")
+    if len(cells) < total:
+        lines.append(f"(showing the first {len(cells):,} of {total:,}; --limit)")
+    out.write(("\n".join(lines) + "\n").encode())
+    out.flush()
+    return EXIT_OK
+
+
+# --- replay ---------------------------------------------------------------------------------------
+class _Progress:
+    """``replay to NAME: 300/1,000`` on a terminal (stderr); silent otherwise."""
+
+    def __init__(self, sink: str, total: int, out: IO[str] = sys.stderr) -> None:
+        self.sink = sink
+        self.total = total
+        self.out = out
+        self.tty = out.isatty()
+        self._last = 0.0
+        self.shown = False
+
+    def update(self, done: int) -> None:
+        now = time.monotonic()
+        if not self.tty or now - self._last < 0.1:
+            return
+        self._last = now
+        self.shown = True
+        self.out.write(f"\rreplay to {self.sink}: {done:,}/{self.total:,}   ")
+        self.out.flush()
+
+    def end(self) -> None:
+        if self.shown:
+            self.out.write("\r\033[K")
+            self.out.flush()
+
+
+class _Replay:
+    def __init__(self, sink: str, total: int) -> None:
+        self.sink = sink
+        self.total = total
+        self.sent = 0
+
+
+def _lock(path: Path) -> int:
+    """One replay per spool at a time: two would send the same events twice."""
+    import fcntl
+
+    lock = path.with_name(f"{path.name}.replay-lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise DlqError(f"cannot create {lock}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise DlqError(f"another dlq replay is running on {path}") from None
+    _keep_owner_of(lock, path)
+    return fd
+
+
+def _keep_owner_of(side: Path, path: Path) -> None:
+    """Run as root beside a daemon with its own user (``DynamicUser=yes``), give a file this
+    command created the spool's owner (SQLite does the same for ``-wal`` and ``-shm``)."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        try:
+            st = path.stat()
+            if st.st_uid != 0 and side.stat().st_uid == 0:
+                os.chown(side, st.st_uid, st.st_gid)
+        except OSError:
+            pass
+
+
+def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
+    from .daemon import build_sink
+
+    sc = next((s for s in cfg.sinks if s.name == args.sink), None)
+    if sc is None:  # replay needs the sink's configuration: name the configured ones
+        try:
+            db: sqlite3.Connection | None = open_spool(cfg)
+        except (DlqError, sqlite3.Error):  # the usage error comes first
+            db = None
+        try:
+            raise _unknown_sink(cfg, args.sink, db)
+        finally:
+            if db is not None:
+                db.close()
+    sink = build_sink(sc)  # ConfigError: exit 2 (before anything is sent)
+    db = open_spool(cfg)
+    fd = -1
+    try:
+        ids = sorted(set(args.ids))
+        if ids:
+            found = {r[0] for r in db.execute(
+                f"SELECT id FROM dead_letters WHERE sink = ? AND id IN ({','.join('?' * len(ids))})",
+                [sc.name, *ids])}
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise DlqError(f"--id: sink {sc.name} has no dead letter "
+                               f"{', '.join(map(str, missing))}", EXIT_USAGE)
+        where, params = _where(sc.name, ids)
+        total, max_id, first = db.execute(
+            f"SELECT count(*), max(id), min(id) FROM dead_letters{where}", params).fetchone()
+        if not total:
+            print(f"no dead letters for sink {sc.name}", file=sys.stderr)
+            return EXIT_OK
+        if args.dry_run:
+            span = f"id {first}" if total == 1 else f"ids {first} to {max_id}"
+            print(f"would replay {_plural(total)} ({span}) to sink {sc.name} "
+                  f"({sc.type}, format {sc.format})", file=sys.stderr)
+            return EXIT_OK
+        fd = _lock(spool_path(cfg))
+        state = _Replay(sc.name, total)
+        try:
+            error = asyncio.run(_replay(cfg, sc, sink, db, ids, max_id, state))
+        except KeyboardInterrupt:
+            error = "interrupted"
+        where, params = _where(sc.name, ids, None, max_id)
+        left = db.execute(f"SELECT count(*) FROM dead_letters{where}", params).fetchone()[0]
+        if error is None:
+            print(f"replayed {_plural(state.sent)} to sink {sc.name}", file=sys.stderr)
+            return EXIT_OK
+        raise DlqError(f"replay to sink {sc.name} stopped: {error}; replayed {state.sent:,}, "
+                       f"{left:,} remain")
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        db.close()
+
+
+async def _replay(cfg: Config, sc: SinkConfig, sink: Any, db: sqlite3.Connection,
+                  ids: Sequence[int], max_id: int, state: _Replay) -> str | None:
+    """Send the rows, deleting each batch once accepted; the error that stopped it, or None."""
+    from .errors import SinkError
+    from .events import Event
+    from .spool import delete_dead_letters
+
+    progress = _Progress(sc.name, state.total)
+    try:
+        try:
+            await sink.open()
+        except SinkError as exc:
+            return f"cannot open the sink: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a third-party sink's own: one line still
+            return f"cannot open the sink: {exc.__class__.__name__}: {exc}"
+        rows = _rows(db, sink=sc.name, ids=ids, max_id=max_id, page=BATCH)
+        while True:
+            batch = list(islice(rows, BATCH))
+            if not batch:
+                return None
+            events = []
+            for r in batch:
+                ev = Event(bytes(r.raw), None, r.type, r.origin,  # type: ignore[arg-type]
+                           r.received_at, cfg.server.name)
+                ev.seq = r.seq
+                events.append(ev)
+            error = None
+            accepted = len(batch)
+            try:
+                await sink.send(events)
+            except SinkError as exc:
+                accepted = min(max(exc.accepted, 0), len(batch))
+                error = str(exc)
+            except Exception as exc:  # noqa: BLE001 - as the pipeline: a failed send
+                accepted = 0
+                error = f"{exc.__class__.__name__}: {exc}"
+            if accepted:
+                try:
+                    delete_dead_letters(db, [r.id for r in batch[:accepted]])
+                except sqlite3.Error as exc:
+                    return (f"{accepted} accepted by the sink could not be removed from the spool "
+                            f"({exc}): the next replay sends them again")
+                state.sent += accepted
+            progress.update(state.sent)
+            if error is not None:
+                return error
+    finally:
+        progress.end()
+        try:
+            await asyncio.wait_for(sink.aclose(), max(cfg.shutdown_timeout, 5.0))
+        except Exception as exc:  # noqa: BLE001 - accepted is accepted; say it, go on
+            _err(f"closing sink {sc.name}: {exc.__class__.__name__}: {exc}")
+
+
+# --- purge ----------------------------------------------------------------------------------------
+def cmd_purge(cfg: Config, args: argparse.Namespace) -> int:
+    from .spool import delete_dead_letters
+
+    cutoff = time.time() - parse_duration(args.older_than) if args.older_than else None
+    db = open_spool(cfg)
+    try:
+        _check_sink(cfg, db, args.sink)
+        ids = sorted(set(args.ids))
+        where, params = _where(args.sink, ids, cutoff)
+        chosen = db.execute(f"SELECT id, sink FROM dead_letters{where} ORDER BY id",
+                            params).fetchall()
+        missing = ""
+        if ids:
+            gone = sorted(set(ids) - {i for i, _ in chosen})
+            if gone:
+                missing = f" (no match for id {', '.join(map(str, gone))})"
+        if not chosen:
+            print(f"no dead letters match{missing}", file=sys.stderr)
+            return EXIT_OK
+        per: dict[str, int] = {}
+        for _, sink in chosen:
+            per[sink] = per.get(sink, 0) + 1
+        detail = ", ".join(f"{s}: {n:,}" for s, n in sorted(per.items()))
+        if not args.yes:
+            print(f"would delete {_plural(len(chosen))} ({detail}){missing}; "
+                  "add --yes to delete them", file=sys.stderr)
+            return EXIT_USAGE
+        n = delete_dead_letters(db, [i for i, _ in chosen])
+        print(f"deleted {_plural(n)} ({detail}){missing}", file=sys.stderr)
+        return EXIT_OK
+    finally:
+        db.close()
