@@ -369,9 +369,11 @@ async def test_with_the_daemon_running_refusals_are_listed_and_replayed(
     while it keeps running, `dlq list --json` shows them byte for byte and `dlq replay` delivers
     them once the receiver accepts."""
     refusing = [True]
+    keys: dict[bytes, list[str]] = {}
 
     async def refuse_bad(request: web.Request) -> web.Response:
         body = await request.read()
+        keys.setdefault(body, []).append(request.headers["Idempotency-Key"])
         if refusing[0] and b'"bad-' in body:
             return web.Response(status=400, text="unknown customer")
         receiver["accepted"].append(body)
@@ -379,7 +381,9 @@ async def test_with_the_daemon_running_refusals_are_listed_and_replayed(
 
     receiver["handler"] = refuse_bad
     hook = {"type": "webhook", "url": receiver["url"], "timeout": 5}
-    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": hook})
+    # the server's name as write_config's file has it (the host): it is in Idempotency-Key
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": hook},
+                      server={"name": "127.0.0.1"})
     conf = write_config(tmp_path, sim.url, f"""
 [sinks.hook]
 type = "webhook"
@@ -410,6 +414,8 @@ timeout = 5
         assert await d.stopped() == 0
     got = [b for b in receiver["accepted"] if b'"Type":4000' not in b]
     assert got == [sent[0], sent[3], sent[1], sent[2]]  # the replayed two after the live ones
+    for body in sent[1:3]:  # refused, then replayed: a receiver can tell it is the same event
+        assert len(keys[body]) == 2 and keys[body][0] == keys[body][1]
 
 
 def _job(guid: str) -> dict[str, Any]:
