@@ -10,7 +10,9 @@ are its own:
 - ``naive-websockets`` / ``naive-aiohttp``: the loop a user would write (log in, ``recv``,
   ``orjson.loads``, append the line to a file), on the websockets and on aiohttp's client;
 - ``daemon``: cometstream's Daemon as ``cometstream run`` builds it (uvloop, metrics endpoint
-  on, redaction on, checkpoint every second) with one file sink (format ``event``);
+  on, redaction on, the disk spool, checkpoint every second) with one file sink (format
+  ``event``);
+- ``daemon, memory buffer``: the same with ``[spool] buffer = "memory"`` (the spool's cost);
 - ``daemon, no redaction``: the same with ``[redact] enabled = false``;
 - ``daemon, 4 sinks``: file, stdout (to /dev/null), Kafka (a local Tansu broker, if the test
   extras are installed) and webhook (an aiohttp receiver in a third process, batches of 500);
@@ -176,6 +178,7 @@ async def daemon(url: str, n: int, tmp: Path, variant: str,
         # those jobs already done; this measures the stream path (resync: benchmarks/resync.py)
         "resync": {"enabled": False},
         "redact": {"enabled": variant != "noredact"},
+        "spool": {"buffer": "memory" if variant == "memory" else "disk"},
         "state": {"dir": str(tmp / "state")},
         "sinks": _sinks(variant, tmp, extra or {}),
     }, env={})
@@ -219,6 +222,7 @@ RECEIVERS = {
     "naive-websockets": (naive_websockets, "", "naive websockets"),
     "naive-aiohttp": (naive_aiohttp, "", "naive aiohttp"),
     "daemon": (daemon, "file", "daemon, 1 file sink"),
+    "daemon-memory": (daemon, "memory", "daemon, memory buffer"),
     "daemon-noredact": (daemon, "noredact", "daemon, no redaction"),
     "daemon-4sinks": (daemon, "four", "daemon, 4 sinks"),
     "daemon-filter": (daemon, "filter", "daemon, filter 10%"),

@@ -49,6 +49,8 @@ FILENAME: Final = "spool.db"
 FORMAT_VERSION: Final = 1
 #: events committed per transaction at most (a burst is written in pieces of this size)
 _COMMIT_MAX: Final = 20_000
+#: the granularity of the limits: the oldest events go in ranges of this many
+_RANGE: Final = 256
 log = structlog.get_logger("cometstream.spool")
 
 _SCHEMA: Final = """
@@ -256,10 +258,12 @@ class Spool:
                     self.pending.popleft()
                 last = batch[-1].seq
                 self.durable_seq = last
-                size = sum(len(ev.raw) for ev in batch)
-                newest = max(ev.received_at for ev in batch)
-                self._batches.append([batch[0].seq, last, size, newest])
-                self.bytes += size
+                # the limits delete whole ranges: keep them small enough to be fair
+                for i in range(0, n, _RANGE):
+                    part = batch[i:i + _RANGE]
+                    size = sum(len(ev.raw) for ev in part)
+                    self._batches.append([part[0].seq, part[-1].seq, size, part[-1].received_at])
+                    self.bytes += size
                 self.events += n
                 if not self.oldest_received_at:
                     self.oldest_received_at = batch[0].received_at

@@ -1,0 +1,314 @@
+"""The durable spool: a sink that is down lags on disk, a restart resumes every sink from its
+cursor, SIGKILL loses nothing the remedial sync cannot bring back, damage is quarantined."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from cometstream.simulator import Simulator
+
+from .conftest import make_config, run_cli, running, wait_until, write_config
+from .kafka_broker import Broker
+
+
+class Hook:
+    """A webhook receiver on 127.0.0.1 that answers 503 while ``down``, else records the events."""
+
+    def __init__(self) -> None:
+        self.down = False
+        self.events: list[bytes] = []
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=1 << 26)
+        app.router.add_post("/hook", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}/hook"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.down:
+            return web.Response(status=503)
+        docs = orjson.loads(body)
+        self.events.extend(orjson.dumps(d) for d in (docs if isinstance(docs, list) else [docs]))
+        return web.Response(text="ok")
+
+
+def _lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines() if path.exists() else []
+
+
+def guids(lines: list[bytes]) -> list[str]:
+    return [orjson.loads(x)["Data"]["GUID"] for x in lines]
+
+
+def _spool(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "spool.db"
+
+
+def _fast(d: Any) -> None:
+    d.daemon.pipeline.retry_initial = 0.01
+    d.daemon.pipeline.retry_max = 0.1
+
+
+async def test_a_webhook_down_for_a_burst_lags_on_disk_then_catches_up(sim: Simulator,
+                                                                       tmp_path: Path) -> None:
+    """The receiver refuses (503) while 3,000 events arrive: the file sink beside it keeps pace,
+    the webhook's small memory queue overflows to the spool (nothing blocks, nothing is dropped),
+    the lag shows in the metrics; once the receiver is back it gets every event, in order, once."""
+    hook = Hook()
+    await hook.start()
+    path = tmp_path / "ev.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, spool={"fsync_interval": 0.05}, sinks={
+        "file": {"type": "file", "path": str(path), "format": "event"},
+        "hook": {"type": "webhook", "url": hook.url, "batch": 200, "max_retries": -1,
+                 "buffer": 100, "format": "event"},
+    })
+    try:
+        async with running(cfg) as d:
+            _fast(d)
+            await wait_until(lambda: len(hook.events) == 1, what="HELLO at the webhook")
+            hook.down = True
+            sent = sim.emit_many(3000)
+            await wait_until(lambda: d.sink_stats("file").delivered == 3001, timeout=20,
+                             what="the file sink keeps pace")
+            route = next(r for r in d.daemon.pipeline.routes if r.name == "hook")
+            assert not route.live and len(route.queue) <= 100  # behind, reading from disk
+            fig = d.daemon._spool_figures()
+            assert fig["lag"]["hook"][0] > 2800 and fig["lag"]["file"][0] == 0
+            await wait_until(lambda: d.daemon.spool.durable_seq >= 3001, what="spooled")
+            on_disk = sqlite3.connect(_spool(tmp_path)).execute(
+                "SELECT count(*) FROM events").fetchone()[0]
+            assert on_disk >= 2800  # kept for the webhook (the file sink is done with them)
+            hook.down = False
+            await wait_until(lambda: len(hook.events) == 3001, timeout=30, what="catch-up")
+            await wait_until(lambda: route.live, what="live again")
+            assert hook.events[1:] == sent
+            assert d.sink_stats("hook").dropped == {} or not any(
+                d.sink_stats("hook").dropped.values())
+            sim.emit_many(10)
+            await wait_until(lambda: len(hook.events) == 3011, what="live events after")
+            await asyncio.sleep(0.3)
+            left = sqlite3.connect(_spool(tmp_path)).execute(
+                "SELECT count(*) FROM events").fetchone()[0]
+            assert left == 0  # everyone is done with everything: deleted
+    finally:
+        await hook.stop()
+    assert _lines(path)[1:3001] == sent
+
+
+async def test_a_stopped_kafka_broker_lags_on_disk_then_catches_up(sim: Simulator,
+                                                                   tmp_path: Path) -> None:
+    """The broker is down during a burst: the file sink keeps pace; the Kafka sink resumes from
+    the spool when the broker is back and delivers every event of the burst."""
+    broker = Broker()
+    await broker.start()
+    path = tmp_path / "ev.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "file": {"type": "file", "path": str(path), "format": "event"},
+        "bus": {"type": "kafka", "bootstrap_servers": broker.bootstrap, "topic": "comet",
+                "format": "event", "buffer": 50, "request_timeout_ms": 1000},
+    })
+    try:
+        async with running(cfg) as d:
+            _fast(d)
+            await wait_until(lambda: d.sink_stats("bus").delivered == 1, timeout=15,
+                             what="HELLO to Kafka")
+            await broker.stop()
+            sent = sim.emit_many(1500)
+            await wait_until(lambda: d.sink_stats("file").delivered == 1501, timeout=20,
+                             what="the file sink keeps pace")
+            assert d.sink_stats("bus").delivered < 1501, d.sink_stats("bus").delivered
+            await wait_until(lambda: d.sink_stats("bus").failing, timeout=10, what="failing")
+            await broker.start()  # empty (memory storage): what it gets now is the catch-up
+            await wait_until(lambda: d.sink_stats("bus").delivered >= 1501, timeout=60,
+                             what="Kafka catches up")
+        msgs = await broker.consume(["comet"], expect=1500, timeout=20)
+    finally:
+        await broker.stop()
+    got = {m.value for m in msgs}
+    assert len(msgs) >= 1500, (len(msgs), d.sink_stats("bus").delivered, d.sink_stats("bus").errors)
+    assert set(sent) <= got  # every event of the burst (those in flight at the stop may repeat)
+
+
+async def test_a_restart_resumes_a_lagging_sink_from_its_cursor(sim: Simulator,
+                                                                tmp_path: Path) -> None:
+    """Stopped while the webhook is down: the events it has not got stay in the spool; the next
+    run delivers them first, then the new live ones; the file sink gets nothing twice."""
+    hook = Hook()
+    await hook.start()
+    path = tmp_path / "ev.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, shutdown={"timeout": 0.5},
+                      resync={"enabled": False}, sinks={
+        "file": {"type": "file", "path": str(path), "format": "event"},
+        "hook": {"type": "webhook", "url": hook.url, "batch": 100, "max_retries": -1,
+                 "format": "event"},
+    })
+    try:
+        async with running(cfg) as d:
+            _fast(d)
+            await wait_until(lambda: len(hook.events) == 1, what="HELLO")
+            hook.down = True
+            first = sim.emit_many(500)
+            await wait_until(lambda: d.sink_stats("file").delivered == 501, what="file")
+        assert len(hook.events) == 1
+        hook.down = False
+        async with running(cfg) as d:
+            _fast(d)
+            await wait_until(lambda: len(hook.events) >= 502, timeout=20, what="backlog")
+            await wait_until(lambda: d.sink_stats("file").delivered == 1, what="2nd HELLO")
+            second = sim.emit_many(50)
+            await wait_until(lambda: len(hook.events) == 552, what="live after the backlog")
+    finally:
+        await hook.stop()
+    assert hook.events[1:501] == first
+    assert hook.events[501] == _lines(path)[501]  # the second HELLO
+    assert hook.events[502:] == second
+    lines = _lines(path)
+    assert lines[1:501] == first and lines[502:] == second and len(lines) == 552
+
+
+async def test_the_spool_limit_drops_the_oldest_for_the_lagging_sink_only(
+        sim: Simulator, tmp_path: Path) -> None:
+    """Over max_bytes, the oldest events go for the sink that has not read them: counted as
+    dropped (spool_limit) for it alone; the file sink misses nothing."""
+    hook = Hook()
+    await hook.start()
+    path = tmp_path / "ev.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True,
+                      spool={"max_bytes": 1 << 20, "fsync_interval": 0.05}, sinks={
+        "file": {"type": "file", "path": str(path), "format": "event"},
+        "hook": {"type": "webhook", "url": hook.url, "batch": 100, "max_retries": -1,
+                 "buffer": 50, "format": "event"},
+    })
+    try:
+        async with running(cfg) as d:
+            _fast(d)
+            await wait_until(lambda: len(hook.events) == 1, what="HELLO")
+            hook.down = True
+            sent = sim.emit_many(4000)  # ~3.5 MB: well over the limit
+            await wait_until(lambda: d.sink_stats("file").delivered == 4001, timeout=20,
+                             what="file")
+            await wait_until(lambda: d.sink_stats("hook").dropped["spool_limit"] > 0,
+                             timeout=10, what="the limit applied")
+            assert d.daemon.spool.bytes <= (1 << 20) + 200_000
+            hook.down = False
+            dropped = d.sink_stats("hook").dropped
+            await wait_until(lambda: len(hook.events) - 1 + dropped["spool_limit"] >= 4000,
+                             timeout=30, what="the rest delivered")
+            assert not d.sink_stats("file").dropped.get("spool_limit")
+    finally:
+        await hook.stop()
+    got = hook.events[1:]
+    # the head that was in its memory queue, then the newest (about 1 MB), in order, none twice
+    k = next((i for i, (g, e) in enumerate(zip(got, sent, strict=False)) if g != e), len(got))
+    assert got[k:] == sent[len(sent) - (len(got) - k):]
+    assert got[-1] == sent[-1] and len(got) > 500  # the newest (about 1 MB of them) arrived
+    assert len(got) + dropped["spool_limit"] == 4000  # and every other one is counted
+    assert _lines(path)[1:] == sent
+
+
+async def test_a_corrupt_spool_is_quarantined_and_the_daemon_runs(sim: Simulator,
+                                                                  tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    _spool(tmp_path).write_bytes(b"SQLite format 3\x00" + b"\xde\xad" * 4000)
+    path = tmp_path / "ev.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True,
+                      sinks={"file": {"type": "file", "path": str(path), "format": "event"}})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.sink_stats("file").delivered == 1, what="HELLO")
+        sent = sim.emit_many(20)
+        await wait_until(lambda: d.sink_stats("file").delivered == 21, what="events")
+        assert d.daemon.metrics.stream.spool_quarantined == 1
+        assert d.daemon.spool.quarantined is not None
+    aside = list(state.glob("spool.db.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes().startswith(b"SQLite format 3\x00\xde\xad")
+    assert _lines(path)[1:] == sent
+    db = sqlite3.connect(_spool(tmp_path))
+    assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+
+
+async def test_sigkill_at_random_points_of_a_burst_loses_no_job_completion(
+        sim: Simulator, tmp_path: Path) -> None:
+    """`cometstream run` is killed (SIGKILL) three times at random points while 6,000 jobs
+    complete, and restarted each time. Every completion reaches both sinks: the spool resumes
+    what was received, remedial sync brings back what the stream lost while the daemon was
+    dead. Duplicates are counted and stay a small fraction."""
+    hook = Hook()
+    await hook.start()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    conf = write_config(tmp_path, sim.url, f"""
+[spool]
+fsync_interval = 0.05
+[sinks.a]
+type = "file"
+path = "{a}"
+format = "event"
+types = ["SEVT_JOB_COMPLETED"]
+[sinks.b]
+type = "webhook"
+url = "{hook.url}"
+batch = 100
+format = "event"
+types = ["SEVT_JOB_COMPLETED"]
+""")
+    rng = random.Random(7)
+    completions: set[str] = set()
+    kills = 0
+    proc = await run_cli("run", "-c", str(conf))
+    try:
+        await sim.wait_for_clients(1, timeout=10)
+        await asyncio.sleep(0.5)  # the baseline resync
+        for burst in range(4):
+            kill_after = rng.uniform(0.05, 0.6) if burst < 3 else None
+            for i in range(1500):
+                ev = sim.world.complete_job(sim.world.start_job()["Data"]["GUID"])
+                completions.add(ev["Data"]["GUID"])
+                if sim.clients:
+                    sim.emit(ev)
+                if i % 250 == 0:
+                    await asyncio.sleep(0.02)
+                    if kill_after is not None and rng.random() < 0.3:
+                        proc.send_signal(signal.SIGKILL)
+                        await proc.wait()
+                        kills += 1
+                        kill_after = None
+                        proc = await run_cli("run", "-c", str(conf))
+            if kill_after is not None:
+                await asyncio.sleep(kill_after)
+                proc.send_signal(signal.SIGKILL)
+                await proc.wait()
+                kills += 1
+                proc = await run_cli("run", "-c", str(conf))
+            await sim.wait_for_clients(1, timeout=10)
+
+        await wait_until(lambda: completions <= set(guids(_lines(a)))
+                         and completions <= set(guids(hook.events)), timeout=60,
+                         what="every completion in both sinks")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(proc.wait(), 20)
+        await hook.stop()
+    assert kills == 3
+    for got in (guids(_lines(a)), guids(hook.events)):
+        assert set(got) == completions
+        duplicates = len(got) - len(set(got))
+        assert duplicates < len(completions) * 0.1, duplicates
