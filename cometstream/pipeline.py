@@ -33,7 +33,7 @@ from .errors import SinkError
 from .events import Event
 from .observe.metrics import Metrics, SinkStats
 from .sinks.base import Sink
-from .spool import Spool
+from .spool import COMMIT_SOON, PENDING_MAX, Spool
 
 __all__ = ["BATCH_MAX", "Pipeline", "Route"]
 
@@ -170,6 +170,12 @@ class Pipeline:
                 log.info("sink resumes from the spool", sink=route.name,
                          events_behind=last_seq - cursor)
 
+    def _release_spool(self) -> None:
+        spool = self.spool
+        if spool is not None and spool.pending:
+            seq = self.seq
+            spool.release(min((r.done_through(seq) for r in self.routes), default=seq))
+
     def cursors(self) -> dict[str, int]:
         seq = self.seq
         return {r.name: r.done_through(seq) for r in self.routes}
@@ -190,8 +196,13 @@ class Pipeline:
         ev.seq = self.seq
         blocked: list[Route] | None = None
         spool = self.spool
+        disk_behind = False
         if spool is not None:
             spool.pending.append(ev)
+            waiting = len(spool.pending)
+            if waiting == COMMIT_SOON:
+                spool.kick()
+            disk_behind = waiting > PENDING_MAX
         for route, types, queue, maxlen, stats in self._fast:
             if not route.live:
                 continue  # behind: it reads this one from the spool later
@@ -221,6 +232,8 @@ class Pipeline:
         if self.taps:
             for tap in self.taps:
                 tap(ev)
+        if disk_behind:
+            return spool.wait_for_room()  # type: ignore[union-attr]  # the read loop waits
         if blocked is not None:
             return self._wait_for_space(blocked)
         return None
@@ -352,6 +365,8 @@ class Pipeline:
             await self._deliver(route, batch, backoff)
             route.inflight = 0
             route.inflight_first = 0
+            if self.spool is not None:
+                self._release_spool()
 
     async def _from_spool(self, route: Route, backoff: Backoff) -> None:
         """One batch for a sink that is behind, read from the spool."""
@@ -377,6 +392,7 @@ class Pipeline:
             route.inflight = 0
             route.inflight_first = 0
         route.next_seq = events[-1].seq + 1
+        self._release_spool()
         if route.next_seq > self.seq:  # nothing was published meanwhile that it skipped
             route.live = True
             route.behind_since = 0.0

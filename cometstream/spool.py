@@ -2,7 +2,9 @@
 
 One SQLite database (``spool.db`` in ``state.dir``, WAL mode, from the standard library) holds:
 
-- ``events``: ``(seq, received_at, type, origin, raw)``, append-only, in the pipeline's order;
+- ``chunks``: the events in the pipeline's order, up to 256 a row (``seq``, ``received_at``,
+  ``type`` and ``origin`` as parallel arrays, the events' bytes joined by newlines): one row per
+  256 events keeps a burst's commit cheap (a row per event costs a GIL round trip each);
 - ``cursors``: per sink, the highest ``seq`` it is done with (delivered, filtered or refused);
 - ``dead_letters``: per sink, the events it refused for good, with the reason
   (``cometstream dlq list|replay|purge``).
@@ -29,10 +31,14 @@ A spool that cannot be opened or fails its integrity check is moved aside
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
+import sys
 import time
+from array import array
 from collections import deque
+from itertools import islice
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,15 +55,21 @@ FILENAME: Final = "spool.db"
 FORMAT_VERSION: Final = 1
 #: events committed per transaction at most (a burst is written in pieces of this size)
 _COMMIT_MAX: Final = 20_000
-#: the granularity of the limits: the oldest events go in ranges of this many
+#: events waiting in memory for the disk beyond which the read loop waits for a commit
+PENDING_MAX: Final = 50_000
+#: events waiting in memory at which a commit starts before the interval is over
+COMMIT_SOON: Final = 4096
+#: events per chunk (one row): the granularity of the limits, and of reads from disk
 _RANGE: Final = 256
 log = structlog.get_logger("cometstream.spool")
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY, received_at REAL NOT NULL, type INTEGER NOT NULL,
-    origin TEXT NOT NULL, raw BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS chunks (
+    first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, newest REAL NOT NULL,
+    count INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    seqs BLOB NOT NULL, received BLOB NOT NULL, types BLOB NOT NULL, origins BLOB NOT NULL,
+    raws BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY, sink TEXT NOT NULL, failed_at REAL NOT NULL, error TEXT NOT NULL,
@@ -65,6 +77,37 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     origin TEXT NOT NULL, raw BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters (sink, id);
 """
+#: origins as one byte each in a chunk
+_ORIGIN_CODE: Final = {"stream": 0, "resync": 1, "backfill": 2}
+_ORIGINS: Final = ("stream", "resync", "backfill")
+
+
+def _pack(events: Sequence[Event]) -> tuple[Any, ...]:
+    """One chunk row: parallel little-endian arrays, and the events' bytes joined by newlines
+    (an event's bytes never hold a line break: the stream folds them)."""
+    seqs = array("q", [ev.seq for ev in events])
+    received = array("d", [ev.received_at for ev in events])
+    types = array("q", [ev.type for ev in events])
+    origins = bytes([_ORIGIN_CODE.get(ev.origin, 0) for ev in events])
+    if sys.byteorder != "little":
+        for a in (seqs, received, types):
+            a.byteswap()
+    raws = b"\n".join([ev.raw for ev in events])
+    return (events[0].seq, events[-1].seq, events[-1].received_at, len(events), len(raws),
+            seqs.tobytes(), received.tobytes(), types.tobytes(), origins, raws)
+
+
+def _unpack(seqs_b: bytes, received_b: bytes, types_b: bytes, origins: bytes, raws: bytes
+            ) -> list[tuple[int, float, int, str, bytes]]:
+    seqs, received, types = array("q", seqs_b), array("d", received_b), array("q", types_b)
+    if sys.byteorder != "little":
+        for a in (seqs, received, types):
+            a.byteswap()
+    lines = raws.split(b"\n")
+    if not (len(seqs) == len(received) == len(types) == len(origins) == len(lines)):
+        raise SpoolCorrupt("a chunk's columns differ in length")
+    return [(seqs[i], received[i], types[i], _ORIGINS[origins[i]] if origins[i] < 3 else
+             "stream", lines[i]) for i in range(len(seqs))]
 
 
 class SpoolCorrupt(Exception):
@@ -84,21 +127,24 @@ class DeadLetter:
     raw: bytes
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) a spool database; raises SpoolCorrupt if it is damaged."""
+def connect(path: Path, *, check: bool = True) -> sqlite3.Connection:
+    """Open (creating if needed) a spool database; raises SpoolCorrupt if it is damaged.
+    ``check``: run the integrity check (the daemon at start; tools may skip it)."""
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     except sqlite3.Error as exc:
         raise SpoolCorrupt(str(exc)) from exc
     try:
-        db.execute("PRAGMA auto_vacuum = INCREMENTAL")  # only takes on a new file
+        if db.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new file (the pragma
+            db.execute("PRAGMA auto_vacuum = INCREMENTAL")     # needs the write lock)
         mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise SpoolCorrupt(f"cannot use WAL mode (journal_mode is {mode})")
         db.execute("PRAGMA synchronous = FULL")
-        check = db.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise SpoolCorrupt(f"integrity check failed: {check}")
+        if check:
+            verdict = db.execute("PRAGMA quick_check").fetchone()[0]
+            if verdict != "ok":
+                raise SpoolCorrupt(f"integrity check failed: {verdict}")
         db.executescript(_SCHEMA)
         row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
         if row is None:
@@ -152,7 +198,7 @@ class Spool:
         self.pending: deque[Event] = deque()
         #: highest seq committed to disk
         self.durable_seq = 0
-        #: committed events: batches (first seq, last seq, bytes, newest received_at), oldest first
+        #: committed chunks: [first seq, last seq, bytes, newest received_at, count], oldest first
         self._batches: deque[list[Any]] = deque()
         self.bytes = 0
         self.events = 0
@@ -165,6 +211,8 @@ class Spool:
         self._cursor_fn: Callable[[], dict[str, int]] | None = None
         self._lagging_fn: Callable[[], dict[str, tuple[int, frozenset[int] | None]]] | None = None
         self._on_dropped: Callable[[str, int], None] | None = None
+        self._committed: asyncio.Future[None] | None = None
+        self._kicked: asyncio.Future[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
     def open(self) -> int:
@@ -179,23 +227,20 @@ class Spool:
         self._db = db
         for sink, seq in db.execute("SELECT sink, seq FROM cursors"):
             self.cursors[sink] = seq
-        top = db.execute("SELECT max(seq) FROM events").fetchone()[0] or 0
+        top = db.execute("SELECT max(last_seq) FROM chunks").fetchone()[0] or 0
         last_cursor = max(self.cursors.values(), default=0)
         self.durable_seq = max(top, last_cursor)
         for name in self.sink_names:
             # a new sink starts at the end (it gets what arrives from now on)
             self.cursors.setdefault(name, self.durable_seq)
-        # group the stored events by ranges of 4096 seq numbers for the limits
-        for first, last, size, newest in db.execute(
-                "SELECT min(seq), max(seq), sum(length(raw)), max(received_at) FROM events "
-                "GROUP BY seq / 4096 ORDER BY 1"):
-            self._batches.append([first, last, size, newest])
+        for first, last, size, newest, count in db.execute(
+                "SELECT first_seq, last_seq, bytes, newest, count FROM chunks ORDER BY first_seq"):
+            self._batches.append([first, last, size, newest, count])
             self.bytes += size
-            self.events += last - first + 1  # gaps (deleted rows) are counted below
+            self.events += count
         if self._batches:
-            self.events = db.execute("SELECT count(*) FROM events").fetchone()[0]
-            self.oldest_received_at = db.execute(
-                "SELECT received_at FROM events ORDER BY seq LIMIT 1").fetchone()[0]
+            row = db.execute("SELECT received FROM chunks ORDER BY first_seq LIMIT 1").fetchone()
+            self.oldest_received_at = array("d", row[0])[0] if row and row[0] else 0.0
         self._thread = WriterThread("spool")
         return self.durable_seq
 
@@ -212,9 +257,27 @@ class Spool:
                 await thread.run(db.close)
             thread.close()
 
-    # --- the hot path ------------------------------------------------------------------------------
-    def append(self, ev: Event) -> None:
-        self.pending.append(ev)
+    def release(self, floor: int) -> None:
+        """Every sink is done with every event up to ``floor``: those still waiting for the disk
+        need not go there (with healthy sinks, nearly all of them), and they count as kept."""
+        pending = self.pending
+        while pending and pending[0].seq <= floor:
+            pending.popleft()
+        if floor > self.durable_seq:
+            self.durable_seq = floor
+        if len(pending) <= PENDING_MAX:
+            c = self._committed
+            if c is not None and not c.done():
+                c.set_result(None)
+
+    # --- back-pressure -----------------------------------------------------------------------------
+    async def wait_for_room(self) -> None:
+        """Until what waits in memory for the disk is below ``PENDING_MAX`` again (a disk slower
+        than the stream makes the read loop wait rather than memory grow without bound)."""
+        while len(self.pending) > PENDING_MAX:
+            if self._committed is None or self._committed.done():
+                self._committed = asyncio.get_running_loop().create_future()
+            await self._committed
 
     # --- commits -----------------------------------------------------------------------------------
     def bind(self, cursors: Callable[[], dict[str, int]],
@@ -224,10 +287,18 @@ class Spool:
         the spool, (next seq it needs, its type filter), to count what the limits take from it."""
         self._cursor_fn, self._lagging_fn, self._on_dropped = cursors, lagging, on_dropped
 
+    def kick(self) -> None:
+        """Commit now rather than at the end of the interval (a burst: memory stays small)."""
+        if self._kicked is not None and not self._kicked.done():
+            self._kicked.set_result(None)
+
     async def run(self) -> None:
-        """Commit every ``fsync_interval`` until cancelled."""
+        """Commit every ``fsync_interval`` (sooner when kicked) until cancelled."""
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.fsync_interval)
+            self._kicked = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kicked, self.fsync_interval)
             try:
                 await self.commit()
             except (sqlite3.Error, OSError) as exc:
@@ -249,30 +320,37 @@ class Spool:
             return
         while True:
             n = min(len(self.pending), _COMMIT_MAX)
-            batch = [self.pending[i] for i in range(n)]
+            batch = list(islice(self.pending, n))
             cursors = self._cursor_fn() if self._cursor_fn is not None else dict(self.cursors)
             trim_to, dropped = self._trim_plan(batch, cursors)
             rows = await self._thread.run(self._commit_sync, batch, cursors, trim_to, dropped)
             if batch:
-                for _ in range(n):
-                    self.pending.popleft()
                 last = batch[-1].seq
-                self.durable_seq = last
-                # the limits delete whole ranges: keep them small enough to be fair
-                for i in range(0, n, _RANGE):
-                    part = batch[i:i + _RANGE]
+                pending = self.pending
+                while pending and pending[0].seq <= last:  # (release() may have taken some)
+                    pending.popleft()
+                if last > self.durable_seq:
+                    self.durable_seq = last
+                floor = min(cursors.values(), default=0)
+                kept = [ev for ev in batch if ev.seq > floor] if batch[0].seq <= floor else batch
+                for i in range(0, len(kept), _RANGE):
+                    part = kept[i:i + _RANGE]
                     size = sum(len(ev.raw) for ev in part)
-                    self._batches.append([part[0].seq, part[-1].seq, size, part[-1].received_at])
+                    self._batches.append([part[0].seq, part[-1].seq, size, part[-1].received_at,
+                                          len(part)])
                     self.bytes += size
-                self.events += n
-                if not self.oldest_received_at:
-                    self.oldest_received_at = batch[0].received_at
+                    self.events += len(part)
+                if kept and not self.oldest_received_at:
+                    self.oldest_received_at = kept[0].received_at
             self.cursors.update(cursors)
             self._apply_trim(trim_to, rows)
             for sink, count in dropped.items():
                 if count and self._on_dropped is not None:
                     self._on_dropped(sink, count)
             self.commits += 1
+            c = self._committed
+            if c is not None and not c.done():
+                c.set_result(None)
             if len(self.pending) < _COMMIT_MAX:
                 return
 
@@ -284,7 +362,7 @@ class Spool:
         now = self.clock()
         size = self.bytes + sum(len(ev.raw) for ev in batch)
         forced = 0
-        for first, last, bsize, newest in self._batches:
+        for _first, last, bsize, newest, _count in self._batches:
             if last <= done:
                 size -= bsize
                 continue
@@ -306,29 +384,35 @@ class Spool:
                      dropped: dict[str, Any]) -> int:
         db = self._db
         assert db is not None
+        # what every sink already has is not written at all (with healthy sinks: nearly all)
+        floor = min(cursors.values(), default=0)
+        i = 0
+        while i < len(batch) and batch[i].seq <= floor:
+            i += 1
+        rows = [_pack(batch[j:j + _RANGE]) for j in range(i, len(batch), _RANGE)]
         db.execute("BEGIN IMMEDIATE")
         try:
-            if batch:
-                db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
-                               [(ev.seq, ev.received_at, ev.type, ev.origin, ev.raw)
-                                for ev in batch])
+            if rows:
+                db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             db.executemany("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (sink) DO UPDATE "
                            "SET seq = excluded.seq", list(cursors.items()))
-            counted: dict[str, int] = {}
-            for sink, (need, upto, types) in dropped.items():
-                if types is None:
-                    q = db.execute("SELECT count(*) FROM events WHERE seq >= ? AND seq <= ?",
-                                   (need, upto))
-                else:
-                    marks = ",".join("?" * len(types))
-                    q = db.execute(f"SELECT count(*) FROM events WHERE seq >= ? AND seq <= ? "
-                                   f"AND type IN ({marks})", (need, upto, *sorted(types)))
-                counted[sink] = q.fetchone()[0]
-            for sink in dropped:
-                dropped[sink] = counted[sink]
+            for sink, (need, upto, types) in list(dropped.items()):
+                lost = 0
+                for seqs_b, types_b in db.execute(
+                        "SELECT seqs, types FROM chunks WHERE last_seq >= ? AND last_seq <= ?",
+                        (need, upto)):
+                    seqs, kinds = array("q", seqs_b), array("q", types_b)
+                    if sys.byteorder != "little":
+                        seqs.byteswap()
+                        kinds.byteswap()
+                    lost += sum(1 for q, t in zip(seqs, kinds, strict=True)
+                                if q >= need and (types is None or t in types))
+                dropped[sink] = lost
             deleted = 0
             if trim_to > 0:
-                deleted = db.execute("DELETE FROM events WHERE seq <= ?", (trim_to,)).rowcount
+                deleted = db.execute("SELECT coalesce(sum(count), 0) FROM chunks "
+                                     "WHERE last_seq <= ?", (trim_to,)).fetchone()[0]
+                db.execute("DELETE FROM chunks WHERE last_seq <= ?", (trim_to,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -341,15 +425,16 @@ class Spool:
         if trim_to <= 0:
             return
         batches = self._batches
+        gone = False
         while batches and batches[0][1] <= trim_to:
-            self.bytes -= batches.popleft()[2]
-        if batches and batches[0][0] <= trim_to:
-            batches[0][0] = trim_to + 1  # (its bytes are an upper bound until it goes)
-        self.events = max(0, self.events - deleted)
+            _f, _l, size, _n, count = batches.popleft()
+            self.bytes -= size
+            self.events -= count
+            gone = True
         if not batches:
             self.oldest_received_at = 0.0
-            self.bytes = 0
-        elif deleted:
+            self.bytes = self.events = 0
+        elif gone:
             self.oldest_received_at = 0.0  # refreshed lazily by oldest_age()
 
     # --- reading (a lagging sink) --------------------------------------------------------------
@@ -379,8 +464,14 @@ class Spool:
 
     def _read_sync(self, start: int, limit: int) -> list[tuple[Any, ...]]:
         assert self._db is not None
-        return self._db.execute("SELECT seq, received_at, type, origin, raw FROM events "
-                                "WHERE seq >= ? ORDER BY seq LIMIT ?", (start, limit)).fetchall()
+        out: list[tuple[Any, ...]] = []
+        for row in self._db.execute(
+                "SELECT seqs, received, types, origins, raws FROM chunks WHERE last_seq >= ? "
+                "ORDER BY first_seq LIMIT ?", (start, limit // _RANGE + 2)):
+            out.extend(r for r in _unpack(*row) if r[0] >= start)
+            if len(out) >= limit:
+                break
+        return out[:limit]
 
     async def oldest_age(self) -> float:
         """Seconds since the oldest event in the spool was received (0 when empty)."""
@@ -393,8 +484,8 @@ class Spool:
 
     def _oldest_sync(self) -> float | None:
         assert self._db is not None
-        row = self._db.execute("SELECT received_at FROM events ORDER BY seq LIMIT 1").fetchone()
-        return row[0] if row else None
+        row = self._db.execute("SELECT received FROM chunks ORDER BY first_seq LIMIT 1").fetchone()
+        return array("d", row[0])[0] if row and row[0] else None
 
     # --- dead letters ------------------------------------------------------------------------------
     async def add_dead_letters(self, sink: str, events: Iterable[Event], error: str) -> int:
