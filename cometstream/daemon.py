@@ -68,6 +68,8 @@ __all__ = ["EXIT_CREDENTIALS", "EXIT_FATAL", "EXIT_OK", "Daemon", "build_sink"]
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_CREDENTIALS = 3
+#: how often the checkpoint is written when something changed (a crash re-synthesizes at most
+#: this much of the job events delivered before it: their dedup keys were not saved yet)
 CHECKPOINT_INTERVAL: Final = 1.0
 #: live events held during a resync beyond this many are released before it finishes
 HOLD_MAX: Final = 200_000

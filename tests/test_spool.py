@@ -7,10 +7,12 @@ import asyncio
 import random
 import signal
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from aiohttp import web
 
 from cometstream.simulator import Simulator
@@ -245,9 +247,10 @@ async def test_a_corrupt_spool_is_quarantined_and_the_daemon_runs(sim: Simulator
     assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
 
 
+@pytest.mark.timeout(300)
 async def test_sigkill_at_random_points_of_a_burst_loses_no_job_completion(
         sim: Simulator, tmp_path: Path) -> None:
-    """`cometstream run` is killed (SIGKILL) three times at random points while 6,000 jobs
+    """`cometstream run` is killed (SIGKILL) three times at random points while 50,000 jobs
     complete, and restarted each time. Every completion reaches both sinks: the spool resumes
     what was received, remedial sync brings back what the stream lost while the daemon was
     dead. Duplicates are counted and stay a small fraction."""
@@ -272,20 +275,21 @@ types = ["SEVT_JOB_COMPLETED"]
     rng = random.Random(7)
     completions: set[str] = set()
     kills = 0
+    t0 = time.monotonic()
     proc = await run_cli("run", "-c", str(conf))
     try:
         await sim.wait_for_clients(1, timeout=10)
         await asyncio.sleep(0.5)  # the baseline resync
         for burst in range(4):
             kill_after = rng.uniform(0.05, 0.6) if burst < 3 else None
-            for i in range(1500):
+            for i in range(12_500):
                 ev = sim.world.complete_job(sim.world.start_job()["Data"]["GUID"])
                 completions.add(ev["Data"]["GUID"])
                 if sim.clients:
                     sim.emit(ev)
-                if i % 250 == 0:
+                if i % 500 == 0:
                     await asyncio.sleep(0.02)
-                    if kill_after is not None and rng.random() < 0.3:
+                    if kill_after is not None and rng.random() < 0.05:
                         proc.send_signal(signal.SIGKILL)
                         await proc.wait()
                         kills += 1
@@ -298,9 +302,9 @@ types = ["SEVT_JOB_COMPLETED"]
                 kills += 1
                 proc = await run_cli("run", "-c", str(conf))
             await sim.wait_for_clients(1, timeout=10)
-
+        rate = len(completions) / (time.monotonic() - t0)
         await wait_until(lambda: completions <= set(guids(_lines(a)))
-                         and completions <= set(guids(hook.events)), timeout=60,
+                         and completions <= set(guids(hook.events)), timeout=120,
                          what="every completion in both sinks")
     finally:
         if proc.returncode is None:
@@ -310,5 +314,7 @@ types = ["SEVT_JOB_COMPLETED"]
     assert kills == 3
     for got in (guids(_lines(a)), guids(hook.events)):
         assert set(got) == completions
+        # a kill repeats at most what was delivered since the last checkpoint (written once a
+        # second: the dedup keys of later deliveries are not saved) and the last spool commit
         duplicates = len(got) - len(set(got))
-        assert duplicates < len(completions) * 0.1, duplicates
+        assert duplicates <= kills * rate * 2.0, (duplicates, kills, rate)
