@@ -1,4 +1,5 @@
-"""The command line: ``run``, ``check``, ``demo``, ``simulate``, ``--version``.
+"""The command line: ``run``, ``check``, ``backfill``, ``dlq``, ``tap``, ``demo``, ``simulate``,
+``--version``.
 
 ``main(argv) -> int`` is the only place that turns errors into exit codes and one-line messages:
 0 clean stop; 2 usage or configuration error; 3 credentials rejected on the first login; 1 any
@@ -60,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     bf.add_argument("--until", default=None, help="end (exclusive; default: now)")
     bf.add_argument("--sink", action="append", default=[], metavar="NAME",
                     help="only this sink (repeatable; default: all)")
+    tap = sub.add_parser("tap", help="watch the events passing through a running daemon")
+    tap.add_argument("-c", "--config", default=DEFAULT_PATH,
+                     help=f"the daemon's configuration file (default {DEFAULT_PATH})")
+    tap.add_argument("--sink", default=None, metavar="NAME",
+                     help="only what this sink's filter lets through")
+    tap.add_argument("--types", default=None, metavar="T1,T2",
+                     help="only these event types (SEVT names or numbers, comma-separated)")
+    tap.add_argument("--format", choices=("envelope", "event"), default="envelope",
+                     help="JSON Lines format when stdout is not a terminal (default envelope)")
+    tap.add_argument("--count", type=_positive_int, default=None, metavar="N",
+                     help="stop after N events")
     demo = sub.add_parser("demo", help="the built-in simulator and the daemon against it")
     demo.add_argument("--rate", type=float, default=4.0, help="simulated events per second")
     demo.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
@@ -74,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
 
     add_dlq_parser(sub, common)
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _tune_gc() -> None:
@@ -125,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .dlq import run_dlq
 
             return run_dlq(args)
+        if args.command == "tap":
+            return _cmd_tap(args)
     except ApiError as exc:
         _err(f"api: {exc}")
         return EXIT_CREDENTIALS if isinstance(exc, ApiAuthError) else EXIT_FATAL
@@ -250,6 +274,139 @@ async def _check_api(cfg: Config) -> int:
         " (warning: AuthenticationRole is off: job and account APIs are unavailable)"
     print(f"ok: admin API at {api.base} answers (Comet {info.get('Version', '?')}){roles}")
     return EXIT_OK
+
+
+def _parse_type_list(text: str) -> frozenset[int]:
+    """``--types SEVT_JOB_COMPLETED,4100``: config's rules (names or numbers, a misspelt name is
+    an error with a suggestion)."""
+    from .config import Section, parse_types
+
+    items: list[Any] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part:
+            items.append(int(part) if part.isdigit() else part)
+    try:
+        types = parse_types(Section({"types": items}, ""), "types")
+    except ConfigError as exc:
+        raise ConfigError("--types", exc.problem) from None
+    assert types is not None
+    return types
+
+
+def _load_for_tap(path: str) -> Config:
+    """The config as ``run`` reads it, without its secrets: the tap needs only state.dir and the
+    sinks, and runs where the password may be a systemd credential of the unit (placeholders
+    stand in; no secret file is read)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")}
+    env.update(COMETSTREAM_PASSWORD="-", COMETSTREAM_SESSION_KEY="-",
+               COMETSTREAM_TOTP_SECRET="JBSWY3DPEHPK3PXP")
+    return load_config(path, env=env)
+
+
+def _cmd_tap(args: argparse.Namespace) -> int:
+    """Connect to the running daemon's tap socket and print the events as they pass."""
+    from .tap import TapRefused, TapUnavailable, open_tap, socket_path
+
+    cfg = _load_for_tap(args.config)
+    names = [sc.name for sc in cfg.sinks]
+    if args.sink is not None and args.sink not in names:
+        _tap_err(f'--sink: unknown sink "{args.sink}" (sinks: {", ".join(names)})')
+        return EXIT_USAGE
+    try:
+        types = _parse_type_list(args.types) if args.types is not None else None
+    except ConfigError as exc:
+        _tap_err(str(exc))
+        return EXIT_USAGE
+    out = sys.stdout
+    pretty = out.isatty()
+    path = socket_path(cfg.state.dir)
+    request = {"sink": args.sink, "types": sorted(types) if types is not None else None,
+               "format": "envelope" if pretty else args.format}
+    try:
+        sock, answer, rest = open_tap(path, request)
+    except TapUnavailable as exc:
+        _tap_err(f'no running daemon for server "{cfg.server.name}" ({exc})')
+        return EXIT_FATAL
+    except TapRefused as exc:
+        _tap_err(str(exc))
+        return EXIT_USAGE
+    with sock:
+        if pretty:
+            what = f"sink {args.sink}" if args.sink else "all events"
+            print(f"tapping {answer.get('server', cfg.server.name)} ({what}); Ctrl-C to stop",
+                  file=sys.stderr, flush=True)
+        return _tap_loop(sock, rest, out=out.buffer, pretty=pretty, count=args.count,
+                         colour=pretty and "NO_COLOR" not in os.environ)
+
+
+def _tap_err(msg: str) -> None:
+    print(f"cometstream tap: {msg}", file=sys.stderr, flush=True)
+
+
+def _tap_loop(sock: Any, buf: bytes, *, out: Any, pretty: bool, count: int | None,
+              colour: bool) -> int:
+    """Print each event line (readable on a terminal, else as received) until ``count``
+    events, the daemon's end (exit 1) or Ctrl-C (exit 0, by main)."""
+    shown = 0
+    try:
+        while True:
+            lines = buf.split(b"\n")
+            buf = lines.pop()
+            chunk: list[bytes] = []
+            for line in lines:
+                if line.startswith(b'{"tap_dropped":'):
+                    n = _dropped_count(line)
+                    _tap_err(f"{n} events not shown (this tap read too slowly)")
+                    continue
+                chunk.append(_tap_pretty(line, colour) if pretty else line + b"\n")
+                shown += 1
+                if count is not None and shown >= count:
+                    break
+            if chunk:
+                out.write(b"".join(chunk))
+                out.flush()
+            if count is not None and shown >= count:
+                return EXIT_OK
+            try:
+                data = sock.recv(1 << 16)
+            except ConnectionError:
+                data = b""
+            if not data:
+                _tap_err("the daemon closed the connection (stopped?)")
+                return EXIT_FATAL
+            buf += data
+    except BrokenPipeError:  # | head: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit
+        os.close(devnull)
+        return EXIT_OK
+
+
+def _dropped_count(line: bytes) -> int:
+    import orjson
+
+    try:
+        return int(orjson.loads(line)["tap_dropped"])
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def _tap_pretty(line: bytes, colour: bool) -> bytes:
+    """An envelope line as the stdout sink shows it on a terminal."""
+    from .events import Event, parse_raw
+    from .sinks.stdout import pretty_line
+
+    try:
+        env = parse_raw(line)
+        doc = env["event"]
+        ev = Event(line, doc, int(doc.get("Type", 0)), origin=str(env.get("origin", "stream")),
+                   received_at=float(env.get("received_at", 0.0)),
+                   server=str(env.get("server", "")))
+        text = pretty_line(ev, colour=colour)
+    except Exception:  # an event shaped like nothing we know: show it as it came
+        text = line.decode("utf-8", "replace")
+    return (text + "\n").encode("utf-8", "replace")
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
