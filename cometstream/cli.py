@@ -19,7 +19,14 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config import DEFAULT_PATH, Config, load_config, parse_config, parse_listen
+from .config import (
+    DEFAULT_PATH,
+    Config,
+    load_config,
+    load_config_without_secrets,
+    parse_config,
+    parse_listen,
+)
 from .daemon import EXIT_CREDENTIALS, EXIT_FATAL, EXIT_OK, Daemon
 from .api import ApiAuthError
 from .errors import ApiError, ConfigError, ConfigErrors, CredentialsRejected, StreamError
@@ -294,21 +301,11 @@ def _parse_type_list(text: str) -> frozenset[int]:
     return types
 
 
-def _load_for_tap(path: str) -> Config:
-    """The config as ``run`` reads it, without its secrets: the tap needs only state.dir and the
-    sinks, and runs where the password may be a systemd credential of the unit (placeholders
-    stand in; no secret file is read)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")}
-    env.update(COMETSTREAM_PASSWORD="-", COMETSTREAM_SESSION_KEY="-",
-               COMETSTREAM_TOTP_SECRET="JBSWY3DPEHPK3PXP")
-    return load_config(path, env=env)
-
-
 def _cmd_tap(args: argparse.Namespace) -> int:
     """Connect to the running daemon's tap socket and print the events as they pass."""
     from .tap import TapRefused, TapUnavailable, open_tap, socket_path
 
-    cfg = _load_for_tap(args.config)
+    cfg = load_config_without_secrets(args.config)
     names = [sc.name for sc in cfg.sinks]
     if args.sink is not None and args.sink not in names:
         _tap_err(f'--sink: unknown sink "{args.sink}" (sinks: {", ".join(names)})')

@@ -610,6 +610,16 @@ def _parse_shutdown(sd: Section) -> float:
     return timeout
 
 
+def load_config_without_secrets(path: str | os.PathLike[str]) -> Config:
+    """The config as ``run`` reads it, with placeholders for the server's secrets: for the tools
+    that need only state.dir and the sinks (``tap``, ``dlq``), which run where the password may be
+    a systemd credential of the unit (``COMETSTREAM_*`` from the environment are ignored)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")}
+    env.update(COMETSTREAM_PASSWORD="-", COMETSTREAM_SESSION_KEY="-",
+               COMETSTREAM_TOTP_SECRET="JBSWY3DPEHPK3PXP")
+    return load_config(path, env=env)
+
+
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a TOML file (raises ConfigError with a one-line reason)."""
     p = Path(path)

@@ -124,10 +124,10 @@ def _err(msg: str) -> None:
 
 def run_dlq(args: argparse.Namespace) -> int:
     """Run ``cometstream dlq ACTION`` (config errors propagate to the CLI: exit 2)."""
-    from .config import load_config
+    from .config import load_config_without_secrets
     from .observe.logging import configure_logging
 
-    cfg = load_config(args.config)
+    cfg = load_config_without_secrets(args.config)  # the server's password is not needed
     configure_logging(args.log_level or "warning", cfg.log.format)
     path = spool_path(cfg)
     try:

@@ -494,3 +494,16 @@ async def test_run_as_root_the_files_keep_the_daemon_s_owner(tmp_path: Path) -> 
             assert (st.st_uid, st.st_gid) == (65534, 65534), suffix
     finally:
         other.close()
+
+
+async def test_dlq_needs_no_password(tmp_path: Path) -> None:
+    """Like tap, dlq runs where the password is a credential of the unit: a config whose password
+    is not there (no key, no file, no environment) still lists the dead letters."""
+    conf = write_config(tmp_path, URL, sinks_toml(tmp_path))
+    text = conf.read_text()
+    conf.write_text("\n".join(line for line in text.splitlines()
+                              if not line.startswith("password")))
+    add(tmp_path, [dead("hook", 1)])
+    code, out, err = await dlq(conf, "list")
+    assert code == 0, err
+    assert out.decode().splitlines()[1].split()[:2] == ["1", "hook"]
