@@ -491,8 +491,7 @@ class Resyncer:
             ev._key = key  # as Tracker.job_event does: a sink may ask once ``doc`` is released
             waiting = emit_job(ev, fp, ts, action)
             if waiting is not None:
-                with _gc_resumed():  # a sink slower than us, or failing: maybe a long wait
-                    await waiting
+                await _wait_for_room(waiting)
             elif not i % _RUN:
                 await asyncio.sleep(0)
 
@@ -639,6 +638,30 @@ def _gc_resumed() -> Iterator[None]:
     finally:
         if _gc_pausers:
             gc.disable()
+
+
+#: a wait for queue room longer than this is a sink down, not one catching up
+_LONG_WAIT: Final = 1.0
+
+
+async def _wait_for_room(waiting: Awaitable[None]) -> None:
+    """Wait until a full queue has room again: within a collector pause, which a short wait (a
+    sink or the spool catching up, many times in a large sync) keeps, and a long one (a sink
+    down) suspends."""
+    if not (_gc_pausers and _gc_was_enabled):
+        await waiting
+        return
+    task = asyncio.ensure_future(waiting)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=_LONG_WAIT)
+        if not done:
+            with _gc_resumed():
+                await task
+        else:
+            task.result()
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
 
 
 def _first(plan: _Plan) -> int:

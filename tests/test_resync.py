@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from collections import Counter
@@ -723,3 +724,28 @@ async def test_synthesized_job_events_keep_their_dedup_key_without_their_documen
     await rs._emit_jobs(rs._job_plans(jobs, ResyncResult(), {}), emit_job)
     assert [ev.dedup_key() for ev in got] == [f"{NEW}:running", f"{COMPLETED}:done:1733400100"]
     assert all(ev._doc is None for ev in got)  # not parsed again
+
+
+async def test_a_long_wait_for_queue_room_resumes_the_collector_a_short_one_does_not() -> None:
+    """Within a sync's collector pause, a short wait for room in a full queue (a sink catching
+    up) keeps the pause; one longer than a second (a sink down) turns the collector back on."""
+    import gc
+
+    from cometstream import resync
+
+    seen: list[bool] = []
+
+    async def wait(seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        seen.append(gc.isenabled())
+
+    with resync._gc_paused():
+        await resync._wait_for_room(wait(0.01))
+        await resync._wait_for_room(wait(1.3))
+        assert not gc.isenabled()
+        task = asyncio.ensure_future(resync._wait_for_room(wait(5)))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert seen == [False, True] and gc.isenabled()
