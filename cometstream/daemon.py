@@ -340,7 +340,7 @@ class Daemon:
         lag = {}
         for r in self.pipeline.routes:
             behind = seq - r.done_through(seq)
-            since = r.behind_since or (r.queue[0].received_at if r.queue else 0.0)
+            since = r.waiting_since()
             lag[r.name] = (behind, max(0.0, now - since) if behind and since else 0.0)
         oldest = spool.oldest_received_at
         return {"bytes": spool.bytes, "events": spool.events + len(spool.pending),

@@ -57,8 +57,9 @@ class Route:
         self.drop_when_full = cfg.when_full == "drop_newest"
         self.queue: deque[Event] = deque()
         self.inflight = 0
-        #: seq of the first event of the batch in flight (0: none)
+        #: seq of the first event of the batch in flight (0: none), and when it was received
         self.inflight_first = 0
+        self.inflight_since = 0.0
         self.acked_seq = 0
         #: with a spool: False while the sink is behind what its memory queue holds and reads
         #: from the spool, from ``next_seq`` on (the read loop then skips it entirely)
@@ -81,6 +82,14 @@ class Route:
     @property
     def depth(self) -> int:
         return len(self.queue) + self.inflight
+
+    def waiting_since(self) -> float:
+        """When the oldest event the sink has not got yet was received (0: it has them all)."""
+        if self.inflight_first:
+            return self.inflight_since
+        if self.queue:
+            return self.queue[0].received_at
+        return self.behind_since if not self.live else 0.0
 
     def done_through(self, published: int) -> int:
         """The highest seq such that the sink is done with every event up to it."""
@@ -361,6 +370,7 @@ class Pipeline:
             batch = [queue.popleft() for _ in range(n)]
             route.inflight = n
             route.inflight_first = batch[0].seq
+            route.inflight_since = batch[0].received_at
             route._space_freed()
             await self._deliver(route, batch, backoff)
             route.inflight = 0
@@ -388,6 +398,7 @@ class Pipeline:
         if batch:
             route.inflight = len(batch)
             route.inflight_first = batch[0].seq
+            route.inflight_since = batch[0].received_at
             await self._deliver(route, batch, backoff)
             route.inflight = 0
             route.inflight_first = 0

@@ -56,6 +56,19 @@ def _lines(path: Path) -> list[bytes]:
     return path.read_bytes().splitlines() if path.exists() else []
 
 
+def _metrics(d: Any) -> dict[tuple[str, str], float]:
+    """The daemon's exposition, as Prometheus would scrape it: (name, sink or server) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client import generate_latest
+
+    out = {}
+    for fam in text_string_to_metric_families(generate_latest(d.daemon.registry).decode()):
+        for sample in fam.samples:
+            label = sample.labels.get("sink") or sample.labels.get("server", "")
+            out[(sample.name, label)] = sample.value
+    return out
+
+
 def guids(lines: list[bytes]) -> list[str]:
     return [orjson.loads(x)["Data"]["GUID"] for x in lines]
 
@@ -94,10 +107,18 @@ async def test_a_webhook_down_for_a_burst_lags_on_disk_then_catches_up(sim: Simu
             assert not route.live and len(route.queue) <= 100  # behind, reading from disk
             fig = d.daemon._spool_figures()
             assert fig["lag"]["hook"][0] > 2800 and fig["lag"]["file"][0] == 0
+            scraped = _metrics(d)
+            assert scraped[("cometstream_sink_lag_events", "hook")] > 2800
+            assert scraped[("cometstream_sink_lag_events", "file")] == 0
+            assert scraped[("cometstream_sink_lag_seconds", "hook")] > 0
             await wait_until(lambda: d.daemon.spool.durable_seq >= 3001, what="spooled")
             on_disk = sqlite3.connect(_spool(tmp_path)).execute(
                 "SELECT coalesce(sum(count), 0) FROM chunks").fetchone()[0]
             assert on_disk >= 2800  # kept for the webhook (the file sink is done with them)
+            scraped = _metrics(d)
+            assert scraped[("cometstream_spool_events", "sim")] >= 2800
+            assert scraped[("cometstream_spool_bytes", "sim")] > 2800 * 500
+            assert scraped[("cometstream_spool_oldest_age_seconds", "sim")] > 0
             hook.down = False
             await wait_until(lambda: len(hook.events) == 3001, timeout=30, what="catch-up")
             await wait_until(lambda: route.live, what="live again")
