@@ -97,12 +97,17 @@ def _pack(events: Sequence[Event]) -> tuple[Any, ...]:
             seqs.tobytes(), received.tobytes(), types.tobytes(), origins, raws)
 
 
+def _column(code: str, blob: bytes) -> array[Any]:
+    """A chunk's array column (little-endian on disk) as a native array."""
+    a = array(code, blob)
+    if sys.byteorder != "little":
+        a.byteswap()
+    return a
+
+
 def _unpack(seqs_b: bytes, received_b: bytes, types_b: bytes, origins: bytes, raws: bytes
             ) -> list[tuple[int, float, int, str, bytes]]:
-    seqs, received, types = array("q", seqs_b), array("d", received_b), array("q", types_b)
-    if sys.byteorder != "little":
-        for a in (seqs, received, types):
-            a.byteswap()
+    seqs, received, types = _column("q", seqs_b), _column("d", received_b), _column("q", types_b)
     lines = raws.split(b"\n")
     if not (len(seqs) == len(received) == len(types) == len(origins) == len(lines)):
         raise SpoolCorrupt("a chunk's columns differ in length")
@@ -198,14 +203,13 @@ class Spool:
         self.pending: deque[Event] = deque()
         #: highest seq committed to disk
         self.durable_seq = 0
-        #: committed chunks: [first seq, last seq, bytes, newest received_at, count], oldest first
+        #: committed chunks: [first seq, last seq, bytes, oldest and newest received_at, count],
+        #: oldest first
         self._batches: deque[list[Any]] = deque()
         self.bytes = 0
         self.events = 0
-        self.oldest_received_at = 0.0
         self.cursors: dict[str, int] = {}
         self.quarantined: Path | None = None
-        self.commits = 0
         self.write_errors = 0
         self.last_error = ""
         self._cursor_fn: Callable[[], dict[str, int]] | None = None
@@ -233,16 +237,19 @@ class Spool:
         for name in self.sink_names:
             # a new sink starts at the end (it gets what arrives from now on)
             self.cursors.setdefault(name, self.durable_seq)
-        for first, last, size, newest, count in db.execute(
-                "SELECT first_seq, last_seq, bytes, newest, count FROM chunks ORDER BY first_seq"):
-            self._batches.append([first, last, size, newest, count])
+        for first, last, size, oldest, newest, count in db.execute(
+                "SELECT first_seq, last_seq, bytes, substr(received, 1, 8), newest, count "
+                "FROM chunks ORDER BY first_seq"):
+            self._batches.append([first, last, size, _column("d", oldest)[0], newest, count])
             self.bytes += size
             self.events += count
-        if self._batches:
-            row = db.execute("SELECT received FROM chunks ORDER BY first_seq LIMIT 1").fetchone()
-            self.oldest_received_at = array("d", row[0])[0] if row and row[0] else 0.0
         self._thread = WriterThread("spool")
         return self.durable_seq
+
+    @property
+    def oldest_received_at(self) -> float:
+        """When the oldest event on disk was received (0.0: none)."""
+        return self._batches[0][3] if self._batches else 0.0
 
     async def close(self) -> None:
         """Commit what is pending, persist the cursors, close the database."""
@@ -323,7 +330,7 @@ class Spool:
             batch = list(islice(self.pending, n))
             cursors = self._cursor_fn() if self._cursor_fn is not None else dict(self.cursors)
             trim_to, dropped = self._trim_plan(batch, cursors)
-            rows = await self._thread.run(self._commit_sync, batch, cursors, trim_to, dropped)
+            written = await self._thread.run(self._commit_sync, batch, cursors, trim_to, dropped)
             if batch:
                 last = batch[-1].seq
                 pending = self.pending
@@ -331,23 +338,15 @@ class Spool:
                     pending.popleft()
                 if last > self.durable_seq:
                     self.durable_seq = last
-                floor = min(cursors.values(), default=0)
-                kept = [ev for ev in batch if ev.seq > floor] if batch[0].seq <= floor else batch
-                for i in range(0, len(kept), _RANGE):
-                    part = kept[i:i + _RANGE]
-                    size = sum(len(ev.raw) for ev in part)
-                    self._batches.append([part[0].seq, part[-1].seq, size, part[-1].received_at,
-                                          len(part)])
-                    self.bytes += size
-                    self.events += len(part)
-                if kept and not self.oldest_received_at:
-                    self.oldest_received_at = kept[0].received_at
             self.cursors.update(cursors)
-            self._apply_trim(trim_to, rows)
+            self._apply_trim(trim_to)
+            for meta in written:
+                self._batches.append(meta)
+                self.bytes += meta[2]
+                self.events += meta[5]
             for sink, count in dropped.items():
                 if count and self._on_dropped is not None:
                     self._on_dropped(sink, count)
-            self.commits += 1
             c = self._committed
             if c is not None and not c.done():
                 c.set_result(None)
@@ -362,7 +361,7 @@ class Spool:
         now = self.clock()
         size = self.bytes + sum(len(ev.raw) for ev in batch)
         forced = 0
-        for _first, last, bsize, newest, _count in self._batches:
+        for _first, last, bsize, _oldest, newest, _count in self._batches:
             if last <= done:
                 size -= bsize
                 continue
@@ -381,7 +380,10 @@ class Spool:
         return trim_to, dropped
 
     def _commit_sync(self, batch: list[Event], cursors: dict[str, int], trim_to: int,
-                     dropped: dict[str, Any]) -> int:
+                     dropped: dict[str, Any]) -> list[list[Any]]:
+        """One transaction: the chunks of ``batch`` beyond every cursor, the cursors, the
+        limits' count per lagging sink (into ``dropped``) and the deletion up to ``trim_to``.
+        Returns the written chunks' bookkeeping entries (see ``_batches``)."""
         db = self._db
         assert db is not None
         # what every sink already has is not written at all (with healthy sinks: nearly all)
@@ -389,7 +391,8 @@ class Spool:
         i = 0
         while i < len(batch) and batch[i].seq <= floor:
             i += 1
-        rows = [_pack(batch[j:j + _RANGE]) for j in range(i, len(batch), _RANGE)]
+        parts = [batch[j:j + _RANGE] for j in range(i, len(batch), _RANGE)]
+        rows = [_pack(part) for part in parts]
         db.execute("BEGIN IMMEDIATE")
         try:
             if rows:
@@ -401,10 +404,7 @@ class Spool:
                 for seqs_b, types_b in db.execute(
                         "SELECT seqs, types FROM chunks WHERE last_seq >= ? AND last_seq <= ?",
                         (need, upto)):
-                    seqs, kinds = array("q", seqs_b), array("q", types_b)
-                    if sys.byteorder != "little":
-                        seqs.byteswap()
-                        kinds.byteswap()
+                    seqs, kinds = _column("q", seqs_b), _column("q", types_b)
                     lost += sum(1 for q, t in zip(seqs, kinds, strict=True)
                                 if q >= need and (types is None or t in types))
                 dropped[sink] = lost
@@ -419,23 +419,17 @@ class Spool:
             raise
         if deleted > 10_000:
             db.execute("PRAGMA incremental_vacuum").fetchall()
-        return deleted
+        # row: first_seq, last_seq, newest, count, bytes, ...
+        return [[row[0], row[1], row[4], part[0].received_at, row[2], row[3]]
+                for part, row in zip(parts, rows, strict=True)]
 
-    def _apply_trim(self, trim_to: int, deleted: int) -> None:
-        if trim_to <= 0:
-            return
+    def _apply_trim(self, trim_to: int) -> None:
+        """The chunks the transaction deleted leave the bookkeeping too."""
         batches = self._batches
-        gone = False
         while batches and batches[0][1] <= trim_to:
-            _f, _l, size, _n, count = batches.popleft()
+            _f, _l, size, _o, _n, count = batches.popleft()
             self.bytes -= size
             self.events -= count
-            gone = True
-        if not batches:
-            self.oldest_received_at = 0.0
-            self.bytes = self.events = 0
-        elif gone:
-            self.oldest_received_at = 0.0  # refreshed lazily by oldest_age()
 
     # --- reading (a lagging sink) --------------------------------------------------------------
     async def read(self, start: int, limit: int, server: str) -> list[Event]:
@@ -472,20 +466,6 @@ class Spool:
             if len(out) >= limit:
                 break
         return out[:limit]
-
-    async def oldest_age(self) -> float:
-        """Seconds since the oldest event in the spool was received (0 when empty)."""
-        if not self._batches:
-            return 0.0
-        if not self.oldest_received_at and self._thread is not None:
-            row = await self._thread.run(self._oldest_sync)
-            self.oldest_received_at = row or 0.0
-        return max(0.0, self.clock() - self.oldest_received_at) if self.oldest_received_at else 0.0
-
-    def _oldest_sync(self) -> float | None:
-        assert self._db is not None
-        row = self._db.execute("SELECT received FROM chunks ORDER BY first_seq LIMIT 1").fetchone()
-        return array("d", row[0])[0] if row and row[0] else None
 
     # --- dead letters ------------------------------------------------------------------------------
     async def add_dead_letters(self, sink: str, events: Iterable[Event], error: str) -> int:

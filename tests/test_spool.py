@@ -231,6 +231,8 @@ async def test_the_spool_limit_drops_the_oldest_for_the_lagging_sink_only(
             await wait_until(lambda: d.sink_stats("hook").dropped["spool_limit"] > 0,
                              timeout=10, what="the limit applied")
             assert d.daemon.spool.bytes <= (1 << 20) + 200_000
+            # what is left is what the webhook waits for: its age is still known
+            assert d.daemon._spool_figures()["oldest_age"] > 0
             hook.down = False
             dropped = d.sink_stats("hook").dropped
             await wait_until(lambda: len(hook.events) - 1 + dropped["spool_limit"] >= 4000,
