@@ -181,9 +181,7 @@ class Daemon:
         tracker = self.tracker
         if ev.type in JOB_TYPES:
             key, action = tracker.job_event(ev)  # key: the dedup fingerprint
-            if key is not None and (key in tracker.dedup.delivered or key in tracker.dedup.inflight):
-                tracker.dedup.duplicates += 1
-                self.metrics.stream.duplicates += 1
+            if key is not None and self._duplicate(key):
                 return None
         else:
             key = None
@@ -197,17 +195,22 @@ class Daemon:
             ev.release_doc()  # queued events hold only their bytes
         return waiting
 
-    def _deliver_job(self, ev: Event, fp: int, ts: int, action: Action) -> Awaitable[None] | None:
-        """:meth:`_deliver` for a job event the resync synthesized, which already knows its
-        dedup fingerprint, timestamp and tracked-state change (job events are not redacted)."""
-        tracker = self.tracker
-        dedup = tracker.dedup
+    def _duplicate(self, fp: int) -> bool:
+        """A job event already delivered or in flight: counted, and not published again."""
+        dedup = self.tracker.dedup
         if fp in dedup.delivered or fp in dedup.inflight:
             dedup.duplicates += 1
             self.metrics.stream.duplicates += 1
+            return True
+        return False
+
+    def _deliver_job(self, ev: Event, fp: int, ts: int, action: Action) -> Awaitable[None] | None:
+        """:meth:`_deliver` for a job event the resync synthesized, which already knows its
+        dedup fingerprint, timestamp and tracked-state change (job events are not redacted)."""
+        if self._duplicate(fp):
             return None
         waiting = self.pipeline.publish(ev)  # assigns ev.seq
-        tracker.published_job(ev.seq, fp, ts, action)
+        self.tracker.published_job(ev.seq, fp, ts, action)
         if not self._keep_doc:
             ev.release_doc()
         return waiting
