@@ -182,8 +182,7 @@ class Pipeline:
     def _release_spool(self) -> None:
         spool = self.spool
         if spool is not None and spool.pending:
-            seq = self.seq
-            spool.release(min((r.done_through(seq) for r in self.routes), default=seq))
+            spool.release(self.delivered_through())
 
     def cursors(self) -> dict[str, int]:
         seq = self.seq
