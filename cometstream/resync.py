@@ -155,23 +155,21 @@ class Tracker:
         ts = ev.doc.get("Timestamp")
         if type(ts) is not int or not ts:
             ts = int(ev.received_at)
-        seq = ev.seq
         if key is None or key is True:
-            self._pending.append((seq, None, ts, action))
+            self._pending.append((ev.seq, None, ts, action))
+            self._track_low(ev.seq, ts)
         else:
-            fp = fingerprint(key)  # type: ignore[arg-type]
-            self.dedup.inflight[fp] = seq
-            self._pending.append((seq, fp, ts, action))
-        low = self._low
-        while low and low[-1][1] >= ts:
-            low.pop()
-        low.append((seq, ts))
+            self.published_job(ev.seq, fingerprint(key), ts, action)  # type: ignore[arg-type]
 
     def published_job(self, seq: int, fp: int, ts: int, action: Action) -> None:
         """:meth:`published` for a synthesized job event whose fingerprint, timestamp (a
         positive int) and action are known."""
         self.dedup.inflight[fp] = seq
         self._pending.append((seq, fp, ts, action))
+        self._track_low(seq, ts)
+
+    def _track_low(self, seq: int, ts: int) -> None:
+        """The running minimum of pending timestamps (the watermark may not pass it)."""
         low = self._low
         while low and low[-1][1] >= ts:
             low.pop()
