@@ -350,8 +350,11 @@ class Spool:
             c = self._committed
             if c is not None and not c.done():
                 c.set_result(None)
-            if len(self.pending) < _COMMIT_MAX:
-                return
+            if len(self.pending) >= _COMMIT_MAX:
+                continue
+            if written and self.bytes > self.max_bytes:
+                continue  # what this commit wrote went over the limit: trim it now, not later
+            return
 
     def _trim_plan(self, batch: list[Event], cursors: dict[str, int]
                    ) -> tuple[int, dict[str, Any]]:
