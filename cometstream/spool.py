@@ -325,6 +325,8 @@ class Spool:
         cursors; delete what every sink is done with or what the limits no longer allow."""
         if self._thread is None or self._db is None:
             return
+        lost: dict[str, int] = {}
+        retrimmed = False
         while True:
             n = min(len(self.pending), _COMMIT_MAX)
             batch = list(islice(self.pending, n))
@@ -345,16 +347,20 @@ class Spool:
                 self.bytes += meta[2]
                 self.events += meta[5]
             for sink, count in dropped.items():
-                if count and self._on_dropped is not None:
-                    self._on_dropped(sink, count)
+                lost[sink] = lost.get(sink, 0) + count
             c = self._committed
             if c is not None and not c.done():
                 c.set_result(None)
             if len(self.pending) >= _COMMIT_MAX:
                 continue
-            if written and self.bytes > self.max_bytes:
-                continue  # what this commit wrote went over the limit: trim it now, not later
-            return
+            if written and self.bytes > self.max_bytes and not retrimmed:
+                retrimmed = True  # what this commit wrote went over the limit: trim it now
+                continue
+            break
+        # reported once the spool is back within its limits
+        for sink, count in lost.items():
+            if count and self._on_dropped is not None:
+                self._on_dropped(sink, count)
 
     def _trim_plan(self, batch: list[Event], cursors: dict[str, int]
                    ) -> tuple[int, dict[str, Any]]:
