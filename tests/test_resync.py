@@ -519,6 +519,36 @@ def test_job_and_account_state_change_only_when_delivered() -> None:
     assert tr.accounts == {"u": ["digest", "guid"]} and tr.devices == {"dev": "u"}
 
 
+def test_an_account_is_digested_from_its_last_delivered_unredacted_profile() -> None:
+    """The stream's account events reach the checkpoint as the digest of the newest delivered
+    profile, as the server sent it (a password change is a change, though sinks see it
+    redacted), however many updates came between two checkpoints."""
+    from cometstream.protocol import decode_frame
+    from cometstream.redact import Redactor
+    from cometstream.resync import Tracker, account_entry
+
+    tr = Tracker()
+    redactor = Redactor()
+    profiles = [{"Username": "u", "CreationGUID": "g", "PasswordHash": f"hash-{i}",
+                 "Sources": {"s1": {"Statistics": {"LastStartTime": i}}}} for i in range(3)]
+    for seq, profile in enumerate(profiles, 1):
+        ev = decode_frame(orjson.dumps({"Type": 4102, "Timestamp": 1733400000 + seq,
+                                        "Data": profile}), received_at=time.time(), server="s")
+        ev.seq = seq  # type: ignore[union-attr]
+        action = tr.action(ev)  # type: ignore[arg-type]
+        redactor.apply(ev)  # type: ignore[arg-type]
+        assert b"hash-" not in ev.raw  # type: ignore[union-attr]
+        tr.published(ev, True, action)  # type: ignore[arg-type]
+    tr.settle(2, live_until=None)
+    assert tr.snapshot().accounts == {"u": account_entry(profiles[1])}
+    tr.settle(3, live_until=None)
+    entry = tr.snapshot().accounts["u"]
+    assert entry == account_entry(profiles[2]) and entry[1] == "g"
+    assert entry != account_entry(profiles[1])  # only the password changed
+    # statistics alone are not a change
+    assert account_entry(dict(profiles[2], Sources={"s1": {"Statistics": {"x": 1}}})) == entry
+
+
 def test_the_watermark_stays_before_the_oldest_unacknowledged_timestamp() -> None:
     """Timestamps do not rise with the publish order: the watermark waits for the oldest event
     still unacknowledged, whichever was published first."""
