@@ -51,6 +51,8 @@ _LONG_RUN: Final = b"0" * 20
 #: is judged without the regex
 _NEEDLES: Final = ("pass", "secret", "key", "token", "credential", "recovery", "serialnumber",
                    "registrations", "customheaders", "authorization")
+#: values not worth replacing (nothing to hide)
+_EMPTY: Final = (None, "", [], {}, MARK)
 #: lower-cased key names: the same test without IGNORECASE (several times faster)
 _LOWER: Final = re.compile(SECRET_KEY_PATTERN.pattern)
 
@@ -64,6 +66,7 @@ class Redactor:
         # judged once, and a dict's keys are then matched with set operations, in C.
         self._known: set[str] = set()
         self._secret: set[str] = set()
+        self._floats = False
 
     def is_secret(self, key: str) -> bool:
         if key in self._known:
@@ -82,25 +85,33 @@ class Redactor:
         return verdict
 
     def _walk(self, value: Any) -> bool:
+        """Redact ``value`` in place; True if anything changed. Sets ``_floats`` when a float
+        is met (orjson reads integers beyond 64 bits as floats)."""
         changed = False
         if type(value) is dict:
             keys = value.keys()
-            secret = keys & self._secret
             if not self._known.issuperset(keys):  # new names (or ids used as keys)
                 for k in keys:
-                    if k not in self._known and isinstance(k, str) and self.is_secret(k):
-                        secret.add(k)
-            for k in secret:
-                if value[k] not in (None, "", [], {}, MARK):
+                    if k not in self._known and isinstance(k, str):
+                        self.is_secret(k)
+            for k in keys & self._secret:
+                if value[k] not in _EMPTY:
                     value[k] = MARK
                     changed = True
-            for v in value.values():
-                if type(v) is dict or type(v) is list:
-                    changed |= self._walk(v)
+            values = value.values()
         elif type(value) is list:
-            for item in value:
-                if type(item) is dict or type(item) is list:
-                    changed |= self._walk(item)
+            values = value
+        else:
+            return False
+        # the types of the values, found in C: most containers hold only scalars
+        kinds = set(map(type, values))
+        if float in kinds:
+            self._floats = True
+        if dict in kinds or list in kinds:
+            walk = self._walk
+            for v in values:
+                if type(v) is dict or type(v) is list:
+                    changed |= walk(v)
         return changed
 
     def apply(self, ev: Event) -> Event:
@@ -114,10 +125,12 @@ class Redactor:
         data = doc.get("Data")
         if type(data) is not dict and type(data) is not list:
             return ev
+        self._floats = False
         if not self._walk(data):
             return ev
         raw = ev.raw
-        if _LONG_RUN not in raw.translate(_ZERO_DIGITS):
+        floats = self._floats or float in set(map(type, doc.values()))
+        if not floats or _LONG_RUN not in raw.translate(_ZERO_DIGITS):
             ev.raw = orjson.dumps(doc)
         else:
             # orjson read integers beyond 64 bits as floats: encode an exact parse instead
