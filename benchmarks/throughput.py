@@ -233,9 +233,9 @@ RECEIVERS = {
 def receive(kind: str, url: str, n: int, result: Path, extra: dict[str, str]) -> None:
     _quiet()
     if kind.startswith("daemon"):
-        from cometstream.cli import _tune_gc
+        from cometstream.cli import _tune_runtime
 
-        _tune_gc()  # as `cometstream run` does
+        _tune_runtime()  # as `cometstream run` does
     fn, variant, _label = RECEIVERS[kind]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "out.jsonl").touch()

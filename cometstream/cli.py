@@ -35,6 +35,8 @@ from .observe.logging import configure_logging, register_secret
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+#: seconds a thread may hold the GIL while another waits for it (default 0.005): see _tune_runtime
+SWITCH_INTERVAL = 0.0005
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo password & more = fun"  # exercises form/frame escaping on purpose
 
@@ -105,20 +107,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _tune_gc() -> None:
-    """Every event allocates a few dicts, and queued events keep many alive: with the default
-    thresholds the cyclic collector runs every 700 allocations and, in older generations, walks
-    all of them — a third of the daemon's time at 100k events/s. Our objects are freed by
-    reference counting; collect cycles less often, and never scan what start-up created."""
+def _tune_runtime() -> None:
+    """Two interpreter settings for a process that handles a hundred thousand small objects a
+    second with a writer thread or two beside the event loop.
+
+    - The cyclic garbage collector: every event allocates a few dicts, and queued events keep many
+      alive; with the default thresholds the collector runs every 700 allocations and, in older
+      generations, walks all of them (a third of the daemon's time at 100k events/s). Our objects
+      are freed by reference counting: collect cycles less often, and never scan what start-up
+      created.
+    - The GIL switch interval: a sink's writer thread that finished a write waits for the GIL
+      until the busy event loop gives it up, 5 ms by default. Meanwhile the loop reads on and the
+      sink's queue grows (peak RSS in a burst: 85-105 MB). At 0.5 ms the queue stays about a
+      third as long (65-70 MB) and the throughput is the same (``benchmarks/throughput.py``)."""
     import gc
 
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
-    _tune_gc()
+    _tune_runtime()
     try:
         import uvloop
     except ImportError:
