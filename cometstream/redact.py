@@ -43,10 +43,11 @@ SAFE_KEYS: Final = frozenset({
 })
 
 
-#: a number of 20+ digits may not fit 64 bits (orjson reads those as floats); found by mapping
-#: every digit to 0 and looking for twenty of them (a regex is a hundred times slower)
+#: a number of 19+ digits may not fit 64 bits (orjson reads those as floats): 20 digits above
+#: 2**64 - 1, and 19 below -2**63; found by mapping every digit to 0 and looking for nineteen of
+#: them (a regex is a hundred times slower)
 _ZERO_DIGITS: Final = bytes.maketrans(b"123456789", b"000000000")
-_LONG_RUN: Final = b"0" * 20
+_LONG_RUN: Final = b"0" * 19
 #: substrings of every name above: a name with none of them (most names, and ids used as keys)
 #: is judged without the regex
 _NEEDLES: Final = ("pass", "secret", "key", "token", "credential", "recovery", "serialnumber",

@@ -150,3 +150,21 @@ def test_job_dedup_key_is_type_and_guid() -> None:
     assert revived.dedup_key() == "4201:abc:99"  # type: ignore[union-attr]
     assert new.dedup_key() == "4200:abc"  # type: ignore[union-attr]
     assert c.dedup_key() is None  # type: ignore[union-attr]
+
+
+def test_redaction_keeps_integers_beyond_64_bits_wherever_they_are() -> None:
+    """orjson reads an integer beyond 64 bits as a float: a redacted event holding one (in Data
+    or at the top level) is re-encoded from an exact parse, never through the float."""
+    from cometstream.redact import Redactor
+
+    r = Redactor()
+    for raw in (b'{"Type":4102,"Timestamp":36893488147419103232,"Data":{"TOTPKey":"S1"}}',
+                b'{"Type":4102,"Data":{"A":[{"N":-9223372036854775809}],"PasswordHash":"S2"}}',
+                b'{"Type":4102,"Data":{"Ratio":0.5,"N":18446744073709551616,"TOTPKey":"S3"}}'):
+        ev = decode_frame(raw, received_at=0.0, server="s")
+        r.apply(ev)  # type: ignore[arg-type]
+        out = ev.raw  # type: ignore[union-attr]
+        assert b'"[REDACTED]"' in out and b'"S' not in out, out
+        for big in (b"36893488147419103232", b"-9223372036854775809", b"18446744073709551616"):
+            assert (big in raw) == (big in out), out
+        assert b"e+" not in out and b"E+" not in out, out
