@@ -22,7 +22,7 @@ from typing import Any, Final
 
 from .events import JOB_TYPES, Event
 
-__all__ = ["MARK", "SECRET_KEY_PATTERN", "SAFE_KEYS", "Redactor"]
+__all__ = ["MARK", "NO_SECRETS", "SECRET_KEY_PATTERN", "SAFE_KEYS", "Redactor"]
 
 MARK: Final = "[REDACTED]"
 #: key names (case-insensitive, anywhere in the name) whose values are secrets
@@ -52,6 +52,10 @@ _LONG_RUN: Final = b"0" * 19
 #: is judged without the regex
 _NEEDLES: Final = ("pass", "secret", "key", "token", "credential", "recovery", "serialnumber",
                    "registrations", "customheaders", "authorization")
+#: keys whose values are measurements, never secrets: not walked. ``Statistics`` in a profile
+#: holds the last jobs' BackupJobDetail (the job events' data, not redacted either) and sizes;
+#: it is most of a profile's objects, and changes after every job.
+NO_SECRETS: Final = frozenset({"Statistics"})
 #: values not worth replacing (nothing to hide)
 _EMPTY: Final = (None, "", [], {}, MARK)
 #: lower-cased key names: the same test without IGNORECASE (several times faster)
@@ -67,7 +71,6 @@ class Redactor:
         # judged once, and a dict's keys are then matched with set operations, in C.
         self._known: set[str] = set()
         self._secret: set[str] = set()
-        self._floats = False
 
     def is_secret(self, key: str) -> bool:
         if key in self._known:
@@ -86,9 +89,9 @@ class Redactor:
         return verdict
 
     def _walk(self, value: Any) -> bool:
-        """Redact ``value`` in place; True if anything changed. Sets ``_floats`` when a float
-        is met (orjson reads integers beyond 64 bits as floats)."""
+        """Redact ``value`` in place; True if anything changed."""
         changed = False
+        walk = self._walk
         if type(value) is dict:
             keys = value.keys()
             if not self._known.issuperset(keys):  # new names (or ids used as keys)
@@ -99,45 +102,41 @@ class Redactor:
                 if value[k] not in _EMPTY:
                     value[k] = MARK
                     changed = True
-            values = value.values()
+            # the types of the values, found in C: most objects hold only scalars
+            kinds = set(map(type, value.values()))
+            if dict in kinds or list in kinds:
+                for k, v in value.items():
+                    if (type(v) is dict or type(v) is list) and k not in NO_SECRETS:
+                        changed |= walk(v)
         elif type(value) is list:
-            values = value
-        else:
-            return False
-        # the types of the values, found in C: most containers hold only scalars
-        kinds = set(map(type, values))
-        if float in kinds:
-            self._floats = True
-        if dict in kinds or list in kinds:
-            walk = self._walk
-            for v in values:
-                if type(v) is dict or type(v) is list:
-                    changed |= walk(v)
+            kinds = set(map(type, value))
+            if dict in kinds or list in kinds:
+                for v in value:
+                    if type(v) is dict or type(v) is list:
+                        changed |= walk(v)
         return changed
 
     def apply(self, ev: Event) -> Event:
         """The event with secret values replaced (the same object, re-encoded only if changed).
 
-        The document parsed when the frame was received is redacted in place; the bytes are
-        re-encoded from it, or from an exact parse if they hold integers beyond 64 bits."""
+        The document parsed when the frame was received is redacted in place and re-encoded,
+        unless it held integers beyond 64 bits: orjson read those as floats, which it writes
+        with an exponent (``1.8446744073709552e+19``); such an event is re-encoded from an
+        exact parse instead."""
         if not self.enabled or ev.type in JOB_TYPES:
             return ev
         doc = ev.doc
         data = doc.get("Data")
         if type(data) is not dict and type(data) is not list:
             return ev
-        self._floats = False
         if not self._walk(data):
             return ev
-        raw = ev.raw
-        floats = self._floats or float in set(map(type, doc.values()))
-        if not floats or _LONG_RUN not in raw.translate(_ZERO_DIGITS):
-            ev.raw = orjson.dumps(doc)
-        else:
-            # orjson read integers beyond 64 bits as floats: encode an exact parse instead
-            exact = json.loads(raw)
+        out = orjson.dumps(doc)
+        if out.find(b"e+") >= 0 and ev.raw.translate(_ZERO_DIGITS).find(_LONG_RUN) >= 0:
+            exact = json.loads(ev.raw)
             self._walk(exact.get("Data"))
-            ev.raw = json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
+            out = json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
+        ev.raw = out
         self.redacted_events += 1
         return ev
 

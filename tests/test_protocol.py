@@ -168,3 +168,14 @@ def test_redaction_keeps_integers_beyond_64_bits_wherever_they_are() -> None:
         for big in (b"36893488147419103232", b"-9223372036854775809", b"18446744073709551616"):
             assert (big in raw) == (big in out), out
         assert b"e+" not in out and b"E+" not in out, out
+
+
+def test_redaction_keeps_a_big_integer_inside_statistics_which_are_not_walked() -> None:
+    from cometstream.redact import NO_SECRETS, Redactor
+
+    assert "Statistics" in NO_SECRETS
+    raw = (b'{"Type":4102,"Data":{"PasswordHash":"S","Sources":{"g":{"Statistics":'
+           b'{"Size":18446744073709551616,"Note":"e+"}}}}}')
+    ev = decode_frame(raw, received_at=0.0, server="s")
+    Redactor().apply(ev)  # type: ignore[arg-type]
+    assert ev.raw == raw.replace(b'"S"', b'"[REDACTED]"')  # type: ignore[union-attr]
