@@ -65,6 +65,43 @@ async def test_every_event_lands_once_keyed_and_with_headers(sim: Simulator, bro
         assert float(headers["cometstream-received-at"]) > 1.7e9
 
 
+async def test_keyed_events_go_to_the_java_clients_partition_in_order(sim: Simulator,
+                                                                       broker: Broker,
+                                                                       tmp_path: Path) -> None:
+    """Record batches per partition: a keyed event lands on murmur2(key) % partitions (where the
+    Java client and aiokafka's send() put it), and each key's events keep the stream's order."""
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+    from aiokafka.partitioner import murmur2
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic("parts", num_partitions=4, replication_factor=1)])
+    finally:
+        await admin.close()
+    cfg = make_config(sim.url, tmp_path, exact=True,
+                      sinks={"bus": _kafka(broker, topic="parts", max_batch_bytes=16384)})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        sent = sim.emit_many(600)
+        await wait_until(lambda: d.sink_stats("bus").delivered == 601, timeout=20,
+                         what="delivery to kafka")
+    msgs = await broker.consume(["parts"], expect=601)
+    assert len(msgs) == 601
+    by_key: dict[bytes, list[bytes]] = {}
+    for m in sorted(msgs, key=lambda m: (m.partition, m.offset)):
+        if m.key is not None:
+            assert m.partition == (murmur2(m.key) & 0x7FFFFFFF) % 4, m.key
+            by_key.setdefault(m.key, []).append(m.value)
+    assert len({m.partition for m in msgs if m.key is not None}) == 4
+    expected: dict[bytes, list[bytes]] = {}
+    for frame in sent:
+        rid = orjson.loads(frame).get("ResourceID")
+        if rid:
+            expected.setdefault(rid.encode(), []).append(frame)
+    assert by_key == expected
+
+
 async def test_a_broker_outage_loses_nothing_queued_or_sent_after(sim: Simulator, broker: Broker,
                                                                     tmp_path: Path) -> None:
     """The broker dies mid-stream and comes back (empty: memory storage). Events queued while
