@@ -16,6 +16,8 @@ are its own:
 - ``daemon, no redaction``: the same with ``[redact] enabled = false``;
 - ``daemon, 4 sinks``: file, stdout (to /dev/null), Kafka (a local Tansu broker, if the test
   extras are installed) and webhook (an aiohttp receiver in a third process, batches of 500);
+- ``daemon, file + Kafka`` / ``daemon, file + webhook``: the file sink and one of those (what
+  each costs on top of the file sink);
 - ``daemon, filter 10%``: one file sink with ``types = ["SEVT_DEVICE_LIVE_DISCONNECT"]``
   (about 11% of the mix).
 
@@ -153,14 +155,15 @@ def _sinks(variant: str, tmp: Path, extra: dict[str, str]) -> dict[str, Any]:
     file = {"type": "file", "path": str(tmp / "out.jsonl"), "format": "event"}
     if variant == "filter":
         return {"file": dict(file, types=[FILTER_TYPE])}
-    if variant != "four":
+    if variant not in ("four", "kafka", "webhook"):
         return {"file": file}
-    sinks: dict[str, Any] = {
-        "file": file,
-        "stdout": {"type": "stdout", "format": "event", "pretty": False},
-        "hook": {"type": "webhook", "url": extra["webhook"], "format": "event", "batch": 500},
-    }
-    if extra.get("kafka"):
+    sinks: dict[str, Any] = {"file": file}
+    if variant == "four":
+        sinks["stdout"] = {"type": "stdout", "format": "event", "pretty": False}
+    if variant in ("four", "webhook"):
+        sinks["hook"] = {"type": "webhook", "url": extra["webhook"], "format": "event",
+                         "batch": 500}
+    if variant in ("four", "kafka") and extra.get("kafka"):
         sinks["kafka"] = {"type": "kafka", "bootstrap_servers": [extra["kafka"]],
                           "topic": "bench", "format": "event"}
     return sinks
@@ -224,6 +227,8 @@ RECEIVERS = {
     "daemon": (daemon, "file", "daemon, 1 file sink"),
     "daemon-memory": (daemon, "memory", "daemon, memory buffer"),
     "daemon-noredact": (daemon, "noredact", "daemon, no redaction"),
+    "daemon-kafka": (daemon, "kafka", "daemon, file + Kafka"),
+    "daemon-webhook": (daemon, "webhook", "daemon, file + webhook"),
     "daemon-4sinks": (daemon, "four", "daemon, 4 sinks"),
     "daemon-filter": (daemon, "filter", "daemon, filter 10%"),
     "daemon-paced": (daemon, "paced", "daemon, paced"),
@@ -402,7 +407,7 @@ def main() -> int:
     sender = Sender(n, 0, env)
     best: dict[str, dict[str, Any]] = {}
     try:
-        if "daemon-4sinks" in kinds:
+        if {"daemon-4sinks", "daemon-kafka", "daemon-webhook"} & set(kinds):
             peers.start()
         print(f"burst: {n:,} events of {sender.bytes:.0f} bytes on average over 127.0.0.1, "
               f"best of {args.repeat}", flush=True)
@@ -424,9 +429,11 @@ def main() -> int:
         ratio = f"{r['rate'] / fastest:>16.2f}x" if fastest else f"{'-':>17}"
         print(f"{RECEIVERS[kind][2]:<22} {r['rate']:>10,.0f} {r['cpu_per_100k']:>11.2f} {r['rss_mb']:>12.1f} "
               f"{ratio}")
-    if "daemon-4sinks" in best:
-        r = best["daemon-4sinks"]
-        print(f"  4 sinks delivered: {r['delivered']} (dropped: {r['dropped']})")
+    for kind in ("daemon-kafka", "daemon-webhook", "daemon-4sinks"):
+        if kind in best:
+            r = best[kind]
+            print(f"  {RECEIVERS[kind][2]} delivered: {r['delivered']} "
+                  f"(dropped: {r['dropped']})")
     if peers.note:
         print(f"  {peers.note}")
 

@@ -151,6 +151,11 @@ class KafkaSink(Sink):
         self._producer: Any = None
         self._idempotent = idempotence in ("auto", "true")
         self.sent = 0
+        #: the topic, when the template names no field
+        self._topic: str | None = (_TOPIC_BAD.sub("_", topic.text) or "cometstream") \
+            if topic.constant else None
+        #: (origin, server) -> their two headers
+        self._headers: dict[tuple[str, str], tuple[tuple[str, bytes], ...]] = {}
         #: (topic, key) -> (number of partitions, partition)
         self._key_partitions: dict[tuple[str, bytes], tuple[int, int]] = {}
 
@@ -287,11 +292,16 @@ class KafkaSink(Sink):
 
     # --- delivery --------------------------------------------------------------------------------
     def _message(self, ev: Event) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
-        topic = _TOPIC_BAD.sub("_", self.topic.render(ev)) or "cometstream"
+        topic = self._topic
+        if topic is None:
+            topic = _TOPIC_BAD.sub("_", self.topic.render(ev)) or "cometstream"
         key = self.key.render(ev).encode() if self.key is not None else b""
-        headers = [("cometstream-origin", ev.origin.encode()),
-                   ("cometstream-server", ev.server.encode()),
-                   ("cometstream-received-at", repr(ev.received_at).encode())]
+        fixed = self._headers.get((ev.origin, ev.server))
+        if fixed is None:
+            fixed = self._headers[(ev.origin, ev.server)] = (
+                ("cometstream-origin", ev.origin.encode()),
+                ("cometstream-server", ev.server.encode()))
+        headers = [*fixed, ("cometstream-received-at", repr(ev.received_at).encode())]
         return topic, key or None, ev.render(self.format), headers
 
     def _partition(self, topic: str, key: bytes | None, partitions: list[int],
