@@ -3,8 +3,9 @@
 One SQLite database (``spool.db`` in ``state.dir``, WAL mode, from the standard library) holds:
 
 - ``chunks``: the events in the pipeline's order, up to 256 a row (``seq``, ``received_at``,
-  ``type`` and ``origin`` as parallel arrays, the events' bytes joined by newlines): one row per
-  256 events keeps a burst's commit cheap (a row per event costs a GIL round trip each);
+  ``type`` and ``origin`` as parallel arrays, the events' bytes joined by newlines, and their
+  dedup keys where known as a JSON list): one row per 256 events keeps a burst's commit cheap
+  (a row per event costs a GIL round trip each);
 - ``cursors``: per sink, the highest ``seq`` it is done with (delivered, filtered or refused);
 - ``dead_letters``: per sink, the events it refused for good, with the reason
   (``cometstream dlq list|replay|purge``).
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import structlog
 
 from .events import Event
@@ -52,7 +54,8 @@ from .sinks._writer import WriterThread
 __all__ = ["FILENAME", "FORMAT_VERSION", "DeadLetter", "Spool", "SpoolCorrupt"]
 
 FILENAME: Final = "spool.db"
-FORMAT_VERSION: Final = 1
+#: 2 added ``chunks.keys`` (a spool of format 1 gets the column when opened)
+FORMAT_VERSION: Final = 2
 #: events committed per transaction at most (a burst is written in pieces of this size)
 _COMMIT_MAX: Final = 20_000
 #: events waiting in memory for the disk beyond which the read loop waits for a commit
@@ -69,7 +72,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     first_seq INTEGER PRIMARY KEY, last_seq INTEGER NOT NULL, newest REAL NOT NULL,
     count INTEGER NOT NULL, bytes INTEGER NOT NULL,
     seqs BLOB NOT NULL, received BLOB NOT NULL, types BLOB NOT NULL, origins BLOB NOT NULL,
-    raws BLOB NOT NULL);
+    raws BLOB NOT NULL, keys BLOB);
 CREATE TABLE IF NOT EXISTS cursors (sink TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY, sink TEXT NOT NULL, failed_at REAL NOT NULL, error TEXT NOT NULL,
@@ -93,8 +96,12 @@ def _pack(events: Sequence[Event]) -> tuple[Any, ...]:
         for a in (seqs, received, types):
             a.byteswap()
     raws = b"\n".join([ev.raw for ev in events])
+    # the dedup keys the pipeline computed (a sink that reads the chunk back, e.g. the webhook's
+    # Idempotency-Key, then need not parse every job event again)
+    keys = [ev._key for ev in events]
     return (events[0].seq, events[-1].seq, events[-1].received_at, len(events), len(raws),
-            seqs.tobytes(), received.tobytes(), types.tobytes(), origins, raws)
+            seqs.tobytes(), received.tobytes(), types.tobytes(), origins, raws,
+            orjson.dumps(keys) if any(keys) else None)
 
 
 def _column(code: str, blob: bytes) -> array[Any]:
@@ -105,14 +112,19 @@ def _column(code: str, blob: bytes) -> array[Any]:
     return a
 
 
-def _unpack(seqs_b: bytes, received_b: bytes, types_b: bytes, origins: bytes, raws: bytes
-            ) -> list[tuple[int, float, int, str, bytes]]:
+def _unpack(seqs_b: bytes, received_b: bytes, types_b: bytes, origins: bytes, raws: bytes,
+            keys_b: bytes | None) -> list[tuple[int, float, int, str, bytes, str | None]]:
     seqs, received, types = _column("q", seqs_b), _column("d", received_b), _column("q", types_b)
     lines = raws.split(b"\n")
-    if not (len(seqs) == len(received) == len(types) == len(origins) == len(lines)):
+    try:
+        keys = orjson.loads(keys_b) if keys_b else [None] * len(lines)
+    except orjson.JSONDecodeError:
+        raise SpoolCorrupt("a chunk's dedup keys are not JSON") from None
+    if not (len(seqs) == len(received) == len(types) == len(origins) == len(lines) == len(keys)):
         raise SpoolCorrupt("a chunk's columns differ in length")
     return [(seqs[i], received[i], types[i], _ORIGINS[origins[i]] if origins[i] < 3 else
-             "stream", lines[i]) for i in range(len(seqs))]
+             "stream", lines[i], keys[i] if type(keys[i]) is str else None)
+            for i in range(len(seqs))]
 
 
 class SpoolCorrupt(Exception):
@@ -152,6 +164,14 @@ def connect(path: Path, *, check: bool = True) -> sqlite3.Connection:
                 raise SpoolCorrupt(f"integrity check failed: {verdict}")
         db.executescript(_SCHEMA)
         row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        if row is not None and row[0] == "1":  # format 1: the same, without chunks.keys
+            def upgrade() -> None:
+                db.execute("ALTER TABLE chunks ADD COLUMN keys BLOB")
+                db.execute("UPDATE meta SET value = ? WHERE key = 'format'",
+                           (str(FORMAT_VERSION),))
+
+            _transaction(db, upgrade)
+            row = (str(FORMAT_VERSION),)
         if row is None:
             db.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
         elif row[0] != str(FORMAT_VERSION):
@@ -405,7 +425,8 @@ class Spool:
         db.execute("BEGIN IMMEDIATE")
         try:
             if rows:
-                db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                               rows)
             db.executemany("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (sink) DO UPDATE "
                            "SET seq = excluded.seq", list(cursors.items()))
             for sink, (need, upto, types) in list(dropped.items()):
@@ -459,9 +480,10 @@ class Spool:
         if not rows and pending:
             return list(_take(pending, limit))  # committed and deleted meanwhile: memory
         events = []
-        for seq, received_at, type_, origin, raw in rows:
+        for seq, received_at, type_, origin, raw, key in rows:
             ev = Event(raw, None, type_, origin, received_at, server)  # type: ignore[arg-type]
             ev.seq = seq
+            ev._key = key
             events.append(ev)
         return events
 
@@ -469,7 +491,8 @@ class Spool:
         assert self._db is not None
         out: list[tuple[Any, ...]] = []
         for row in self._db.execute(
-                "SELECT seqs, received, types, origins, raws FROM chunks WHERE last_seq >= ? "
+                "SELECT seqs, received, types, origins, raws, keys FROM chunks "
+                "WHERE last_seq >= ? "
                 "ORDER BY first_seq LIMIT ?", (start, limit // _RANGE + 2)):
             out.extend(r for r in _unpack(*row) if r[0] >= start)
             if len(out) >= limit:

@@ -341,3 +341,55 @@ types = ["SEVT_JOB_COMPLETED"]
         # second: the dedup keys of later deliveries are not saved) and the last spool commit
         duplicates = len(got) - len(set(got))
         assert duplicates <= kills * rate * 2.0, (duplicates, kills, rate)
+
+
+async def test_events_read_back_from_disk_keep_their_dedup_keys_and_format_1_is_upgraded(
+        tmp_path: Path) -> None:
+    """A lagging sink reads job events back with the dedup keys the pipeline computed (its
+    webhook Idempotency-Key then parses nothing); a spool written by format 1, without that
+    column, is upgraded in place and its events read (their keys computed when asked)."""
+    from cometstream.protocol import decode_frame
+    from cometstream.resync import Tracker
+    from cometstream.spool import Spool
+
+    def job(i: int) -> Any:
+        ev = decode_frame(orjson.dumps({"Type": 4201, "Data": {"GUID": f"g{i}", "EndTime": i}}),
+                          received_at=time.time(), server="s")
+        ev.seq = i  # type: ignore[union-attr]
+        return ev
+
+    def login(i: int) -> Any:
+        ev = decode_frame(orjson.dumps({"Type": 4100, "Data": {"Username": "u"}}),
+                          received_at=time.time(), server="s")
+        ev.seq = i  # type: ignore[union-attr]
+        return ev
+
+    state = tmp_path / "state"
+    spool = Spool(state, ["slow"], max_bytes=1 << 30, max_age=86400, fsync_interval=0.05)
+    spool.open()
+    events = [job(1), login(2), job(3)]
+    for ev in events[::2]:
+        Tracker.job_event(ev)  # as the daemon does: computes and keeps the key
+        ev.release_doc()
+    spool.pending.extend(events)
+    await spool.commit()
+    spool.pending.clear()
+    back = await spool.read(1, 10, "s")
+    assert [ev._key for ev in back] == ["4201:g1:1", None, "4201:g3:3"]
+    assert all(ev._doc is None for ev in back)  # nothing parsed
+    assert back[0].dedup_key() == "4201:g1:1" and back[1].dedup_key() is None
+    await spool.close()
+
+    db = sqlite3.connect(_spool(tmp_path))  # what format 1 wrote: no keys column
+    db.executescript("ALTER TABLE chunks DROP COLUMN keys; "
+                     "UPDATE meta SET value = '1' WHERE key = 'format';")
+    db.close()
+    spool = Spool(state, ["slow"], max_bytes=1 << 30, max_age=86400, fsync_interval=0.05)
+    assert spool.open() == 3 and spool.quarantined is None
+    back = await spool.read(1, 10, "s")
+    assert [ev.raw for ev in back] == [ev.raw for ev in events]
+    assert [ev._key for ev in back] == [None, None, None]
+    assert back[2].dedup_key() == "4201:g3:3"  # parsed on demand
+    assert sqlite3.connect(_spool(tmp_path)).execute(
+        "SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "2"
+    await spool.close()
