@@ -9,6 +9,9 @@ are its own:
 
 - ``naive-websockets`` / ``naive-aiohttp``: the loop a user would write (log in, ``recv``,
   ``orjson.loads``, append the line to a file), on the websockets and on aiohttp's client;
+- ``daemon read loop only``: the daemon's ``stream.Session`` (receive, ``decode_frame``, stream
+  statistics) with a publish that appends the line to a file: the ceiling for the daemon's design,
+  before any of its machinery;
 - ``daemon``: cometstream's Daemon as ``cometstream run`` builds it (uvloop, metrics endpoint
   on, redaction on, the disk spool, checkpoint every second) with one file sink (format
   ``event``);
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -151,6 +155,37 @@ async def naive_websockets(url: str, n: int, tmp: Path, _variant: str) -> dict[s
     return {"last": time.monotonic(), "lines": _count(tmp / "out.jsonl")}
 
 
+async def read_loop(url: str, n: int, tmp: Path, _variant: str) -> dict[str, Any]:
+    """The daemon's own read loop (``stream.Session``: login, receive, ``decode_frame``, stream
+    statistics) with a publish that appends the line to a file, as the naive loops do: the
+    ceiling for everything the daemon does after decoding (dedup, tracking, redaction, spool,
+    queues, sink workers, acknowledgements)."""
+    from cometstream.config import parse_config
+    from cometstream.observe.metrics import StreamStats
+    from cometstream.stream import Session
+
+    cfg = parse_config({"server": {"url": url, "username": USER, "password": PASSWORD},
+                        "sinks": {"out": {"type": "stdout"}}}, env={})
+    done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+    count = 0
+    with (tmp / "out.jsonl").open("ab") as fh:
+        write = fh.write
+
+        def publish(ev: Any) -> None:
+            nonlocal count
+            write(ev.raw + b"\n")
+            count += 1
+            if count > n and not done.done():  # HELLO + n
+                done.set_result(time.monotonic())
+
+        task = asyncio.create_task(Session(cfg.server, cfg.stream, publish, StreamStats()).run())
+        last = await done
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    return {"last": last, "lines": _count(tmp / "out.jsonl")}
+
+
 def _sinks(variant: str, tmp: Path, extra: dict[str, str]) -> dict[str, Any]:
     file = {"type": "file", "path": str(tmp / "out.jsonl"), "format": "event"}
     if variant == "filter":
@@ -224,6 +259,7 @@ def _count(path: Path) -> int:
 RECEIVERS = {
     "naive-websockets": (naive_websockets, "", "naive websockets"),
     "naive-aiohttp": (naive_aiohttp, "", "naive aiohttp"),
+    "read-loop": (read_loop, "", "daemon read loop only"),
     "daemon": (daemon, "file", "daemon, 1 file sink"),
     "daemon-memory": (daemon, "memory", "daemon, memory buffer"),
     "daemon-noredact": (daemon, "noredact", "daemon, no redaction"),
@@ -237,7 +273,7 @@ RECEIVERS = {
 
 def receive(kind: str, url: str, n: int, result: Path, extra: dict[str, str]) -> None:
     _quiet()
-    if kind.startswith("daemon"):
+    if kind.startswith("daemon") or kind == "read-loop":
         from cometstream.cli import _tune_runtime
 
         _tune_runtime()  # as `cometstream run` does
