@@ -94,11 +94,13 @@ class Redactor:
         walk = self._walk
         if type(value) is dict:
             keys = value.keys()
+            secret = keys & self._secret
             if not self._known.issuperset(keys):  # new names (or ids used as keys)
                 for k in keys:
-                    if k not in self._known and isinstance(k, str):
-                        self.is_secret(k)
-            for k in keys & self._secret:
+                    # (the verdict, not the cache: past its bound the cache keeps no more)
+                    if k not in self._known and isinstance(k, str) and self.is_secret(k):
+                        secret.add(k)
+            for k in secret:
                 if value[k] not in _EMPTY:
                     value[k] = MARK
                     changed = True
@@ -131,8 +133,12 @@ class Redactor:
             return ev
         if not self._walk(data):
             return ev
-        out = orjson.dumps(doc)
-        if out.find(b"e+") >= 0 and ev.raw.translate(_ZERO_DIGITS).find(_LONG_RUN) >= 0:
+        try:
+            out = orjson.dumps(doc)
+            inexact = out.find(b"e+") >= 0 and ev.raw.translate(_ZERO_DIGITS).find(_LONG_RUN) >= 0
+        except TypeError:  # integers beyond a double: the stdlib parsed this frame, exactly
+            inexact = True
+        if inexact:
             exact = json.loads(ev.raw)
             self._walk(exact.get("Data"))
             out = json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()

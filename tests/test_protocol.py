@@ -179,3 +179,22 @@ def test_redaction_keeps_a_big_integer_inside_statistics_which_are_not_walked() 
     ev = decode_frame(raw, received_at=0.0, server="s")
     Redactor().apply(ev)  # type: ignore[arg-type]
     assert ev.raw == raw.replace(b'"S"', b'"[REDACTED]"')  # type: ignore[union-attr]
+
+
+def test_redaction_survives_integers_beyond_a_double_and_a_full_name_cache() -> None:
+    """A 400-digit integer (parsed by the standard library) is kept exactly in a redacted
+    event; and once the cache of judged key names is full, new secret names are still
+    redacted (the verdict counts, not the cache)."""
+    from cometstream.redact import Redactor
+
+    r = Redactor()
+    huge = b"1" * 400
+    ev = decode_frame(b'{"Type":4102,"Data":{"N":' + huge + b',"TOTPKey":"S1"}}',
+                      received_at=0.0, server="s")
+    r.apply(ev)  # type: ignore[arg-type]
+    assert huge in ev.raw and b"S1" not in ev.raw  # type: ignore[union-attr]
+    r._known.update(f"id-{i}" for i in range(100_000))  # the cache is full
+    ev = decode_frame(b'{"Type":4403,"Data":{"Email":{"SMTPPassword":"hunter2"}}}',
+                      received_at=0.0, server="s")
+    r.apply(ev)  # type: ignore[arg-type]
+    assert b"hunter2" not in ev.raw  # type: ignore[union-attr]
