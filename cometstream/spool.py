@@ -99,9 +99,12 @@ def _pack(events: Sequence[Event]) -> tuple[Any, ...]:
     # the dedup keys the pipeline computed (a sink that reads the chunk back, e.g. the webhook's
     # Idempotency-Key, then need not parse every job event again)
     keys = [ev._key for ev in events]
+    try:
+        keys_b = orjson.dumps(keys) if any(keys) else None
+    except TypeError:  # a GUID with a lone surrogate (from the stdlib parser): not kept
+        keys_b = None
     return (events[0].seq, events[-1].seq, events[-1].received_at, len(events), len(raws),
-            seqs.tobytes(), received.tobytes(), types.tobytes(), origins, raws,
-            orjson.dumps(keys) if any(keys) else None)
+            seqs.tobytes(), received.tobytes(), types.tobytes(), origins, raws, keys_b)
 
 
 def _column(code: str, blob: bytes) -> array[Any]:
@@ -120,6 +123,8 @@ def _unpack(seqs_b: bytes, received_b: bytes, types_b: bytes, origins: bytes, ra
         keys = orjson.loads(keys_b) if keys_b else [None] * len(lines)
     except orjson.JSONDecodeError:
         raise SpoolCorrupt("a chunk's dedup keys are not JSON") from None
+    if type(keys) is not list:
+        raise SpoolCorrupt("a chunk's dedup keys are not a list")
     if not (len(seqs) == len(received) == len(types) == len(origins) == len(lines) == len(keys)):
         raise SpoolCorrupt("a chunk's columns differ in length")
     return [(seqs[i], received[i], types[i], _ORIGINS[origins[i]] if origins[i] < 3 else
@@ -144,9 +149,12 @@ class DeadLetter:
     raw: bytes
 
 
-def connect(path: Path, *, check: bool = True) -> sqlite3.Connection:
+def connect(path: Path, *, check: bool = True, upgrade: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) a spool database; raises SpoolCorrupt if it is damaged.
-    ``check``: run the integrity check (the daemon at start; tools may skip it)."""
+    ``check``: run the integrity check (the daemon at start; tools may skip it).
+    ``upgrade``: bring a spool of an older format to this one (the daemon only: a tool run
+    beside an older daemon must not change the tables under it; the tools read only what every
+    format has)."""
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     except sqlite3.Error as exc:
@@ -163,19 +171,13 @@ def connect(path: Path, *, check: bool = True) -> sqlite3.Connection:
             if verdict != "ok":
                 raise SpoolCorrupt(f"integrity check failed: {verdict}")
         db.executescript(_SCHEMA)
-        row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-        if row is not None and row[0] == "1":  # format 1: the same, without chunks.keys
-            def upgrade() -> None:
-                db.execute("ALTER TABLE chunks ADD COLUMN keys BLOB")
-                db.execute("UPDATE meta SET value = ? WHERE key = 'format'",
-                           (str(FORMAT_VERSION),))
-
-            _transaction(db, upgrade)
-            row = (str(FORMAT_VERSION),)
-        if row is None:
-            db.execute("INSERT INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
-        elif row[0] != str(FORMAT_VERSION):
-            raise SpoolCorrupt(f"format {row[0]}, this cometstream reads {FORMAT_VERSION}")
+        # (OR IGNORE: another process may create the same new file at the same moment)
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
+        if upgrade and _format(db) == "1":
+            _transaction(db, lambda: _upgrade_from_1(db))
+        found = _format(db)
+        if found != str(FORMAT_VERSION) and not (found == "1" and not upgrade):
+            raise SpoolCorrupt(f"format {found}, this cometstream reads {FORMAT_VERSION}")
     except sqlite3.DatabaseError as exc:
         db.close()
         raise SpoolCorrupt(str(exc)) from exc
@@ -183,6 +185,21 @@ def connect(path: Path, *, check: bool = True) -> sqlite3.Connection:
         db.close()
         raise
     return db
+
+
+def _format(db: sqlite3.Connection) -> str:
+    row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+    return str(row[0]) if row is not None else ""
+
+
+def _upgrade_from_1(db: sqlite3.Connection) -> None:
+    """Format 1 → 2: ``chunks.keys``. Runs under the write lock, and checks again what it finds
+    there: another process may have upgraded the file since it was first read."""
+    if _format(db) != "1":
+        return
+    if "keys" not in {row[1] for row in db.execute("PRAGMA table_info(chunks)")}:
+        db.execute("ALTER TABLE chunks ADD COLUMN keys BLOB")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (str(FORMAT_VERSION),))
 
 
 def quarantine(path: Path, why: str) -> Path | None:
@@ -244,10 +261,10 @@ class Spool:
         is quarantined and replaced."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            db = connect(self.path)
+            db = connect(self.path, upgrade=True)
         except SpoolCorrupt as exc:
             self.quarantined = quarantine(self.path, str(exc))
-            db = connect(self.path)
+            db = connect(self.path, upgrade=True)
         self._db = db
         for sink, seq in db.execute("SELECT sink, seq FROM cursors"):
             self.cursors[sink] = seq

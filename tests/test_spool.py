@@ -384,6 +384,21 @@ async def test_events_read_back_from_disk_keep_their_dedup_keys_and_format_1_is_
     db.executescript("ALTER TABLE chunks DROP COLUMN keys; "
                      "UPDATE meta SET value = '1' WHERE key = 'format';")
     db.close()
+    from cometstream.spool import connect
+
+    # a tool (dlq, tap) beside an older daemon reads format 1 and leaves its tables alone
+    connect(_spool(tmp_path), check=False).close()
+    assert sqlite3.connect(_spool(tmp_path)).execute(
+        "SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "1"
+    # two daemons' upgrades racing (both read format 1 before either took the write lock):
+    # the second finds the work done, rather than failing on a duplicate column
+    from cometstream.spool import _transaction, _upgrade_from_1
+
+    first, second = connect(_spool(tmp_path), check=False), connect(_spool(tmp_path), check=False)
+    _transaction(first, lambda: _upgrade_from_1(first))
+    _transaction(second, lambda: _upgrade_from_1(second))
+    first.close()
+    second.close()
     spool = Spool(state, ["slow"], max_bytes=1 << 30, max_age=86400, fsync_interval=0.05)
     assert spool.open() == 3 and spool.quarantined is None
     back = await spool.read(1, 10, "s")
