@@ -102,6 +102,72 @@ async def test_keyed_events_go_to_the_java_clients_partition_in_order(sim: Simul
     assert by_key == expected
 
 
+async def test_acks_0_delivers_every_event_once(sim: Simulator, broker: Broker,
+                                                tmp_path: Path) -> None:
+    """With acks = 0 the producer's futures hold no metadata: sent is delivered."""
+    cfg = make_config(sim.url, tmp_path, exact=True,
+                      sinks={"bus": _kafka(broker, topic="fire", acks=0, idempotence=False)})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        sim.emit_many(50)
+        await wait_until(lambda: d.sink_stats("bus").delivered == 51, timeout=20,
+                         what="delivery to kafka")
+        assert d.sink_stats("bus").errors == 0
+    assert len(await broker.consume(["fire"], expect=51)) == 51
+
+
+async def test_a_failed_hand_over_after_an_oversized_event_is_retried_not_refused() -> None:
+    """The producer refuses to take a record batch (timed out, closed) after the sink found an
+    oversized event further on: the events before it are retried, and none is refused for
+    the oversized one's sake. (A fake producer: a real broker cannot be made to fail at that
+    exact step.)"""
+    from aiokafka.errors import KafkaTimeoutError, ProducerClosed
+    from aiokafka.producer.message_accumulator import BatchBuilder
+
+    from cometstream.errors import SinkError
+    from cometstream.events import Event
+    from cometstream.sinks.kafka import Template
+
+    class Producer:
+        _max_request_size = 1 << 20
+
+        def __init__(self, fail: BaseException | None) -> None:
+            self.fail = fail
+            self.client = None
+
+        async def partitions_for(self, topic: str) -> set[int]:
+            return {0, 1, 2, 3}
+
+        def create_batch(self) -> BatchBuilder:
+            return BatchBuilder(16384, 0)
+
+        async def send_batch(self, builder: BatchBuilder, topic: str, *,
+                             partition: int) -> asyncio.Future[str]:
+            if self.fail is not None:
+                raise self.fail
+            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            fut.set_result("metadata")
+            return fut
+
+    def event(i: int, size: int = 100) -> Event:
+        raw = b'{"Type":5000,"ResourceID":"r%d","Data":"%s"}' % (i, b"x" * size)
+        return Event(raw, None, 5000, "stream", 1.0, "srv")  # type: ignore[arg-type]
+
+    batch = [event(0), event(1), event(2, size=2 << 20)]  # the third is over the limit
+    outcomes = []
+    for fail in (None, KafkaTimeoutError(), ProducerClosed()):
+        sink = KafkaSink("k", bootstrap=["127.0.0.1:1"], topic=Template("t"),
+                         key=Template("{ResourceID}"), fmt="event", acks="all",
+                         idempotence="false", compression="none", linger_ms=1,
+                         max_batch_bytes=1 << 20, request_timeout_ms=2000, client_id="x",
+                         security={})
+        sink._producer = Producer(fail)
+        with pytest.raises(SinkError) as info:
+            await sink.send(batch)
+        outcomes.append((info.value.accepted, info.value.failed, info.value.retryable))
+    assert outcomes == [(2, 1, False), (0, 0, True), (0, 0, True)]
+
+
 async def test_a_broker_outage_loses_nothing_queued_or_sent_after(sim: Simulator, broker: Broker,
                                                                     tmp_path: Path) -> None:
     """The broker dies mid-stream and comes back (empty: memory storage). Events queued while

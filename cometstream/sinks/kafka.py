@@ -70,6 +70,8 @@ COMPRESSIONS: Final = ("none", "gzip", "snappy", "lz4", "zstd")
 PROTOCOLS: Final = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 MECHANISMS: Final = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 _FIELD = re.compile(r"\{([^{}]*)\}")
+#: topic, key, value, headers, and the headers' size in bytes
+_Message = tuple[str, bytes | None, bytes, list[tuple[str, bytes]], int]
 _TOPIC_BAD = re.compile(r"[^A-Za-z0-9._-]")
 
 
@@ -154,8 +156,8 @@ class KafkaSink(Sink):
         #: the topic, when the template names no field
         self._topic: str | None = (_TOPIC_BAD.sub("_", topic.text) or "cometstream") \
             if topic.constant else None
-        #: (origin, server) -> their two headers
-        self._headers: dict[tuple[str, str], tuple[tuple[str, bytes], ...]] = {}
+        #: (origin, server) -> their two headers, and those headers' size in bytes
+        self._headers: dict[tuple[str, str], tuple[tuple[tuple[str, bytes], ...], int]] = {}
         #: (topic, key) -> (number of partitions, partition)
         self._key_partitions: dict[tuple[str, bytes], tuple[int, int]] = {}
 
@@ -291,28 +293,33 @@ class KafkaSink(Sink):
             self._producer = None
 
     # --- delivery --------------------------------------------------------------------------------
-    def _message(self, ev: Event) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
+    def _message(self, ev: Event) -> _Message:
+        """topic, key, value, headers, and the headers' size in bytes."""
         topic = self._topic
         if topic is None:
             topic = _TOPIC_BAD.sub("_", self.topic.render(ev)) or "cometstream"
         key = self.key.render(ev).encode() if self.key is not None else b""
         fixed = self._headers.get((ev.origin, ev.server))
         if fixed is None:
+            pairs = (("cometstream-origin", ev.origin.encode()),
+                     ("cometstream-server", ev.server.encode()))
             fixed = self._headers[(ev.origin, ev.server)] = (
-                ("cometstream-origin", ev.origin.encode()),
-                ("cometstream-server", ev.server.encode()))
-        headers = [*fixed, ("cometstream-received-at", repr(ev.received_at).encode())]
-        return topic, key or None, ev.render(self.format), headers
+                pairs, sum(len(k) + len(v) for k, v in pairs))
+        received = repr(ev.received_at).encode()
+        headers = [*fixed[0], ("cometstream-received-at", received)]
+        return topic, key or None, ev.render(self.format), headers, fixed[1] + 23 + len(received)
 
     def _partition(self, topic: str, key: bytes | None, partitions: list[int],
                    unkeyed: dict[str, int]) -> int:
         """The partition the Java client (and aiokafka's ``send``) would choose for a key:
-        murmur2, cached per key (ResourceIDs repeat). Messages without a key go to one
-        partition per ``send`` and topic, picked at random (Kafka's sticky partitioning)."""
+        murmur2 over all partitions, cached per key (ResourceIDs repeat). Messages without a key
+        go to one partition per ``send`` and topic, picked at random among those with a leader
+        (Kafka's sticky partitioning)."""
         if key is None:
             p = unkeyed.get(topic)
             if p is None:
-                p = unkeyed[topic] = random.choice(partitions)
+                available = _available_partitions(self._producer, topic)
+                p = unkeyed[topic] = random.choice(available or partitions)
             return p
         cache = self._key_partitions
         found = cache.get((topic, key))
@@ -335,14 +342,17 @@ class KafkaSink(Sink):
             await self.open()
         producer = self._producer
         limit = getattr(producer, "_max_request_size", self.max_batch_bytes)
-        #: per submitted or open record batch: its future (None while open)
+        #: per record batch: its future once submitted (``_UNSENT`` until then)
         futures: list[Any] = []
-        #: per event, in order: the index of its record batch
+        #: per event appended, in order: the index of its record batch
         owner: list[int] = []
         open_batches: dict[tuple[str, int], tuple[int, Any]] = {}
         partitions_of: dict[str, list[int]] = {}
         unkeyed: dict[str, int] = {}
-        failure: BaseException | None = None
+        #: what stopped the batch at event ``len(owner)`` (that event was not appended)
+        stopped: BaseException | None = None
+        #: what kept a record batch from being submitted (its events are not delivered)
+        unsent: BaseException | None = None
 
         async def submit(topic: str, partition: int, index: int, builder: Any) -> None:
             builder.close()
@@ -350,14 +360,17 @@ class KafkaSink(Sink):
 
         try:
             for ev in batch:
-                topic, key, value, headers = self._message(ev)
-                if len(value) + len(key or b"") + _RECORD_SLACK > limit and \
-                        _record_size(key, value, headers) > limit:
+                topic, key, value, headers, header_bytes = self._message(ev)
+                size = len(value) + (len(key) if key else 0) + header_bytes
+                if size + _RECORD_SLACK > limit and _record_size(key, value, headers) > limit:
                     raise ValueError(f"the message is {len(value)} bytes, over the producer's "
                                      f"limit of {limit} (max_batch_bytes)")
                 partitions = partitions_of.get(topic)
                 if partitions is None:
-                    partitions = partitions_of[topic] = sorted(await producer.partitions_for(topic))
+                    partitions = sorted(await producer.partitions_for(topic))
+                    if not partitions:
+                        raise KafkaError(f"no partitions known for topic {topic}")
+                    partitions_of[topic] = partitions
                 partition = self._partition(topic, key, partitions, unkeyed)
                 slot = open_batches.get((topic, partition))
                 if slot is not None and slot[1].append(timestamp=None, key=key, value=value,
@@ -366,38 +379,48 @@ class KafkaSink(Sink):
                     continue
                 if slot is not None:  # full: it goes, and a new one is started
                     del open_batches[(topic, partition)]
-                    await submit(topic, partition, *slot)
+                    try:
+                        await submit(topic, partition, *slot)
+                    except Exception as exc:
+                        unsent = exc
+                        raise
                 builder = producer.create_batch()
                 if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
                     raise ValueError("the message does not fit an empty record batch "
                                      "(max_batch_bytes)")
                 open_batches[(topic, partition)] = (len(futures), builder)
-                futures.append(None)
+                futures.append(_UNSENT)
                 owner.append(len(futures) - 1)
-        except (KafkaError, OSError, ValueError) as exc:
-            failure = exc
-        try:
-            for (topic, partition), slot in open_batches.items():
+        except Exception as exc:  # noqa: BLE001 - aiokafka raises asserts too (a shrunk topic)
+            stopped = exc
+        for (topic, partition), slot in open_batches.items():
+            if unsent is not None:
+                break  # the producer is failing: the rest is not handed over
+            try:
                 await submit(topic, partition, *slot)
-        except (KafkaError, OSError) as exc:
-            failure = failure or exc
+            except Exception as exc:
+                unsent = exc
         # wait for what was handed to the producer before anything else: it may be delivered
-        gathered = iter(await asyncio.gather(*(f for f in futures if f is not None),
+        gathered = iter(await asyncio.gather(*(f for f in futures if f is not _UNSENT),
                                              return_exceptions=True))
-        results = [next(gathered) if f is not None else None for f in futures]
+        # (with acks = 0 a batch's future holds None: sent, nothing to wait for)
+        results = [next(gathered) if f is not _UNSENT else _UNSENT for f in futures]
         accepted = 0
-        exc: BaseException | None = failure
+        exc: BaseException | None = None
         for index in owner:  # events in order: the head whose record batches all arrived
             res = results[index]
-            if res is None or isinstance(res, BaseException):
-                exc = res if isinstance(res, BaseException) else exc
+            if res is _UNSENT:
+                exc = unsent or stopped or KafkaError("record batch not handed to the producer")
+                break
+            if isinstance(res, BaseException):
+                exc = res
                 break
             accepted += 1
+        else:
+            exc = stopped  # every appended event arrived: what stopped the rest, if anything
         self.sent += accepted
-        if accepted == len(batch):
+        if exc is None:
             return
-        if exc is None:  # a batch never submitted, after a failure that was recorded
-            exc = failure or KafkaError("record batch not sent")
         if self._idempotent and self.idempotence == "auto" and _init_pid_failed(exc):
             self._no_idempotence()
         retryable = not isinstance(exc, KafkaError) or getattr(exc, "retriable", True) or \
@@ -412,11 +435,21 @@ class KafkaSink(Sink):
             from (exc if isinstance(exc, Exception) else None)
 
 
-#: bytes a record adds to its key and value (length fields, headers, attributes): below this
-#: margin under the limit, the exact size is not computed
-_RECORD_SLACK: Final = 512
+#: a record batch not handed to the producer
+_UNSENT: Final = object()
+#: bytes a record adds to its key, value and headers (lengths, attributes, offsets): below
+#: this margin under the limit, the exact size is not computed
+_RECORD_SLACK: Final = 256
 #: keys whose partition is remembered (then the cache starts again)
 _KEY_CACHE: Final = 100_000
+
+
+def _available_partitions(producer: Any, topic: str) -> list[int]:
+    """The topic's partitions that have a leader (aiokafka's cluster metadata), or []."""
+    try:
+        return sorted(producer.client.cluster.available_partitions_for_topic(topic) or ())
+    except Exception:  # noqa: BLE001 - an aiokafka internal: fall back to every partition
+        return []
 
 
 def _record_size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]) -> int:
@@ -428,7 +461,8 @@ def _record_size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes
 _RETRYABLE_NAMES: Final = frozenset({"KafkaTimeoutError", "KafkaConnectionError",
                                      "NodeNotReadyError", "RequestTimedOutError",
                                      "NotLeaderForPartitionError", "LeaderNotAvailableError",
-                                     "UnknownTopicOrPartitionError", "UnknownError"})
+                                     "UnknownTopicOrPartitionError", "UnknownError",
+                                     "ProducerClosed"})
 
 
 def _init_pid_failed(exc: BaseException) -> bool:
