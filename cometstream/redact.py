@@ -56,8 +56,6 @@ _NEEDLES: Final = ("pass", "secret", "key", "token", "credential", "recovery", "
 #: holds the last jobs' BackupJobDetail (the job events' data, not redacted either) and sizes;
 #: it is most of a profile's objects, and changes after every job.
 NO_SECRETS: Final = frozenset({"Statistics"})
-#: a replaced value, as patched into an event's bytes
-_MARKED: Final = b':"' + MARK.encode() + b'"'
 #: values not worth replacing (nothing to hide)
 _EMPTY: Final = (None, "", [], {}, MARK)
 #: lower-cased key names: the same test without IGNORECASE (several times faster)
@@ -73,8 +71,6 @@ class Redactor:
         # judged once, and a dict's keys are then matched with set operations, in C.
         self._known: set[str] = set()
         self._secret: set[str] = set()
-        #: (key, value) of each value the last walk replaced
-        self._replaced: list[tuple[str, Any]] = []
 
     def is_secret(self, key: str) -> bool:
         if key in self._known:
@@ -105,9 +101,7 @@ class Redactor:
                     if k not in self._known and isinstance(k, str) and self.is_secret(k):
                         secret.add(k)
             for k in secret:
-                old = value[k]
-                if old not in _EMPTY:
-                    self._replaced.append((k, old))
+                if value[k] not in _EMPTY:
                     value[k] = MARK
                     changed = True
             # the types of the values, found in C: most objects hold only scalars
@@ -125,28 +119,19 @@ class Redactor:
         return changed
 
     def apply(self, ev: Event) -> Event:
-        """The event with secret values replaced (the same object, its bytes changed only if
-        something was redacted).
+        """The event with secret values replaced (the same object, re-encoded only if changed).
 
-        The document parsed when the frame was received is redacted in place. The bytes are
-        patched where every replaced value is a string found as ``"key":"value"`` exactly as
-        often as the walk replaced it (the server's bytes stay as they were around it: key
-        order, number formats, escapes). Otherwise the document is re-encoded, unless it held
-        integers beyond 64 bits: orjson read those as floats, which it writes with an exponent
-        (``1.8446744073709552e+19``); such an event is re-encoded from an exact parse instead."""
+        The document parsed when the frame was received is redacted in place and re-encoded,
+        unless it held integers beyond 64 bits: orjson read those as floats, which it writes
+        with an exponent (``1.8446744073709552e+19``); such an event is re-encoded from an
+        exact parse instead."""
         if not self.enabled or ev.type in JOB_TYPES:
             return ev
         doc = ev.doc
         data = doc.get("Data")
         if type(data) is not dict and type(data) is not list:
             return ev
-        self._replaced = []
         if not self._walk(data):
-            return ev
-        patched = _patch(ev.raw, self._replaced)
-        if patched is not None:
-            ev.raw = patched
-            self.redacted_events += 1
             return ev
         try:
             out = orjson.dumps(doc)
@@ -166,33 +151,7 @@ class Redactor:
         out = _copy(profile)
         if self.enabled:
             self._walk(out)
-            self._replaced = []
         return out
-
-
-def _patch(raw: bytes, replaced: list[tuple[str, Any]]) -> bytes | None:
-    """``raw`` with each replaced ``"key":"value"`` pair's value made ``"[REDACTED]"``, or None
-    where the bytes cannot be shown to hold exactly those pairs (a value that is not a string,
-    or a pair written otherwise: spaces, escapes, or more often than the walk found it, e.g.
-    under ``Statistics``). A pair's bytes cannot occur inside a JSON string (its quotes would be
-    escaped), and its closing quote ends the value, so a count that matches the walk's is
-    those pairs and no others."""
-    counts: dict[tuple[str, str], int] = {}
-    for key, old in replaced:
-        if type(old) is not str or type(key) is not str:
-            return None
-        counts[(key, old)] = counts.get((key, old), 0) + 1
-    out = raw
-    for (key, old), n in counts.items():
-        try:
-            name = orjson.dumps(key)
-            needle = name + b":" + orjson.dumps(old)
-        except TypeError:  # a lone surrogate
-            return None
-        if out.count(needle) != n:
-            return None
-        out = out.replace(needle, name + _MARKED)
-    return out
 
 
 def _mentions_secret(lowered: str) -> bool:

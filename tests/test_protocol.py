@@ -198,23 +198,3 @@ def test_redaction_survives_integers_beyond_a_double_and_a_full_name_cache() -> 
                       received_at=0.0, server="s")
     r.apply(ev)  # type: ignore[arg-type]
     assert b"hunter2" not in ev.raw  # type: ignore[union-attr]
-
-
-def test_redaction_patches_the_servers_bytes_and_re_encodes_only_what_it_cannot_patch() -> None:
-    """A secret string is replaced in the bytes as received: escapes, number formats, key order
-    and big integers around it stay as the server wrote them. A pair written otherwise (with
-    spaces) is redacted by re-encoding the document instead."""
-    from cometstream.redact import Redactor
-
-    r = Redactor()
-    raw = (b'{"Type":4102,"Data":{"Name":"a\\u003cb","Ratio":1.0,"Z":1,"A":2,'
-           b'"N":18446744073709551616,"PasswordHash":"h\\"1","Devices":[{"TOTPKey":"t1"}]}}')
-    ev = decode_frame(raw, received_at=0.0, server="s")
-    r.apply(ev)  # type: ignore[arg-type]
-    assert ev.raw == raw.replace(b'"h\\"1"', b'"[REDACTED]"').replace(  # type: ignore[union-attr]
-        b'"t1"', b'"[REDACTED]"')
-    spaced = b'{"Type":4102,"Data":{"Ratio":1.0, "PasswordHash" : "h2"}}'
-    ev = decode_frame(spaced, received_at=0.0, server="s")
-    r.apply(ev)  # type: ignore[arg-type]
-    assert b"h2" not in ev.raw and orjson.loads(ev.raw)["Data"] == {  # type: ignore[union-attr]
-        "Ratio": 1.0, "PasswordHash": "[REDACTED]"}
