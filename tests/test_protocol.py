@@ -198,3 +198,16 @@ def test_redaction_survives_integers_beyond_a_double_and_a_full_name_cache() -> 
                       received_at=0.0, server="s")
     r.apply(ev)  # type: ignore[arg-type]
     assert b"hunter2" not in ev.raw  # type: ignore[union-attr]
+
+
+def test_a_secret_key_given_twice_in_one_object_leaves_no_copy() -> None:
+    """JSON parsers keep the last of a key given twice; the redacted event is re-encoded from
+    the parsed document, so neither value survives in its bytes."""
+    from cometstream.redact import Redactor
+
+    r = Redactor()
+    for raw in (b'{"Type":4102,"Data":{"PasswordHash":"first","PasswordHash":"second"}}',
+                b'{"Type":4102,"Data":{"PasswordHash" : "first","PasswordHash":"second"}}'):
+        ev = decode_frame(raw, received_at=0.0, server="s")
+        r.apply(ev)  # type: ignore[arg-type]
+        assert b"first" not in ev.raw and b"second" not in ev.raw  # type: ignore[union-attr]
