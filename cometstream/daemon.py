@@ -180,9 +180,10 @@ class Daemon:
         """Dedup, track, redact, publish: the per-event path, kept to a few calls."""
         tracker = self.tracker
         if ev.type in JOB_TYPES:
-            key, action = tracker.job_event(ev)  # key: the dedup fingerprint
-            if key is not None and self._duplicate(key):
-                return None
+            fp, ts, action = tracker.job_event(ev)
+            if fp is not None:
+                return self._deliver_job(ev, fp, ts, action)
+            key = None  # a job without a GUID: not de-duplicated
         else:
             key = None
             action = tracker.action(ev)  # before redaction: digests are of the full profile
@@ -205,8 +206,9 @@ class Daemon:
         return False
 
     def _deliver_job(self, ev: Event, fp: int, ts: int, action: Action) -> Awaitable[None] | None:
-        """:meth:`_deliver` for a job event the resync synthesized, which already knows its
-        dedup fingerprint, timestamp and tracked-state change (job events are not redacted)."""
+        """:meth:`_deliver` for a job event whose dedup fingerprint, timestamp and tracked-state
+        change are known (live: from :meth:`Tracker.job_event`; synthesized: from the resync).
+        Job events are not redacted."""
         if self._duplicate(fp):
             return None
         waiting = self.pipeline.publish(ev)  # assigns ev.seq

@@ -132,24 +132,29 @@ class Tracker:
         return key
 
     @staticmethod
-    def job_event(ev: Event) -> tuple[int | None, Action]:
-        """A job event's dedup fingerprint and tracked-state change, from one look at its data
-        (the hot path: job events are most of the stream). As ``dedup_key``/``action``."""
-        data = ev.doc.get("Data")
+    def job_event(ev: Event) -> tuple[int | None, int, Action]:
+        """A job event's dedup fingerprint, timestamp (as :meth:`published` takes it) and
+        tracked-state change, from one look at its data (the hot path: job events are most of
+        the stream). As ``dedup_key``/``action``; (None, 0, None) for a job without a GUID."""
+        doc = ev.doc
+        data = doc.get("Data")
         if type(data) is not dict:
-            return None, None
+            return None, 0, None
         guid = data.get("GUID")
         if type(guid) is not str or not guid:
-            return None, None
+            return None, 0, None
+        ts = doc.get("Timestamp")
+        if type(ts) is not int or not ts:
+            ts = int(ev.received_at)
         if ev.type == JOB_COMPLETED:
             end = data.get("EndTime")
             key = ev._key = f"{JOB_COMPLETED}:{guid}:{end if type(end) is int else 0}"
-            return fingerprint(key), ("job_done", guid)
+            return fingerprint(key), ts, ("job_done", guid)
         user = data.get("Username")
         start = data.get("StartTime")
         key = ev._key = f"{JOB_NEW}:{guid}"  # kept: a sink may ask once ``doc`` is released
-        return fingerprint(key), ("job_new", guid, user if type(user) is str else "",
-                                  start if type(start) is int else 0)
+        return fingerprint(key), ts, ("job_new", guid, user if type(user) is str else "",
+                                      start if type(start) is int else 0)
 
     def published(self, ev: Event, key: str | int | bool | None, action: Action) -> None:
         """Record a published event: its dedup key (or fingerprint; None/True for none) and
@@ -254,7 +259,9 @@ class Tracker:
         if pending and pending[0][0] <= delivered_through:
             # a server bug (or clock) must not push the watermark into the future for good
             latest = int(self.clock()) + _FUTURE_SLACK
-            acked = self.dedup.acked_fp
+            dedup = self.dedup
+            # Dedup.acked_fp inline (the bulk: every delivered job event)
+            inflight_pop, delivered, stamps = dedup.inflight.pop, dedup.delivered, dedup.stamps
             running = self.running_jobs
             newest = self.newest_acked
             while pending and pending[0][0] <= delivered_through:
@@ -262,7 +269,10 @@ class Tracker:
                 if ts > latest:
                     ts = latest
                 if fp is not None:
-                    acked(fp, ts)
+                    inflight_pop(fp, None)
+                    if fp in delivered:
+                        del delivered[fp]  # move to the newest end
+                    delivered[fp] = stamps.setdefault(ts, ts)
                 if action is not None:
                     kind = action[0]  # the job cases of _apply inline: they are the bulk
                     if kind == "job_done":
