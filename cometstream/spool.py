@@ -323,6 +323,7 @@ class Spool:
         """Until what waits in memory for the disk is below ``PENDING_MAX`` again (a disk slower
         than the stream makes the read loop wait rather than memory grow without bound)."""
         while len(self.pending) > PENDING_MAX:
+            self.kick()
             if self._committed is None or self._committed.done():
                 self._committed = asyncio.get_running_loop().create_future()
             await self._committed
@@ -392,7 +393,10 @@ class Spool:
             c = self._committed
             if c is not None and not c.done():
                 c.set_result(None)
-            if len(self.pending) >= _COMMIT_MAX:
+            if len(self.pending) >= COMMIT_SOON:
+                # more arrived during this commit than would kick one: the next goes now, not
+                # after fsync_interval (meanwhile the read loop could reach PENDING_MAX and wait
+                # on an idle writer)
                 continue
             if written and self.bytes > self.max_bytes and not retrimmed:
                 retrimmed = True  # what this commit wrote went over the limit: trim it now
