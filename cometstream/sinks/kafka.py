@@ -26,7 +26,12 @@ Every message carries the headers ``cometstream-origin``, ``cometstream-server``
 ``cometstream-received-at``; the value is the event in the sink's ``format`` (``event`` by
 default: the server's bytes). ``send`` returns once the broker acknowledged every message of the
 batch (per ``acks``); while the broker is down, the batch fails as retryable and the pipeline
-retries it (the producer is rebuilt), so nothing queued is dropped.
+retries it (the producer is rebuilt), so nothing queued is dropped. Only a refusal of one message
+(too large, corrupt) is permanent: that event goes to the dead letters and the others on. Any
+other refusal (an ACL, a fenced producer) is retried with backoff until fixed.
+
+Messages go out as one record batch per partition (``send_batch``): keyed ones to the partition
+the Java client would choose (murmur2), unkeyed ones to one partition with a leader per batch.
 """
 
 from __future__ import annotations
@@ -423,10 +428,11 @@ class KafkaSink(Sink):
             return
         if self._idempotent and self.idempotence == "auto" and _init_pid_failed(exc):
             self._no_idempotence()
-        retryable = not isinstance(exc, KafkaError) or getattr(exc, "retriable", True) or \
-            _init_pid_failed(exc) or type(exc).__name__ in _RETRYABLE_NAMES
-        if isinstance(exc, ValueError) or type(exc).__name__ == "MessageSizeTooLargeError":
-            retryable = False
+        # Only a refusal of the message itself is permanent (the pipeline then dead-letters that
+        # one event and goes on). Anything else — the broker down, an ACL or a fenced producer —
+        # is retried with backoff: dead-lettering event after event would empty the queue into
+        # the dead letters while an operator fixes a permission.
+        retryable = not (isinstance(exc, ValueError) or type(exc).__name__ in _PER_MESSAGE)
         if retryable:
             await self._reset()  # a fresh producer: reconnects, new metadata
         # a permanent refusal concerns the one event (too large, invalid): the rest goes on
@@ -458,11 +464,9 @@ def _record_size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes
     return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
 
 
-_RETRYABLE_NAMES: Final = frozenset({"KafkaTimeoutError", "KafkaConnectionError",
-                                     "NodeNotReadyError", "RequestTimedOutError",
-                                     "NotLeaderForPartitionError", "LeaderNotAvailableError",
-                                     "UnknownTopicOrPartitionError", "UnknownError",
-                                     "ProducerClosed"})
+#: errors about one message (too large, corrupt): it is refused, the others go on
+_PER_MESSAGE: Final = frozenset({"MessageSizeTooLargeError", "CorruptRecordException",
+                                 "RecordListTooLargeError"})
 
 
 def _init_pid_failed(exc: BaseException) -> bool:
