@@ -381,7 +381,7 @@ class Pipeline:
         """One batch for a sink that is behind, read from the spool."""
         assert self.spool is not None
         start = route.next_seq
-        events = await self.spool.read(start, self.batch_max, self.server)
+        events = await self.spool.read(start, self.batch_max, self.server, route.name)
         if not events:
             # nothing at or after ``start``: caught up (or the limits took the rest)
             route.next_seq = self.seq + 1
@@ -394,6 +394,10 @@ class Pipeline:
         batch = events if types is None else [ev for ev in events if ev.type in types]
         route.stats.filtered += len(events) - len(batch)
         route.behind_since = events[0].received_at
+        # what it needs from the spool next: the batch read is in its hands now, so the limits
+        # cannot take it from it (nor count it lost) while it is being delivered or retried;
+        # its cursor stays before the batch (``done_through``: inflight_first)
+        route.next_seq = events[-1].seq + 1
         if batch:
             route.inflight = len(batch)
             route.inflight_first = batch[0].seq
@@ -401,7 +405,6 @@ class Pipeline:
             await self._deliver(route, batch, backoff)
             route.inflight = 0
             route.inflight_first = 0
-        route.next_seq = events[-1].seq + 1
         self._release_spool()
         if route.next_seq > self.seq:  # nothing was published meanwhile that it skipped
             route.live = True

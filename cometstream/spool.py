@@ -257,6 +257,9 @@ class Spool:
         self._lagging_fn: Callable[[], dict[str, tuple[int, frozenset[int] | None]]] | None = None
         self._on_dropped: Callable[[str, int], None] | None = None
         self._committed: asyncio.Future[None] | None = None
+        #: per sink, the highest seq :meth:`read` handed it: the limits cannot take those from
+        #: it (it holds them), so they are not counted lost for it
+        self.served: dict[str, int] = {}
         self._kicked: asyncio.Future[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -371,7 +374,7 @@ class Spool:
         retrimmed = False
         while True:
             n = min(len(self.pending), _COMMIT_MAX)
-            batch = list(islice(self.pending, n))
+            batch = _within(list(islice(self.pending, n)), self.max_bytes // 2)
             cursors = self._cursor_fn() if self._cursor_fn is not None else dict(self.cursors)
             trim_to, dropped = self._trim_plan(batch, cursors)
             written = await self._thread.run(self._commit_sync, batch, cursors, trim_to, dropped)
@@ -455,6 +458,7 @@ class Spool:
             db.executemany("INSERT INTO cursors VALUES (?, ?) ON CONFLICT (sink) DO UPDATE "
                            "SET seq = excluded.seq", list(cursors.items()))
             for sink, (need, upto, types) in list(dropped.items()):
+                need = max(need, self.served.get(sink, 0) + 1)  # what it read, it holds
                 lost = 0
                 for seqs_b, types_b in db.execute(
                         "SELECT seqs, types FROM chunks WHERE last_seq >= ? AND last_seq <= ?",
@@ -487,9 +491,9 @@ class Spool:
             self.events -= count
 
     # --- reading (a lagging sink) --------------------------------------------------------------
-    async def read(self, start: int, limit: int, server: str) -> list[Event]:
+    async def read(self, start: int, limit: int, server: str, sink: str = "") -> list[Event]:
         """Up to ``limit`` events with seq >= ``start``, in order: from memory if they are still
-        pending, else from disk."""
+        pending, else from disk. ``sink``: who reads (see ``served``)."""
         pending = self.pending
         if pending and pending[0].seq <= start:
             out = []
@@ -498,12 +502,15 @@ class Spool:
                     out.append(ev)
                     if len(out) >= limit:
                         break
+            self._serve(sink, out)
             return out
         if self._thread is None:
             return []
-        rows = await self._thread.run(self._read_sync, start, limit)
+        rows = await self._thread.run(self._read_sync, start, limit, sink)
         if not rows and pending:
-            return list(_take(pending, limit))  # committed and deleted meanwhile: memory
+            out = list(_take(pending, limit))  # committed and deleted meanwhile: memory
+            self._serve(sink, out)
+            return out
         events = []
         for seq, received_at, type_, origin, raw, key in rows:
             ev = Event(raw, None, type_, origin, received_at, server)  # type: ignore[arg-type]
@@ -512,7 +519,13 @@ class Spool:
             events.append(ev)
         return events
 
-    def _read_sync(self, start: int, limit: int) -> list[tuple[Any, ...]]:
+    def _serve(self, sink: str, events: Sequence[Event]) -> None:
+        if sink and events and events[-1].seq > self.served.get(sink, 0):
+            self.served[sink] = events[-1].seq
+
+    def _read_sync(self, start: int, limit: int, sink: str = "") -> list[tuple[Any, ...]]:
+        """(On the writer thread, in order with the commits: a commit after this read knows
+        what the reader holds.)"""
         assert self._db is not None
         out: list[tuple[Any, ...]] = []
         for row in self._db.execute(
@@ -522,7 +535,10 @@ class Spool:
             out.extend(r for r in _unpack(*row) if r[0] >= start)
             if len(out) >= limit:
                 break
-        return out[:limit]
+        out = out[:limit]
+        if sink and out and out[-1][0] > self.served.get(sink, 0):
+            self.served[sink] = out[-1][0]
+        return out
 
     # --- dead letters ------------------------------------------------------------------------------
     async def add_dead_letters(self, sink: str, events: Iterable[Event], error: str) -> int:
@@ -531,6 +547,18 @@ class Spool:
         rows = [(sink, time.time(), error, ev.seq, ev.received_at, ev.type, ev.origin, ev.raw)
                 for ev in events]
         return await self._thread.run(add_dead_letters_sync, self._db, rows)
+
+
+def _within(batch: list[Event], budget: int) -> list[Event]:
+    """The head of ``batch`` whose bytes fit ``budget`` (at least one event): a commit larger
+    than the room the limit leaves would have to trim what it just wrote, and the spool would
+    be over ``max_bytes`` until it had."""
+    total = 0
+    for i, ev in enumerate(batch):
+        total += len(ev.raw)
+        if total > budget and i:
+            return batch[:i]
+    return batch
 
 
 def _take(items: Iterable[Event], n: int) -> Iterable[Event]:
