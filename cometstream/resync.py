@@ -76,6 +76,13 @@ def account_entry(profile: dict[str, Any]) -> list[Any]:
     return [profile_digest(profile), profile.get("CreationGUID", "") or ""]
 
 
+def _timestamp(doc: dict[str, Any], ev: Event) -> int:
+    """What the tracker records as an event's time: the server's ``Timestamp``, or when it was
+    received if the server gave none."""
+    ts = doc.get("Timestamp")
+    return ts if type(ts) is int and ts else int(ev.received_at)
+
+
 def _devices_of(users: dict[str, dict[str, Any]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, profile in users.items():
@@ -143,9 +150,7 @@ class Tracker:
         guid = data.get("GUID")
         if type(guid) is not str or not guid:
             return None, 0, None
-        ts = doc.get("Timestamp")
-        if type(ts) is not int or not ts:
-            ts = int(ev.received_at)
+        ts = _timestamp(doc, ev)
         if ev.type == JOB_COMPLETED:
             end = data.get("EndTime")
             key = ev._key = f"{JOB_COMPLETED}:{guid}:{end if type(end) is int else 0}"
@@ -159,9 +164,7 @@ class Tracker:
     def published(self, ev: Event, key: str | int | bool | None, action: Action) -> None:
         """Record a published event: its dedup key (or fingerprint; None/True for none) and
         ``action`` (from :meth:`action`, taken before redaction)."""
-        ts = ev.doc.get("Timestamp")
-        if type(ts) is not int or not ts:
-            ts = int(ev.received_at)
+        ts = _timestamp(ev.doc, ev)
         if key is None or key is True:
             self._pending.append((ev.seq, None, ts, action))
             self._track_low(ev.seq, ts)
@@ -169,8 +172,8 @@ class Tracker:
             self.published_job(ev.seq, fingerprint(key), ts, action)  # type: ignore[arg-type]
 
     def published_job(self, seq: int, fp: int, ts: int, action: Action) -> None:
-        """:meth:`published` for a synthesized job event whose fingerprint, timestamp (a
-        positive int) and action are known."""
+        """:meth:`published` for a job event whose fingerprint, timestamp (a positive int) and
+        action are known (:meth:`job_event`, or the resync that synthesized it)."""
         self.dedup.inflight[fp] = seq
         self._pending.append((seq, fp, ts, action))
         self._track_low(seq, ts)
@@ -259,9 +262,7 @@ class Tracker:
         if pending and pending[0][0] <= delivered_through:
             # a server bug (or clock) must not push the watermark into the future for good
             latest = int(self.clock()) + _FUTURE_SLACK
-            dedup = self.dedup
-            # Dedup.acked_fp inline (the bulk: every delivered job event)
-            inflight_pop, delivered, stamps = dedup.inflight.pop, dedup.delivered, dedup.stamps
+            acked = self.dedup.acked_fp
             running = self.running_jobs
             newest = self.newest_acked
             while pending and pending[0][0] <= delivered_through:
@@ -269,10 +270,7 @@ class Tracker:
                 if ts > latest:
                     ts = latest
                 if fp is not None:
-                    inflight_pop(fp, None)
-                    if fp in delivered:
-                        del delivered[fp]  # move to the newest end
-                    delivered[fp] = stamps.setdefault(ts, ts)
+                    acked(fp, ts)
                 if action is not None:
                     kind = action[0]  # the job cases of _apply inline: they are the bulk
                     if kind == "job_done":

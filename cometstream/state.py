@@ -93,7 +93,7 @@ class Dedup:
         self.inflight: dict[int, int] = {}  # fingerprint -> seq
         self.duplicates = 0
         # timestamps repeat (many events a second): one int object per second, not per key
-        self.stamps: dict[int, int] = {}
+        self._ts: dict[int, int] = {}
 
     def seen(self, key: str | int) -> bool:
         fp = fingerprint(key)
@@ -103,12 +103,7 @@ class Dedup:
         self.inflight[fingerprint(key)] = seq
 
     def acked(self, key: str | int, ts: int) -> None:
-        fp = fingerprint(key)
-        self.inflight.pop(fp, None)
-        d = self.delivered
-        if fp in d:
-            del d[fp]  # move to the newest end
-        d[fp] = self.stamps.setdefault(ts, ts)
+        self.acked_fp(fingerprint(key), ts)
 
     def acked_fp(self, fp: int, ts: int) -> None:
         """:meth:`acked` for a fingerprint (the hot path: every delivered job event)."""
@@ -116,7 +111,7 @@ class Dedup:
         d = self.delivered
         if fp in d:
             del d[fp]  # move to the newest end
-        d[fp] = self.stamps.setdefault(ts, ts)
+        d[fp] = self._ts.setdefault(ts, ts)
 
     def forget_inflight(self, key: str | int) -> None:
         self.inflight.pop(fingerprint(key), None)
@@ -136,11 +131,11 @@ class Dedup:
                 break
         for fp in drop:
             del d[fp]
-        if len(self.stamps) > 100_000 or drop:
+        if len(self._ts) > 100_000 or drop:
             # forget the shared timestamps that left the window
-            live = {ts for ts in self.stamps if ts >= horizon}
-            if len(live) < len(self.stamps):
-                self.stamps = {ts: ts for ts in live}
+            live = {ts for ts in self._ts if ts >= horizon}
+            if len(live) < len(self._ts):
+                self._ts = {ts: ts for ts in live}
 
     def load(self, entries: Any) -> None:
         """From a checkpoint: the compact form (see :meth:`dump`), or format 1's
@@ -154,10 +149,10 @@ class Dedup:
                 fps.byteswap()
                 stamps.byteswap()
             for fp, ts in zip(fps, stamps, strict=True):
-                self.delivered[fp] = self.stamps.setdefault(ts, ts)
+                self.delivered[fp] = self._ts.setdefault(ts, ts)
             return
         for key, ts in entries:
-            self.delivered[fingerprint(key)] = self.stamps.setdefault(ts, ts)
+            self.delivered[fingerprint(key)] = self._ts.setdefault(ts, ts)
 
     def dump(self) -> dict[str, str]:
         """``{"fingerprints": base64, "timestamps": base64}``: little-endian int64 arrays,
