@@ -374,9 +374,9 @@ class Spool:
         retrimmed = False
         while True:
             n = min(len(self.pending), _COMMIT_MAX)
-            batch = _within(list(islice(self.pending, n)), self.max_bytes // 2)
+            batch, batch_bytes = _within(list(islice(self.pending, n)), self.max_bytes // 2)
             cursors = self._cursor_fn() if self._cursor_fn is not None else dict(self.cursors)
-            trim_to, dropped = self._trim_plan(batch, cursors)
+            trim_to, dropped = self._trim_plan(batch, batch_bytes, cursors)
             written = await self._thread.run(self._commit_sync, batch, cursors, trim_to, dropped)
             if batch:
                 last = batch[-1].seq
@@ -410,13 +410,13 @@ class Spool:
             if count and self._on_dropped is not None:
                 self._on_dropped(sink, count)
 
-    def _trim_plan(self, batch: list[Event], cursors: dict[str, int]
+    def _trim_plan(self, batch: list[Event], batch_bytes: int, cursors: dict[str, int]
                    ) -> tuple[int, dict[str, Any]]:
         """Up to which seq to delete, and per lagging sink the range it loses to the limits."""
         done = min(cursors.values(), default=batch[-1].seq if batch else self.durable_seq)
         trim_to = done
         now = self.clock()
-        size = self.bytes + sum(len(ev.raw) for ev in batch)
+        size = self.bytes + batch_bytes
         forced = 0
         for _first, last, bsize, _oldest, newest, _count in self._batches:
             if last <= done:
@@ -502,14 +502,16 @@ class Spool:
                     out.append(ev)
                     if len(out) >= limit:
                         break
-            self._serve(sink, out)
+            if out:
+                self._serve(sink, out[-1].seq)
             return out
         if self._thread is None:
             return []
         rows = await self._thread.run(self._read_sync, start, limit, sink)
         if not rows and pending:
             out = list(_take(pending, limit))  # committed and deleted meanwhile: memory
-            self._serve(sink, out)
+            if out:
+                self._serve(sink, out[-1].seq)
             return out
         events = []
         for seq, received_at, type_, origin, raw, key in rows:
@@ -519,9 +521,10 @@ class Spool:
             events.append(ev)
         return events
 
-    def _serve(self, sink: str, events: Sequence[Event]) -> None:
-        if sink and events and events[-1].seq > self.served.get(sink, 0):
-            self.served[sink] = events[-1].seq
+    def _serve(self, sink: str, seq: int) -> None:
+        """``sink`` was handed the events up to ``seq``."""
+        if sink and seq > self.served.get(sink, 0):
+            self.served[sink] = seq
 
     def _read_sync(self, start: int, limit: int, sink: str = "") -> list[tuple[Any, ...]]:
         """(On the writer thread, in order with the commits: a commit after this read knows
@@ -536,8 +539,8 @@ class Spool:
             if len(out) >= limit:
                 break
         out = out[:limit]
-        if sink and out and out[-1][0] > self.served.get(sink, 0):
-            self.served[sink] = out[-1][0]
+        if out:
+            self._serve(sink, out[-1][0])
         return out
 
     # --- dead letters ------------------------------------------------------------------------------
@@ -549,16 +552,17 @@ class Spool:
         return await self._thread.run(add_dead_letters_sync, self._db, rows)
 
 
-def _within(batch: list[Event], budget: int) -> list[Event]:
-    """The head of ``batch`` whose bytes fit ``budget`` (at least one event): a commit larger
-    than the room the limit leaves would have to trim what it just wrote, and the spool would
-    be over ``max_bytes`` until it had."""
+def _within(batch: list[Event], budget: int) -> tuple[list[Event], int]:
+    """The head of ``batch`` whose bytes fit ``budget`` (at least one event), and its bytes: a
+    commit larger than the room the limit leaves would have to trim what it just wrote, and the
+    spool would be over ``max_bytes`` until it had."""
     total = 0
     for i, ev in enumerate(batch):
-        total += len(ev.raw)
-        if total > budget and i:
-            return batch[:i]
-    return batch
+        size = len(ev.raw)
+        if total + size > budget and i:
+            return batch[:i], total
+        total += size
+    return batch, total
 
 
 def _take(items: Iterable[Event], n: int) -> Iterable[Event]:
