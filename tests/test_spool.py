@@ -73,6 +73,13 @@ def guids(lines: list[bytes]) -> list[str]:
     return [orjson.loads(x)["Data"]["GUID"] for x in lines]
 
 
+def _file_and_hook(path: Path, hook: Hook, **hook_options: Any) -> dict[str, Any]:
+    """A file sink that keeps pace and a webhook that retries for ever (it lags when down)."""
+    return {"file": {"type": "file", "path": str(path), "format": "event"},
+            "hook": {"type": "webhook", "url": hook.url, "max_retries": -1, "format": "event",
+                     **hook_options}}
+
+
 def _spool(tmp_path: Path) -> Path:
     return tmp_path / "state" / "spool.db"
 
@@ -90,11 +97,8 @@ async def test_a_webhook_down_for_a_burst_lags_on_disk_then_catches_up(sim: Simu
     hook = Hook()
     await hook.start()
     path = tmp_path / "ev.jsonl"
-    cfg = make_config(sim.url, tmp_path, exact=True, spool={"fsync_interval": 0.05}, sinks={
-        "file": {"type": "file", "path": str(path), "format": "event"},
-        "hook": {"type": "webhook", "url": hook.url, "batch": 200, "max_retries": -1,
-                 "buffer": 100, "format": "event"},
-    })
+    cfg = make_config(sim.url, tmp_path, exact=True, spool={"fsync_interval": 0.05},
+                      sinks=_file_and_hook(path, hook, batch=200, buffer=100))
     try:
         async with running(cfg) as d:
             _fast(d)
@@ -178,11 +182,7 @@ async def test_a_restart_resumes_a_lagging_sink_from_its_cursor(sim: Simulator,
     await hook.start()
     path = tmp_path / "ev.jsonl"
     cfg = make_config(sim.url, tmp_path, exact=True, shutdown={"timeout": 0.5},
-                      resync={"enabled": False}, sinks={
-        "file": {"type": "file", "path": str(path), "format": "event"},
-        "hook": {"type": "webhook", "url": hook.url, "batch": 100, "max_retries": -1,
-                 "format": "event"},
-    })
+                      resync={"enabled": False}, sinks=_file_and_hook(path, hook, batch=100))
     try:
         async with running(cfg) as d:
             _fast(d)
@@ -215,11 +215,8 @@ async def test_the_spool_limit_drops_the_oldest_for_the_lagging_sink_only(
     await hook.start()
     path = tmp_path / "ev.jsonl"
     cfg = make_config(sim.url, tmp_path, exact=True,
-                      spool={"max_bytes": 1 << 20, "fsync_interval": 0.05}, sinks={
-        "file": {"type": "file", "path": str(path), "format": "event"},
-        "hook": {"type": "webhook", "url": hook.url, "batch": 100, "max_retries": -1,
-                 "buffer": 50, "format": "event"},
-    })
+                      spool={"max_bytes": 1 << 20, "fsync_interval": 0.05},
+                      sinks=_file_and_hook(path, hook, batch=100, buffer=50))
     try:
         async with running(cfg) as d:
             _fast(d)
