@@ -158,43 +158,48 @@ class Session:
         # trust_env: HTTPS_PROXY/NO_PROXY are honoured, like any other HTTP client on the host
         async with aiohttp.ClientSession(connector=connector, timeout=timeout,
                                          trust_env=True) as http:
-            phase = "connecting"
+            # closed however the session ends: a stop (cancellation) during the login too,
+            # or its connection is left open
+            ws: aiohttp.ClientWebSocketResponse | None = None
             try:
-                async with asyncio.timeout(cfg.connect_timeout):
-                    ws = await http.ws_connect(
-                        self.server.ws_url,
-                        autoping=False,
-                        autoclose=True,
-                        heartbeat=None,
-                        compress=0,
-                        max_msg_size=cfg.max_message_bytes,
-                        decode_text=False,
-                        timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=_CLOSE_TIMEOUT),
-                    )
-                    self._ws = ws
-                    phase = "logging in"
-                    log.debug("connected, sending credentials", url=self.server.ws_url,
-                              username=self.server.username, auth_type=self.server.auth_type)
-                    for frame in auth_frames(self.credentials()):
-                        await ws.send_str(frame)
-                    reply = await ws.receive()
-                    while reply.type in (WSMsgType.PING, WSMsgType.PONG):
-                        # a server may ping before it answers the login
-                        if reply.type is WSMsgType.PING:
-                            await ws.pong(reply.data)
+                phase = "connecting"
+                try:
+                    async with asyncio.timeout(cfg.connect_timeout):
+                        ws = await http.ws_connect(
+                            self.server.ws_url,
+                            autoping=False,
+                            autoclose=True,
+                            heartbeat=None,
+                            compress=0,
+                            max_msg_size=cfg.max_message_bytes,
+                            decode_text=False,
+                            timeout=aiohttp.ClientWSTimeout(ws_receive=None,
+                                                            ws_close=_CLOSE_TIMEOUT),
+                        )
+                        self._ws = ws
+                        phase = "logging in"
+                        log.debug("connected, sending credentials", url=self.server.ws_url,
+                                  username=self.server.username, auth_type=self.server.auth_type)
+                        for frame in auth_frames(self.credentials()):
+                            await ws.send_str(frame)
                         reply = await ws.receive()
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:
-                raise classify(exc, phase=phase, timeout=cfg.connect_timeout) from exc
-            try:
+                        while reply.type in (WSMsgType.PING, WSMsgType.PONG):
+                            # a server may ping before it answers the login
+                            if reply.type is WSMsgType.PING:
+                                await ws.pong(reply.data)
+                            reply = await ws.receive()
+                except asyncio.CancelledError:
+                    raise
+                except BaseException as exc:
+                    raise classify(exc, phase=phase, timeout=cfg.connect_timeout) from exc
                 self._check_reply(reply)
                 self.logged_in = True
                 if self.on_login is not None:
                     self.on_login()
                 await self._serve(ws)
             finally:
-                await self._close(ws)
+                if ws is not None:
+                    await self._close(ws)
 
     def _check_reply(self, reply: aiohttp.WSMessage) -> None:
         if reply.type in (WSMsgType.TEXT, WSMsgType.BINARY):
