@@ -50,6 +50,7 @@ async def serve(n: int) -> None:
 async def measure(url: str, n: int, out: Path) -> dict[str, float]:
     from cometstream.config import parse_config
     from cometstream.daemon import Daemon
+    from cometstream.sinks import resolve_sink_class
 
     cfg = parse_config({
         "server": {"url": url, "username": USER, "password": PASSWORD},
@@ -57,7 +58,7 @@ async def measure(url: str, n: int, out: Path) -> dict[str, float]:
         "http": {"listen": ""},
         "state": {"dir": str(out.parent / "state")},
         "sinks": {"file": {"type": "file", "path": str(out), "format": "event", "buffer": 200000}},
-    }, env={})
+    }, env={}, resolve_sink=resolve_sink_class)
     d = Daemon(cfg, resync_retry=(0.05, 0.2))
     stop = asyncio.Event()
     task = asyncio.create_task(d.run(stop))

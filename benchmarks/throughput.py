@@ -162,10 +162,12 @@ async def read_loop(url: str, n: int, tmp: Path, _variant: str) -> dict[str, Any
     queues, sink workers, acknowledgements)."""
     from cometstream.config import parse_config
     from cometstream.observe.metrics import StreamStats
+    from cometstream.sinks import resolve_sink_class
     from cometstream.stream import Session
 
     cfg = parse_config({"server": {"url": url, "username": USER, "password": PASSWORD},
-                        "sinks": {"out": {"type": "stdout"}}}, env={})
+                        "sinks": {"out": {"type": "stdout"}}}, env={},
+                       resolve_sink=resolve_sink_class)
     done: asyncio.Future[float] = asyncio.get_running_loop().create_future()
     count = 0
     with (tmp / "out.jsonl").open("ab") as fh:
@@ -208,6 +210,7 @@ async def daemon(url: str, n: int, tmp: Path, variant: str,
                  extra: dict[str, str] | None = None) -> dict[str, Any]:
     from cometstream.config import parse_config
     from cometstream.daemon import Daemon
+    from cometstream.sinks import resolve_sink_class
 
     cfg = parse_config({
         "server": {"url": url, "username": USER, "password": PASSWORD},
@@ -219,7 +222,7 @@ async def daemon(url: str, n: int, tmp: Path, variant: str,
         "spool": {"buffer": "memory" if variant == "memory" else "disk"},
         "state": {"dir": str(tmp / "state")},
         "sinks": _sinks(variant, tmp, extra or {}),
-    }, env={})
+    }, env={}, resolve_sink=resolve_sink_class)
     d = Daemon(cfg)
     loop = asyncio.get_running_loop()
     done = loop.create_future()

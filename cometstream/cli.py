@@ -31,6 +31,7 @@ from .daemon import EXIT_CREDENTIALS, EXIT_FATAL, EXIT_OK, Daemon
 from .api import ApiAuthError
 from .errors import ApiError, ConfigError, ConfigErrors, CredentialsRejected, StreamError
 from .observe.logging import configure_logging, register_secret
+from .sinks import resolve_sink_class
 
 __all__ = ["main"]
 
@@ -189,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, resolve_sink=resolve_sink_class)
     level = args.log_level or cfg.log.level
     configure_logging(level, cfg.log.format)
     return cfg
@@ -316,7 +317,7 @@ def _cmd_tap(args: argparse.Namespace) -> int:
     """Connect to the running daemon's tap socket and print the events as they pass."""
     from .tap import TapRefused, TapUnavailable, open_tap, socket_path
 
-    cfg = load_config_without_secrets(args.config)
+    cfg = load_config_without_secrets(args.config, resolve_sink=resolve_sink_class)
     names = [sc.name for sc in cfg.sinks]
     if args.sink is not None and args.sink not in names:
         _tap_err(f'--sink: unknown sink "{args.sink}" (sinks: {", ".join(names)})')
@@ -468,7 +469,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                     "http": {"listen": "127.0.0.1:9780"},
                     "shutdown": {"timeout": 3.0},
                     "sinks": {"console": {"type": "stdout"}},
-                }, env={k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")})
+                }, env={k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")},
+                    resolve_sink=resolve_sink_class)
                 print(f"demo: simulated Comet Server at {sim.url}, {args.rate:g} events/s; "
                       "events follow on stdout. Ctrl-C to stop.", file=sys.stderr, flush=True)
                 return await _serve(Daemon(cfg, http_required=False))

@@ -14,20 +14,20 @@ Relative paths are taken relative to the configuration file's folder.
 from __future__ import annotations
 
 import binascii
-import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 from .constants import SEVT
 from .errors import ConfigError, ConfigErrors
 from .events import FORMATS
 from .protocol import AUTH_TYPES, stream_url, totp_code
+from .section import Section, close_matches, show_value
 
 __all__ = [
     "DEFAULT_PATH",
@@ -40,6 +40,7 @@ __all__ = [
     "Section",
     "ServerConfig",
     "SinkConfig",
+    "SinkResolver",
     "StateConfig",
     "StreamConfig",
     "load_config",
@@ -81,126 +82,6 @@ class Secret:
 
     def __hash__(self) -> int:
         return hash(self._value)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, str):
-        return f'"{value}"' if len(value) <= 60 else f'"{value[:57]}..."'
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "a list"
-    return repr(value).lower() if isinstance(value, bool) else repr(value)
-
-
-class Section:
-    """Reads one TOML table with type and range checks; ``done()`` rejects the keys nobody read.
-
-    Public so that third-party sinks validate their options with the same clear errors::
-
-        opts = Section(options, f"sinks.{name}")
-        url = opts.str("url", required=True)
-        opts.done()
-    """
-
-    def __init__(self, table: Mapping[str, Any], prefix: str, *, base_dir: Path | None = None) -> None:
-        if not isinstance(table, Mapping):
-            raise ConfigError(prefix, f"expected a table, got {_fmt(table)}")
-        self._table = table
-        self.prefix = prefix
-        self.base_dir = base_dir
-        self._seen: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def error(self, name: str, problem: str) -> ConfigError:
-        return ConfigError(self.key(name), problem)
-
-    def has(self, name: str) -> bool:
-        return name in self._table
-
-    def raw(self, name: str, default: Any = None) -> Any:
-        self._seen.add(name)
-        return self._table.get(name, default)
-
-    def str(self, name: str, default: str | None = None, *, required: bool = False,
-            choices: tuple[str, ...] | None = None, allow_empty: bool = True,
-            secret: bool = False) -> str:
-        """A string; ``secret=True`` keeps the value out of error messages."""
-        value = self.raw(name)
-        if value is None:
-            if required or default is None:
-                raise self.error(name, "is required")
-            return default
-        if not isinstance(value, str):
-            shown = f"a {type(value).__name__} (value not shown)" if secret else _fmt(value)
-            raise self.error(name, f"expected a string, got {shown}")
-        if choices is not None and value not in choices:
-            hint = _close_matches(value, choices, n=1)
-            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
-            raise self.error(name, f"expected one of {', '.join(choices)}, got {_fmt(value)}{extra}")
-        if not allow_empty and not value:
-            raise self.error(name, "must not be empty")
-        return value
-
-    def opt_str(self, name: str, *, secret: bool = False) -> str | None:
-        if self.raw(name) is None:
-            return None
-        return self.str(name, secret=secret)
-
-    def path(self, name: str, default: str | None = None) -> Path | None:
-        value = self.opt_str(name)
-        if value is None:
-            value = default
-        if value is None:
-            return None
-        if not value:
-            raise self.error(name, "must not be empty")
-        p = Path(value).expanduser()
-        if not p.is_absolute() and self.base_dir is not None:
-            p = self.base_dir / p
-        return p
-
-    def bool(self, name: str, default: bool) -> bool:
-        value = self.raw(name, default)
-        if not isinstance(value, bool):
-            raise self.error(name, f"expected true or false, got {_fmt(value)}")
-        return value
-
-    def float(self, name: str, default: float, *, min: float = 0.0, max: float = math.inf,
-              min_exclusive: bool = False) -> float:
-        value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-            raise self.error(name, f"expected a number of seconds, got {_fmt(value)}")
-        value = float(value)
-        if value < min or (min_exclusive and value == min) or value > max:
-            low = f"> {min:g}" if min_exclusive else f">= {min:g}"
-            rng = low if max == math.inf else f"{low} and <= {max:g}"
-            raise self.error(name, f"must be {rng}, got {_fmt(value)}")
-        return value
-
-    def int(self, name: str, default: int, *, min: int = 0, max: int | None = None) -> int:
-        value = self.raw(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(name, f"expected an integer, got {_fmt(value)}")
-        if value < min or (max is not None and value > max):
-            rng = f">= {min}" if max is None else f"between {min} and {max}"
-            raise self.error(name, f"must be {rng}, got {value}")
-        return value
-
-    def table(self, name: str) -> Section:
-        value = self.raw(name, {})
-        return Section(value, self.key(name), base_dir=self.base_dir)
-
-    def done(self) -> None:
-        unknown = [k for k in self._table if k not in self._seen]
-        if unknown:
-            name = unknown[0]
-            known = sorted(self._seen)
-            hint = _close_matches(name, known, n=1)
-            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
-            raise self.error(name, f"unknown key{extra}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,12 +215,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
-def _close_matches(word: str, choices: Any, n: int = 1) -> list[str]:
-    import difflib  # only when a config is wrong
-
-    return difflib.get_close_matches(word, choices, n=n)
-
-
 def read_secret_file(sect: Section, name: str) -> Secret | None:
     path = sect.path(name)
     if path is None:
@@ -398,7 +273,7 @@ def _parse_server(sect: Section, env: Mapping[str, str]) -> ServerConfig:
         _ = parts.port  # raises ValueError for a bad port
         ws_url = stream_url(url)
     except ValueError as exc:
-        raise sect.error("url", f"not a valid http(s) URL ({exc}): {_fmt(url)}") from None
+        raise sect.error("url", f"not a valid http(s) URL ({exc}): {show_value(url)}") from None
     if parts.username is not None or parts.password is not None:
         # it would be logged with the URL; credentials belong in username/password
         raise sect.error("url", "must not contain credentials (user:password@); use "
@@ -459,7 +334,7 @@ def parse_types(sect: Section, name: str) -> frozenset[int] | None:
     if value is None:
         return None
     if not isinstance(value, list):
-        raise sect.error(name, f'expected a list of SEVT names or numbers, got {_fmt(value)}')
+        raise sect.error(name, f'expected a list of SEVT names or numbers, got {show_value(value)}')
     if not value:
         raise sect.error(name, "an empty list would match no event; remove the key to match all")
     out: set[int] = set()
@@ -467,27 +342,37 @@ def parse_types(sect: Section, name: str) -> frozenset[int] | None:
         if isinstance(item, str):
             key = item.strip().upper()
             if key not in SEVT:
-                hint = _close_matches(key, list(SEVT), n=1)
+                hint = close_matches(key, list(SEVT), n=1)
                 extra = f' (did you mean "{hint[0]}"?)' if hint else ""
-                raise sect.error(f"{name}[{i}]", f"unknown event type {_fmt(item)}{extra}")
+                raise sect.error(f"{name}[{i}]", f"unknown event type {show_value(item)}{extra}")
             out.add(SEVT[key])
         elif isinstance(item, int) and not isinstance(item, bool):
             if not 4000 <= item <= 4999:
                 raise sect.error(f"{name}[{i}]", f"event type numbers are 4000-4999, got {item}")
             out.add(item)
         else:
-            raise sect.error(f"{name}[{i}]", f"expected an SEVT name or number, got {_fmt(item)}")
+            raise sect.error(f"{name}[{i}]",
+                             f"expected an SEVT name or number, got {show_value(item)}")
     return frozenset(out)
 
 
-def _parse_sink(name: str, sect: Section) -> SinkConfig:
-    from .sinks import resolve_sink_class  # late: the registry imports sink modules
+class SinkResolver(Protocol):
+    """Finds the class of a sink type: ``cometstream.sinks.resolve_sink_class``, passed in by the
+    caller that builds the sinks (the configuration does not import the sink registry).
 
+    It raises ConfigError naming ``key`` for an unknown type or a broken plugin; the class it
+    returns has ``default_format`` and ``from_config(name, Section)``.
+    """
+
+    def __call__(self, type_: str, *, key: str) -> Any: ...
+
+
+def _parse_sink(name: str, sect: Section, resolve_sink: SinkResolver) -> SinkConfig:
     if not _SINK_NAME.match(name):
         raise ConfigError(sect.prefix, "sink names use letters, digits, '_', '-' and '.' "
                           "(up to 64 characters)")
     type_ = sect.str("type", required=True, allow_empty=False)
-    cls = resolve_sink_class(type_, key=sect.key("type"))
+    cls = resolve_sink(type_, key=sect.key("type"))
     types = parse_types(sect, "types")
     fmt = sect.str("format", cls.default_format, choices=FORMATS)
     buffer = sect.int("buffer", 10000, min=1, max=10_000_000)
@@ -505,8 +390,9 @@ def _parse_sink(name: str, sect: Section) -> SinkConfig:
 
 
 def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
-                 env: Mapping[str, str] | None = None) -> Config:
-    """Validate a parsed TOML document into a :class:`Config`.
+                 env: Mapping[str, str] | None = None, resolve_sink: SinkResolver) -> Config:
+    """Validate a parsed TOML document into a :class:`Config`; ``resolve_sink`` finds the sink
+    classes (``cometstream.sinks.resolve_sink_class``), which check their own options.
 
     Every section and every sink is checked even after one fails, so ``check`` can list all the
     problems at once: one error raises that ConfigError, several raise :class:`ConfigErrors`.
@@ -538,7 +424,8 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
     sinks_tbl = attempt(lambda: top.table("sinks"))
     if sinks_tbl is not None:
         for name in list(sinks_tbl._table):
-            sink = attempt(lambda name=name: _parse_sink(name, sinks_tbl.table(name)))
+            sink = attempt(lambda name=name: _parse_sink(name, sinks_tbl.table(name),
+                                                     resolve_sink))
             if sink is not None:
                 sinks.append(sink)
         attempt(sinks_tbl.done)
@@ -610,17 +497,19 @@ def _parse_shutdown(sd: Section) -> float:
     return timeout
 
 
-def load_config_without_secrets(path: str | os.PathLike[str]) -> Config:
+def load_config_without_secrets(path: str | os.PathLike[str], *,
+                                resolve_sink: SinkResolver) -> Config:
     """The config as ``run`` reads it, with placeholders for the server's secrets: for the tools
     that need only state.dir and the sinks (``tap``, ``dlq``), which run where the password may be
     a systemd credential of the unit (``COMETSTREAM_*`` from the environment are ignored)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")}
     env.update(COMETSTREAM_PASSWORD="-", COMETSTREAM_SESSION_KEY="-",
                COMETSTREAM_TOTP_SECRET="JBSWY3DPEHPK3PXP")
-    return load_config(path, env=env)
+    return load_config(path, env=env, resolve_sink=resolve_sink)
 
 
-def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None,
+                resolve_sink: SinkResolver) -> Config:
     """Read and validate a TOML file (raises ConfigError with a one-line reason)."""
     p = Path(path)
     try:
@@ -636,5 +525,5 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         raise ConfigError("", f"{p}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"{p}: not UTF-8 text") from None
-    return parse_config(data, path=p.resolve(), env=env)
+    return parse_config(data, path=p.resolve(), env=env, resolve_sink=resolve_sink)
 

@@ -126,8 +126,10 @@ def run_dlq(args: argparse.Namespace) -> int:
     """Run ``cometstream dlq ACTION`` (config errors propagate to the CLI: exit 2)."""
     from .config import load_config_without_secrets
     from .observe.logging import configure_logging
+    from .sinks import resolve_sink_class
 
-    cfg = load_config_without_secrets(args.config)  # the server's password is not needed
+    # the server's password is not needed
+    cfg = load_config_without_secrets(args.config, resolve_sink=resolve_sink_class)
     configure_logging(args.log_level or "warning", cfg.log.format)
     path = spool_path(cfg)
     try:

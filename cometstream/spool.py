@@ -49,7 +49,7 @@ import orjson
 import structlog
 
 from .events import Event
-from .sinks._writer import WriterThread
+from ._thread import WriterThread
 
 __all__ = ["FILENAME", "FORMAT_VERSION", "DeadLetter", "Spool", "SpoolCorrupt"]
 

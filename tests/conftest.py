@@ -16,7 +16,7 @@ import pytest
 from cometstream.config import Config, parse_config
 from cometstream.daemon import Daemon
 from cometstream.simulator import Simulator
-from cometstream.sinks import Sink
+from cometstream.sinks import Sink, resolve_sink_class
 
 USER = "cometstream"
 # spaces, quotes, & and = (form/frame escaping), non-ASCII, a backslash
@@ -68,7 +68,7 @@ def make_config(sim_url: str, tmp_path: Path, *, sinks: dict[str, Any] | None = 
         "sinks": sinks or {"mem": {"type": "memory"}},
         **sections,
     }
-    return parse_config(doc, env={})
+    return parse_config(doc, env={}, resolve_sink=resolve_sink_class)
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "") -> None:

@@ -12,6 +12,7 @@ from cometstream.cli import main
 from cometstream.config import load_config, parse_config
 from cometstream.constants import SEVT
 from cometstream.errors import ConfigError
+from cometstream.sinks import resolve_sink_class
 
 BASE = """
 [server]
@@ -39,21 +40,22 @@ def _cfg(**sections: Any) -> dict[str, Any]:
 
 def _error(doc: dict[str, Any], env: dict[str, str] | None = None) -> ConfigError:
     with pytest.raises(ConfigError) as info:
-        parse_config(doc, env=env or {})
+        parse_config(doc, env=env or {}, resolve_sink=resolve_sink_class)
     return info.value
 
 
 def test_example_config_is_valid(tmp_path: Path) -> None:
     """config.example.toml, shipped with every key, loads as is."""
     root = Path(__file__).resolve().parent.parent
-    cfg = load_config(root / "config.example.toml", env={"COMETSTREAM_PASSWORD": "x"})
+    cfg = load_config(root / "config.example.toml", env={"COMETSTREAM_PASSWORD": "x"},
+                      resolve_sink=resolve_sink_class)
     assert cfg.server.ws_url == "wss://comet.example.com:8060/api/v1/events/stream"
     assert {s.name for s in cfg.sinks} >= {"console", "archive"}
 
 
 def test_defaults_follow_the_contract() -> None:
     """Unset keys take the documented defaults; name defaults to the URL's host."""
-    cfg = parse_config(_cfg(), env={})
+    cfg = parse_config(_cfg(), env={}, resolve_sink=resolve_sink_class)
     assert cfg.server.name == "127.0.0.1"
     assert cfg.server.auth_type == "Password" and cfg.server.tls_verify
     assert (cfg.stream.connect_timeout, cfg.stream.ping_interval, cfg.stream.ping_timeout) == (10, 20, 20)
@@ -107,7 +109,7 @@ def test_bad_url_is_reported() -> None:
 def test_filter_accepts_names_and_numbers() -> None:
     """types mixes SEVT names (any case) and numbers, including ones this version lacks."""
     doc = _cfg(sinks={"out": {"type": "stdout", "types": ["SEVT_JOB_COMPLETED", "sevt_account_new", 4990]}})
-    cfg = parse_config(doc, env={})
+    cfg = parse_config(doc, env={}, resolve_sink=resolve_sink_class)
     assert cfg.sinks[0].types == {SEVT["SEVT_JOB_COMPLETED"], SEVT["SEVT_ACCOUNT_NEW"], 4990}
 
 
@@ -118,15 +120,17 @@ def test_password_sources_and_precedence(tmp_path: Path) -> None:
     doc = _cfg()
     del doc["server"]["password"]
     doc["server"]["password_file"] = str(pw_file)
-    cfg = parse_config(doc, env={})
+    cfg = parse_config(doc, env={}, resolve_sink=resolve_sink_class)
     assert cfg.server.password is not None and cfg.server.password.reveal() == "  spaced pass "
-    cfg = parse_config(doc, env={"COMETSTREAM_PASSWORD": "from-env"})
+    cfg = parse_config(doc, env={"COMETSTREAM_PASSWORD": "from-env"},
+                       resolve_sink=resolve_sink_class)
     assert cfg.server.password is not None and cfg.server.password.reveal() == "from-env"
     creds = tmp_path / "creds"
     creds.mkdir()
     (creds / "password").write_text("from-credential\n")
     del doc["server"]["password_file"]
-    cfg = parse_config(doc, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    cfg = parse_config(doc, env={"CREDENTIALS_DIRECTORY": str(creds)},
+                       resolve_sink=resolve_sink_class)
     assert cfg.server.password is not None and cfg.server.password.reveal() == "from-credential"
     assert "from-credential" not in repr(cfg)
 
@@ -149,7 +153,7 @@ def test_totp_secret_required_and_validated(tmp_path: Path) -> None:
     doc["server"]["totp_secret"] = "not base32 !!"
     assert "base32" in str(_error(doc))
     doc["server"]["totp_secret"] = base64.b32encode(b"12345678901234567890").decode()
-    cfg = parse_config(doc, env={})
+    cfg = parse_config(doc, env={}, resolve_sink=resolve_sink_class)
     assert cfg.server.totp_now(59) == "287082"
 
 
@@ -159,7 +163,8 @@ def test_session_key_auth(tmp_path: Path) -> None:
     doc["server"]["auth_type"] = "SessionKey"
     del doc["server"]["password"]
     assert _error(doc).key == "server.session_key_file"
-    cfg = parse_config(doc, env={"COMETSTREAM_SESSION_KEY": "sk-1"})
+    cfg = parse_config(doc, env={"COMETSTREAM_SESSION_KEY": "sk-1"},
+                       resolve_sink=resolve_sink_class)
     assert cfg.server.session_key is not None and cfg.server.session_key.reveal() == "sk-1"
 
 
@@ -169,7 +174,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) -> None:
     conf = tmp_path / "c.toml"
     conf.write_text(BASE.replace('password = "pw"', 'password_file = "pw"').format(state="state")
                     + '\n[sinks.f]\ntype = "file"\npath = "out/events.jsonl"\n')
-    cfg = load_config(conf, env={})
+    cfg = load_config(conf, env={}, resolve_sink=resolve_sink_class)
     assert cfg.server.password is not None and cfg.server.password.reveal() == "secret"
     assert cfg.state.dir == tmp_path / "state"
     f = next(s for s in cfg.sinks if s.name == "f")
@@ -258,6 +263,6 @@ async def test_file_sink_path_is_relative_to_the_config_file(tmp_path: Path) -> 
     conf = tmp_path / "c.toml"
     conf.write_text(BASE.format(state="state")
                     + '\n[sinks.f]\ntype = "file"\npath = "out/events.jsonl"\n')
-    cfg = load_config(conf, env={})
+    cfg = load_config(conf, env={}, resolve_sink=resolve_sink_class)
     sink = build_sink(next(s for s in cfg.sinks if s.name == "f"))
     assert sink.path == tmp_path / "out" / "events.jsonl"  # type: ignore[attr-defined]

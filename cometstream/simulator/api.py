@@ -28,7 +28,7 @@ import asyncio
 import struct
 import zlib
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 import structlog
@@ -38,9 +38,21 @@ from aiohttp.web_request import FileField
 from cometstream.simulator.auth import TOTP_MISSING
 
 if TYPE_CHECKING:
-    from cometstream.simulator.server import Simulator
+    from collections import Counter
 
-__all__ = ["API_PREFIX", "AUTH_FIELDS", "ERR_TOTP_REQUIRED", "UNAUTHORISED", "AdminAPI", "ApiError"]
+    from cometstream.simulator.auth import Credentials
+    from cometstream.simulator.world import World
+
+__all__ = [
+    "API_PREFIX",
+    "AUTH_FIELDS",
+    "ERR_TOTP_REQUIRED",
+    "UNAUTHORISED",
+    "AdminAPI",
+    "ApiError",
+    "ApiFaults",
+    "ApiServer",
+]
 
 log = structlog.get_logger("cometstream.simulator.api")
 
@@ -140,10 +152,43 @@ async def gzip_parallel(body: bytes) -> bytes:
     return b"".join((_GZIP_HEADER, *parts, trailer))
 
 
+class ApiFaults(Protocol):
+    """The fault switches the admin API obeys (``server.Faults`` has them)."""
+
+    api_down: bool
+    api_reject: bool
+    api_delay: float
+    api_fail_next: int  # counted down here
+    null_lists: bool
+
+
+class ApiServer(Protocol):
+    """What the admin API needs of the server it answers for (``server.Simulator`` is one): the
+    API depends on this, not on the server module, which imports the API."""
+
+    #: admin API calls by request path, counted here
+    api_calls: Counter[str]
+
+    @property
+    def world(self) -> World: ...
+
+    @property
+    def faults(self) -> ApiFaults: ...
+
+    @property
+    def credentials(self) -> Credentials: ...
+
+    def meta_version_info(self) -> dict[str, Any]: ...
+
+    def start_session(self) -> str: ...
+
+    def revoke_session(self, key: str) -> bool: ...
+
+
 class AdminAPI:
     """The ``/api/v1/`` routes of one Simulator (installed on its aiohttp app)."""
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: ApiServer) -> None:
         self._sim = sim
         self._endpoints: dict[str, Callable[[_Form], Any]] = {
             "/api/v1/admin/meta/version": self._meta_version,

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, ClassVar
 if TYPE_CHECKING:
     from typing import Self
 
-    from ..config import Section
     from ..events import Event
+    from ..section import Section
 
 __all__ = ["Sink"]
 

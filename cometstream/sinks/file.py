@@ -25,14 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from .._thread import WriterThread
 from ..errors import SinkError
-from ._writer import WriterThread
 from .base import Sink
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from ..config import Section
+    from ..section import Section
     from ..events import Event
 
 __all__ = ["FileSink"]

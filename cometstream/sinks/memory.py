@@ -12,8 +12,8 @@ from .base import Sink
 if TYPE_CHECKING:
     from typing import Self
 
-    from ..config import Section
     from ..events import Event
+    from ..section import Section
 
 __all__ = ["MemorySink"]
 

@@ -14,16 +14,16 @@ import time
 from collections.abc import Sequence
 from typing import IO, TYPE_CHECKING, Any
 
+from .._thread import WriterThread
 from ..constants import job_status_name
 from ..errors import SinkError
-from ._writer import WriterThread
 from .base import Sink
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from ..config import Section
     from ..events import Event
+    from ..section import Section
 
 __all__ = ["StdoutSink", "pretty_line"]
 

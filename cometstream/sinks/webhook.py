@@ -91,9 +91,10 @@ import orjson
 from multidict import CIMultiDict
 
 from .. import __version__
-from ..config import Section, read_secret_file
+from ..config import read_secret_file
 from ..errors import ConfigError, SinkError
 from ..observe.logging import register_secret
+from ..section import Section
 from .base import Sink
 
 if TYPE_CHECKING:

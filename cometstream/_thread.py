@@ -1,8 +1,11 @@
-"""A single daemon thread that runs a sink's blocking writes, in order, off the event loop.
+"""A single daemon thread that runs blocking work, in order, off the event loop: a sink's writes,
+the spool's database.
 
 Unlike a ThreadPoolExecutor, its thread is a daemon thread that nobody joins: a write stuck on a
 pipe nobody reads, or on a hung disk, cannot keep the process from exiting once shutdown gave up
 on it (the pipeline bounds shutdown by ``shutdown.timeout``).
+
+It sits below the sinks and the stores that use it, and imports nothing of the package.
 """
 
 from __future__ import annotations

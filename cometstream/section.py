@@ -1,0 +1,147 @@
+"""``Section``: reads one TOML table with type and range checks, for the config and the sinks.
+
+It sits below both: ``cometstream.config`` parses the file with it (and re-exports it, the name
+third-party sinks import), and a sink class's ``from_config`` receives one for its
+``[sinks.NAME]`` table. Every problem is a :class:`~cometstream.errors.ConfigError` naming the
+dotted key.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["Section", "close_matches", "show_value"]
+
+
+def show_value(value: Any) -> str:
+    """A value as an error message shows it (long strings cut, tables and lists named)."""
+    if isinstance(value, str):
+        return f'"{value}"' if len(value) <= 60 else f'"{value[:57]}..."'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value).lower() if isinstance(value, bool) else repr(value)
+
+
+class Section:
+    """Reads one TOML table with type and range checks; ``done()`` rejects the keys nobody read.
+
+    Public so that third-party sinks validate their options with the same clear errors::
+
+        opts = Section(options, f"sinks.{name}")
+        url = opts.str("url", required=True)
+        opts.done()
+    """
+
+    def __init__(self, table: Mapping[str, Any], prefix: str, *, base_dir: Path | None = None) -> None:
+        if not isinstance(table, Mapping):
+            raise ConfigError(prefix, f"expected a table, got {show_value(table)}")
+        self._table = table
+        self.prefix = prefix
+        self.base_dir = base_dir
+        self._seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.key(name), problem)
+
+    def has(self, name: str) -> bool:
+        return name in self._table
+
+    def raw(self, name: str, default: Any = None) -> Any:
+        self._seen.add(name)
+        return self._table.get(name, default)
+
+    def str(self, name: str, default: str | None = None, *, required: bool = False,
+            choices: tuple[str, ...] | None = None, allow_empty: bool = True,
+            secret: bool = False) -> str:
+        """A string; ``secret=True`` keeps the value out of error messages."""
+        value = self.raw(name)
+        if value is None:
+            if required or default is None:
+                raise self.error(name, "is required")
+            return default
+        if not isinstance(value, str):
+            shown = f"a {type(value).__name__} (value not shown)" if secret else show_value(value)
+            raise self.error(name, f"expected a string, got {shown}")
+        if choices is not None and value not in choices:
+            hint = close_matches(value, choices, n=1)
+            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+            raise self.error(name, f"expected one of {', '.join(choices)}, "
+                             f"got {show_value(value)}{extra}")
+        if not allow_empty and not value:
+            raise self.error(name, "must not be empty")
+        return value
+
+    def opt_str(self, name: str, *, secret: bool = False) -> str | None:
+        if self.raw(name) is None:
+            return None
+        return self.str(name, secret=secret)
+
+    def path(self, name: str, default: str | None = None) -> Path | None:
+        value = self.opt_str(name)
+        if value is None:
+            value = default
+        if value is None:
+            return None
+        if not value:
+            raise self.error(name, "must not be empty")
+        p = Path(value).expanduser()
+        if not p.is_absolute() and self.base_dir is not None:
+            p = self.base_dir / p
+        return p
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected true or false, got {show_value(value)}")
+        return value
+
+    def float(self, name: str, default: float, *, min: float = 0.0, max: float = math.inf,
+              min_exclusive: bool = False) -> float:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise self.error(name, f"expected a number of seconds, got {show_value(value)}")
+        value = float(value)
+        if value < min or (min_exclusive and value == min) or value > max:
+            low = f"> {min:g}" if min_exclusive else f">= {min:g}"
+            rng = low if max == math.inf else f"{low} and <= {max:g}"
+            raise self.error(name, f"must be {rng}, got {show_value(value)}")
+        return value
+
+    def int(self, name: str, default: int, *, min: int = 0, max: int | None = None) -> int:
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"expected an integer, got {show_value(value)}")
+        if value < min or (max is not None and value > max):
+            rng = f">= {min}" if max is None else f"between {min} and {max}"
+            raise self.error(name, f"must be {rng}, got {value}")
+        return value
+
+    def table(self, name: str) -> Section:
+        value = self.raw(name, {})
+        return Section(value, self.key(name), base_dir=self.base_dir)
+
+    def done(self) -> None:
+        unknown = [k for k in self._table if k not in self._seen]
+        if unknown:
+            name = unknown[0]
+            known = sorted(self._seen)
+            hint = close_matches(name, known, n=1)
+            extra = f' (did you mean "{hint[0]}"?)' if hint else ""
+            raise self.error(name, f"unknown key{extra}")
+
+
+def close_matches(word: str, choices: Any, n: int = 1) -> list[str]:
+    """The likely intended spellings of a misspelt ``word`` (for "did you mean")."""
+    import difflib  # only when a config is wrong
+
+    return difflib.get_close_matches(word, choices, n=n)
