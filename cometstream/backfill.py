@@ -3,7 +3,7 @@
 Jobs are read from ``get-jobs-for-date-range`` one day at a time (bounded memory, visible
 progress), each completed job whose ``EndTime`` falls in ``[since, until)`` becomes a synthesized
 ``SEVT_JOB_COMPLETED`` with origin ``backfill``, and goes through the same pipeline as live events
-(filters, buffers, batching, retries). The checkpoint is not touched.
+(filters, buffers, batching, retries). The ledger is not touched.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
-"""Wires the parts together: supervisor → (gate, dedup, redaction) → pipeline → sinks, plus
-remedial sync and the checkpoint, and the lifecycle around them.
+"""Wires the parts together: supervisor → gate (dedup, redaction, hold) → pipeline → sinks,
+plus remedial sync and the ledger, and the lifecycle around them.
 
-``Daemon.run(stop)`` loads the checkpoint, starts the sink workers and the stream supervisor, and
-waits until ``stop`` is set (SIGTERM/SIGINT) or the supervisor gives up (a rejected first login).
+``Daemon.run(stop)`` locks ``state.dir``, opens the ledger, starts the sink workers and the stream
+supervisor, and waits until ``stop`` is set (SIGTERM/SIGINT) or the supervisor gives up (a
+rejected first login).
 
 After every login (the HELLO), live events are held while a remedial sync runs; its synthesized
 events go out first, then the held live events, de-duplicated. A resync that fails is retried
 with backoff in the background, the held events being released meanwhile; until one succeeds the
-watermark stays frozen before the gap. The checkpoint is written once a second when something
-changed, after each resync and at shutdown.
+watermark stays frozen before the gap. The ledger commits every ``fsync_interval``: the events
+some sink still needs, the cursors, and the delivery state they make true, in one transaction.
 
 Shutdown order: stop reading, release held events, let the sinks drain within
-``shutdown.timeout``, close the sinks, write the checkpoint. The return value is the exit code.
+``shutdown.timeout``, close the sinks, commit the ledger. The return value is the exit code.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import random
 import signal
 import sqlite3
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
@@ -37,29 +37,20 @@ from prometheus_client import (
 from .api import AdminClient
 from .backoff import Backoff
 from .config import Config, SinkConfig
-from .errors import ApiError, ConfigError, CredentialsRejected
-from .events import JOB_TYPES, Event
 from .config import parse_listen
+from .delivery.gate import Gate
+from .delivery.ledger import Ledger, LedgerError, StateDiff, StateLock
+from .delivery.tracker import Tracker
+from .errors import ApiError, ConfigError, CredentialsRejected
+from .events import Event
 from .observe.http import HttpServer
 from .observe.logging import register_secret
 from .observe.metrics import Metrics
 from .observe.systemd import Notifier
-from .pipeline import Pipeline
-from .protocol import HELLO
+from .pipeline import DiskBuffer, MemoryBuffer, Pipeline
 from .redact import Redactor
-from .resync import (
-    ACCOUNT_NEW,
-    ACCOUNT_UPDATED,
-    JOB_NEW,
-    Action,
-    ResyncResult,
-    Resyncer,
-    Tracker,
-    account_entry,
-)
+from .resync import ResyncResult, Resyncer
 from .sinks import Sink, resolve_sink_class
-from .spool import Spool
-from .state import StateStore
 from .stream import Supervisor, make_ssl_context
 from .tap import TapServer, socket_path
 
@@ -68,11 +59,8 @@ __all__ = ["EXIT_CREDENTIALS", "EXIT_FATAL", "EXIT_OK", "Daemon", "build_sink"]
 EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_CREDENTIALS = 3
-#: how often the checkpoint is written when something changed (a crash re-synthesizes at most
-#: this much of the job events delivered before it: their dedup keys were not saved yet)
-CHECKPOINT_INTERVAL: Final = 1.0
-#: live events held during a resync beyond this many are released before it finishes
-HOLD_MAX: Final = 200_000
+#: how often systemd's STATUS= is refreshed while connected
+STATUS_INTERVAL: Final = 5.0
 
 log = structlog.get_logger("cometstream.daemon")
 
@@ -113,45 +101,41 @@ class Daemon:
         register_secret(*s.secret_values())
         given = sinks or {}
         self.sinks = {sc.name: given.get(sc.name) or build_sink(sc) for sc in cfg.sinks}
-        #: the durable spool (``[spool] buffer = "disk"``, the default), opened by run()
-        self.spool = Spool(cfg.state.dir, [sc.name for sc in cfg.sinks],
-                           max_bytes=cfg.spool.max_bytes, max_age=cfg.spool.max_age,
-                           fsync_interval=cfg.spool.fsync_interval) if cfg.spool.disk else None
+        #: the ledger: delivery state, cursors and (``[spool] buffer = "disk"``, the default)
+        #: the spooled events, in one store; opened by run()
+        self.ledger = Ledger(cfg.state.dir, [sc.name for sc in cfg.sinks], server=s.name,
+                             max_bytes=cfg.spool.max_bytes, max_age=cfg.spool.max_age,
+                             fsync_interval=cfg.spool.fsync_interval, events=cfg.spool.disk)
+        self.lock = StateLock(cfg.state.dir)
         self.pipeline = Pipeline([(sc, self.sinks[sc.name]) for sc in cfg.sinks], self.metrics,
-                                 spool=self.spool, server=s.name)
-        self.metrics.spool = self._spool_figures if self.spool is not None else None
-        # settle acknowledgements as they come (not only once a second): what is pending stays
-        # small during a burst
-        self.pipeline.add_ack_listener(self._on_ack)
-        self._settled_through = 0
-        #: the event types some sink takes (None: every type)
-        filters = [sc.types for sc in cfg.sinks]
-        self._routed_types: frozenset[int] | None = (
-            None if any(f is None for f in filters) else frozenset().union(*filters))
-        #: whether a sink reads the parsed event (else it is dropped once routed, to save memory)
-        self._keep_doc = any(getattr(sk, "uses_doc", True) for sk in self.sinks.values())
-        self.supervisor = Supervisor(s, cfg.stream, self._publish, self.metrics.stream,
-                                     rand=rand, on_status=self._on_status,
-                                     on_hello=self._on_hello)
-        self.store = StateStore(cfg.state.dir, s.name)
+                                 buffer=DiskBuffer(self.ledger) if cfg.spool.disk
+                                 else MemoryBuffer(self.ledger), server=s.name)
+        self.ledger.bind(self.pipeline.cursors, self.pipeline.lagging, self.pipeline.spool_dropped,
+                         positions=self.pipeline.positions,
+                         through=None if cfg.spool.disk else self.pipeline.delivered_through)
+        self.ledger.bind_state(self._settle, self._unsettle)
+        self.metrics.spool = self._spool_figures if cfg.spool.disk else None
         #: ``cometstream tap``: a live view of the published events on a Unix socket in state.dir
         self.tap = TapServer(socket_path(cfg.state.dir), self.pipeline, server=s.name)
         self.redactor = Redactor(enabled=cfg.redact.enabled, extra_keys=cfg.redact.extra_keys)
         self.tracker = Tracker(clock=self.server_time)
-        self._held_keys: set[str] = set()
+        filters = [sc.types for sc in cfg.sinks]
+        self.gate = Gate(self.pipeline, self.tracker, self.redactor, self.metrics.stream,
+                         routed_types=None if any(f is None for f in filters)
+                         else frozenset().union(*filters),
+                         keep_doc=any(getattr(sk, "uses_doc", True)
+                                      for sk in self.sinks.values()))
+        self.supervisor = Supervisor(s, cfg.stream, self.gate.publish, self.metrics.stream,
+                                     rand=rand, on_status=self._on_status,
+                                     on_hello=self._on_hello)
         self.api = AdminClient(s, ssl_context=make_ssl_context(s),
                                connect_timeout=cfg.stream.connect_timeout)
         self.resyncer = Resyncer(self.api, self.tracker, server=s.name,
                                  overlap=cfg.resync.overlap, redactor=self.redactor,
-                                 clock=self.server_time, held=self._held_keys.__contains__)
-        self._release_filter: ResyncResult | None = None
-        self._saving = False
-        self._save_cost = 0.0
+                                 clock=self.server_time, held=self.gate.is_held)
         self._resync_retry = resync_retry
         self._resync_task: asyncio.Task[None] | None = None
-        self._holding = False
-        self._held: deque[Event] = deque()
-        self._releasing: asyncio.Task[None] | None = None
+        self._recovered = False
         self._skew = 0.0
         self.status = ("starting", "starting")
         self.resyncs_ok = 0
@@ -161,102 +145,19 @@ class Daemon:
         """The server's clock: ours plus the offset its HELLO's CurrentTime showed."""
         return self.clock() + self._skew
 
-    # --- the publish path ------------------------------------------------------------------------
-    def _publish(self, ev: Event) -> Awaitable[None] | None:
-        if self._holding and ev.type != HELLO:  # the HELLO opens the session: it goes first
-            self._held.append(ev)
-            if ev.type in JOB_TYPES:
-                key = ev.dedup_key()
-                if key is not None:
-                    self._held_keys.add(key)
-            if len(self._held) > HOLD_MAX and self._releasing is None:
-                log.warning("resync is slow: releasing held live events before it finishes",
-                            held=len(self._held))
-                self._releasing = asyncio.ensure_future(self._release_held())
-            return None
-        return self._deliver(ev)
-
-    def _deliver(self, ev: Event) -> Awaitable[None] | None:
-        """Dedup, track, redact, publish: the per-event path, kept to a few calls."""
-        tracker = self.tracker
-        if ev.type in JOB_TYPES:
-            fp, ts, action = tracker.job_event(ev)
-            if fp is not None:
-                return self._deliver_job(ev, fp, ts, action)
-            key = None  # a job without a GUID: not de-duplicated
-        else:
-            key = None
-            action = tracker.action(ev)  # before redaction: digests are of the full profile
-            wanted = self._routed_types
-            if wanted is None or ev.type in wanted:  # (no sink takes it: nothing to redact)
-                self.redactor.apply(ev)
-        waiting = self.pipeline.publish(ev)  # assigns ev.seq
-        tracker.published(ev, key, action)
-        if not self._keep_doc:
-            ev.release_doc()  # queued events hold only their bytes
-        return waiting
-
-    def _duplicate(self, fp: int) -> bool:
-        """A job event already delivered or in flight: counted, and not published again."""
-        dedup = self.tracker.dedup
-        if fp in dedup.delivered or fp in dedup.inflight:
-            dedup.duplicates += 1
-            self.metrics.stream.duplicates += 1
-            return True
-        return False
-
-    def _deliver_job(self, ev: Event, fp: int, ts: int, action: Action) -> Awaitable[None] | None:
-        """:meth:`_deliver` for a job event whose dedup fingerprint, timestamp and tracked-state
-        change are known (live: from :meth:`Tracker.job_event`; synthesized: from the resync).
-        Job events are not redacted."""
-        if self._duplicate(fp):
-            return None
-        waiting = self.pipeline.publish(ev)  # assigns ev.seq
-        self.tracker.published_job(ev.seq, fp, ts, action)
-        if not self._keep_doc:
-            ev.release_doc()
-        return waiting
-
-    def _repeats_resync(self, ev: Event) -> bool:
-        """A held live event that says again what the sync that just ran reported: a JOB_NEW of
-        a job it reported completed, an account change it reported with the same profile."""
-        res = self._release_filter
-        if res is None:
-            return False
-        if ev.type == JOB_NEW:
-            job = ev.job
-            return job is not None and job.get("GUID") in res.completed
-        if ev.type in (ACCOUNT_NEW, ACCOUNT_UPDATED) and isinstance(ev.data, dict):
-            name = ev.data.get("Username")
-            return isinstance(name, str) and res.accounts.get(name) == account_entry(ev.data)[0]
-        return False
-
-    async def _release_held(self) -> None:
-        try:
-            held = self._held
-            while held:
-                ev = held.popleft()
-                if self._repeats_resync(ev):
-                    self.metrics.stream.duplicates += 1
-                    continue
-                waiting = self._deliver(ev)
-                if waiting is not None:
-                    await waiting
-            self._holding = False
-        finally:
-            self._releasing = None
-            self._release_filter = None
-            self._held_keys.clear()
-
     # --- stream callbacks ------------------------------------------------------------------------
     def _on_status(self, state: str, detail: str) -> None:
         self.status = (state, detail)
         if state == "reconnecting" and self.cfg.resync.enabled:
             self.tracker.frozen = True  # a gap: the watermark waits for the next resync
         if state == "connected":
-            n = self.metrics.stream.events_received
-            detail = f"{detail}, {n:,} events".replace(",", " ")
+            detail = self._connected_status()
         self.notifier.status(detail)
+
+    def _connected_status(self) -> str:
+        n = self.metrics.stream.events_received
+        count = f"{n:,}".replace(",", " ")  # (thousands apart, the name's own commas kept)
+        return f"connected to {self.cfg.server.name}, {count} events"
 
     def _on_hello(self, ev: Event) -> None:
         data = ev.data if isinstance(ev.data, dict) else {}
@@ -267,7 +168,7 @@ class Daemon:
             self.tracker.baseline_before = int(self.server_time())
         if not self.cfg.resync.enabled:
             return
-        self._holding = True
+        self.gate.hold()
         if self._resync_task is not None:
             self._resync_task.cancel()
         self._resync_task = asyncio.ensure_future(self._resync_loop(data))
@@ -278,8 +179,8 @@ class Daemon:
             return
         # a bug, not an API failure (those are retried inside): never leave events held
         log.error("resync task failed", error=repr(task.exception()), exc_info=task.exception())
-        if self._holding and self._releasing is None:
-            self._releasing = asyncio.ensure_future(self._release_held())
+        if self.gate.holding:
+            self.gate.start_release()
 
     # --- remedial sync ---------------------------------------------------------------------------
     async def _resync_loop(self, hello: dict[str, Any]) -> None:
@@ -288,7 +189,7 @@ class Daemon:
         while True:
             t0 = time.monotonic()
             try:
-                res = await self.resyncer.run(hello, self._deliver, self._deliver_job)
+                res = await self.resyncer.run(hello, self.gate.deliver, self.gate.deliver_job)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -300,8 +201,8 @@ class Daemon:
                 else:
                     log.exception("resync failed unexpectedly", retry_in=round(delay, 1))
                 self.notifier.status(f"resync failing, retry in {delay:.0f} s: {exc}")
-                if self._holding and self._releasing is None:
-                    await self._release_held()  # live events flow while we retry
+                if self.gate.holding:
+                    await self.gate.release()  # live events flow while we retry
                 await asyncio.sleep(delay)
                 continue
             if res.staged is not None:
@@ -315,31 +216,36 @@ class Daemon:
             log.info("resync done", server=self.cfg.server.name, baseline=res.baseline,
                      events=res.count, kinds=res.kinds, since=res.window[0] or None,
                      duration=round(duration, 3))
-            if self._releasing is not None:
-                await self._releasing
-            self._release_filter = res
-            await self._release_held()
+            await self.gate.release(res)
             self.tracker.frozen = False
             self.resyncs_ok += 1
-            self.checkpoint(write=False)
-            await self._save()
+            if not self._recovered:
+                # what a crash left in the sinks' output is recognised until every sink has
+                # what was published so far (the store's events, this sync's)
+                self._recovered = True
+                self.pipeline.end_recovery()
+            self.ledger.kick()
             return
 
-    # --- checkpoint ------------------------------------------------------------------------------
-    def _on_ack(self, _route: object, _batch: object) -> None:
-        if self._settle_point() > self._settled_through:
-            self.checkpoint(write=False)
+    # --- the ledger ------------------------------------------------------------------------------
+    def _settle(self, through: int) -> StateDiff:
+        """For the ledger's commit: every event up to ``through`` is kept; settle it and hand over
+        what changed in the delivery state."""
+        live_until = None
+        alive = self.supervisor.alive_at
+        if alive and self.supervisor.connected and not self.gate.holding \
+                and not self.tracker.frozen:
+            # what the server sent up to our last sign of life from it (a pong or a frame) has
+            # arrived: TCP keeps order. After that a half-open connection may hide events.
+            live_until = alive + self._skew
+        self.tracker.settle(through, live_until=live_until)
+        return self.tracker.diff()
 
-    def _settle_point(self) -> int:
-        """Up to which seq published events count as kept: durably spooled with a spool (the
-        *received* watermark), else acknowledged by every sink (the delivered one)."""
-        if self.spool is not None:
-            return self.spool.durable_seq
-        return self.pipeline.delivered_through()
+    def _unsettle(self, diff: StateDiff) -> None:
+        self.tracker.restore(diff)
 
     def _spool_figures(self) -> dict[str, Any]:
-        spool = self.spool
-        assert spool is not None
+        spool = self.ledger
         now = time.time()
         seq = self.pipeline.seq
         lag = {}
@@ -352,67 +258,45 @@ class Daemon:
                 "oldest_age": max(0.0, now - oldest) if oldest else 0.0, "lag": lag,
                 "write_errors": spool.write_errors}
 
-    def checkpoint(self, *, write: bool = True) -> None:
-        """Fold acknowledgements into the tracker and (``write``) save it if anything changed."""
-        live_until = None
-        alive = self.supervisor.alive_at
-        if alive and self.supervisor.connected and not self._holding and not self.tracker.frozen:
-            # what the server sent up to our last sign of life from it (a pong or a frame) has
-            # arrived: TCP keeps order. After that a half-open connection may hide events.
-            live_until = alive + self._skew
-        through = self._settle_point()
-        self._settled_through = through
-        self.tracker.settle(through, live_until=live_until)
-        if write and self.tracker.changed:
-            self.store.save(self.tracker.snapshot())
-
-    async def _save(self) -> None:
-        """Write the checkpoint on a thread (it can be megabytes), one write at a time."""
-        if self._saving or not self.tracker.changed:
-            return
-        self._saving = True
-        t0 = time.monotonic()
-        try:
-            await asyncio.to_thread(self.store.save, self.tracker.snapshot())
-        finally:
-            self._saving = False
-            self._save_cost = time.monotonic() - t0
-
-    async def _checkpoint_loop(self) -> None:
-        ticks = 0
+    async def _status_loop(self) -> None:
         while True:
-            # a big checkpoint is written less often: at most ~10% of the time goes to it
-            await asyncio.sleep(max(CHECKPOINT_INTERVAL, 10 * self._save_cost))
-            self.checkpoint(write=False)
-            await self._save()
-            ticks += 1
-            if ticks % 5 == 0 and self.supervisor.connected:
-                n = self.metrics.stream.events_received
-                self.notifier.status(f"connected to {self.cfg.server.name}, "
-                                     f"{n:,} events".replace(",", " "))
+            await asyncio.sleep(STATUS_INTERVAL)
+            if self.supervisor.connected:
+                self.notifier.status(self._connected_status())
 
     def _load_state(self) -> None:
+        d = self.cfg.state.dir
         try:
-            self.store.prepare()
+            d.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self.lock.acquire()
+        except LedgerError as exc:
+            raise ConfigError("state.dir", str(exc)) from None
         except OSError as exc:
-            raise ConfigError("state.dir", f"cannot use {self.store.dir}: "
-                              f"{exc.strerror or exc}") from None
-        cp = self.store.load()
-        if self.spool is not None:
-            try:
-                last = self.spool.open()
-            except (OSError, sqlite3.Error) as exc:
-                raise ConfigError("state.dir", f"cannot use the spool {self.spool.path}: "
-                                  f"{getattr(exc, 'strerror', None) or exc}") from None
-            self.pipeline.resume(last, self.spool.cursors)
-            if self.spool.quarantined is not None:
-                self.metrics.stream.spool_quarantined += 1
-        self.tracker = Tracker(cp, clock=self.server_time)
+            raise ConfigError("state.dir", f"cannot use {d}: {exc.strerror or exc}") from None
+        try:
+            last = self.ledger.open()
+        except LedgerError as exc:
+            raise ConfigError("state.dir", str(exc)) from None
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError("state.dir", f"cannot use the ledger {self.ledger.path}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        if self.cfg.spool.disk:
+            self.pipeline.resume(last, self.ledger.cursors)
+        self.pipeline.recover(self.ledger.positions)
+        if self.ledger.quarantined is not None:
+            self.metrics.stream.spool_quarantined += 1
+        st = self.ledger.state
+        self.tracker = Tracker(st, clock=self.server_time)
         self.tracker.frozen = self.tracker.has_checkpoint and self.cfg.resync.enabled
         self.resyncer.tracker = self.tracker
-        if cp is not None:
-            log.info("checkpoint loaded", watermark=cp.watermark, running_jobs=len(cp.running_jobs),
-                     accounts=len(cp.accounts), dedup=len(self.tracker.dedup))
+        self.gate.tracker = self.tracker
+        if not self.cfg.resync.enabled:
+            self._recovered = True
+            self.pipeline.end_recovery()
+        if st.watermark or st.dedup:
+            log.info("ledger loaded", watermark=st.watermark, running_jobs=len(st.running_jobs),
+                     accounts=len(st.accounts), dedup=len(self.tracker.dedup),
+                     migrated=self.ledger.migrated)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def not_ready_reasons(self) -> list[str]:
@@ -461,15 +345,14 @@ class Daemon:
         await self._start_http()
         log.info("starting", server=cfg.server.name, url=cfg.server.url,
                  sinks=[f"{sc.name}:{sc.type}" for sc in cfg.sinks],
-                 resync=cfg.resync.enabled, state=str(self.store.path))
+                 resync=cfg.resync.enabled, state=str(self.ledger.path))
         self.pipeline.start()
         await self.tap.start()
         sup = asyncio.create_task(self.supervisor.run(), name="supervisor")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
-        saver = asyncio.create_task(self._checkpoint_loop(), name="checkpoint")
-        spooler = asyncio.create_task(self.spool.run(), name="spool") \
-            if self.spool is not None else None
+        saver = asyncio.create_task(self._status_loop(), name="status")
+        spooler = asyncio.create_task(self.ledger.run(), name="ledger")
         self.notifier.ready()
         code = EXIT_OK
         try:
@@ -495,22 +378,20 @@ class Daemon:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task
             self.metrics.stream.connection_up = 0
-            if self._holding:
+            if self.gate.holding:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._release_held(), cfg.shutdown_timeout)
+                    await asyncio.wait_for(self.gate.release(), cfg.shutdown_timeout)
             complete = await self.pipeline.drain(cfg.shutdown_timeout)
-            if spooler is not None:
-                spooler.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await spooler
-            if self.spool is not None:
-                try:
-                    await self.spool.close()  # what is pending, and every sink's cursor
-                except Exception as exc:
-                    log.error("spool close failed", error=str(exc))
-            self.tracker.settle(self._settle_point(), live_until=None)
+            spooler.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await spooler
+            try:
+                # what is pending, every sink's cursor, and the state they make true
+                await self.ledger.close()
+            except Exception as exc:
+                log.error("ledger close failed", error=str(exc))
             self.tracker.drop_pending()
-            self.store.save(self.tracker.snapshot())
+            self.lock.release()
             await self.api.aclose()
             await self.tap.stop()
             if self.http is not None:

@@ -1,8 +1,9 @@
 """``cometstream dlq list|replay|purge``: the events sinks refused for good.
 
 A sink that refuses an event for good (a webhook answering 400, a retry budget spent) leaves it
-in the spool's ``dead_letters`` table (``spool.db`` in ``state.dir``, see
-:mod:`cometstream.spool`): one row per event per sink, with the error and the event's bytes.
+in the ledger's ``dead_letters`` table (``ledger.db`` in ``state.dir``, see
+:mod:`cometstream.delivery.ledger`): one row per event per sink, with the error and the event's
+bytes.
 These commands read and change that table directly, with SQLite's own locking, so they work
 while the daemon runs (WAL: readers never wait; a delete waits up to :data:`BUSY_TIMEOUT_MS` for
 the daemon's commit) and while it is stopped.
@@ -13,10 +14,10 @@ the daemon's commit) and while it is stopped.
   order in batches of :data:`BATCH`, and deletes each batch only once the sink has accepted it
   (``SinkError.accepted`` counts too). The first failure stops the replay; what was not accepted
   stays. Only the rows present when the replay started are sent (the daemon may add more
-  meanwhile), and one replay at a time may run on a spool (a lock file beside it);
+  meanwhile), and one replay at a time may run on a ledger (a lock file beside it);
 - ``purge``: deletes by sink, id and age; asks for ``--yes``.
 
-Exit codes: 0 done (also: nothing to do); 1 the spool is missing or unreadable, or a replay
+Exit codes: 0 done (also: nothing to do); 1 the ledger is missing or unreadable, or a replay
 stopped; 2 usage or configuration problems.
 """
 
@@ -40,7 +41,7 @@ import orjson
 
 if TYPE_CHECKING:
     from .config import Config, SinkConfig
-    from .spool import DeadLetter
+    from .delivery.ledger import DeadLetter
 
 __all__ = ["BATCH", "DlqError", "add_parser", "parse_duration", "run_dlq"]
 
@@ -143,7 +144,7 @@ def run_dlq(args: argparse.Namespace) -> int:
         _err(str(exc))
         return exc.code
     except sqlite3.Error as exc:
-        _err(f"spool {path}: {exc}")
+        _err(f"ledger {path}: {exc}")
         return EXIT_FATAL
     except BrokenPipeError:  # `dlq list | head`: stop quietly (and keep the final flush quiet)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -153,22 +154,22 @@ def run_dlq(args: argparse.Namespace) -> int:
 
 # --- the spool ----------------------------------------------------------------------------------
 def spool_path(cfg: Config) -> Path:
-    from .spool import FILENAME
+    from .delivery.ledger import FILENAME
 
     return cfg.state.dir / FILENAME
 
 
 def open_spool(cfg: Config) -> sqlite3.Connection:
-    """The daemon's spool (never created here); a busy timeout for writes beside the daemon."""
-    from .spool import SpoolCorrupt, connect
+    """The daemon's ledger (never created here); a busy timeout for writes beside the daemon."""
+    from .delivery.ledger import LedgerCorrupt, connect
 
     path = spool_path(cfg)
     if not path.is_file():
-        raise DlqError(f'no spool at {path}: the daemon has not run with buffer = "disk"')
+        raise DlqError(f"no ledger at {path}: the daemon has not run with this state.dir")
     try:
         db = connect(path)
-    except SpoolCorrupt as exc:
-        raise DlqError(f"cannot open the spool {path}: {exc}") from None
+    except LedgerCorrupt as exc:
+        raise DlqError(f"cannot open the ledger {path}: {exc}") from None
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     return db
 
@@ -196,7 +197,7 @@ def _rows(db: sqlite3.Connection, *, sink: str | None = None, ids: Sequence[int]
           max_id: int | None = None, limit: int | None = None,
           page: int = 500) -> Iterator[DeadLetter]:
     """Dead letters in id order, read a page at a time (bounded memory for any table size)."""
-    from .spool import DeadLetter
+    from .delivery.ledger import DeadLetter
 
     where, params = _where(sink, ids, None, max_id)
     after = 0
@@ -449,7 +450,7 @@ async def _replay(cfg: Config, sc: SinkConfig, sink: Any, db: sqlite3.Connection
     """Send the rows, deleting each batch once accepted; the error that stopped it, or None."""
     from .errors import SinkError
     from .events import Event
-    from .spool import delete_dead_letters
+    from .delivery.ledger import delete_dead_letters
 
     progress = _Progress(sc.name, state.total)
     try:
@@ -500,7 +501,7 @@ async def _replay(cfg: Config, sc: SinkConfig, sink: Any, db: sqlite3.Connection
 
 # --- purge ----------------------------------------------------------------------------------------
 def cmd_purge(cfg: Config, args: argparse.Namespace) -> int:
-    from .spool import delete_dead_letters
+    from .delivery.ledger import delete_dead_letters
 
     cutoff = time.time() - parse_duration(args.older_than) if args.older_than else None
     db = open_spool(cfg)

@@ -33,9 +33,9 @@ from .errors import SinkError
 from .events import Event
 from .observe.metrics import Metrics, SinkStats
 from .sinks.base import Sink
-from .spool import COMMIT_SOON, PENDING_MAX, Spool
+from .delivery.ledger import COMMIT_SOON, PENDING_MAX, Ledger, Position
 
-__all__ = ["BATCH_MAX", "Pipeline", "Route"]
+__all__ = ["BATCH_MAX", "Buffer", "DiskBuffer", "MemoryBuffer", "Pipeline", "Route"]
 
 BATCH_MAX: Final = 1024
 FAILING_REMINDER: Final = 60.0
@@ -69,6 +69,14 @@ class Route:
         self.behind_since = 0.0
         self.opened = False
         self.abandoned = False
+        #: where the sink's output stood at its last acknowledgement (``sink.position()``, if
+        #: it has one: a file sink's inode and offset), committed with its cursor
+        self.position: Position = None
+        self._position_fn = getattr(sink, "position", None)
+        #: the sink recognises output a crash left past its committed position until it has
+        #: every event up to ``recover_until`` (0: not yet known)
+        self.recovering = False
+        self.recover_until = 0
         #: a sink may bound the retries of one batch (webhook ``max_retries``); None = forever
         mr = getattr(sink, "max_retries", None)
         self.max_retries: int | None = mr if isinstance(mr, int) else None
@@ -128,6 +136,101 @@ class Route:
             await self._space
 
 
+class Buffer:
+    """Where a route's events wait beyond its memory queue: the pipeline's one view of its
+    buffer. :class:`MemoryBuffer` (``[spool] buffer = "memory"``): nowhere, a full queue blocks
+    or drops; :class:`DiskBuffer` (``"disk"``): the ledger, which a lagging sink reads from.
+    Dead letters go to the ledger in both (when there is one: backfill has none)."""
+
+    #: whether a sink that is behind reads from the store (else events wait in memory only)
+    durable = False
+
+    def __init__(self, ledger: Ledger | None = None) -> None:
+        self.ledger = ledger
+
+    def append(self, ev: Event) -> bool:
+        """A published event; True if the read loop must wait (:meth:`wait`)."""
+        return False
+
+    def wait(self) -> Awaitable[None]:
+        raise NotImplementedError
+
+    def overflow(self, route: Route, ev: Event) -> bool:
+        """``route``'s queue is full at ``ev``: True if the buffer takes over (else the route's
+        ``when_full`` policy applies)."""
+        return False
+
+    def release(self, floor: Callable[[], int]) -> None:
+        """A batch is done: every route is done with every event up to ``floor()``."""
+
+    async def read(self, start: int, limit: int, server: str, sink: str) -> list[Event]:
+        return []
+
+    def delivered_through(self, routes: Sequence[Route], published: int) -> int:
+        """The highest seq such that every route has finished with every event up to it."""
+        low = published
+        for r in routes:
+            if r.queue or r.inflight or r.abandoned:
+                low = min(low, r.acked_seq)
+        return low
+
+    def keeps(self) -> str | None:
+        """Where events left undelivered at shutdown stay (None: they are lost)."""
+        return None
+
+    async def dead_letters(self, sink: str, batch: list[Event], msg: str) -> str | None:
+        """Keep refused events; returns where (for the log), or None."""
+        if self.ledger is None:
+            return None
+        await self.ledger.add_dead_letters(sink, batch, msg)
+        return f"ledger (cometstream dlq list --sink {sink})"
+
+
+class MemoryBuffer(Buffer):
+    pass
+
+
+class DiskBuffer(Buffer):
+    durable = True
+
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__(ledger)
+        self.store = ledger
+
+    def append(self, ev: Event) -> bool:
+        pending = self.store.pending
+        pending.append(ev)
+        waiting = len(pending)
+        if waiting == COMMIT_SOON:
+            self.store.kick()
+        return waiting > PENDING_MAX
+
+    def wait(self) -> Awaitable[None]:
+        return self.store.wait_for_room()
+
+    def overflow(self, route: Route, ev: Event) -> bool:
+        # the memory queue is full: the sink goes on from the store (nothing is dropped,
+        # nothing blocks)
+        route.live = False
+        route.next_seq = ev.seq
+        if route._wakeup is not None:
+            route.wake()
+        return True
+
+    def release(self, floor: Callable[[], int]) -> None:
+        if self.store.pending:
+            self.store.release(floor())
+
+    async def read(self, start: int, limit: int, server: str, sink: str) -> list[Event]:
+        return await self.store.read(start, limit, server, sink)
+
+    def delivered_through(self, routes: Sequence[Route], published: int) -> int:
+        return min((r.done_through(published) for r in routes), default=published)
+
+    def keeps(self) -> str | None:
+        return "ledger"
+
+
 class Pipeline:
     """Routes events to sinks. ``start()`` launches the workers, ``drain()`` stops them."""
 
@@ -139,12 +242,12 @@ class Pipeline:
         batch_max: int = BATCH_MAX,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
-        spool: Spool | None = None,
+        buffer: Buffer | None = None,
         server: str = "",
     ) -> None:
         self.metrics = metrics
-        #: the durable spool (buffer = "disk"), or None (memory only)
-        self.spool = spool
+        #: where events wait beyond the memory queues (see :class:`Buffer`)
+        self.buffer = buffer if buffer is not None else MemoryBuffer()
         self.server = server
         self.routes: list[Route] = []
         for cfg, sink in routes:
@@ -163,8 +266,6 @@ class Pipeline:
         self.taps: list[Callable[[Event], None]] = []
         # the filter/queue step per route, precomputed as tuples for the hot loop
         self._fast = [(r, r.types, r.queue, r.maxlen, r.stats) for r in self.routes]
-        if spool is not None:
-            spool.bind(self.cursors, self.lagging, self._spool_dropped)
 
     def resume(self, last_seq: int, cursors: dict[str, int]) -> None:
         """After a restart with a spool: continue numbering after ``last_seq``; a sink whose
@@ -179,19 +280,46 @@ class Pipeline:
                 log.info("sink resumes from the spool", sink=route.name,
                          events_behind=last_seq - cursor)
 
-    def _release_spool(self) -> None:
-        spool = self.spool
-        if spool is not None and spool.pending:
-            spool.release(self.delivered_through())
-
     def cursors(self) -> dict[str, int]:
         seq = self.seq
         return {r.name: r.done_through(seq) for r in self.routes}
 
+    def positions(self) -> dict[str, Position]:
+        """Per sink, where its output stood at its last acknowledgement (see :meth:`cursors`)."""
+        return {r.name: r.position for r in self.routes}
+
+    def recover(self, positions: dict[str, Position]) -> None:
+        """At start: each sink that can (``recover(position)``: a file sink) is told where its
+        output stood at its committed cursor, to recognise what it wrote after it."""
+        for route in self.routes:
+            route.position = positions.get(route.name)
+            recover = getattr(route.sink, "recover", None)
+            if callable(recover) and callable(getattr(route.sink, "end_recovery", None)):
+                recover(route.position)
+                route.recovering = True
+
+    def end_recovery(self) -> None:
+        """Everything a crash may have left unaccounted has been published again (the store's
+        events, the first resync's): each recovering sink ends its recovery once it has it."""
+        for route in self.routes:
+            if route.recovering:
+                route.recover_until = self.seq
+                if route.done_through(self.seq) >= self.seq:
+                    self._recovered(route)
+
+    @staticmethod
+    def _recovered(route: Route) -> None:
+        route.recovering = False
+        route.recover_until = 0
+        try:
+            route.sink.end_recovery()  # type: ignore[attr-defined]
+        except Exception:
+            log.exception("sink end_recovery failed", sink=route.name)
+
     def lagging(self) -> dict[str, tuple[int, frozenset[int] | None]]:
         return {r.name: (r.next_seq, r.types) for r in self.routes if not r.live}
 
-    def _spool_dropped(self, sink: str, count: int) -> None:
+    def spool_dropped(self, sink: str, count: int) -> None:
         route = next(r for r in self.routes if r.name == sink)
         route.stats.dropped["spool_limit"] += count
         log.error("spool limit reached: the oldest events were deleted before this sink got them",
@@ -203,14 +331,8 @@ class Pipeline:
         self.seq += 1
         ev.seq = self.seq
         blocked: list[Route] | None = None
-        spool = self.spool
-        disk_behind = False
-        if spool is not None:
-            spool.pending.append(ev)
-            waiting = len(spool.pending)
-            if waiting == COMMIT_SOON:
-                spool.kick()
-            disk_behind = waiting > PENDING_MAX
+        buffer = self.buffer
+        behind = buffer.append(ev)
         for route, types, queue, maxlen, stats in self._fast:
             if not route.live:
                 continue  # behind: it reads this one from the spool later
@@ -218,13 +340,7 @@ class Pipeline:
                 stats.filtered += 1
                 continue
             if len(queue) >= maxlen:
-                if spool is not None:
-                    # the memory queue is full: the sink goes on from the spool (nothing is
-                    # dropped, nothing blocks)
-                    route.live = False
-                    route.next_seq = ev.seq
-                    if route._wakeup is not None:
-                        route.wake()
+                if buffer.overflow(route, ev):
                     continue
                 if route.drop_when_full:
                     stats.dropped["queue_full"] += 1
@@ -240,8 +356,8 @@ class Pipeline:
         if self.taps:
             for tap in self.taps:
                 tap(ev)
-        if disk_behind:
-            return spool.wait_for_room()  # type: ignore[union-attr]  # the read loop waits
+        if behind:
+            return buffer.wait()  # the read loop waits for the store
         if blocked is not None:
             return self._wait_for_space(blocked)
         return None
@@ -257,13 +373,7 @@ class Pipeline:
 
     def delivered_through(self) -> int:
         """The highest seq such that every route has finished with every event up to it."""
-        low = self.seq
-        if self.spool is not None:
-            return min((r.done_through(low) for r in self.routes), default=low)
-        for r in self.routes:
-            if r.queue or r.inflight or r.abandoned:
-                low = min(low, r.acked_seq)
-        return low
+        return self.buffer.delivered_through(self.routes, self.seq)
 
     @property
     def failing_sinks(self) -> list[str]:
@@ -302,11 +412,12 @@ class Pipeline:
                 await asyncio.wait(pending)
         for route in self.routes:
             left = len(route.queue) + route.inflight
-            if self.spool is not None:
+            kept = self.buffer.keeps()
+            if kept is not None:
                 if left or not route.live:
                     complete = False
                     behind = self.seq - route.done_through(self.seq)
-                    log.info("events stay in the spool for the next start", sink=route.name,
+                    log.info(f"events stay in the {kept} for the next start", sink=route.name,
                              events=behind)
                     route.live = False
                     route.next_seq = route.done_through(self.seq) + 1
@@ -374,14 +485,12 @@ class Pipeline:
             await self._deliver(route, batch, backoff)
             route.inflight = 0
             route.inflight_first = 0
-            if self.spool is not None:
-                self._release_spool()
+            self.buffer.release(self.delivered_through)
 
     async def _from_spool(self, route: Route, backoff: Backoff) -> None:
-        """One batch for a sink that is behind, read from the spool."""
-        assert self.spool is not None
+        """One batch for a sink that is behind, read from the store."""
         start = route.next_seq
-        events = await self.spool.read(start, self.batch_max, self.server, route.name)
+        events = await self.buffer.read(start, self.batch_max, self.server, route.name)
         if not events:
             # nothing at or after ``start``: caught up (or the limits took the rest)
             route.next_seq = self.seq + 1
@@ -405,7 +514,7 @@ class Pipeline:
             await self._deliver(route, batch, backoff)
             route.inflight = 0
             route.inflight_first = 0
-        self._release_spool()
+        self.buffer.release(self.delivered_through)
         if route.next_seq > self.seq:  # nothing was published meanwhile that it skipped
             route.live = True
             route.behind_since = 0.0
@@ -474,6 +583,10 @@ class Pipeline:
         stats = route.stats
         stats.delivered += len(batch)
         route.acked_seq = batch[-1].seq
+        if route._position_fn is not None:
+            route.position = route._position_fn()
+        if route.recover_until and route.acked_seq >= route.recover_until:
+            self._recovered(route)
         now = time.time()
         stats.latency.observe_many([now - ev.received_at for ev in batch])
         for fn in self._ack_listeners:
@@ -485,13 +598,13 @@ class Pipeline:
         stats.dropped["rejected"] += len(batch)
         route.acked_seq = batch[-1].seq
         kept: list[str] = []
-        if self.spool is not None:
-            try:
-                await self.spool.add_dead_letters(route.name, batch, msg)
-                kept.append(f"spool (cometstream dlq list --sink {route.name})")
-            except Exception as exc:  # the disk is the problem: say so, go on
-                log.error("dead letters not kept in the spool: write failed", sink=route.name,
-                          events=len(batch), error=str(exc))
+        try:
+            where = await self.buffer.dead_letters(route.name, batch, msg)
+            if where is not None:
+                kept.append(where)
+        except Exception as exc:  # the disk is the problem: say so, go on
+            log.error("dead letters not kept in the ledger: write failed", sink=route.name,
+                      events=len(batch), error=str(exc))
         if route.dead_letter is not None:  # a configured file gets them too
             route.dead_letter.write(batch, msg)
             kept.append(str(route.dead_letter.path))

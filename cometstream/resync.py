@@ -1,16 +1,11 @@
 """Remedial sync: after every (re)connect, catch up through the admin API on what was missed.
 
 Comet drops a client that drains too slowly, and a client that is down misses everything; the API
-Guide's answer is a "remedial sync using the standard Comet Server APIs". Two parts:
+Guide's answer is a "remedial sync using the standard Comet Server APIs". What has been kept (the
+dedup window, the watermark, the jobs seen running, the account digests and device IDs) is the
+:class:`~cometstream.delivery.tracker.Tracker`'s, stored in the ledger.
 
-:class:`Tracker` keeps what has been **delivered** (acknowledged by every sink), in memory and in
-the checkpoint: the dedup window, the watermark (server time up to which every sink acknowledged
-every event), the jobs seen running, the account digests and the device IDs. The daemon tells it
-about every event it publishes (``admit`` → ``published``); each event's effect on that state is
-applied only when the pipeline reports it acknowledged (``settle``), so a crash before delivery
-never makes the next sync skip anything.
-
-:class:`Resyncer` runs one catch-up (comet-api.md §14) and hands each synthesized event to the
+The :class:`Resyncer` runs one catch-up and hands each synthesized event to the
 daemon as it goes (``emit``), a day of jobs at a time:
 
 - jobs: ``get-jobs-for-date-range(watermark - overlap, now)`` plus ``(0, 0)`` (every incomplete
@@ -21,7 +16,7 @@ daemon as it goes (``emit``), a day of jobs at a time:
   that change after every job and the device list: ``SEVT_ACCOUNT_NEW`` / ``_UPDATED`` /
   ``_REMOVED`` (a changed ``CreationGUID`` is REMOVED then NEW); devices: the set of device IDs
   across all profiles against the stored one, ``SEVT_DEVICE_NEW`` / ``_REMOVED``.
-- the first sync of a process without a checkpoint only records a baseline.
+- the first sync of a daemon without a watermark in its ledger only records a baseline.
 - a new ``ServerStartHash`` (the server restarted) widens the job window.
 
 Synthesized events have the StreamableEvent shape (Actor, OwnerOrganizationID, ResourceID, Type,
@@ -34,7 +29,6 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Final
 
@@ -43,12 +37,13 @@ import structlog
 
 from .api import AdminClient
 from .constants import SEVT
+from .delivery.identity import Action, account_entry, completion_key, fingerprint
+from .delivery.tracker import Tracker
 from .errors import ApiError
-from .events import Event, completion_key, parse_raw
+from .events import Event
 from .redact import Redactor
-from .state import Checkpoint, Dedup, fingerprint, profile_digest
 
-__all__ = ["RESTART_WINDOW", "ResyncResult", "Resyncer", "Tracker", "account_entry"]
+__all__ = ["RESTART_WINDOW", "ResyncResult", "Resyncer"]
 
 log = structlog.get_logger("cometstream.resync")
 
@@ -63,24 +58,7 @@ DEVICE_REMOVED: Final = SEVT["SEVT_DEVICE_REMOVED"]
 RESTART_WINDOW: Final = 3600.0
 #: the job window is read a day at a time
 CHUNK: Final = 86400
-#: timestamps more than this far in the server's future are not trusted for the watermark
-_FUTURE_SLACK: Final = 60
-_LIVE_LAG: Final = 5
-
-Action = tuple[Any, ...] | None
 ServerClock = Callable[[], float]
-
-
-def account_entry(profile: dict[str, Any]) -> list[Any]:
-    """What the checkpoint keeps of a profile: [digest without statistics and devices, CreationGUID]."""
-    return [profile_digest(profile), profile.get("CreationGUID", "") or ""]
-
-
-def _timestamp(doc: dict[str, Any], ev: Event) -> int:
-    """What the tracker records as an event's time: the server's ``Timestamp``, or when it was
-    received if the server gave none."""
-    ts = doc.get("Timestamp")
-    return ts if type(ts) is int and ts else int(ev.received_at)
 
 
 def _devices_of(users: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -91,240 +69,6 @@ def _devices_of(users: dict[str, dict[str, Any]]) -> dict[str, str]:
             for dev in devices:
                 out[str(dev)] = name
     return out
-
-
-class Tracker:
-    """What has been delivered; the in-memory side of the checkpoint."""
-
-    def __init__(self, cp: Checkpoint | None = None, *, dedup: Dedup | None = None,
-                 clock: ServerClock = time.time) -> None:
-        cp = cp or Checkpoint()
-        self.clock = clock
-        self.has_checkpoint = cp.watermark > 0
-        self.watermark = cp.watermark
-        self.server_start_hash = cp.server_start_hash
-        self.running_jobs: dict[str, list[Any]] = dict(cp.running_jobs)
-        #: username -> [digest, CreationGUID], or the bytes of the account event delivered
-        #: last, digested on demand (:meth:`account_entries`)
-        self.accounts: dict[str, list[Any] | bytes] = dict(cp.accounts)
-        self.devices: dict[str, str] = dict(cp.devices)
-        self.accounts_baseline = cp.accounts_baseline
-        self.dedup = dedup or Dedup()
-        self.dedup.load(cp.dedup)
-        #: published, not yet acknowledged by every sink: (seq, dedup fingerprint or None,
-        #: timestamp, action)
-        self._pending: deque[tuple[int, int | None, int, Action]] = deque()
-        #: the pending timestamps' running minimum, (seq, timestamp) with rising timestamps: the
-        #: oldest pending timestamp without a scan of every pending event at each settle
-        self._low: deque[tuple[int, int]] = deque()
-        #: a resync's account/device snapshot, committed once its events are acknowledged
-        self._staged: tuple[int, dict[str, list[Any]], dict[str, str]] | None = None
-        #: True until a resync has covered the current gap: the watermark must not pass it
-        self.frozen = self.has_checkpoint
-        #: server time of this process's first HELLO (the baseline's horizon), 0 = not yet
-        self.baseline_before = 0
-        self.changed = False
-        #: the newest timestamp of any acknowledged event
-        self.newest_acked = 0
-
-    # --- the publish path ------------------------------------------------------------------------
-    def admit(self, ev: Event) -> str | bool:
-        """False for a duplicate (counted); else the event's dedup key, or True if it has none."""
-        key = ev.dedup_key()
-        if key is None:
-            return True
-        if self.dedup.seen(key):
-            self.dedup.duplicates += 1
-            return False
-        return key
-
-    @staticmethod
-    def job_event(ev: Event) -> tuple[int | None, int, Action]:
-        """A job event's dedup fingerprint, timestamp (as :meth:`published` takes it) and
-        tracked-state change, from one look at its data (the hot path: job events are most of
-        the stream). As ``dedup_key``/``action``; (None, 0, None) for a job without a GUID."""
-        doc = ev.doc
-        data = doc.get("Data")
-        if type(data) is not dict:
-            return None, 0, None
-        guid = data.get("GUID")
-        if type(guid) is not str or not guid:
-            return None, 0, None
-        ts = _timestamp(doc, ev)
-        if ev.type == JOB_COMPLETED:
-            end = data.get("EndTime")
-            key = ev._key = f"{JOB_COMPLETED}:{guid}:{end if type(end) is int else 0}"
-            return fingerprint(key), ts, ("job_done", guid)
-        user = data.get("Username")
-        start = data.get("StartTime")
-        key = ev._key = f"{JOB_NEW}:{guid}"  # kept: a sink may ask once ``doc`` is released
-        return fingerprint(key), ts, ("job_new", guid, user if type(user) is str else "",
-                                      start if type(start) is int else 0)
-
-    def published(self, ev: Event, key: str | int | bool | None, action: Action) -> None:
-        """Record a published event: its dedup key (or fingerprint; None/True for none) and
-        ``action`` (from :meth:`action`, taken before redaction)."""
-        ts = _timestamp(ev.doc, ev)
-        if key is None or key is True:
-            self._pending.append((ev.seq, None, ts, action))
-            self._track_low(ev.seq, ts)
-        else:
-            self.published_job(ev.seq, fingerprint(key), ts, action)  # type: ignore[arg-type]
-
-    def published_job(self, seq: int, fp: int, ts: int, action: Action) -> None:
-        """:meth:`published` for a job event whose fingerprint, timestamp (a positive int) and
-        action are known (:meth:`job_event`, or the resync that synthesized it)."""
-        self.dedup.inflight[fp] = seq
-        self._pending.append((seq, fp, ts, action))
-        self._track_low(seq, ts)
-
-    def _track_low(self, seq: int, ts: int) -> None:
-        """The running minimum of pending timestamps (the watermark may not pass it)."""
-        low = self._low
-        while low and low[-1][1] >= ts:
-            low.pop()
-        low.append((seq, ts))
-
-    @staticmethod
-    def action(ev: Event) -> Action:
-        """The change this event makes to the tracked state, applied once it is delivered."""
-        t = ev.type
-        if t == JOB_NEW or t == JOB_COMPLETED:
-            job = ev.job
-            guid = job.get("GUID") if job else None
-            if isinstance(guid, str) and guid:
-                if t == JOB_NEW:
-                    user = job.get("Username")  # type: ignore[union-attr]
-                    start = job.get("StartTime")  # type: ignore[union-attr]
-                    return ("job_new", guid, user if isinstance(user, str) else "",
-                            start if type(start) is int else 0)
-                return ("job_done", guid)
-            return None
-        if ev.origin != "stream":
-            return None  # a resync stages its account/device state as a whole
-        data = ev.data
-        if t == ACCOUNT_NEW or t == ACCOUNT_UPDATED:
-            if isinstance(data, dict) and isinstance(data.get("Username"), str):
-                # the server's bytes, not yet redacted: digested only when the checkpoint or a
-                # resync needs it (see account_entries)
-                return ("account", data["Username"], ev.raw)
-        elif t == ACCOUNT_REMOVED:
-            name = data if isinstance(data, str) else (
-                data.get("Username") if isinstance(data, dict) else None)
-            name = name or ev.doc.get("ResourceID")
-            if isinstance(name, str) and name:
-                return ("account_removed", name)
-        elif t == DEVICE_NEW or t == DEVICE_REMOVED:
-            dev = ev.doc.get("ResourceID")
-            if isinstance(dev, str) and dev:
-                actor = ev.doc.get("Actor")
-                return ("device", dev, t == DEVICE_NEW, actor if isinstance(actor, str) else "")
-        return None
-
-    def _apply(self, action: tuple[Any, ...]) -> None:
-        kind = action[0]
-        if kind == "job_new":
-            self.running_jobs[action[1]] = [action[2], action[3]]
-        elif kind == "job_done":
-            self.running_jobs.pop(action[1], None)
-        elif kind == "account":
-            self.accounts[action[1]] = action[2]
-        elif kind == "account_removed":
-            self.accounts.pop(action[1], None)
-        elif kind == "device":
-            if action[2]:
-                self.devices[action[1]] = action[3]
-            else:
-                self.devices.pop(action[1], None)
-
-    def account_entries(self) -> dict[str, list[Any]]:
-        """The accounts' checkpoint entries. A profile's digest (tens of microseconds for a real
-        profile) is taken here rather than per event: an account updated after every job then
-        costs one digest per checkpoint, however many updates it had."""
-        accounts = self.accounts
-        for name, entry in accounts.items():
-            if type(entry) is bytes:
-                data = parse_raw(entry).get("Data")
-                accounts[name] = account_entry(data) if isinstance(data, dict) else ["", ""]
-        return accounts  # type: ignore[return-value]
-
-    def stage_accounts(self, upto_seq: int, accounts: dict[str, list[Any]],
-                       devices: dict[str, str]) -> None:
-        """A resync's snapshot: committed once every event up to ``upto_seq`` is delivered."""
-        self._staged = (upto_seq, accounts, devices)
-
-    # --- acknowledgements --------------------------------------------------------------------------
-    def settle(self, delivered_through: int, *, live_until: float | None) -> None:
-        """Apply the acknowledged events, move their keys into the dedup window, and advance the
-        watermark. ``live_until``: server time up to which the live stream is known complete
-        (connected, caught up, and heard from), or None."""
-        pending = self._pending
-        if pending and pending[0][0] <= delivered_through:
-            # a server bug (or clock) must not push the watermark into the future for good
-            latest = int(self.clock()) + _FUTURE_SLACK
-            acked = self.dedup.acked_fp
-            running = self.running_jobs
-            newest = self.newest_acked
-            while pending and pending[0][0] <= delivered_through:
-                _seq, fp, ts, action = pending.popleft()
-                if ts > latest:
-                    ts = latest
-                if fp is not None:
-                    acked(fp, ts)
-                if action is not None:
-                    kind = action[0]  # the job cases of _apply inline: they are the bulk
-                    if kind == "job_done":
-                        running.pop(action[1], None)
-                    elif kind == "job_new":
-                        running[action[1]] = [action[2], action[3]]
-                    else:
-                        self._apply(action)
-                if ts > newest:
-                    newest = ts
-            self.newest_acked = newest
-            self.changed = True
-        low = self._low
-        while low and low[0][0] <= delivered_through:
-            low.popleft()
-        staged = self._staged
-        if staged is not None and staged[0] <= delivered_through:
-            self.accounts, self.devices = staged[1], staged[2]
-            self._staged = None
-            self.changed = True
-        if self.frozen:
-            return
-        if pending:
-            candidate = low[0][1] - 1  # the oldest timestamp still pending
-        else:
-            candidate = self.newest_acked
-            if live_until is not None:
-                candidate = max(candidate, int(live_until) - _LIVE_LAG)
-        candidate = min(candidate, int(self.clock()))
-        if candidate > self.watermark:
-            self.watermark = candidate
-            self.changed = True
-        self.dedup.prune(self.watermark)
-
-    def drop_pending(self) -> None:
-        """Events that will never be acknowledged (dropped at shutdown): forget them."""
-        for _seq, key, _ts, _a in self._pending:
-            if key is not None:
-                self.dedup.forget_inflight(key)
-        self._pending.clear()
-        self._low.clear()
-        self._staged = None
-
-    def snapshot(self) -> Checkpoint:
-        self.changed = False
-        return Checkpoint(
-            watermark=self.watermark,
-            server_start_hash=self.server_start_hash,
-            running_jobs=dict(self.running_jobs),
-            accounts=dict(self.account_entries()),
-            devices=dict(self.devices),
-            accounts_baseline=self.accounts_baseline,
-            dedup=self.dedup.dump(),
-        )
 
 
 class ResyncResult:
@@ -423,7 +167,6 @@ class Resyncer:
         if start_hash:
             tr.server_start_hash = start_hash
         tr.has_checkpoint = True
-        tr.changed = True
         return res
 
     async def _baseline(self, incomplete: list[dict[str, Any]], res: ResyncResult,
@@ -442,7 +185,7 @@ class Resyncer:
             # started before the first HELLO: history; after it, the sync reports its start
             if isinstance(guid, str) and guid and not job.get("EndTime") \
                     and type(start) is int and start < horizon:
-                tr.running_jobs[guid] = [user if isinstance(user, str) else "", start]
+                tr.set_running(guid, user if isinstance(user, str) else "", start)
         since = max(0, horizon - int(self.overlap))
         res.window = (since, horizon)
         for job in await self.api.jobs_for_date_range(since, horizon):
@@ -524,8 +267,7 @@ class Resyncer:
             if exc.retryable or exc.status != 400:
                 raise  # the API is down or refuses us: not evidence that the job is gone
             log.info("job believed running is gone", job=guid, error=str(exc))
-            self.tracker.running_jobs.pop(guid, None)
-            self.tracker.changed = True
+            self.tracker.drop_running(guid)
             return None
         return job if isinstance(job.get("GUID"), str) else None
 
@@ -582,9 +324,8 @@ class Resyncer:
         current = {name: account_entry(p) for name, p in users.items()}
         devices = _devices_of(users)
         if not tr.accounts_baseline:
-            tr.accounts, tr.devices = current, devices
+            tr.replace_accounts(current, devices)
             tr.accounts_baseline = True
-            tr.changed = True
             return
         old, old_devices = tr.account_entries(), tr.devices
 

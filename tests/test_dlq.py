@@ -20,7 +20,7 @@ from aiohttp import web
 
 from cometstream.dlq import DlqError, parse_duration
 from cometstream.simulator import Simulator
-from cometstream.spool import FILENAME, add_dead_letters_sync, connect
+from cometstream.delivery.ledger import FILENAME, add_dead_letters_sync, connect
 
 from .conftest import cli_env, make_config, run_cli, running, wait_until, write_config
 
@@ -158,8 +158,8 @@ async def test_list_empty_missing_spool_and_unknown_sink(tmp_path: Path) -> None
     conf = write_config(tmp_path, URL, sinks_toml(tmp_path))
     code, out, err = await dlq(conf, "list")
     assert code == 1
-    assert err.strip() == (f"cometstream: dlq: no spool at {spool_file(tmp_path)}: the daemon "
-                           'has not run with buffer = "disk"')
+    assert err.strip() == (f"cometstream: dlq: no ledger at {spool_file(tmp_path)}: the daemon "
+                           "has not run with this state.dir")
     assert not spool_file(tmp_path).exists()  # looking does not create one
 
     add(tmp_path, [])

@@ -79,7 +79,7 @@ async def test_queued_events_keep_only_their_bytes_when_no_sink_reads_the_docume
     })
     async with running(cfg) as d:
         await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
-        assert d.daemon._keep_doc is False
+        assert d.daemon.gate.keep_doc is False
         seen: list[Any] = []
         d.daemon.pipeline.add_ack_listener(
             lambda _r, batch: seen.extend((ev, ev._doc, ev.dedup_key()) for ev in batch))

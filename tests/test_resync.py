@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sqlite3
 import time
 from collections import Counter
 from pathlib import Path
@@ -130,10 +131,32 @@ async def _start(conf: Path) -> asyncio.subprocess.Process:
     return await run_cli("run", "-c", str(conf))
 
 
+def ledger_state(state_dir: Path) -> dict[str, Any]:
+    """What the ledger in ``state_dir`` holds of the delivery state (read-only, beside a running
+    daemon, as an operator's tool would)."""
+    db = sqlite3.connect(f"file:{state_dir / 'ledger.db'}?mode=ro", uri=True)
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta"))
+        return {"server": meta.get("server", ""),
+                "watermark": int(meta.get("watermark", "0")),
+                "server_start_hash": meta.get("server_start_hash", ""),
+                "accounts_baseline": meta.get("accounts_baseline") == "1",
+                "running_jobs": {g: [u, t] for g, u, t in db.execute(
+                    "SELECT guid, username, start FROM running_jobs")},
+                "accounts": {n: [d, c] for n, d, c in db.execute(
+                    "SELECT username, digest, creation_guid FROM accounts")},
+                "dedup": db.execute("SELECT count(*) FROM dedup").fetchone()[0]}
+    finally:
+        db.close()
+
+
 async def _checkpointed(tmp_path: Path, predicate: Any) -> None:
-    cp = tmp_path / "state" / "checkpoint.json"
-    await wait_until(lambda: cp.exists() and predicate(orjson.loads(cp.read_bytes())),
-                     timeout=10, what="checkpoint")
+    def ok() -> bool:
+        try:
+            return bool(predicate(ledger_state(tmp_path / "state")))
+        except sqlite3.Error:
+            return False
+    await wait_until(ok, timeout=10, what="ledger")
 
 
 async def test_sigkill_then_jobs_while_down_then_restart_loses_and_repeats_nothing(
@@ -300,7 +323,7 @@ async def test_a_failing_api_is_retried_while_live_events_flow(sim: Simulator,
     async with running(_file_cfg(sim, tmp_path, path)) as d:
         await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
         await _open_gap(sim, d)
-        d.daemon.checkpoint()
+        await d.daemon.ledger.commit()
         before = d.daemon.tracker.watermark
         await asyncio.sleep(1.1)  # the gap's jobs end in a later second than the watermark
         gap = _gap_jobs(sim, 5)
@@ -312,7 +335,7 @@ async def test_a_failing_api_is_retried_while_live_events_flow(sim: Simulator,
         await wait_until(lambda: any(e["event"].get("ResourceID") == live["Data"]["GUID"]
                                      for e in _lines(path)), what="live event during outage")
         await asyncio.sleep(1.2)
-        d.daemon.checkpoint()
+        await d.daemon.ledger.commit()
         assert d.daemon.tracker.watermark == before
         sim.faults.api_down = False
         await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
@@ -321,14 +344,15 @@ async def test_a_failing_api_is_retried_while_live_events_flow(sim: Simulator,
         # two): until it is, the watermark waits before the oldest unacknowledged event
         pipeline = d.daemon.pipeline
         await wait_until(lambda: pipeline.delivered_through() == pipeline.seq, what="acks")
-        d.daemon.checkpoint()
+        await d.daemon.ledger.commit()
         assert d.daemon.tracker.watermark > before
     assert sorted(g for g, _o in _completions(path)) == sorted(gap)
 
 
 async def test_corrupt_checkpoint_is_moved_aside_and_the_daemon_runs(sim: Simulator,
                                                                      tmp_path: Path) -> None:
-    """A torn checkpoint is reported, kept for inspection, and replaced by a fresh baseline."""
+    """A torn checkpoint of an earlier version is reported, kept for inspection, and the
+    migration goes on without it: a fresh baseline, in the ledger."""
     state = tmp_path / "state"
     state.mkdir()
     (state / "checkpoint.json").write_bytes(b'{"version": 1, "watermark": 17')
@@ -338,42 +362,53 @@ async def test_corrupt_checkpoint_is_moved_aside_and_the_daemon_runs(sim: Simula
         assert d.stats.resync_runs["baseline"] == 1
     aside = list(state.glob("checkpoint.json.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b'{"version": 1')
-    fresh = orjson.loads((state / "checkpoint.json").read_bytes())
-    assert fresh["version"] == 2 and fresh["watermark"] > 17 and fresh["accounts_baseline"]
+    assert not (state / "checkpoint.json").exists()
+    fresh = ledger_state(state)
+    assert fresh["watermark"] > 17 and fresh["accounts_baseline"]
 
 
-def test_checkpoint_keeps_dedup_fingerprints_and_reads_format_1(tmp_path: Path) -> None:
-    """The window is stored as fingerprints (format 2) and survives a save and a load; a format-1
-    file's [key, timestamp] entries still de-duplicate after an upgrade; a damaged compact form
-    is moved aside like any corrupt checkpoint."""
-    from cometstream.state import Checkpoint, Dedup, StateStore
+async def test_a_checkpoint_of_either_format_migrates_into_the_ledger(tmp_path: Path) -> None:
+    """A format-2 checkpoint (fingerprints) and a format-1 one ([key, timestamp]) migrate into
+    the ledger with every key of their window: after the migration the same keys are seen, the
+    old file is gone, and a damaged compact form is moved aside like any corrupt checkpoint."""
+    import base64
+    from array import array
+
+    from cometstream.delivery.identity import fingerprint
+    from cometstream.delivery.ledger import Ledger
+    from cometstream.delivery.tracker import Tracker
 
     keys = [f"4201:{i:08d}-guid:{1733400000 + i}" for i in range(1000)]
-    dd = Dedup()
-    for i, k in enumerate(keys):
-        dd.acked(k, 1733400000 + i)
-    store = StateStore(tmp_path, "sim")
-    store.prepare()
-    assert store.save(Checkpoint(watermark=1733401000, dedup=dd.dump()))
-    blob = (tmp_path / "checkpoint.json").read_bytes()
-    assert b"guid" not in blob and len(blob) < 1000 * 24  # 16 bytes a key, in base64
-    back = Dedup()
-    back.load(store.load().dedup)  # type: ignore[union-attr]
-    assert all(back.seen(k) for k in keys) and not back.seen("4201:other:1")
-    assert list(back.delivered.values()) == list(range(1733400000, 1733401000))
+    fps = array("q", [fingerprint(k) for k in keys])
+    stamps = array("q", range(1733400000, 1733401000))
 
-    (tmp_path / "checkpoint.json").write_bytes(orjson.dumps({
-        "version": 1, "server": "sim", "watermark": 1733400005,
-        "dedup": [[k, 1733400000 + i] for i, k in enumerate(keys[:3])]}))
-    old = Dedup()
-    old.load(store.load().dedup)  # type: ignore[union-attr]
-    assert old.seen(keys[0]) and old.seen(keys[2]) and not old.seen(keys[3])
+    async def migrated(doc: dict[str, Any]) -> Tracker:
+        d = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        (d / "checkpoint.json").write_bytes(orjson.dumps(doc))
+        ledger = Ledger(d, ["a"], server="sim", max_bytes=1 << 20, max_age=3600,
+                        fsync_interval=1.0)
+        ledger.open()
+        await ledger.close()
+        assert ledger.migrated and not (d / "checkpoint.json").exists()
+        return Tracker(ledger.state)
 
-    (tmp_path / "checkpoint.json").write_bytes(orjson.dumps({
-        "version": 2, "server": "sim", "watermark": 1733400005,
-        "dedup": {"fingerprints": "AAAAAAAAAAA=", "timestamps": ""}}))
-    assert store.load() is None
-    assert len(list(tmp_path.glob("checkpoint.json.corrupt-*"))) == 1
+    tr = await migrated({"version": 2, "server": "sim", "watermark": 1733401000,
+                         "running_jobs": {"j": ["u", 5]},
+                         "dedup": {"fingerprints": base64.b64encode(fps.tobytes()).decode(),
+                                   "timestamps": base64.b64encode(stamps.tobytes()).decode()}})
+    assert all(tr.dedup.seen(k) for k in keys) and not tr.dedup.seen("4201:other:1")
+    assert list(tr.dedup.delivered.values()) == list(stamps)
+    assert tr.watermark == 1733401000 and tr.running_jobs == {"j": ["u", 5]}
+
+    old = await migrated({"version": 1, "server": "sim", "watermark": 1733400005,
+                          "dedup": [[k, 1733400000 + i] for i, k in enumerate(keys[:3])]})
+    assert old.dedup.seen(keys[0]) and old.dedup.seen(keys[2]) and not old.dedup.seen(keys[3])
+
+    bad = await migrated({"version": 2, "server": "sim", "watermark": 1733400005,
+                          "dedup": {"fingerprints": "AAAAAAAAAAA=", "timestamps": ""}})
+    assert bad.watermark == 0
+    assert len(list(tmp_path.glob("*/checkpoint.json.corrupt-*"))) == 1
 
 
 async def test_checkpoint_survives_a_restart(sim: Simulator, tmp_path: Path) -> None:
@@ -382,7 +417,7 @@ async def test_checkpoint_survives_a_restart(sim: Simulator, tmp_path: Path) -> 
     cfg = _file_cfg(sim, tmp_path, path)
     async with running(cfg) as d:
         await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
-    cp = orjson.loads((tmp_path / "state" / "checkpoint.json").read_bytes())
+    cp = ledger_state(tmp_path / "state")
     assert cp["server"] == "sim" and cp["server_start_hash"] == sim.server_start_hash
     assert len(cp["accounts"]) == len(sim.world.users)
     async with running(cfg) as d2:
@@ -501,22 +536,34 @@ async def test_a_cancelled_blocked_publish_still_delivers_and_holds_the_watermar
 
 
 def test_job_and_account_state_change_only_when_delivered() -> None:
-    """A completion published but not acknowledged keeps its job 'running' in the checkpoint;
-    a resync's account snapshot is committed only once its events are delivered."""
-    from cometstream.resync import Tracker
+    """A completion published but not kept keeps its job 'running' for the ledger; a resync's
+    account snapshot is applied only once its events are kept; each diff for the ledger holds
+    what changed since the last one, and only that."""
+    from cometstream.delivery.identity import job_event
+    from cometstream.delivery.tracker import Tracker
 
     tr = Tracker()
-    tr.running_jobs["j1"] = ["u", 1]
+    tr.set_running("j1", "u", 1)
+    assert tr.diff().running_jobs == {"j1": ["u", 1]}
     done = _job_ev(COMPLETED, "j1", 1733400000)
     done.seq = 7
-    tr.published(done, tr.admit(done), tr.action(done))
+    tr.published_job(7, *job_event(done))  # type: ignore[arg-type]
     tr.stage_accounts(7, {"u": ["digest", "guid"]}, {"dev": "u"})
     tr.settle(6, live_until=None)
-    assert "j1" in tr.snapshot().running_jobs and tr.accounts == {}
-    assert tr.admit(done) is False  # in flight: a resync must not synthesize it again
+    diff = tr.diff()
+    assert "j1" in tr.running_jobs and tr.accounts == {}
+    assert diff.running_jobs == {} and diff.accounts == {} and diff.dedup == []
+    assert tr.dedup.seen(done.dedup_key())  # in flight: a resync must not synthesize it again
     tr.settle(7, live_until=None)
     assert "j1" not in tr.running_jobs
     assert tr.accounts == {"u": ["digest", "guid"]} and tr.devices == {"dev": "u"}
+    diff = tr.diff()
+    assert diff.running_jobs == {"j1": None} and diff.accounts == {"u": ["digest", "guid"]}
+    assert diff.devices == {"dev": "u"} and [fp for fp, _ts in diff.dedup] == [
+        job_event(done)[0]]
+    tr.restore(diff)  # a failed commit: its changes go with the next one
+    again = tr.diff()
+    assert again.running_jobs == diff.running_jobs and again.dedup == diff.dedup
 
 
 def test_an_account_is_digested_from_its_last_delivered_unredacted_profile() -> None:
@@ -525,7 +572,8 @@ def test_an_account_is_digested_from_its_last_delivered_unredacted_profile() -> 
     redacted), however many updates came between two checkpoints."""
     from cometstream.protocol import decode_frame
     from cometstream.redact import Redactor
-    from cometstream.resync import Tracker, account_entry
+    from cometstream.delivery.identity import account_entry, action
+    from cometstream.delivery.tracker import Tracker
 
     tr = Tracker()
     redactor = Redactor()
@@ -535,14 +583,14 @@ def test_an_account_is_digested_from_its_last_delivered_unredacted_profile() -> 
         ev = decode_frame(orjson.dumps({"Type": 4102, "Timestamp": 1733400000 + seq,
                                         "Data": profile}), received_at=time.time(), server="s")
         ev.seq = seq  # type: ignore[union-attr]
-        action = tr.action(ev)  # type: ignore[arg-type]
+        act = action(ev)  # type: ignore[arg-type]
         redactor.apply(ev)  # type: ignore[arg-type]
         assert b"hash-" not in ev.raw  # type: ignore[union-attr]
-        tr.published(ev, True, action)  # type: ignore[arg-type]
+        tr.published(ev, act)  # type: ignore[arg-type]
     tr.settle(2, live_until=None)
-    assert tr.snapshot().accounts == {"u": account_entry(profiles[1])}
+    assert tr.diff().accounts == {"u": account_entry(profiles[1])}
     tr.settle(3, live_until=None)
-    entry = tr.snapshot().accounts["u"]
+    entry = tr.diff().accounts["u"]
     assert entry == account_entry(profiles[2]) and entry[1] == "g"
     assert entry != account_entry(profiles[1])  # only the password changed
     # statistics alone are not a change
@@ -552,7 +600,8 @@ def test_an_account_is_digested_from_its_last_delivered_unredacted_profile() -> 
 def test_the_watermark_stays_before_the_oldest_unacknowledged_timestamp() -> None:
     """Timestamps do not rise with the publish order: the watermark waits for the oldest event
     still unacknowledged, whichever was published first."""
-    from cometstream.resync import Tracker
+    from cometstream.delivery.identity import job_event
+    from cometstream.delivery.tracker import Tracker
 
     tr = Tracker()
     tr.frozen = False
@@ -560,7 +609,7 @@ def test_the_watermark_stays_before_the_oldest_unacknowledged_timestamp() -> Non
                                        ("c", 1733400080), ("d", 1733400090)), 1):
         ev = _job_ev(COMPLETED, guid, end)
         ev.seq = seq
-        tr.published(ev, tr.admit(ev), tr.action(ev))
+        tr.published_job(seq, *job_event(ev))  # type: ignore[arg-type]
     tr.settle(1, live_until=None)
     assert tr.watermark == 1733400049
     tr.settle(2, live_until=None)
@@ -573,17 +622,18 @@ def test_the_watermark_stays_before_the_oldest_unacknowledged_timestamp() -> Non
 
 def test_a_revived_job_completing_again_is_not_a_duplicate() -> None:
     """Abandoned then revived, a job completes twice with two EndTimes: both are delivered."""
-    from cometstream.resync import Tracker
+    from cometstream.delivery.identity import job_event
+    from cometstream.delivery.tracker import Tracker
 
     tr = Tracker()
     first, again, replay = (_job_ev(COMPLETED, "j", 100), _job_ev(COMPLETED, "j", 200),
                             _job_ev(COMPLETED, "j", 100))
     for seq, ev in enumerate((first, again), 1):
         ev.seq = seq
-        key = tr.admit(ev)
-        assert isinstance(key, str)
-        tr.published(ev, key, tr.action(ev))
-    assert tr.admit(replay) is False
+        fp, ts, act = job_event(ev)
+        assert fp is not None and not tr.dedup.seen(fp)
+        tr.published_job(seq, fp, ts, act)
+    assert tr.dedup.seen(job_event(replay)[0])  # type: ignore[arg-type]
 
 
 async def test_live_events_held_during_a_slow_resync_come_after_it_without_repeats(
@@ -597,7 +647,7 @@ async def test_live_events_held_during_a_slow_resync_come_after_it_without_repea
         gap = _gap_jobs(sim, 3)
         sim.faults.api_delay = 0.4
         sim.faults.reject_logins = False
-        await wait_until(lambda: d.daemon._holding, timeout=10, what="holding")
+        await wait_until(lambda: d.daemon.gate.holding, timeout=10, what="holding")
         started = sim.world.start_job()
         sim.emit(started)
         guid = started["Data"]["GUID"]
@@ -635,7 +685,7 @@ async def test_a_daemon_clock_ten_minutes_ahead_loses_nothing(sim: Simulator,
         sim.faults.reject_logins = True
         await sim.drop_clients()
         await wait_until(lambda: daemon.metrics.stream.connects["rejected"] >= 1, what="gap")
-        daemon.checkpoint()
+        await daemon.ledger.commit()
         assert daemon.tracker.watermark <= time.time() + 1
         gap = _gap_jobs(sim, 5)
         sim.faults.reject_logins = False
@@ -716,7 +766,8 @@ def test_synthesized_job_events_are_the_documents_orjson_would_encode() -> None:
     """The job events a sync assembles around the job's encoding are byte for byte
     ``orjson.dumps`` of the event document (unicode, escapes, large integers, odd names)."""
     from cometstream.redact import Redactor
-    from cometstream.resync import Resyncer, Tracker
+    from cometstream.delivery.tracker import Tracker
+    from cometstream.resync import Resyncer
 
     rs = Resyncer(None, Tracker(), server="s", overlap=120,  # type: ignore[arg-type]
                   redactor=Redactor())
@@ -739,7 +790,8 @@ async def test_synthesized_job_events_keep_their_dedup_key_without_their_documen
     """A sink that reads only the dedup key (webhook) gets it from a synthesized job event whose
     parsed document was released, without parsing its bytes again."""
     from cometstream.redact import Redactor
-    from cometstream.resync import Resyncer, ResyncResult, Tracker
+    from cometstream.delivery.tracker import Tracker
+    from cometstream.resync import Resyncer, ResyncResult
 
     rs = Resyncer(None, Tracker(), server="s", overlap=120,  # type: ignore[arg-type]
                   redactor=Redactor())

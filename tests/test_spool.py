@@ -4,20 +4,17 @@ cursor, SIGKILL loses nothing the remedial sync cannot bring back, damage is qua
 from __future__ import annotations
 
 import asyncio
-import random
-import signal
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 from aiohttp import web
 
 from cometstream.simulator import Simulator
 
-from .conftest import make_config, run_cli, running, wait_until, write_config
+from .conftest import make_config, running, wait_until
 from .kafka_broker import Broker
 
 
@@ -81,7 +78,7 @@ def _file_and_hook(path: Path, hook: Hook, **hook_options: Any) -> dict[str, Any
 
 
 def _spool(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "spool.db"
+    return tmp_path / "state" / "ledger.db"
 
 
 def _fast(d: Any) -> None:
@@ -115,7 +112,7 @@ async def test_a_webhook_down_for_a_burst_lags_on_disk_then_catches_up(sim: Simu
             assert scraped[("cometstream_sink_lag_events", "hook")] > 2800
             assert scraped[("cometstream_sink_lag_events", "file")] == 0
             assert scraped[("cometstream_sink_lag_seconds", "hook")] > 0
-            await wait_until(lambda: d.daemon.spool.durable_seq >= 3001, what="spooled")
+            await wait_until(lambda: d.daemon.ledger.durable_seq >= 3001, what="spooled")
             on_disk = sqlite3.connect(_spool(tmp_path)).execute(
                 "SELECT coalesce(sum(count), 0) FROM chunks").fetchone()[0]
             assert on_disk >= 2800  # kept for the webhook (the file sink is done with them)
@@ -230,7 +227,7 @@ async def test_the_spool_limit_drops_the_oldest_for_the_lagging_sink_only(
                              what="file")
             await wait_until(lambda: d.sink_stats("hook").dropped["spool_limit"] > 0,
                              timeout=10, what="the limit applied")
-            assert d.daemon.spool.bytes <= (1 << 20) + 200_000
+            assert d.daemon.ledger.bytes <= (1 << 20) + 200_000
             # what is left is what the webhook waits for: its age is still known
             assert d.daemon._spool_figures()["oldest_age"] > 0
             hook.down = False
@@ -263,95 +260,25 @@ async def test_a_corrupt_spool_is_quarantined_and_the_daemon_runs(sim: Simulator
         sent = sim.emit_many(20)
         await wait_until(lambda: d.sink_stats("file").delivered == 21, what="events")
         assert d.daemon.metrics.stream.spool_quarantined == 1
-        assert d.daemon.spool.quarantined is not None
-    aside = list(state.glob("spool.db.corrupt-*"))
+        assert d.daemon.ledger.quarantined is not None
+    aside = list(state.glob("ledger.db.corrupt-*"))
     assert len(aside) == 1 and aside[0].read_bytes().startswith(b"SQLite format 3\x00\xde\xad")
     assert _lines(path)[1:] == sent
     db = sqlite3.connect(_spool(tmp_path))
     assert db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
 
 
-@pytest.mark.timeout(300)
-async def test_sigkill_at_random_points_of_a_burst_loses_no_job_completion(
-        sim: Simulator, tmp_path: Path) -> None:
-    """`cometstream run` is killed (SIGKILL) three times at random points while 50,000 jobs
-    complete, and restarted each time. Every completion reaches both sinks: the spool resumes
-    what was received, remedial sync brings back what the stream lost while the daemon was
-    dead. Duplicates are counted and stay a small fraction."""
-    hook = Hook()
-    await hook.start()
-    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    conf = write_config(tmp_path, sim.url, f"""
-[spool]
-fsync_interval = 0.05
-[sinks.a]
-type = "file"
-path = "{a}"
-format = "event"
-types = ["SEVT_JOB_COMPLETED"]
-[sinks.b]
-type = "webhook"
-url = "{hook.url}"
-batch = 100
-format = "event"
-types = ["SEVT_JOB_COMPLETED"]
-""")
-    rng = random.Random(7)
-    completions: set[str] = set()
-    kills = 0
-    t0 = time.monotonic()
-    proc = await run_cli("run", "-c", str(conf))
-    try:
-        await sim.wait_for_clients(1, timeout=10)
-        await asyncio.sleep(0.5)  # the baseline resync
-        for burst in range(4):
-            kill_after = rng.uniform(0.05, 0.6) if burst < 3 else None
-            for i in range(12_500):
-                ev = sim.world.complete_job(sim.world.start_job()["Data"]["GUID"])
-                completions.add(ev["Data"]["GUID"])
-                if sim.clients:
-                    sim.emit(ev)
-                if i % 500 == 0:
-                    await asyncio.sleep(0.02)
-                    if kill_after is not None and rng.random() < 0.05:
-                        proc.send_signal(signal.SIGKILL)
-                        await proc.wait()
-                        kills += 1
-                        kill_after = None
-                        proc = await run_cli("run", "-c", str(conf))
-            if kill_after is not None:
-                await asyncio.sleep(kill_after)
-                proc.send_signal(signal.SIGKILL)
-                await proc.wait()
-                kills += 1
-                proc = await run_cli("run", "-c", str(conf))
-            await sim.wait_for_clients(1, timeout=10)
-        rate = len(completions) / (time.monotonic() - t0)
-        await wait_until(lambda: completions <= set(guids(_lines(a)))
-                         and completions <= set(guids(hook.events)), timeout=120,
-                         what="every completion in both sinks")
-    finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), 20)
-        await hook.stop()
-    assert kills == 3
-    for got in (guids(_lines(a)), guids(hook.events)):
-        assert set(got) == completions
-        # a kill repeats at most what was delivered since the last checkpoint (written once a
-        # second: the dedup keys of later deliveries are not saved) and the last spool commit
-        duplicates = len(got) - len(set(got))
-        assert duplicates <= kills * rate * 2.0, (duplicates, kills, rate)
-
-
-async def test_events_read_back_from_disk_keep_their_dedup_keys_and_format_1_is_upgraded(
+async def test_events_read_back_from_disk_keep_their_dedup_keys_and_a_format_1_spool_migrates(
         tmp_path: Path) -> None:
     """A lagging sink reads job events back with the dedup keys the pipeline computed (its
-    webhook Idempotency-Key then parses nothing); a spool written by format 1, without that
-    column, is upgraded in place and its events read (their keys computed when asked)."""
+    webhook Idempotency-Key then parses nothing); a spool.db of format 1 (an earlier version,
+    without that column) is migrated into the ledger at start and its events read (their keys
+    computed when asked)."""
+    import shutil
+
+    from cometstream.delivery.identity import job_event
+    from cometstream.delivery.ledger import Ledger, _transaction, _upgrade, connect
     from cometstream.protocol import decode_frame
-    from cometstream.resync import Tracker
-    from cometstream.spool import Spool
 
     def job(i: int) -> Any:
         ev = decode_frame(orjson.dumps({"Type": 4201, "Data": {"GUID": f"g{i}", "EndTime": i}}),
@@ -365,47 +292,59 @@ async def test_events_read_back_from_disk_keep_their_dedup_keys_and_format_1_is_
         ev.seq = i  # type: ignore[union-attr]
         return ev
 
+    def ledger() -> Ledger:
+        return Ledger(state, ["slow"], server="s", max_bytes=1 << 30, max_age=86400,
+                      fsync_interval=0.05)
+
     state = tmp_path / "state"
-    spool = Spool(state, ["slow"], max_bytes=1 << 30, max_age=86400, fsync_interval=0.05)
-    spool.open()
+    lg = ledger()
+    lg.open()
     events = [job(1), login(2), job(3)]
     for ev in events[::2]:
-        Tracker.job_event(ev)  # as the daemon does: computes and keeps the key
+        job_event(ev)  # as the gate does: computes and keeps the key
         ev.release_doc()
-    spool.pending.extend(events)
-    await spool.commit()
-    spool.pending.clear()
-    back = await spool.read(1, 10, "s")
+    lg.pending.extend(events)
+    lg.cursors["slow"] = 0
+    await lg.commit()
+    lg.pending.clear()
+    back = await lg.read(1, 10, "s")
     assert [ev._key for ev in back] == ["4201:g1:1", None, "4201:g3:3"]
     assert all(ev._doc is None for ev in back)  # nothing parsed
     assert back[0].dedup_key() == "4201:g1:1" and back[1].dedup_key() is None
-    await spool.close()
+    await lg.close()
 
-    db = sqlite3.connect(_spool(tmp_path))  # what format 1 wrote: no keys column
-    db.executescript("ALTER TABLE chunks DROP COLUMN keys; "
+    # what an earlier version wrote: spool.db of format 1 (no keys, no positions, no state)
+    shutil.move(_spool(tmp_path), state / "spool.db")
+    db = sqlite3.connect(state / "spool.db")
+    db.executescript("ALTER TABLE chunks DROP COLUMN keys; ALTER TABLE cursors DROP COLUMN "
+                     "position; DROP TABLE dedup; DROP TABLE running_jobs; DROP TABLE accounts; "
+                     "DROP TABLE devices; DELETE FROM meta WHERE key != 'format'; "
                      "UPDATE meta SET value = '1' WHERE key = 'format';")
     db.close()
-    from cometstream.spool import connect
-
-    # a tool (dlq, tap) beside an older daemon reads format 1 and leaves its tables alone
-    connect(_spool(tmp_path), check=False).close()
-    assert sqlite3.connect(_spool(tmp_path)).execute(
+    # a tool (dlq, tap) reads an older format and leaves its tables alone
+    connect(state / "spool.db", check=False).close()
+    assert sqlite3.connect(state / "spool.db").execute(
         "SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "1"
-    # two daemons' upgrades racing (both read format 1 before either took the write lock):
-    # the second finds the work done, rather than failing on a duplicate column
-    from cometstream.spool import _transaction, _upgrade_from_1
-
-    first, second = connect(_spool(tmp_path), check=False), connect(_spool(tmp_path), check=False)
-    _transaction(first, lambda: _upgrade_from_1(first))
-    _transaction(second, lambda: _upgrade_from_1(second))
-    first.close()
-    second.close()
-    spool = Spool(state, ["slow"], max_bytes=1 << 30, max_age=86400, fsync_interval=0.05)
-    assert spool.open() == 3 and spool.quarantined is None
-    back = await spool.read(1, 10, "s")
+    lg = ledger()
+    assert lg.open() == 3 and lg.quarantined is None and lg.migrated
+    assert not (state / "spool.db").exists()
+    back = await lg.read(1, 10, "s")
     assert [ev.raw for ev in back] == [ev.raw for ev in events]
     assert [ev._key for ev in back] == [None, None, None]
     assert back[2].dedup_key() == "4201:g3:3"  # parsed on demand
     assert sqlite3.connect(_spool(tmp_path)).execute(
-        "SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "2"
-    await spool.close()
+        "SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "3"
+    await lg.close()
+    # two upgrades racing (both read the old format before either took the write lock): the
+    # second finds the work done, rather than failing on a duplicate column
+    db = sqlite3.connect(_spool(tmp_path))
+    db.executescript("ALTER TABLE cursors DROP COLUMN position; "
+                     "UPDATE meta SET value = '2' WHERE key = 'format';")
+    db.close()
+    first, second = connect(_spool(tmp_path), check=False), connect(_spool(tmp_path), check=False)
+    _transaction(first, lambda: _upgrade(first))
+    _transaction(second, lambda: _upgrade(second))
+    first.close()
+    second.close()
+    assert sqlite3.connect(_spool(tmp_path)).execute(
+        "SELECT value FROM meta WHERE key = 'format'").fetchone()[0] == "3"

@@ -17,11 +17,20 @@ A sink is one class::
         async def aclose(self): ...
         def reopen(self): ...                     # optional: SIGHUP (reopen files)
 
+        # optional, together: exactly once across a crash (the file sink has them)
+        def position(self): ...                   # where the output stands after the last send
+        def recover(self, position): ...          # before open(): the position committed with
+                                                  # the cursor (None: unknown); recognise what
+                                                  # was written after it, do not write it again
+        def end_recovery(self): ...               # every event that could repeat has been sent
+
 ``from_config`` must not do I/O: it runs for ``cometstream check`` too. Filtering (``types``),
 the bounded buffer, batching, retries with backoff, metrics and acknowledgements belong to the
 pipeline: a sink only writes a batch or raises :class:`~cometstream.errors.SinkError` with
-``retryable`` saying whether the same batch may succeed later. Third-party sinks register an
-entry point in the group ``cometstream.sinks`` (see ``docs/sinks.md``).
+``retryable`` saying whether the same batch may succeed later. ``position()`` must return a
+small JSON value (a list of numbers or strings): the ledger stores it with the sink's cursor.
+Third-party sinks register an entry point in the group ``cometstream.sinks`` (see
+``docs/sinks.md``).
 """
 
 from __future__ import annotations

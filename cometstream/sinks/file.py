@@ -15,17 +15,30 @@ failed write (or failed fsync with ``always``) is cut back to where it began (``
 retry leaves no torn or duplicated line behind; a batch that a rotation split in two can only be
 rolled back to the rotation. SIGHUP (``reopen()``) makes the next write reopen ``path``: logrotate's
 ``create`` mode then works without ``copytruncate``.
+
+Exactly once across a crash: the file's inode and byte offset at each acknowledgement
+(:meth:`FileSink.position`) are committed in the ledger with the sink's cursor. At the next start
+(:meth:`FileSink.recover`) the lines past the committed offset (written after the last commit,
+before the crash) are read back and recognised by their identity: the dedup key of a job event,
+the profile digest of an account change, a digest of the bytes otherwise. When the same event
+comes again (from the ledger, or synthesized by the remedial sync) it is not written twice. A
+torn last line (a write cut short) is cut off: its event comes again. Recovery ends once the sink
+has every event published up to the first resync after the start.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+import structlog
+
 from .._thread import WriterThread
+from ..delivery.identity import event_identity, line_identity
 from ..errors import SinkError
 from .base import Sink
 
@@ -36,6 +49,8 @@ if TYPE_CHECKING:
     from ..events import Event
 
 __all__ = ["FileSink"]
+
+log = structlog.get_logger("cometstream.sinks.file")
 
 FSYNC_MODES: Final = ("always", "batch", "never")
 _BATCH_FSYNC_INTERVAL: Final = 1.0
@@ -58,7 +73,13 @@ class FileSink(Sink):
         self._reopen = False
         self._last_fsync = 0.0
         self._dirty = False
+        self._ino = 0
         self._writer: WriterThread | None = None
+        #: where the file stood at the last committed cursor (``[inode, offset]``), for recovery
+        self._recover_from: list[int] | None = None
+        #: identities of lines written past the committed offset, not to be written again
+        self._skip: Counter[str] = Counter()
+        self.recognised = 0
 
     @classmethod
     def from_config(cls, name: str, options: Section) -> Self:
@@ -80,7 +101,45 @@ class FileSink(Sink):
             self._writer = WriterThread(f"sink-{self.name}")
         await self._run(self._open_sync)
 
+    # --- exactly once across a crash -------------------------------------------------------------
+    def position(self) -> list[int]:
+        """Where the file stands after what was acknowledged: [inode, byte offset]."""
+        return [self._ino, self._size]
+
+    def recover(self, position: list[int] | None) -> None:
+        """Before :meth:`open`: the position committed with the sink's cursor (None: unknown)."""
+        if isinstance(position, list) and len(position) == 2 \
+                and all(type(v) is int for v in position):
+            self._recover_from = position
+
+    def end_recovery(self) -> None:
+        if self._skip:
+            log.info("file sink recovery over: some lines written before the crash were not "
+                     "published again", sink=self.name, lines=sum(self._skip.values()))
+        elif self.recognised:
+            log.info("file sink recovery over", sink=self.name, recognised=self.recognised)
+        self._skip.clear()
+
+    def _recognised(self, batch: Sequence[Event]) -> list[Event]:
+        """The events of ``batch`` that the file does not hold yet."""
+        skip = self._skip
+        out = []
+        for ev in batch:
+            ident = event_identity(ev)
+            if skip.get(ident, 0) > 0:
+                skip[ident] -= 1
+                if not skip[ident]:
+                    del skip[ident]
+                self.recognised += 1
+                continue
+            out.append(ev)
+        return out
+
     async def send(self, batch: Sequence[Event]) -> None:
+        if self._skip:
+            batch = self._recognised(batch)
+            if not batch:
+                return
         fmt = self.format
         if fmt == "event":
             lines = [ev.raw for ev in batch]
@@ -115,9 +174,60 @@ class FileSink(Sink):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         self._fd = fd
-        self._size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        self._size = st.st_size
+        self._ino = st.st_ino
+        if self._recover_from is not None:
+            recover, self._recover_from = self._recover_from, None
+            self._read_back(*recover)
         if self._size:
             self._repair_tail()
+
+    def _read_back(self, ino: int, offset: int) -> None:
+        """The lines past the committed position (the file may have been rotated since: the
+        committed inode's rest, then every newer file), as identities not to write again."""
+        base = str(self.path)
+        chain = [(base, self._ino)]
+        for i in range(1, self.keep + 1):
+            try:
+                chain.append((f"{base}.{i}", os.stat(f"{base}.{i}").st_ino))
+            except OSError:
+                break
+        found = next((k for k, (_p, i) in enumerate(chain) if i == ino), None)
+        if found is None:
+            if offset:
+                log.warning("file sink: the file of the last commit is gone (moved or deleted); "
+                            "lines written after it are not recognised", sink=self.name,
+                            path=base)
+            return
+        if found == 0 and self._size < offset:
+            log.error("file sink: the file is shorter than at the last commit: lines "
+                      "acknowledged before a power failure were lost (fsync = \"always\" "
+                      "prevents it)", sink=self.name, path=base, size=self._size,
+                      committed=offset)
+        tail = b""
+        for k in range(found, -1, -1):
+            path = chain[k][0]
+            with open(path, "rb") as fh:
+                if k == found:
+                    fh.seek(offset)
+                data = fh.read()
+            if k == 0 and data and not data.endswith(b"\n"):
+                # a torn last line: cut off (its event comes again)
+                cut = data.rfind(b"\n") + 1
+                os.ftruncate(self._fd, self._size - (len(data) - cut))
+                log.warning("file sink: torn last line cut off", sink=self.name,
+                            bytes=len(data) - cut)
+                self._size -= len(data) - cut
+                data = data[:cut]
+            tail += data
+        for line in tail.splitlines():
+            ident = line_identity(line)
+            if ident is not None:
+                self._skip[ident] += 1
+        if self._skip:
+            log.info("file sink: lines written after the last commit will not be written again",
+                     sink=self.name, lines=sum(self._skip.values()))
 
     def _repair_tail(self) -> None:
         # A crash mid-write (power loss) can leave a last line without its newline; end it so

@@ -1,0 +1,162 @@
+"""The gate between the stream and the pipeline: de-duplication, tracking, redaction, and the
+hold during a remedial sync.
+
+Every received event goes through :meth:`Gate.publish`. While a resync runs (after each HELLO)
+live events are held; the resync's synthesized events go out first (:meth:`deliver` and
+:meth:`deliver_job`), then the held live events (:meth:`release`), less those that repeat what
+the sync just reported. A job event whose dedup key was kept or is in flight is counted as a
+duplicate and not published again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+from ..events import JOB_TYPES, Event
+from ..protocol import HELLO
+from .identity import (
+    ACCOUNT_NEW,
+    ACCOUNT_UPDATED,
+    JOB_NEW,
+    Action,
+    account_entry,
+    action,
+    job_event,
+)
+from .tracker import Tracker
+
+if TYPE_CHECKING:
+    from ..observe.metrics import StreamStats
+    from ..pipeline import Pipeline
+    from ..redact import Redactor
+
+__all__ = ["HOLD_MAX", "Gate"]
+
+#: live events held during a resync beyond this many are released before it finishes
+HOLD_MAX: Final = 200_000
+
+log = structlog.get_logger("cometstream.delivery")
+
+
+class Gate:
+    def __init__(self, pipeline: Pipeline, tracker: Tracker, redactor: Redactor,
+                 stats: StreamStats, *, routed_types: frozenset[int] | None,
+                 keep_doc: bool) -> None:
+        self.pipeline = pipeline
+        self.tracker = tracker
+        self.redactor = redactor
+        self.stats = stats
+        #: the event types some sink takes (None: every type): others need no redaction
+        self.routed_types = routed_types
+        #: whether a sink reads the parsed event (else it is dropped once routed, to save memory)
+        self.keep_doc = keep_doc
+        self.holding = False
+        self._held: deque[Event] = deque()
+        self._held_keys: set[str] = set()
+        self._releasing: asyncio.Task[None] | None = None
+        #: what the sync that just ran reported (held events that repeat it are dropped)
+        self._repeat_filter: Any = None
+
+    # --- the publish path ------------------------------------------------------------------------
+    def publish(self, ev: Event) -> Awaitable[None] | None:
+        """A received event: held during a resync, else delivered."""
+        if self.holding and ev.type != HELLO:  # the HELLO opens the session: it goes first
+            self._held.append(ev)
+            if ev.type in JOB_TYPES:
+                key = ev.dedup_key()
+                if key is not None:
+                    self._held_keys.add(key)
+            if len(self._held) > HOLD_MAX and self._releasing is None:
+                log.warning("resync is slow: releasing held live events before it finishes",
+                            held=len(self._held))
+                self.start_release()
+            return None
+        return self.deliver(ev)
+
+    def deliver(self, ev: Event) -> Awaitable[None] | None:
+        """Dedup, track, redact, publish: the per-event path, kept to a few calls."""
+        if ev.type in JOB_TYPES:
+            fp, ts, act = job_event(ev)
+            if fp is not None:
+                return self.deliver_job(ev, fp, ts, act)
+            act = None  # a job without a GUID: not de-duplicated, nothing to track
+        else:
+            act = action(ev)  # before redaction: digests are of the full profile
+            wanted = self.routed_types
+            if wanted is None or ev.type in wanted:  # (no sink takes it: nothing to redact)
+                self.redactor.apply(ev)
+        waiting = self.pipeline.publish(ev)  # assigns ev.seq
+        self.tracker.published(ev, act)
+        if not self.keep_doc:
+            ev.release_doc()  # queued events hold only their bytes
+        return waiting
+
+    def deliver_job(self, ev: Event, fp: int, ts: int, act: Action) -> Awaitable[None] | None:
+        """:meth:`deliver` for a job event whose dedup fingerprint, timestamp and tracked-state
+        change are known (live: from :func:`~.identity.job_event`; synthesized: from the
+        resync). Job events are not redacted."""
+        dedup = self.tracker.dedup
+        if fp in dedup.delivered or fp in dedup.inflight:
+            dedup.duplicates += 1
+            self.stats.duplicates += 1
+            return None
+        waiting = self.pipeline.publish(ev)  # assigns ev.seq
+        self.tracker.published_job(ev.seq, fp, ts, act)
+        if not self.keep_doc:
+            ev.release_doc()
+        return waiting
+
+    # --- the hold ----------------------------------------------------------------------------------
+    def hold(self) -> None:
+        self.holding = True
+
+    def is_held(self, key: str) -> bool:
+        """Whether a live event with this dedup key is held behind the sync: it is the better
+        copy (the server's own bytes), so the sync leaves that job to it."""
+        return key in self._held_keys
+
+    def start_release(self) -> None:
+        """Release the held events in the background (a resync failing or too slow)."""
+        if self._releasing is None:
+            self._releasing = asyncio.ensure_future(self.release())
+
+    async def release(self, synced: Any = None) -> None:
+        """Deliver the held events, in order, and stop holding. ``synced``: the result of the
+        sync that just ran (a ResyncResult), whose reports the held events must not repeat."""
+        if self._releasing is not None and self._releasing is not asyncio.current_task():
+            await self._releasing
+        self._repeat_filter = synced
+        try:
+            held = self._held
+            while held:
+                ev = held.popleft()
+                if self._repeats_sync(ev):
+                    self.stats.duplicates += 1
+                    continue
+                waiting = self.deliver(ev)
+                if waiting is not None:
+                    await waiting
+            self.holding = False
+        finally:
+            self._releasing = None
+            self._repeat_filter = None
+            self._held_keys.clear()
+
+    def _repeats_sync(self, ev: Event) -> bool:
+        """A held live event that says again what the sync that just ran reported: a JOB_NEW of
+        a job it reported completed, an account change it reported with the same profile."""
+        res = self._repeat_filter
+        if res is None:
+            return False
+        if ev.type == JOB_NEW:
+            job = ev.job
+            return job is not None and job.get("GUID") in res.completed
+        if ev.type in (ACCOUNT_NEW, ACCOUNT_UPDATED) and isinstance(ev.data, dict):
+            name = ev.data.get("Username")
+            return isinstance(name, str) and res.accounts.get(name) == account_entry(ev.data)[0]
+        return False
