@@ -9,6 +9,8 @@ form. There is one place that turns what comes back into results or errors
   (``ERR_TOTP_REQUIRED`` in the message → :class:`TotpRequired`); not retried.
 - other HTTP 4xx, or a 200 body with ``Status`` outside 200-299 → :class:`ApiError` (not retried);
 - HTTP 5xx, 429, transport errors and timeouts → retryable :class:`ApiError`, retried with backoff;
+- every request has a total deadline, ``call_timeout`` (connect, send, headers and the whole body):
+  a per-read timeout alone lets a server that sends one byte a second hold a call forever;
 - JSON ``null`` where a list or map is expected means empty.
 
 With ``PasswordTOTP`` the client logs in once with a code (``account/session-start``) and then uses
@@ -31,12 +33,16 @@ import structlog
 from .backoff import Backoff
 from .config import ServerConfig
 from .errors import ApiError
+from .observe.logging import register_secret
 
 __all__ = ["AdminClient", "ApiAuthError", "TotpRequired", "api_base_url"]
 
 log = structlog.get_logger("cometstream.api")
 
 TOTP_REQUIRED: Final = "ERR_TOTP_REQUIRED"
+#: the largest answer read (decompressed); the job list is asked for a day at a time (a day of
+#: 100,000 jobs is about 95 MB), the accounts' list cannot be paged
+MAX_RESPONSE_BYTES: Final = 256 * 1024 * 1024
 _PREFIX: Final = "/api/v1/"
 
 
@@ -75,6 +81,7 @@ class AdminClient:
         ssl_context: ssl.SSLContext | None = None,
         connect_timeout: float = 10.0,
         read_timeout: float = 120.0,
+        call_timeout: float = 60.0,
         attempts: int = 4,
         retry_initial: float = 0.5,
         retry_max: float = 8.0,
@@ -84,8 +91,12 @@ class AdminClient:
         self.base = api_base_url(server.url)
         self._ssl = ssl_context
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
-                                              sock_read=read_timeout)
+                                              sock_read=min(read_timeout, call_timeout))
+        #: the deadline of one request, from connect to the answer's last byte
+        self.call_timeout = call_timeout
         self.attempts = attempts
+        #: the largest answer read, in bytes (after gzip): beyond, a clear error, not the memory
+        self.max_response = MAX_RESPONSE_BYTES
         self._retry = (retry_initial, retry_max, rand)
         self._http: aiohttp.ClientSession | None = None
         self._session_key: str | None = None
@@ -132,6 +143,7 @@ class AdminClient:
         key = body.get("SessionKey") if isinstance(body, dict) else None
         if not isinstance(key, str) or not key:
             raise ApiAuthError("account/session-start returned no SessionKey")
+        register_secret(key)  # as secret as the password: masked in logs and every output
         self._session_key = key
         log.debug("api session started", server=self.server.name)
 
@@ -172,12 +184,19 @@ class AdminClient:
         url = f"{self.base}{_PREFIX}{path}"
         http = self._open()
         self.calls += 1
+        # one deadline for the whole request: a server that dribbles its answer a byte at a time
+        # never trips a per-read timeout
+        deadline = asyncio.timeout(self.call_timeout)
         try:
-            async with http.post(url, data=form, headers={"Accept-Encoding": "gzip"}) as resp:
-                body = await resp.read()
+            async with deadline, http.post(url, data=form,
+                                           headers={"Accept-Encoding": "gzip"}) as resp:
+                body = await _read_capped(resp, self.max_response, path)
                 status = resp.status
                 ctype = resp.headers.get("Content-Type", "")
         except TimeoutError as exc:
+            if deadline.expired():
+                raise ApiError(f"{path}: no complete answer within {self.call_timeout:g} s "
+                               "(resync.call_timeout)", status=0) from exc
             raise ApiError(f"{path}: timed out", status=0) from exc
         except aiohttp.ClientConnectorError as exc:
             why = exc.os_error.strerror or str(exc.os_error)
@@ -241,6 +260,23 @@ class AdminClient:
     async def list_users_full(self) -> dict[str, dict[str, Any]]:
         data = _as_map(await self.call("admin/list-users-full"))
         return {k: v for k, v in data.items() if isinstance(v, dict)}
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int, path: str) -> bytes:
+    """The answer's body (decompressed), or ApiError (not retried) once it passes ``limit``
+    bytes: a server, or a gzip bomb, cannot make the client hold more."""
+    def too_large() -> ApiError:
+        return ApiError(f"{path}: the answer is larger than {limit / 2**20:g} MiB (the API "
+                        "cannot page it): not read", status=resp.status, retryable=False)
+
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large()
+    body = bytearray()
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        body += chunk
+        if len(body) > limit:
+            raise too_large()
+    return body  # type: ignore[return-value]  # (bytes-like: not copied again)
 
 
 def _no_constants(name: str) -> Any:

@@ -87,7 +87,8 @@ async def run_backfill(cfg: Config, *, since: int, until: int, sink_names: list[
     count = 0
     try:
         async with AdminClient(cfg.server, ssl_context=make_ssl_context(cfg.server),
-                               connect_timeout=cfg.stream.connect_timeout) as api:
+                               connect_timeout=cfg.stream.connect_timeout,
+                               call_timeout=cfg.resync.call_timeout) as api:
             start = since
             while start < until:
                 end = min(start + DAY, until)

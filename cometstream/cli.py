@@ -30,7 +30,7 @@ from .config import (
 from .daemon import EXIT_CREDENTIALS, EXIT_FATAL, EXIT_OK, Daemon
 from .api import ApiAuthError
 from .errors import ApiError, ConfigError, ConfigErrors, CredentialsRejected, StreamError
-from .observe.logging import configure_logging, register_secret
+from .observe.logging import configure_logging, register_secret, scrub
 from .sinks import resolve_sink_class
 
 __all__ = ["main"]
@@ -139,7 +139,8 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def _err(msg: str) -> None:
-    print(f"cometstream: {msg}", file=sys.stderr)
+    # messages quote what the server or a receiver answered: masked like the logs
+    print(f"cometstream: {scrub(msg)}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,16 +185,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"fatal: {exc.__class__.__name__}: {exc}")
         import traceback
 
-        traceback.print_exc()
+        print(scrub(traceback.format_exc()), end="", file=sys.stderr)
         return EXIT_FATAL
     return EXIT_USAGE
 
 
 def _load(args: argparse.Namespace) -> Config:
     cfg = load_config(args.config, resolve_sink=resolve_sink_class)
+    register_secret(*cfg.server.secret_values())
     level = args.log_level or cfg.log.level
     configure_logging(level, cfg.log.format)
     return cfg
+
+
+def _warn_exposed(cfg: Config, *, logged: bool) -> None:
+    """Once per start of check and run: each file holding a secret that others may read."""
+    from .config import exposed_secrets
+
+    for found in exposed_secrets(cfg):
+        if logged:
+            log.warning("secret readable by others", file=str(found.path),
+                        mode=f"{found.mode:04o}", holds=list(found.keys), fix="chmod 600")
+        else:
+            _err(f"config: {found}")
 
 
 async def _serve(daemon: Daemon) -> int:
@@ -204,6 +218,7 @@ async def _serve(daemon: Daemon) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _warn_exposed(cfg, logged=True)
     code = _run_async(_serve(Daemon(cfg)))
     if code == EXIT_CREDENTIALS:
         _err(f"login rejected by {cfg.server.name} for user {cfg.server.username!r} "
@@ -213,6 +228,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    _warn_exposed(cfg, logged=False)
     if not args.connect:
         print("ok")
         return EXIT_OK
@@ -350,7 +366,7 @@ def _cmd_tap(args: argparse.Namespace) -> int:
 
 
 def _tap_err(msg: str) -> None:
-    print(f"cometstream tap: {msg}", file=sys.stderr, flush=True)
+    print(f"cometstream tap: {scrub(msg)}", file=sys.stderr, flush=True)
 
 
 def _tap_loop(sock: Any, buf: bytes, *, out: Any, pretty: bool, count: int | None,

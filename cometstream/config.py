@@ -14,6 +14,7 @@ Relative paths are taken relative to the configuration file's folder.
 from __future__ import annotations
 
 import binascii
+import dataclasses
 import os
 import re
 import tomllib
@@ -27,7 +28,15 @@ from .constants import SEVT
 from .errors import ConfigError, ConfigErrors
 from .events import FORMATS
 from .protocol import AUTH_TYPES, stream_url, totp_code
-from .section import Section, close_matches, show_value
+from .section import (
+    Section,
+    close_matches,
+    collecting_secrets,
+    note_secret,
+    reading_secret_files,
+    secret_files_wanted,
+    show_value,
+)
 
 __all__ = [
     "DEFAULT_PATH",
@@ -125,6 +134,16 @@ class StreamConfig:
 class ResyncConfig:
     enabled: bool = True
     overlap: float = 120.0
+    #: seconds for one admin API request, from connect to the answer's last byte
+    call_timeout: float = 60.0
+    #: seconds for a whole remedial sync (its calls, their retries, the synthesized events)
+    timeout: float = 300.0
+    #: seconds live events may be held behind a running sync before they are released
+    hold_timeout: float = 2.0
+    #: /readyz says not ready after this many failed syncs in a row...
+    unready_after_failures: int = 3
+    #: ...or once syncs have been failing for this many seconds
+    unready_after_seconds: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +218,8 @@ class Config:
     redact: RedactConfig = RedactConfig()
     path: Path | None = None
     spool: SpoolConfig = SpoolConfig()
+    #: the options that hold a secret, each with its file (None: inline in the config file)
+    secrets: tuple[tuple[str, Path | None], ...] = ()
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,9 +237,15 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def read_secret_file(sect: Section, name: str) -> Secret | None:
+    """The secret in the file the option ``name`` names (final line break removed), or None
+    when the option is not set. While a tool that needs no secrets reads the config
+    (``tap``, ``dlq list``) the file is not opened: a placeholder is returned."""
     path = sect.path(name)
     if path is None:
         return None
+    if not secret_files_wanted():
+        return Secret("-", "placeholder")
+    note_secret(sect.key(name), path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -262,6 +289,17 @@ def _secret(sect: Section, key: str, env_var: str, env: Mapping[str, str]) -> Se
     return _credential(key, env)
 
 
+def hide_userinfo(url: str) -> str:
+    """``url`` as an error message may show it: whatever could be ``user:password@`` (all up
+    to the last "@") masked, even in a URL too broken to parse."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    if "@" not in rest:
+        return url
+    return f"{scheme}{sep}******@{rest.rpartition('@')[2]}"
+
+
 def _parse_server(sect: Section, env: Mapping[str, str]) -> ServerConfig:
     url = sect.str("url", required=True, allow_empty=False)
     try:
@@ -273,6 +311,9 @@ def _parse_server(sect: Section, env: Mapping[str, str]) -> ServerConfig:
         _ = parts.port  # raises ValueError for a bad port
         ws_url = stream_url(url)
     except ValueError as exc:
+        if "@" in url:  # the reason may quote a piece of a password (a "/" in it ends the host)
+            raise sect.error("url", f"not a valid http(s) URL: {show_value(hide_userinfo(url))}"
+                             ) from None
         raise sect.error("url", f"not a valid http(s) URL ({exc}): {show_value(url)}") from None
     if parts.username is not None or parts.password is not None:
         # it would be logged with the URL; credentials belong in username/password
@@ -391,6 +432,14 @@ def _parse_sink(name: str, sect: Section, resolve_sink: SinkResolver) -> SinkCon
 
 def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
                  env: Mapping[str, str] | None = None, resolve_sink: SinkResolver) -> Config:
+    """See :func:`_parse_config`; the result also lists the options that hold secrets."""
+    with collecting_secrets() as sources:
+        cfg = _parse_config(data, path=path, env=env, resolve_sink=resolve_sink)
+    return dataclasses.replace(cfg, secrets=tuple(dict.fromkeys(sources)))
+
+
+def _parse_config(data: Mapping[str, Any], *, path: Path | None = None,
+                  env: Mapping[str, str] | None = None, resolve_sink: SinkResolver) -> Config:
     """Validate a parsed TOML document into a :class:`Config`; ``resolve_sink`` finds the sink
     classes (``cometstream.sinks.resolve_sink_class``), which check their own options.
 
@@ -441,8 +490,22 @@ def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
 
 
 def _parse_resync(rs: Section) -> ResyncConfig:
-    resync = ResyncConfig(enabled=rs.bool("enabled", True),
-                          overlap=rs.float("overlap", 120.0, min=0, max=30 * 86400))
+    d = ResyncConfig()
+    resync = ResyncConfig(
+        enabled=rs.bool("enabled", True),
+        overlap=rs.float("overlap", 120.0, min=0, max=30 * 86400),
+        call_timeout=rs.float("call_timeout", d.call_timeout, min=0, min_exclusive=True,
+                              max=3600),
+        timeout=rs.float("timeout", d.timeout, min=0, min_exclusive=True, max=86400),
+        hold_timeout=rs.float("hold_timeout", d.hold_timeout, min=0, max=60),
+        unready_after_failures=rs.int("unready_after_failures", d.unready_after_failures,
+                                      min=1, max=1_000_000),
+        unready_after_seconds=rs.float("unready_after_seconds", d.unready_after_seconds,
+                                       min=0, min_exclusive=True, max=30 * 86400),
+    )
+    if resync.timeout < resync.call_timeout:
+        raise rs.error("timeout", f"must be >= call_timeout ({resync.call_timeout:g}), "
+                       f"got {resync.timeout:g}")
     rs.done()
     return resync
 
@@ -498,14 +561,52 @@ def _parse_shutdown(sd: Section) -> float:
 
 
 def load_config_without_secrets(path: str | os.PathLike[str], *,
-                                resolve_sink: SinkResolver) -> Config:
+                                resolve_sink: SinkResolver, sink_secrets: bool = False) -> Config:
     """The config as ``run`` reads it, with placeholders for the server's secrets: for the tools
     that need only state.dir and the sinks (``tap``, ``dlq``), which run where the password may be
-    a systemd credential of the unit (``COMETSTREAM_*`` from the environment are ignored)."""
+    a systemd credential of the unit (``COMETSTREAM_*`` from the environment are ignored).
+
+    No secret file is opened, the sinks' neither (they get placeholders), unless
+    ``sink_secrets`` (``dlq replay``, which sends to the sinks)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")}
     env.update(COMETSTREAM_PASSWORD="-", COMETSTREAM_SESSION_KEY="-",
                COMETSTREAM_TOTP_SECRET="JBSWY3DPEHPK3PXP")
-    return load_config(path, env=env, resolve_sink=resolve_sink)
+    with reading_secret_files(sink_secrets):
+        return load_config(path, env=env, resolve_sink=resolve_sink)
+
+
+@dataclass(frozen=True, slots=True)
+class ExposedSecret:
+    """A file holding a secret that its group or everyone may read."""
+
+    path: Path
+    mode: int
+    keys: tuple[str, ...]  # the options whose secret it holds
+
+    def __str__(self) -> str:
+        who = "others" if self.mode & 0o004 else "its group"
+        what = ("the password" if self.keys in (("server.password",), ("server.password_file",))
+                else "secrets (" + ", ".join(self.keys) + ")")
+        return f"{self.path} is readable by {who} (mode {self.mode:04o}) and holds {what}: chmod 600"
+
+
+def exposed_secrets(cfg: Config) -> list[ExposedSecret]:
+    """The files with a secret in them (the config file itself with an inline one, a
+    ``*_file``, a sink's secret file or TLS key) that are readable by group or others."""
+    by_file: dict[Path, list[str]] = {}
+    for key, path in cfg.secrets:
+        where = path if path is not None else cfg.path
+        if where is not None:
+            by_file.setdefault(where, []).append(key)
+    out = []
+    for path, keys in by_file.items():
+        try:
+            mode = os.stat(path).st_mode & 0o7777
+        except OSError:
+            continue
+        if mode & 0o044:
+            out.append(ExposedSecret(path, mode, tuple(dict.fromkeys(keys))))
+    return out
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None,

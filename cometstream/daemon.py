@@ -44,7 +44,7 @@ from .delivery.tracker import Tracker
 from .errors import ApiError, ConfigError, CredentialsRejected
 from .events import Event
 from .observe.http import HttpServer
-from .observe.logging import register_secret
+from .observe.logging import register_secret, scrub
 from .observe.metrics import Metrics
 from .observe.systemd import Notifier
 from .pipeline import DiskBuffer, MemoryBuffer, Pipeline
@@ -114,6 +114,8 @@ class Daemon:
                          positions=self.pipeline.positions,
                          through=None if cfg.spool.disk else self.pipeline.delivered_through)
         self.ledger.bind_state(self._settle, self._unsettle)
+        self.pipeline.add_ack_listener(self._on_ack)
+        self._settled_through = 0
         self.metrics.spool = self._spool_figures if cfg.spool.disk else None
         #: ``cometstream tap``: a live view of the published events on a Unix socket in state.dir
         self.tap = TapServer(socket_path(cfg.state.dir), self.pipeline, server=s.name)
@@ -124,12 +126,15 @@ class Daemon:
                          routed_types=None if any(f is None for f in filters)
                          else frozenset().union(*filters),
                          keep_doc=any(getattr(sk, "uses_doc", True)
-                                      for sk in self.sinks.values()))
+                                      for sk in self.sinks.values()),
+                         hold_timeout=cfg.resync.hold_timeout)
         self.supervisor = Supervisor(s, cfg.stream, self.gate.publish, self.metrics.stream,
                                      rand=rand, on_status=self._on_status,
                                      on_hello=self._on_hello)
+        self.gate.malformed = self.supervisor.malformed  # held events that fail, counted alike
         self.api = AdminClient(s, ssl_context=make_ssl_context(s),
-                               connect_timeout=cfg.stream.connect_timeout)
+                               connect_timeout=cfg.stream.connect_timeout,
+                               call_timeout=cfg.resync.call_timeout)
         self.resyncer = Resyncer(self.api, self.tracker, server=s.name,
                                  overlap=cfg.resync.overlap, redactor=self.redactor,
                                  clock=self.server_time, held=self.gate.is_held)
@@ -140,6 +145,10 @@ class Daemon:
         self.status = ("starting", "starting")
         self.resyncs_ok = 0
         self.last_resync: ResyncResult | None = None
+        #: since the first of the failed syncs in a row (monotonic; 0 = the last one succeeded),
+        #: and why the latest failed: /readyz (their count is ``metrics.stream.resync_failures``)
+        self._resync_failing_since = 0.0
+        self._resync_last_error = ""
 
     def server_time(self) -> float:
         """The server's clock: ours plus the offset its HELLO's CurrentTime showed."""
@@ -186,25 +195,49 @@ class Daemon:
     async def _resync_loop(self, hello: dict[str, Any]) -> None:
         stats = self.metrics.stream
         backoff = Backoff(*self._resync_retry)
+        limit = self.cfg.resync.timeout
         while True:
             t0 = time.monotonic()
+            stats.resync_started = t0  # its age: cometstream_resync_running_seconds, /readyz
+            # the whole sync has a deadline: a server that answers slowly enough (a byte a
+            # second) would otherwise hold it, and the watermark, for ever
+            deadline = asyncio.timeout(limit)
             try:
-                res = await self.resyncer.run(hello, self.gate.deliver, self.gate.deliver_job)
+                async with deadline:
+                    res = await self.resyncer.run(hello, self.gate.deliver,
+                                                  self.gate.deliver_job)
             except asyncio.CancelledError:
+                if stats.resync_started == t0:  # (not a newer loop's: a HELLO restarts it)
+                    stats.resync_started = 0.0
                 raise
             except Exception as exc:
+                stats.resync_started = 0.0
                 stats.resync_runs["error"] += 1
+                stats.resync_failures += 1
+                if stats.resync_failures == 1:
+                    self._resync_failing_since = t0
                 delay = backoff.next_delay()
-                if isinstance(exc, ApiError):
-                    log.warning("resync failed", server=self.cfg.server.name, error=str(exc),
-                                retry_in=round(delay, 1))
+                if isinstance(exc, TimeoutError) and deadline.expired():
+                    why = f"not finished within {limit:g} s (resync.timeout): cancelled"
+                    log.warning("resync failed", server=self.cfg.server.name, error=why,
+                                failures=stats.resync_failures, retry_in=round(delay, 1))
+                elif isinstance(exc, ApiError):
+                    why = str(exc)
+                    log.warning("resync failed", server=self.cfg.server.name, error=why,
+                                failures=stats.resync_failures, retry_in=round(delay, 1))
                 else:
+                    why = f"{exc.__class__.__name__}: {exc}"
                     log.exception("resync failed unexpectedly", retry_in=round(delay, 1))
-                self.notifier.status(f"resync failing, retry in {delay:.0f} s: {exc}")
+                self._resync_last_error = why
+                self.notifier.status(f"resync failing, retry in {delay:.0f} s: {why}")
                 if self.gate.holding:
                     await self.gate.release()  # live events flow while we retry
                 await asyncio.sleep(delay)
                 continue
+            stats.resync_started = 0.0
+            stats.resync_failures = 0
+            self._resync_failing_since = 0.0
+            self._resync_last_error = ""
             if res.staged is not None:
                 self.tracker.stage_accounts(self.pipeline.seq, *res.staged)
             duration = time.monotonic() - t0
@@ -231,15 +264,42 @@ class Daemon:
     def _settle(self, through: int) -> StateDiff:
         """For the ledger's commit: every event up to ``through`` is kept; settle it and hand over
         what changed in the delivery state."""
-        live_until = None
+        self._settled_through = max(self._settled_through, through)
+        self.tracker.settle(through, live_until=self._live_until())
+        return self.tracker.diff()
+
+    def _live_until(self) -> float | None:
         alive = self.supervisor.alive_at
         if alive and self.supervisor.connected and not self.gate.holding \
                 and not self.tracker.frozen:
             # what the server sent up to our last sign of life from it (a pong or a frame) has
             # arrived: TCP keeps order. After that a half-open connection may hide events.
-            live_until = alive + self._skew
-        self.tracker.settle(through, live_until=live_until)
-        return self.tracker.diff()
+            return alive + self._skew
+        return None
+
+    def _on_ack(self, _route: object, _batch: object) -> None:
+        """Settle as acknowledgements come, not only at commits: what the tracker holds pending
+        stays small in a burst (its changes wait in the tracker for the next commit)."""
+        point = self.ledger.durable_seq if self.cfg.spool.disk \
+            else self.pipeline.delivered_through()
+        if point > self._settled_through:
+            self._settled_through = point
+            self.tracker.settle(point, live_until=self._live_until())
+
+    def _report_left(self) -> None:
+        """At shutdown, per sink, what the ledger really holds for it (counted in the file,
+        with its filter, after the last commit) and what is lost (never committed: a full
+        disk), not what was hoped."""
+        left = self.ledger.left
+        if left is None:
+            return
+        for name, (kept, lost) in left.items():
+            if kept and self.cfg.spool.disk:
+                log.info("events stay in the ledger for the next start", sink=name,
+                         events=kept)
+            if lost:
+                log.error("events lost for this sink: the ledger's last commit failed",
+                          sink=name, events=lost, error=self.ledger.last_error or None)
 
     def _unsettle(self, diff: StateDiff) -> None:
         self.tracker.restore(diff)
@@ -300,15 +360,38 @@ class Daemon:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def not_ready_reasons(self) -> list[str]:
-        """Why /readyz says 503: not logged in to the stream, or a sink failing."""
+        """Why /readyz says 503: not logged in to the stream, a sink failing, or remedial syncs
+        failing or past their deadline (:meth:`_resync_reasons`). The details
+        hold what the server or a receiver answered: masked like the logs (``scrub``)."""
         reasons = []
         if not self.supervisor.connected:
             state, detail = self.status
-            reasons.append(f"stream: {detail}" if detail else f"stream: {state}")
+            reasons.append(f"stream: {scrub(detail)}" if detail else f"stream: {state}")
         for route in self.pipeline.routes:
             if route.stats.failing:
-                reasons.append(f"sink {route.name}: {route.stats.last_error or 'failing'}")
+                why = scrub(route.stats.last_error) if route.stats.last_error else "failing"
+                reasons.append(f"sink {route.name}: {why}")
+        reasons.extend(self._resync_reasons())
         return reasons
+
+    def _resync_reasons(self) -> list[str]:
+        """/readyz: a sync running past its deadline, or failed syncs (since the last good
+        one) beyond ``unready_after_failures`` or ``unready_after_seconds``."""
+        rs = self.cfg.resync
+        stats = self.metrics.stream
+        now = time.monotonic()
+        out = []
+        if stats.resync_started and now - stats.resync_started > rs.timeout:
+            out.append(f"resync: running for {now - stats.resync_started:.0f} s, past its "
+                       f"deadline (resync.timeout = {rs.timeout:g} s)")
+        n = stats.resync_failures
+        if n:
+            failing = now - self._resync_failing_since
+            if n >= rs.unready_after_failures or failing >= rs.unready_after_seconds:
+                runs = "run" if n == 1 else "runs"
+                out.append(f"resync: {n} failed {runs} since the last good one, failing for "
+                           f"{failing:.0f} s: {scrub(self._resync_last_error)[:300]}")
+        return out
 
     async def _start_http(self) -> None:
         listen = self.cfg.http.listen
@@ -382,14 +465,17 @@ class Daemon:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.gate.release(), cfg.shutdown_timeout)
             complete = await self.pipeline.drain(cfg.shutdown_timeout)
-            spooler.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await spooler
+            self.ledger.stop()  # after the commit in progress, if any
+            try:
+                await asyncio.wait_for(asyncio.shield(spooler), max(cfg.shutdown_timeout, 5.0))
+            except (TimeoutError, asyncio.CancelledError, Exception):
+                spooler.cancel()
             try:
                 # what is pending, every sink's cursor, and the state they make true
-                await self.ledger.close()
+                await self.ledger.close({r.name: r.types for r in self.pipeline.routes})
             except Exception as exc:
                 log.error("ledger close failed", error=str(exc))
+            self._report_left()
             self.tracker.drop_pending()
             self.lock.release()
             await self.api.aclose()

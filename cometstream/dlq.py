@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import re
 import shutil
 import sqlite3
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -120,7 +122,9 @@ def _positive_int(text: str) -> int:
 
 
 def _err(msg: str) -> None:
-    print(f"cometstream: dlq: {msg}", file=sys.stderr, flush=True)
+    from .observe.logging import scrub  # (a replay's failure may quote the receiver)
+
+    print(f"cometstream: dlq: {scrub(msg)}", file=sys.stderr, flush=True)
 
 
 def run_dlq(args: argparse.Namespace) -> int:
@@ -129,8 +133,9 @@ def run_dlq(args: argparse.Namespace) -> int:
     from .observe.logging import configure_logging
     from .sinks import resolve_sink_class
 
-    # the server's password is not needed
-    cfg = load_config_without_secrets(args.config, resolve_sink=resolve_sink_class)
+    # the server's password is not needed; the sinks' secrets only to replay (send) to them
+    cfg = load_config_without_secrets(args.config, resolve_sink=resolve_sink_class,
+                                      sink_secrets=args.dlq_command == "replay")
     configure_logging(args.log_level or "warning", cfg.log.format)
     path = spool_path(cfg)
     try:
@@ -161,14 +166,14 @@ def spool_path(cfg: Config) -> Path:
 
 def open_spool(cfg: Config) -> sqlite3.Connection:
     """The daemon's ledger (never created here); a busy timeout for writes beside the daemon."""
-    from .delivery.ledger import LedgerCorrupt, connect
+    from .delivery.ledger import LedgerCorrupt, LedgerError, connect
 
     path = spool_path(cfg)
     if not path.is_file():
         raise DlqError(f"no ledger at {path}: the daemon has not run with this state.dir")
     try:
         db = connect(path)
-    except LedgerCorrupt as exc:
+    except (LedgerCorrupt, LedgerError) as exc:
         raise DlqError(f"cannot open the ledger {path}: {exc}") from None
     db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     return db
@@ -364,28 +369,41 @@ def _lock(path: Path) -> int:
 
     lock = path.with_name(f"{path.name}.replay-lock")
     try:
-        fd = os.open(lock, os.O_RDONLY | os.O_CREAT, 0o644)
+        # never through a symbolic link (a local user could point it at any file, which this
+        # command, often run as root, would create and give the ledger's owner), private
+        fd = os.open(lock, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     except OSError as exc:
-        raise DlqError(f"cannot create {lock}: {exc.strerror or exc}") from None
+        why = "it is a symbolic link (not followed)" if exc.errno == errno.ELOOP \
+            else exc.strerror or str(exc)
+        raise DlqError(f"cannot create {lock}: {why}") from None
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DlqError(f"cannot use {lock}: not a regular file")
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
         raise DlqError(f"another dlq replay is running on {path}") from None
-    _keep_owner_of(lock, path)
+    except DlqError:
+        os.close(fd)
+        raise
+    _keep_owner_of(fd, path)
     return fd
 
 
-def _keep_owner_of(side: Path, path: Path) -> None:
+def _keep_owner_of(fd: int, path: Path) -> None:
     """Run as root beside a daemon with its own user (``DynamicUser=yes``), give a file this
-    command created the spool's owner (SQLite does the same for ``-wal`` and ``-shm``)."""
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        try:
-            st = path.stat()
-            if st.st_uid != 0 and side.stat().st_uid == 0:
-                os.chown(side, st.st_uid, st.st_gid)
-        except OSError:
-            pass
+    command created (open as ``fd``: the file itself, never where a link points) the spool's
+    owner (SQLite does the same for ``-wal`` and ``-shm``); private either way."""
+    try:
+        st = os.fstat(fd)
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            owner = path.stat()
+            if owner.st_uid != 0 and st.st_uid == 0:
+                os.fchown(fd, owner.st_uid, owner.st_gid)
+    except OSError:
+        pass
 
 
 def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:

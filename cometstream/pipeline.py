@@ -31,13 +31,17 @@ from .backoff import Backoff
 from .config import SinkConfig
 from .errors import SinkError
 from .events import Event
+from .observe.logging import scrub
 from .observe.metrics import Metrics, SinkStats
 from .sinks.base import Sink
-from .delivery.ledger import COMMIT_SOON, PENDING_MAX, Ledger, Position
+from .delivery.ledger import Ledger, Position
 
 __all__ = ["BATCH_MAX", "Buffer", "DiskBuffer", "MemoryBuffer", "Pipeline", "Route"]
 
 BATCH_MAX: Final = 1024
+#: a route's memory queue holds at most this many bytes of events (besides ``buffer`` events):
+#: beyond, it overflows like a full queue (to the ledger, or ``when_full``)
+QUEUE_BYTES: Final = 64 * 1024 * 1024
 FAILING_REMINDER: Final = 60.0
 log = structlog.get_logger("cometstream.pipeline")
 
@@ -56,6 +60,9 @@ class Route:
         self.maxlen = cfg.buffer
         self.drop_when_full = cfg.when_full == "drop_newest"
         self.queue: deque[Event] = deque()
+        #: the queued events' bytes, and their bound
+        self.queued_bytes = 0
+        self.max_bytes = QUEUE_BYTES
         self.inflight = 0
         #: seq of the first event of the batch in flight (0: none), and when it was received
         self.inflight_first = 0
@@ -73,6 +80,8 @@ class Route:
         #: it has one: a file sink's inode and offset), committed with its cursor
         self.position: Position = None
         self._position_fn = getattr(sink, "position", None)
+        #: (acked seq, position) since the last commit's lookup, oldest first
+        self.history: deque[tuple[int, Position]] = deque()
         #: the sink recognises output a crash left past its committed position until it has
         #: every event up to ``recover_until`` (0: not yet known)
         self.recovering = False
@@ -130,7 +139,7 @@ class Route:
     async def wait_for_space(self) -> None:
         """Until the queue is below its bound again (it may be over it by the events of
         producers that are waiting here)."""
-        while len(self.queue) > self.maxlen:
+        while len(self.queue) > self.maxlen or self.queued_bytes > self.max_bytes:
             if self._space is None or self._space.done():
                 self._space = asyncio.get_running_loop().create_future()
             await self._space
@@ -198,12 +207,7 @@ class DiskBuffer(Buffer):
         self.store = ledger
 
     def append(self, ev: Event) -> bool:
-        pending = self.store.pending
-        pending.append(ev)
-        waiting = len(pending)
-        if waiting == COMMIT_SOON:
-            self.store.kick()
-        return waiting > PENDING_MAX
+        return self.store.append(ev)
 
     def wait(self) -> Awaitable[None]:
         return self.store.wait_for_room()
@@ -284,9 +288,20 @@ class Pipeline:
         seq = self.seq
         return {r.name: r.done_through(seq) for r in self.routes}
 
-    def positions(self) -> dict[str, Position]:
-        """Per sink, where its output stood at its last acknowledgement (see :meth:`cursors`)."""
-        return {r.name: r.position for r in self.routes}
+    def positions(self, cursors: dict[str, int]) -> dict[str, Position]:
+        """Per sink, where its output stood once it had acknowledged what it did up to its
+        cursor in ``cursors`` (the ledger may commit a cursor behind the sink's own)."""
+        out = {}
+        for r in self.routes:
+            history = r.history
+            if history:
+                upto = cursors.get(r.name, 0)
+                while len(history) > 1 and history[1][0] <= upto:
+                    history.popleft()
+                if history[0][0] <= upto:
+                    r.position = history.popleft()[1]
+            out[r.name] = r.position
+        return out
 
     def recover(self, positions: dict[str, Position]) -> None:
         """At start: each sink that can (``recover(position)``: a file sink) is told where its
@@ -303,8 +318,10 @@ class Pipeline:
         events, the first resync's): each recovering sink ends its recovery once it has it."""
         for route in self.routes:
             if route.recovering:
-                route.recover_until = self.seq
-                if route.done_through(self.seq) >= self.seq:
+                route.recover_until = max(self.seq, 1)
+                # (a sink not open yet has not read back its output: its first acknowledgement
+                # beyond that seq ends it)
+                if route.opened and route.done_through(self.seq) >= self.seq:
                     self._recovered(route)
 
     @staticmethod
@@ -333,13 +350,14 @@ class Pipeline:
         blocked: list[Route] | None = None
         buffer = self.buffer
         behind = buffer.append(ev)
+        size = len(ev.raw)
         for route, types, queue, maxlen, stats in self._fast:
             if not route.live:
                 continue  # behind: it reads this one from the spool later
             if types is not None and ev.type not in types:
                 stats.filtered += 1
                 continue
-            if len(queue) >= maxlen:
+            if len(queue) >= maxlen or route.queued_bytes >= route.max_bytes:
                 if buffer.overflow(route, ev):
                     continue
                 if route.drop_when_full:
@@ -351,6 +369,7 @@ class Pipeline:
                     blocked = []
                 blocked.append(route)
             queue.append(ev)
+            route.queued_bytes += size
             if route._wakeup is not None:
                 route.wake()
         if self.taps:
@@ -415,13 +434,12 @@ class Pipeline:
             kept = self.buffer.keeps()
             if kept is not None:
                 if left or not route.live:
+                    # (what the ledger really keeps for it is reported once it is closed)
                     complete = False
-                    behind = self.seq - route.done_through(self.seq)
-                    log.info(f"events stay in the {kept} for the next start", sink=route.name,
-                             events=behind)
                     route.live = False
                     route.next_seq = route.done_through(self.seq) + 1
                     route.queue.clear()
+                    route.queued_bytes = 0
                     route.inflight = route.inflight_first = 0
                 route._space_freed()
                 continue
@@ -431,6 +449,7 @@ class Pipeline:
                 log.warning("events not delivered at shutdown", sink=route.name, events=left,
                             timeout=timeout)
                 route.queue.clear()
+                route.queued_bytes = 0
                 route.inflight = 0
                 route.abandoned = True  # never delivered: not "finished with" for the watermark
             route._space_freed()
@@ -478,6 +497,10 @@ class Pipeline:
                 continue
             n = min(len(queue), self.batch_max)
             batch = [queue.popleft() for _ in range(n)]
+            if queue:
+                route.queued_bytes -= sum([len(ev.raw) for ev in batch])
+            else:
+                route.queued_bytes = 0
             route.inflight = n
             route.inflight_first = batch[0].seq
             route.inflight_since = batch[0].received_at
@@ -532,6 +555,7 @@ class Pipeline:
             except asyncio.CancelledError:
                 # drain() gave up: put the batch back so it is counted, not silently lost
                 route.queue.extendleft(reversed(batch))
+                route.queued_bytes += sum(len(ev.raw) for ev in batch)
                 route.inflight = 0
                 route.inflight_first = 0
                 raise
@@ -584,7 +608,7 @@ class Pipeline:
         stats.delivered += len(batch)
         route.acked_seq = batch[-1].seq
         if route._position_fn is not None:
-            route.position = route._position_fn()
+            route.history.append((route.acked_seq, route._position_fn()))
         if route.recover_until and route.acked_seq >= route.recover_until:
             self._recovered(route)
         now = time.time()
@@ -593,6 +617,9 @@ class Pipeline:
             fn(route, batch)
 
     async def _rejected(self, route: Route, batch: list[Event], msg: str) -> None:
+        # the reason may quote the receiver's reply (an echoed Authorization header): masked
+        # like the logs before it is kept in the ledger and the dead-letter file
+        msg = scrub(msg)
         stats = route.stats
         stats.errors += 1
         stats.dropped["rejected"] += len(batch)
@@ -655,7 +682,8 @@ class DeadLetters:
         data = b"".join(head + ev.raw + b"}\n" for ev in batch)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, 0o640)  # (a symbolic link planted there: refused)
             try:
                 view = memoryview(data)
                 while view:

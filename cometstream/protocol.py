@@ -15,6 +15,7 @@ import base64
 import json
 import hashlib
 import hmac
+import re
 import struct
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import orjson
 from orjson import JSONDecodeError
 from orjson import loads as _loads
 
-from .errors import CredentialsRejected
+from .errors import CredentialsRejected, StreamError
 from .events import Event
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "auth_frames",
     "check_reply",
     "decode_frame",
+    "frame_error",
     "stream_url",
     "totp_code",
 ]
@@ -45,6 +47,8 @@ AUTH_TYPES: Final = ("Password", "PasswordTOTP", "SessionKey")
 OK_REPLY: Final = "200 OK"
 HELLO: Final = 4000
 STREAM_PATH: Final = "api/v1/events/stream"
+_INT64_MIN: Final = -(1 << 63)
+_INT64_MAX: Final = (1 << 63) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,13 +77,31 @@ def auth_frames(creds: Credentials) -> list[str]:
     ]
 
 
+#: a refusal of the login, as Comet words it (``403 Unauth``) or as an HTTP-minded proxy might
+_REFUSAL: Final = re.compile(r"(?:401|403)(?:\s|$)")
+
+
 def check_reply(reply: str | bytes | None) -> None:
-    """Accept ``200 OK`` (surrounding whitespace tolerated); anything else rejects the login."""
+    """Accept ``200 OK`` (surrounding whitespace tolerated).
+
+    A clear refusal (``403 Unauth``; any reply starting with ``403`` or ``401``) raises
+    :class:`CredentialsRejected`. Anything else (an HTML page, an empty frame, ``500 ...``) is
+    not a verdict on the credentials but a protocol error: :class:`StreamError`
+    (``reason="login_reply"``), retried with backoff like a network failure."""
     text = reply.decode("utf-8", "replace") if isinstance(reply, bytes) else reply
-    if text is not None and text.strip() == OK_REPLY:
+    stripped = "" if text is None else text.strip()
+    if stripped == OK_REPLY:
         return
-    shown = "no reply" if text is None else repr(text.strip()[:80])
-    raise CredentialsRejected(f"login rejected by server: {shown}", reply=(text or "")[:80])
+    shown = "no reply" if text is None else repr(_printable(stripped[:80]))
+    if _REFUSAL.match(stripped):
+        raise CredentialsRejected(f"login rejected by server: {shown}",
+                                  reply=_printable(stripped[:80]))
+    raise StreamError(f"unexpected reply to the login: {shown} (expected {OK_REPLY!r} or "
+                      "'403 Unauth'; is the URL a Comet Server?)", reason="login_reply")
+
+
+def _printable(text: str) -> str:
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def stream_url(base_url: str) -> str:
@@ -121,7 +143,10 @@ def _b32_normalize(secret: str) -> str:
 class Malformed:
     """A frame that is not a StreamableEvent. ``reason`` is a bounded label; ``sample`` a short excerpt."""
 
-    reason: str  # invalid_json | too_deep | not_object | bad_type | binary | not_utf8
+    #: invalid_json | too_deep | not_object | bad_type | binary | not_utf8 | oversized, and for
+    #: a valid frame whose processing failed (:func:`frame_error`): bad_unicode | too_deep |
+    #: processing_error
+    reason: str
     detail: str
     sample: str
     size: int
@@ -131,6 +156,20 @@ def _sample(data: bytes) -> str:
     text = data[:60].decode("utf-8", "replace")
     text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
     return text + ("..." if len(data) > 60 else "")
+
+
+def frame_error(exc: BaseException, data: bytes | str) -> Malformed:
+    """A frame that decoded but whose processing raised (gate, redaction, identity, publish):
+    counted and skipped like a malformed one, so that one frame costs one frame, never the
+    connection. No sample: the event may not be redacted yet, and the message of an exception
+    may quote its data; the reason and the exception's class say what failed."""
+    if isinstance(exc, UnicodeError):
+        reason, what = "bad_unicode", "text that is not valid Unicode (a lone surrogate?)"
+    elif isinstance(exc, RecursionError):
+        reason, what = "too_deep", "nesting too deep to process"
+    else:
+        reason, what = "processing_error", "the event could not be processed"
+    return Malformed(reason, f"{what} ({exc.__class__.__name__})", "", len(data))
 
 
 def _reject_constant(name: str) -> Any:
@@ -159,6 +198,30 @@ def _slow_loads(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
         return Malformed("invalid_json", msg.split(":", 1)[0][:80], _sample(raw), len(raw))
 
 
+def _lone_surrogate(doc: Any) -> bool:
+    """Whether a (standard-library parsed) document holds a string, key or value, that is not
+    valid Unicode. Iterative: the parser allows more nesting than recursion would."""
+    stack = [doc]
+    while stack:
+        v = stack.pop()
+        if type(v) is dict:
+            for k in v:
+                if not k.isascii():
+                    try:
+                        k.encode()
+                    except UnicodeEncodeError:
+                        return True
+            stack.extend(v.values())
+        elif type(v) is list:
+            stack.extend(v)
+        elif type(v) is str and not v.isascii():
+            try:
+                v.encode()
+            except UnicodeEncodeError:
+                return True
+    return False
+
+
 def decode_frame(
     data: bytes | str,
     *,
@@ -179,11 +242,22 @@ def decode_frame(
         doc = _slow_loads(raw, exc)
         if type(doc) is Malformed:
             return doc
+        if _lone_surrogate(doc):
+            # valid JSON grammar, but not Unicode: no Comet Server writes it (Go escapes
+            # invalid text as U+FFFD), and the ledger, the sinks and the logs could not encode
+            # it. (Only frames orjson refused come here: it refuses lone surrogates.) No
+            # sample: this is an event, not yet redacted.
+            type_ = doc.get("Type") if type(doc) is dict else None
+            return Malformed("bad_unicode", "a \\u escape that is a lone surrogate"
+                             + (f" (event Type {type_})" if type(type_) is int else ""),
+                             "", len(raw))
     if type(doc) is not dict:
         return Malformed("not_object", f"JSON {type(doc).__name__}, not an object", _sample(raw), len(raw))
     type_ = doc.get("Type")
     if type(type_) is not int:
         return Malformed("bad_type", "no integer Type field", _sample(raw), len(raw))
+    if not _INT64_MIN <= type_ <= _INT64_MAX:  # (the ledger keeps types as 64-bit integers)
+        return Malformed("bad_type", "Type beyond 64 bits", _sample(raw), len(raw))
     raw = raw.strip()  # the same object when there is nothing to strip
     if raw.find(10) >= 0 or raw.find(13) >= 0:  # (find: faster than `in` here)
         # Line breaks outside strings are insignificant whitespace in JSON (inside strings they

@@ -8,7 +8,13 @@ licence keys...). Redaction walks ``Data`` of every event except the job events 
 of every key that names a secret with ``"[REDACTED]"``. The rule is in ``docs/resync.md``.
 
 A redacted event is re-encoded (key order kept; integers beyond 64 bits through the standard
-library's encoder); an event with nothing to redact keeps its original bytes.
+library's encoder); an event with nothing to redact keeps its original bytes, unless those bytes
+may hold more than the parsed document shows: a key given twice in one object (parsers keep the
+last one, so a secret given first would survive in the bytes). Such an event is re-encoded from
+the parsed, redacted document.
+
+The walk is iterative (an explicit stack): a frame nested as deep as the parser allows (1,024
+levels) costs no recursion.
 """
 
 from __future__ import annotations
@@ -71,6 +77,10 @@ class Redactor:
         # judged once, and a dict's keys are then matched with set operations, in C.
         self._known: set[str] = set()
         self._secret: set[str] = set()
+        #: (lower-cased) what any secret name contains: bytes without any of them hide none
+        #: (and the Kelvin sign, the one non-ASCII letter whose lower case is ASCII: "k")
+        self._byte_needles = tuple({n.encode() for n in _NEEDLES} | {"\u212a".encode()}
+                                   | {k.encode("utf-8", "surrogatepass") for k in self.extra})
 
     def is_secret(self, key: str) -> bool:
         if key in self._known:
@@ -88,34 +98,41 @@ class Redactor:
                 self._secret.add(key)
         return verdict
 
-    def _walk(self, value: Any) -> bool:
-        """Redact ``value`` in place; True if anything changed."""
+    def _walk(self, root: Any) -> bool:
+        """Redact ``root`` in place; True if anything changed. Iterative: the containers still
+        to visit are on a stack, so depth costs memory, never recursion."""
         changed = False
-        walk = self._walk
-        if type(value) is dict:
-            keys = value.keys()
-            secret = keys & self._secret
-            if not self._known.issuperset(keys):  # new names (or ids used as keys)
-                for k in keys:
-                    # (the verdict, not the cache: past its bound the cache keeps no more)
-                    if k not in self._known and isinstance(k, str) and self.is_secret(k):
-                        secret.add(k)
-            for k in secret:
-                if value[k] not in _EMPTY:
-                    value[k] = MARK
-                    changed = True
-            # the types of the values, found in C: most objects hold only scalars
-            kinds = set(map(type, value.values()))
-            if dict in kinds or list in kinds:
-                for k, v in value.items():
-                    if (type(v) is dict or type(v) is list) and k not in NO_SECRETS:
-                        changed |= walk(v)
-        elif type(value) is list:
-            kinds = set(map(type, value))
-            if dict in kinds or list in kinds:
-                for v in value:
-                    if type(v) is dict or type(v) is list:
-                        changed |= walk(v)
+        known = self._known
+        secret_names = self._secret
+        stack = [root]
+        pop = stack.pop
+        push = stack.append
+        while stack:
+            value = pop()
+            if type(value) is dict:
+                keys = value.keys()
+                secret = keys & secret_names
+                if not known.issuperset(keys):  # new names (or ids used as keys)
+                    for k in keys:
+                        # (the verdict, not the cache: past its bound the cache keeps no more)
+                        if k not in known and isinstance(k, str) and self.is_secret(k):
+                            secret.add(k)
+                for k in secret:
+                    if value[k] not in _EMPTY:
+                        value[k] = MARK
+                        changed = True
+                # the types of the values, found in C: most objects hold only scalars
+                kinds = set(map(type, value.values()))
+                if dict in kinds or list in kinds:
+                    for k, v in value.items():
+                        if (type(v) is dict or type(v) is list) and k not in NO_SECRETS:
+                            push(v)
+            elif type(value) is list:
+                kinds = set(map(type, value))
+                if dict in kinds or list in kinds:
+                    for v in value:
+                        if type(v) is dict or type(v) is list:
+                            push(v)
         return changed
 
     def apply(self, ev: Event) -> Event:
@@ -130,21 +147,46 @@ class Redactor:
         doc = ev.doc
         data = doc.get("Data")
         if type(data) is not dict and type(data) is not list:
-            return ev
-        if not self._walk(data):
+            # nothing to walk; but a hidden first "Data" may hold what this one does not
+            raw = ev.raw
+            if raw.count(b'"Data"') <= ("Data" in doc) and raw.find(b"\\u") < 0:
+                return ev
+            if not _duplicate_keys(raw):
+                return ev
+        elif not self._walk(data) and not self._hides_something(ev.raw):
             return ev
         try:
             out = orjson.dumps(doc)
             inexact = out.find(b"e+") >= 0 and ev.raw.translate(_ZERO_DIGITS).find(_LONG_RUN) >= 0
-        except TypeError:  # integers beyond a double: the stdlib parsed this frame, exactly
-            inexact = True
+        except TypeError:  # integers beyond a double (the stdlib parsed this frame, exactly),
+            inexact = True  # a lone surrogate, or nesting deeper than orjson writes
         if inexact:
-            exact = json.loads(ev.raw)
-            self._walk(exact.get("Data"))
-            out = json.dumps(exact, ensure_ascii=False, separators=(",", ":")).encode()
+            exact = json.loads(ev.raw)  # (keeps the last of duplicate keys, as orjson does)
+            data = exact.get("Data")
+            if type(data) is dict or type(data) is list:
+                self._walk(data)
+            text = json.dumps(exact, ensure_ascii=False, separators=(",", ":"))
+            try:
+                out = text.encode()
+            except UnicodeEncodeError:  # a lone surrogate: written as the escape it came as
+                out = json.dumps(exact, separators=(",", ":")).encode()
         ev.raw = out
         self.redacted_events += 1
         return ev
+
+    def _hides_something(self, raw: bytes) -> bool:
+        """Whether the bytes of an event in which the parsed document showed nothing to redact
+        may still carry a secret: only through a key given twice (the parser kept the last),
+        so only if the bytes name a secret (or spell a name with ``\\u`` escapes); then the
+        bytes are checked for duplicate keys (the standard library's parser, slow but rare)."""
+        if raw.find(b"\\u") < 0:
+            low = raw.lower()
+            for needle in self._byte_needles:
+                if needle in low:
+                    break
+            else:
+                return False
+        return _duplicate_keys(raw)
 
     def profile(self, profile: dict[str, Any]) -> dict[str, Any]:
         """A redacted copy of a profile (for synthesized account events)."""
@@ -161,9 +203,47 @@ def _mentions_secret(lowered: str) -> bool:
     return False
 
 
+class _Duplicate(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> None:
+    if len(pairs) > 1 and len({k for k, _ in pairs}) != len(pairs):
+        raise _Duplicate
+    # (the parsed values are not needed: None)
+
+
+def _duplicate_keys(raw: bytes) -> bool:
+    """Whether some object in ``raw`` gives a key twice (True too when it cannot be told)."""
+    try:
+        json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _Duplicate:
+        return True
+    except (RecursionError, ValueError):  # deeper than the stdlib parses: assume the worst
+        return True
+    return False
+
+
 def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
+    """A deep copy of dicts and lists (iterative: any depth)."""
+    if type(value) is not dict and type(value) is not list:
+        return value
+    root: Any = {} if type(value) is dict else []
+    stack = [(value, root)]
+    while stack:
+        src, dst = stack.pop()
+        if type(src) is dict:
+            for k, v in src.items():
+                if type(v) is dict or type(v) is list:
+                    c: Any = {} if type(v) is dict else []
+                    stack.append((v, c))
+                    v = c
+                dst[k] = v
+        else:
+            for v in src:
+                if type(v) is dict or type(v) is list:
+                    c = {} if type(v) is dict else []
+                    stack.append((v, c))
+                    v = c
+                dst.append(v)
+    return root

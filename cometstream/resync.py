@@ -37,7 +37,19 @@ import structlog
 
 from .api import AdminClient
 from .constants import SEVT
-from .delivery.identity import Action, account_entry, completion_key, fingerprint
+from .delivery.identity import (
+    ACCOUNT_NEW,
+    ACCOUNT_REMOVED,
+    ACCOUNT_UPDATED,
+    DEVICE_NEW,
+    DEVICE_REMOVED,
+    JOB_COMPLETED,
+    JOB_NEW,
+    Action,
+    account_entry,
+    completion_key,
+    fingerprint,
+)
 from .delivery.tracker import Tracker
 from .errors import ApiError
 from .events import Event
@@ -47,13 +59,6 @@ __all__ = ["RESTART_WINDOW", "ResyncResult", "Resyncer"]
 
 log = structlog.get_logger("cometstream.resync")
 
-JOB_NEW: Final = SEVT["SEVT_JOB_NEW"]
-JOB_COMPLETED: Final = SEVT["SEVT_JOB_COMPLETED"]
-ACCOUNT_NEW: Final = SEVT["SEVT_ACCOUNT_NEW"]
-ACCOUNT_REMOVED: Final = SEVT["SEVT_ACCOUNT_REMOVED"]
-ACCOUNT_UPDATED: Final = SEVT["SEVT_ACCOUNT_UPDATED"]
-DEVICE_NEW: Final = SEVT["SEVT_DEVICE_NEW"]
-DEVICE_REMOVED: Final = SEVT["SEVT_DEVICE_REMOVED"]
 #: after a server restart the job window reaches back at least this far
 RESTART_WINDOW: Final = 3600.0
 #: the job window is read a day at a time
@@ -297,6 +302,10 @@ class Resyncer:
                         res.kinds.setdefault("job_completed", 0)  # (the kinds' order as found)
                     n_completed += 1
                     completed.add(guid)
+                elif guid in running and fp in delivered:
+                    # its completion is kept, yet it is believed running: its start, reported
+                    # by a sync that outlasted the hold, was kept after its live completion
+                    tr.drop_running(guid)
             elif guid not in running:
                 key = f"{JOB_NEW}:{guid}"
                 fp = fingerprint(key)

@@ -8,14 +8,58 @@ dotted key.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["Section", "close_matches", "show_value"]
+__all__ = ["Section", "close_matches", "note_secret", "secret_files_wanted", "show_value"]
+
+#: while a config is parsed: the keys that hold a secret, each with the file it is in (None: the
+#: config file itself), for ``check`` and ``run`` to warn about files others can read
+_secret_sources: ContextVar[list[tuple[str, Path | None]] | None] = ContextVar(
+    "cometstream_secret_sources", default=None)
+#: False while a tool that needs no secrets (``tap``, ``dlq list``) reads the config: secret
+#: files are then not opened at all
+_read_secret_files: ContextVar[bool] = ContextVar("cometstream_read_secret_files", default=True)
+
+
+def note_secret(key: str, path: Path | None = None) -> None:
+    """Record that the option ``key`` holds a secret: read from the file ``path``, or written in
+    the config file itself (``path=None``). For sinks whose secrets are not read through
+    ``Section.str(..., secret=True)`` or ``cometstream.config.read_secret_file``."""
+    sources = _secret_sources.get()
+    if sources is not None:
+        sources.append((key, path))
+
+
+def secret_files_wanted() -> bool:
+    """Whether secret files are to be read now (False while ``tap`` or ``dlq list`` read the
+    config: a sink then takes a placeholder instead)."""
+    return _read_secret_files.get()
+
+
+@contextlib.contextmanager
+def collecting_secrets() -> Iterator[list[tuple[str, Path | None]]]:
+    sources: list[tuple[str, Path | None]] = []
+    token = _secret_sources.set(sources)
+    try:
+        yield sources
+    finally:
+        _secret_sources.reset(token)
+
+
+@contextlib.contextmanager
+def reading_secret_files(wanted: bool) -> Iterator[None]:
+    token = _read_secret_files.set(wanted)
+    try:
+        yield
+    finally:
+        _read_secret_files.reset(token)
 
 
 def show_value(value: Any) -> str:
@@ -79,6 +123,8 @@ class Section:
                              f"got {show_value(value)}{extra}")
         if not allow_empty and not value:
             raise self.error(name, "must not be empty")
+        if secret:
+            note_secret(self.key(name))
         return value
 
     def opt_str(self, name: str, *, secret: bool = False) -> str | None:

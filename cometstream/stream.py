@@ -11,9 +11,16 @@ optional idle watchdog (no event frame for ``idle_timeout`` = recycle), all with
 the pipeline; it never waits on a sink unless a sink's policy is ``block``.
 
 The supervisor runs sessions forever, sleeping a full-jitter exponential backoff between them,
-reset once a session proved healthy (logged in and an event received). A login rejected before any
-session of this process succeeded is fatal (:class:`CredentialsRejected`, exit 3); after one, it is
-retried (the server may be restarting).
+reset once a session proved healthy: logged in and still connected ``STABLE_SESSION`` seconds
+later (not at the HELLO: a server that sends a HELLO and then something that ends the session
+would otherwise be reconnected to, and resynced with, as fast as the network allows). A login
+refused (``403 Unauth``) before any session of this process succeeded is fatal
+(:class:`CredentialsRejected`, exit 3); after one, it is retried (the server may be restarting).
+A garbage reply to the login is a protocol error, retried like a network failure.
+
+One frame costs one frame: whatever processing a frame raises once it was read (decoding, the
+gate, redaction, identity, publishing) is caught in the read loop, counted as malformed with its
+reason, and the frame skipped; the session goes on.
 """
 
 from __future__ import annotations
@@ -34,12 +41,24 @@ from .config import ServerConfig, StreamConfig
 from .errors import CredentialsRejected, StreamError
 from .events import JOB_COMPLETED, Event
 from .observe.metrics import StreamStats
-from .protocol import HELLO, Credentials, Malformed, auth_frames, check_reply, decode_frame
+from .protocol import (
+    HELLO,
+    Credentials,
+    Malformed,
+    auth_frames,
+    check_reply,
+    decode_frame,
+    frame_error,
+)
 
-__all__ = ["Publish", "RateLimitedLog", "Session", "Supervisor", "classify", "make_ssl_context"]
+__all__ = ["STABLE_SESSION", "Publish", "RateLimitedLog", "Session", "Supervisor", "classify",
+           "count_malformed", "make_ssl_context"]
 
 #: frames read in a row before the read loop lets other tasks (the sink workers) run
 YIELD_EVERY: Final = 256
+#: seconds a logged-in session must last before the reconnect backoff starts again from its
+#: first step (read at each login: tests may lower it)
+STABLE_SESSION = 30.0
 log = structlog.get_logger("cometstream.stream")
 
 Publish = Callable[[Event], Awaitable[None] | None]
@@ -101,6 +120,15 @@ class RateLimitedLog:
         if suppressed:
             fields["suppressed_since_last"] = suppressed
         log.warning(event, **fields)
+
+
+def count_malformed(stats: StreamStats, rate_log: RateLimitedLog, m: Malformed,
+                    server: str) -> None:
+    """Count a skipped frame by reason, and log it (once a minute per reason)."""
+    stats.malformed += 1
+    stats.malformed_by_reason[m.reason] += 1
+    rate_log(m.reason, "malformed frame skipped", reason=m.reason, detail=m.detail,
+             size=m.size, sample=m.sample, server=server)
 
 
 class Session:
@@ -246,7 +274,11 @@ class Session:
         while True:
             msg = await receive()
             if msg.type is TEXT:
-                waiting = on_frame(msg.data)
+                try:
+                    waiting = on_frame(msg.data)
+                except Exception as exc:  # noqa: BLE001 (one frame costs one frame)
+                    waiting = None
+                    self._malformed(frame_error(exc, msg.data))
                 if waiting is not None:
                     await self._wait_for_sinks(waiting)
                 burst += 1
@@ -325,10 +357,7 @@ class Session:
             self.on_hello(ev)
 
     def _malformed(self, m: Malformed) -> None:
-        self.stats.malformed += 1
-        self.stats.malformed_by_reason[m.reason] += 1
-        self.malformed_log(m.reason, "malformed frame skipped", reason=m.reason, detail=m.detail,
-                           size=m.size, sample=m.sample, server=self.server.name)
+        count_malformed(self.stats, self.malformed_log, m, self.server.name)
 
     async def _keepalive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         loop = asyncio.get_running_loop()
@@ -395,6 +424,7 @@ class Supervisor:
         self.session: Session | None = None
         self._ssl = make_ssl_context(server)
         self._malformed_log = RateLimitedLog()
+        self._stable: asyncio.TimerHandle | None = None
 
     @property
     def alive_at(self) -> float:
@@ -406,9 +436,18 @@ class Supervisor:
         if self.on_status is not None:
             self.on_status(state, detail)
 
+    def malformed(self, m: Malformed) -> None:
+        """Count and log a skipped frame (also for events that fail later, in the gate)."""
+        count_malformed(self.stats, self._malformed_log, m, self.server.name)
+
+    def _proved_stable(self, session: Session | None) -> None:
+        # a session that stayed logged in STABLE_SESSION seconds proved healthy
+        self._stable = None
+        if self.session is session and self.connected:
+            self.backoff.reset()
+
     def _hello(self, ev: Event) -> None:
-        # a session that logged in and delivered its first event proved healthy
-        self.backoff.reset()
+        # (the backoff is not reset here: see STABLE_SESSION)
         if self.on_hello is not None:
             self.on_hello(ev)
 
@@ -454,11 +493,16 @@ class Supervisor:
             # Session.run always ends by raising; the finally keeps the gauges honest
             await session.run()
         finally:
+            if self._stable is not None:
+                self._stable.cancel()
+                self._stable = None
             if self.connected:
                 self.connected = False
                 self.stats.connection_up = 0
 
     def _logged_in(self) -> None:
+        self._stable = asyncio.get_running_loop().call_later(
+            STABLE_SESSION, self._proved_stable, self.session)
         self.connected = True
         self.ever_logged_in = True
         self.stats.connection_up = 1

@@ -25,6 +25,7 @@ import errno
 import os
 import socket
 import stat
+import tempfile
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -179,20 +180,30 @@ class TapServer:
             if not await self._clear_stale():
                 return False
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            # bound and made 0600 in a private directory (0700, a new random name), then moved
+            # into place: nobody else can swap the file for a symbolic link between the bind
+            # and the chmod (which would then change the mode of whatever it points to)
+            private = tempfile.mkdtemp(prefix=".tap-", dir=self.path.parent)
             try:
-                sock.bind(str(self.path))
-                st = os.lstat(self.path)
-                self._inode = (st.st_dev, st.st_ino)
-                # before listen(): nobody can connect until the mode is 0600
-                os.chmod(self.path, 0o600)
+                bound = os.path.join(private, "s")
+                sock.bind(bound)
+                os.chmod(bound, 0o600)  # before listen(): nobody can connect until it is 0600
+                st = os.lstat(bound)
                 sock.listen(8)
                 sock.setblocking(False)
+                os.rename(bound, self.path)
+                self._inode = (st.st_dev, st.st_ino)
                 self._server = await asyncio.start_unix_server(
                     self._handle, sock=sock, limit=REQUEST_LIMIT)
             except BaseException:
                 sock.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(private, "s"))
                 self._remove_socket_file()
                 raise
+            finally:
+                with contextlib.suppress(OSError):
+                    os.rmdir(private)
         except OSError as exc:
             log.warning("live tap not available (cometstream tap)", path=str(self.path),
                         error=exc.strerror or str(exc))

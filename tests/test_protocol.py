@@ -7,7 +7,7 @@ import base64
 import orjson
 import pytest
 
-from cometstream.errors import CredentialsRejected
+from cometstream.errors import CredentialsRejected, StreamError
 from cometstream.events import Event
 from cometstream.protocol import (
     Credentials,
@@ -45,11 +45,21 @@ def test_ok_reply_accepted(reply: str | bytes) -> None:
     check_reply(reply)
 
 
-@pytest.mark.parametrize("reply", ["403 Unauth", "", "200", "OK", "500 Internal", None])
-def test_any_other_reply_rejects(reply: str | None) -> None:
-    """403 Unauth, or anything else, is a rejected login."""
+@pytest.mark.parametrize("reply", ["403 Unauth", "403 Unauth\n", b"403 Unauth", "403",
+                                   "401 Unauthorized"])
+def test_a_refusal_rejects_the_credentials(reply: str | bytes) -> None:
+    """403 Unauth (or a 401/403 reply) is a rejected login."""
     with pytest.raises(CredentialsRejected):
         check_reply(reply)
+
+
+@pytest.mark.parametrize("reply", ["", "200", "OK", "500 Internal", None, "<html>403</html>",
+                                   "4031", b"\x00\xff"])
+def test_any_other_reply_is_a_protocol_error(reply: str | bytes | None) -> None:
+    """Anything else says nothing about the credentials: a StreamError, retried."""
+    with pytest.raises(StreamError) as info:
+        check_reply(reply)
+    assert info.value.reason == "login_reply"
 
 
 @pytest.mark.parametrize(("base", "expected"), [

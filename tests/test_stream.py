@@ -8,7 +8,9 @@ import socket
 from pathlib import Path
 
 import orjson
+import pytest
 
+from cometstream import stream
 from cometstream.observe.metrics import StreamStats
 from cometstream.protocol import totp_code
 from cometstream.simulator import Simulator
@@ -111,8 +113,10 @@ type = "stdout"
     assert "login rejected" in err.decode()
 
 
-async def test_rejected_relogin_is_retried_with_backoff(sim: Simulator, tmp_path: Path) -> None:
+async def test_rejected_relogin_is_retried_with_backoff(sim: Simulator, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """After a good session, 403s (a restarting server) are retried with growing delays."""
+    monkeypatch.setattr(stream, "STABLE_SESSION", 0.2)
     cfg = make_config(sim.url, tmp_path, stream={"backoff_initial": 0.05, "backoff_max": 1.0})
     async with running(cfg) as d:
         await wait_until(lambda: d.daemon.supervisor.connected, what="login")
@@ -125,7 +129,8 @@ async def test_rejected_relogin_is_retried_with_backoff(sim: Simulator, tmp_path
         assert d.stats.connects["rejected"] == 3
         assert d.stats.disconnects["closed"] + d.stats.disconnects["error"] >= 1
         # rand=1.0 makes the jittered delays their ceilings: 0.05, 0.1, 0.2, 0.4 …
-        assert d.daemon.supervisor.backoff.attempt == 0  # reset by the healthy session
+        await wait_until(lambda: d.daemon.supervisor.backoff.attempt == 0,
+                         what="the backoff reset by the lasting session")
         await wait_until(lambda: d.daemon.supervisor.connected, what="connected again")
         assert not d.task.done()
     assert sim.logins_rejected == 3
@@ -271,13 +276,17 @@ async def test_server_ping_before_the_login_reply_is_answered(tmp_path: Path) ->
             assert d.stats.connects["rejected"] == 0 and len(logins) == 1
 
 
-async def test_backoff_grows_until_a_session_proves_healthy(tmp_path: Path) -> None:
-    """200 OK followed by a close (no event) does not reset the backoff; a HELLO does."""
+async def test_backoff_grows_until_a_session_proves_healthy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """200 OK followed by a close does not reset the backoff, nor does a HELLO; a session that
+    lasted STABLE_SESSION does."""
+    monkeypatch.setattr(stream, "STABLE_SESSION", 0.1)
+
     async def script(ws, frames, n):  # type: ignore[no-untyped-def]
         await ws.send_str("200 OK")
-        if n in (5, 6):  # healthy sessions
+        if n in (5, 6):  # a HELLO
             await ws.send_str(HELLO)
-        await asyncio.sleep(0.05 if n == 5 else 0)
+        await asyncio.sleep(0.3 if n == 5 else 0)
 
     delays: list[float] = []
 
@@ -294,9 +303,9 @@ async def test_backoff_grows_until_a_session_proves_healthy(tmp_path: Path) -> N
         await wait_until(lambda: len(logins) >= 7, what="seven sessions")
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-    # four sessions without an event: 0.05, 0.1, 0.2, 0.3 (capped); the fifth was healthy:
-    # its loss starts again at 0.05; the sixth was healthy too
-    assert delays[:6] == [0.05, 0.1, 0.2, 0.3, 0.05, 0.05]
+    # four sessions without an event: 0.05, 0.1, 0.2, 0.3 (capped); the fifth lasted: its
+    # loss starts again at 0.05; the sixth had a HELLO but did not last
+    assert delays[:6] == [0.05, 0.1, 0.2, 0.3, 0.05, 0.1]
 
 
 def test_totp_code_is_computed_at_each_login(tmp_path: Path) -> None:

@@ -6,19 +6,24 @@ live events are held; the resync's synthesized events go out first (:meth:`deliv
 :meth:`deliver_job`), then the held live events (:meth:`release`), less those that repeat what
 the sync just reported. A job event whose dedup key was kept or is in flight is counted as a
 duplicate and not published again.
+
+The hold is bounded in time (``hold_timeout``, ``[resync] hold_timeout``): held events are only
+in memory, so a sync that outlasts it (a slow or stalled server) releases them into the pipeline,
+and the ledger keeps them as any other received event; live events then flow while the sync goes
+on, and the sync's job events already delivered live are de-duplicated as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
 from ..events import JOB_TYPES, Event
-from ..protocol import HELLO
+from ..protocol import HELLO, Malformed, frame_error
 from .identity import (
     ACCOUNT_NEW,
     ACCOUNT_UPDATED,
@@ -46,7 +51,7 @@ log = structlog.get_logger("cometstream.delivery")
 class Gate:
     def __init__(self, pipeline: Pipeline, tracker: Tracker, redactor: Redactor,
                  stats: StreamStats, *, routed_types: frozenset[int] | None,
-                 keep_doc: bool) -> None:
+                 keep_doc: bool, hold_timeout: float | None = None) -> None:
         self.pipeline = pipeline
         self.tracker = tracker
         self.redactor = redactor
@@ -56,6 +61,11 @@ class Gate:
         #: whether a sink reads the parsed event (else it is dropped once routed, to save memory)
         self.keep_doc = keep_doc
         self.holding = False
+        #: where a held event that fails to deliver is counted (None: here, logged each time)
+        self.malformed: Callable[[Malformed], None] | None = None
+        #: seconds a hold lasts at most (None: until released)
+        self.hold_timeout = hold_timeout
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._held: deque[Event] = deque()
         self._held_keys: set[str] = set()
         self._releasing: asyncio.Task[None] | None = None
@@ -114,6 +124,22 @@ class Gate:
     # --- the hold ----------------------------------------------------------------------------------
     def hold(self) -> None:
         self.holding = True
+        if self.hold_timeout is not None:
+            if self._hold_timer is not None:
+                self._hold_timer.cancel()
+            self._hold_timer = asyncio.get_running_loop().call_later(self.hold_timeout,
+                                                                     self._hold_expired)
+
+    def _hold_expired(self) -> None:
+        """The sync outlasted ``hold_timeout``: what is held is only in memory, so it goes into
+        the pipeline (and the ledger) now, and live events flow from here on."""
+        self._hold_timer = None
+        if not self.holding or self._releasing is not None:
+            return
+        if self._held:
+            log.info("resync still running: releasing the held live events",
+                     held=len(self._held), hold_timeout=self.hold_timeout)
+        self.start_release()
 
     def is_held(self, key: str) -> bool:
         """Whether a live event with this dedup key is held behind the sync: it is the better
@@ -138,14 +164,32 @@ class Gate:
                 if self._repeats_sync(ev):
                     self.stats.duplicates += 1
                     continue
-                waiting = self.deliver(ev)
+                try:
+                    waiting = self.deliver(ev)
+                except Exception as exc:  # noqa: BLE001 (one event costs one event)
+                    self.failed(exc, ev)
+                    continue
                 if waiting is not None:
                     await waiting
             self.holding = False
+            if self._hold_timer is not None:
+                self._hold_timer.cancel()
+                self._hold_timer = None
         finally:
             self._releasing = None
             self._repeat_filter = None
             self._held_keys.clear()
+
+    def failed(self, exc: Exception, ev: Event) -> None:
+        """A held live event whose delivery raised: skipped and counted as malformed (the
+        daemon points ``malformed`` at the supervisor's counter and rate-limited log)."""
+        m = frame_error(exc, ev.raw)
+        if self.malformed is not None:
+            self.malformed(m)
+        else:
+            self.stats.malformed += 1
+            self.stats.malformed_by_reason[m.reason] += 1
+            log.warning("malformed frame skipped", reason=m.reason, detail=m.detail)
 
     def _repeats_sync(self, ev: Event) -> bool:
         """A held live event that says again what the sync that just ran reported: a JOB_NEW of

@@ -43,6 +43,9 @@ Action = tuple[Any, ...] | None
 #: statistics that change after every job: not an account change
 _VOLATILE_KEYS: Final = frozenset({"Statistics"})
 _blake2b = hashlib.blake2b
+#: what SQLite's INTEGER holds (the ledger keeps timestamps and start times)
+_INT64_MIN: Final = -(1 << 63)
+_INT64_MAX: Final = (1 << 63) - 1
 
 
 def fingerprint(key: str | int) -> int:
@@ -57,20 +60,64 @@ def fingerprint(key: str | int) -> int:
 
 def profile_digest(profile: dict[str, Any]) -> str:
     """A digest of a UserProfileConfig that ignores per-job statistics, the device list (devices
-    are tracked, and reported, on their own) and key order."""
-    def strip(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if k not in _VOLATILE_KEYS}
-        if isinstance(value, list):
-            return [strip(v) for v in value]
-        return value
-
-    top = {k: v for k, v in profile.items() if k != "Devices"}
+    are tracked, and reported, on their own) and key order. Any depth (a hostile server's
+    profile nested 1,000 levels deep is digested too, without recursion)."""
+    top = _strip({k: v for k, v in profile.items() if k != "Devices"})
     try:
-        blob = orjson.dumps(strip(top), option=orjson.OPT_SORT_KEYS)
-    except TypeError:  # an integer beyond 64 bits (stdlib-parsed), or a lone surrogate
-        blob = json.dumps(strip(top), sort_keys=True).encode()
+        blob = orjson.dumps(top, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # an integer beyond 64 bits (stdlib-parsed), a lone surrogate, or
+        try:           # nesting deeper than orjson writes (254 levels)
+            blob = json.dumps(top, sort_keys=True).encode()
+        except (RecursionError, ValueError):
+            blob = _canonical(top)
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def _strip(value: Any) -> Any:
+    """A copy of dicts and lists without the ``_VOLATILE_KEYS`` (iterative: any depth)."""
+    if not isinstance(value, (dict, list)):
+        return value
+    root: Any = {} if isinstance(value, dict) else []
+    stack = [(value, root)]
+    while stack:
+        src, dst = stack.pop()
+        items = src.items() if isinstance(src, dict) else enumerate(src)
+        for k, v in items:
+            if isinstance(src, dict) and k in _VOLATILE_KEYS:
+                continue
+            if isinstance(v, (dict, list)):
+                c: Any = {} if isinstance(v, dict) else []
+                stack.append((v, c))
+                v = c
+            if isinstance(dst, dict):
+                dst[k] = v
+            else:
+                dst.append(v)
+    return root
+
+
+def _canonical(value: Any) -> bytes:
+    """An unambiguous encoding with sorted keys, iterative (for what the JSON encoders refuse
+    to nest): ASCII-escaped JSON tokens, NUL-separated."""
+    parts: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        v = stack.pop()
+        if type(v) is tuple:  # a marker: ("}",), ("]",) or (key, None)
+            parts.append(v[0] if len(v) == 1 else json.dumps(v[0]) + ":")
+        elif isinstance(v, dict):
+            parts.append("{")
+            stack.append(("}",))
+            for k in sorted(v, reverse=True):
+                stack.append(v[k])
+                stack.append((k, None))
+        elif isinstance(v, list):
+            parts.append("[")
+            stack.append(("]",))
+            stack.extend(reversed(v))
+        else:
+            parts.append(json.dumps(v))
+    return "\0".join(parts).encode()
 
 
 def account_entry(profile: dict[str, Any]) -> list[Any]:
@@ -83,7 +130,9 @@ def timestamp(doc: dict[str, Any], ev: Event) -> int:
     """An event's time for the tracker: the server's ``Timestamp``, or when it was received if
     the server gave none."""
     ts = doc.get("Timestamp")
-    return ts if type(ts) is int and ts else int(ev.received_at)
+    # (within 64 bits, or the ledger could not store it: a frame's number is the server's)
+    return ts if type(ts) is int and _INT64_MIN <= ts <= _INT64_MAX and ts \
+        else int(ev.received_at)
 
 
 def job_event(ev: Event) -> tuple[int | None, int, Action]:
@@ -106,7 +155,8 @@ def job_event(ev: Event) -> tuple[int | None, int, Action]:
     start = data.get("StartTime")
     key = ev._key = f"{JOB_NEW}:{guid}"
     return fingerprint(key), ts, ("job_new", guid, user if type(user) is str else "",
-                                  start if type(start) is int else 0)
+                                  start if type(start) is int
+                                  and _INT64_MIN <= start <= _INT64_MAX else 0)
 
 
 def action(ev: Event) -> Action:

@@ -13,9 +13,10 @@ Tables:
 - ``dead_letters``: per sink, the events it refused for good, with the reason
   (``cometstream dlq list|replay|purge``);
 - the delivery state: ``meta`` (watermark, server start hash, whether the accounts have a
-  baseline, the server's name), ``dedup`` (the de-duplication window, one row per kept key:
-  64-bit fingerprint and timestamp), ``running_jobs``, ``accounts`` (digest and CreationGUID per
-  username) and ``devices`` (device ID to owner).
+  baseline, the server's name), ``dedup`` (the de-duplication window: one row per commit that
+  kept job events, their keys' 64-bit fingerprints and timestamps as two little-endian int64
+  arrays, with the row's newest timestamp and count), ``running_jobs``, ``accounts`` (digest and
+  CreationGUID per username) and ``devices`` (device ID to owner).
 
 Each commit writes only what changed since the last one: the new events some sink still needs
 (an event every sink already has is never written), the moved cursors, the keys kept since
@@ -48,10 +49,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import sqlite3
+import stat
 import sys
+import tempfile
 import time
 from array import array
 from collections import deque
@@ -85,13 +89,25 @@ _COMMIT_MAX: Final = 20_000
 #: low: the writer thread competes with the busy event loop for the GIL, and while it falls
 #: behind, every waiting event holds memory and the watermark.
 PENDING_MAX: Final = 6_144
+#: the same bound in bytes (the events' bytes): 6,144 events of 256 KiB would be 1.5 GB
+PENDING_MAX_BYTES: Final = 64 * 1024 * 1024
 #: events waiting in memory at which a commit starts before the interval is over
 COMMIT_SOON: Final = 2048
+#: ... or their bytes
+COMMIT_SOON_BYTES: Final = 16 * 1024 * 1024
+#: bytes committed per transaction at most (with ``_COMMIT_MAX``)
+_COMMIT_MAX_BYTES: Final = 32 * 1024 * 1024
 #: events per chunk (one row): the granularity of the limits, and of reads from disk
 _RANGE: Final = 256
-#: dedup rows beyond the window's size that may accumulate before the oldest are deleted (a key
-#: kept twice has two rows until then)
+#: a chunk's events' bytes at most (a chunk of large events holds fewer than ``_RANGE``)
+_RANGE_BYTES: Final = 4 * 1024 * 1024
+#: bytes one read from disk hands a lagging sink at most (at least one event)
+READ_MAX_BYTES: Final = 16 * 1024 * 1024
+#: keys beyond the window's size the ``dedup`` rows may hold before the oldest row is deleted
+#: (a row goes whole; a key kept twice is in two rows until the older goes)
 _DEDUP_SLACK: Final = 2048
+#: keys per ``dedup`` row at most (a migrated window is written in rows of this size)
+_DEDUP_ROW: Final = 8192
 log = structlog.get_logger("cometstream.ledger")
 
 _SCHEMA: Final = """
@@ -109,8 +125,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 CREATE INDEX IF NOT EXISTS dead_letters_sink ON dead_letters (sink, id);
 """
 _STATE_SCHEMA: Final = """
-CREATE TABLE IF NOT EXISTS dedup (id INTEGER PRIMARY KEY, fp INTEGER NOT NULL, ts INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS dedup_ts ON dedup (ts);
+CREATE TABLE IF NOT EXISTS dedup (
+    id INTEGER PRIMARY KEY, newest INTEGER NOT NULL, count INTEGER NOT NULL,
+    fps BLOB NOT NULL, stamps BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS dedup_newest ON dedup (newest);
 CREATE TABLE IF NOT EXISTS running_jobs (
     guid TEXT PRIMARY KEY, username TEXT NOT NULL, start INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS accounts (
@@ -199,14 +217,11 @@ def connect(path: Path, *, check: bool = True, upgrade: bool = False) -> sqlite3
     ``check``: run the integrity check (the daemon at start; tools may skip it).
     ``upgrade``: bring a database of an older format to this one (the daemon only: a tool run
     beside an older daemon must not change the tables under it)."""
-    new = not path.exists()
-    if new:  # created private, whatever the umask: it holds usernames and dead letters
-        with contextlib.suppress(FileExistsError):
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    _create_or_check(path)
     try:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
     except sqlite3.Error as exc:
-        raise LedgerCorrupt(str(exc)) from exc
+        raise LedgerError(f"cannot open {path}: {exc}") from exc
     try:
         if db.execute("PRAGMA page_count").fetchone()[0] == 0:  # a new file (the pragma
             db.execute("PRAGMA auto_vacuum = INCREMENTAL")     # needs the write lock)
@@ -230,11 +245,101 @@ def connect(path: Path, *, check: bool = True, upgrade: bool = False) -> sqlite3
             raise LedgerCorrupt(f"format {found}, this cometstream reads {FORMAT_VERSION}")
     except sqlite3.DatabaseError as exc:
         db.close()
-        raise LedgerCorrupt(str(exc)) from exc
+        if getattr(exc, "sqlite_errorname", "") in _DAMAGED:
+            raise LedgerCorrupt(str(exc)) from exc
+        # locked by another process, unreadable, a full disk: the file is not damaged, and
+        # must not be moved aside (its window and lagging events would be lost)
+        raise LedgerError(f"cannot open {path}: {exc}") from exc
     except LedgerCorrupt:
         db.close()
         raise
     return db
+
+
+#: what SQLite says of a file that is damaged (not of one that is locked or unreadable)
+_DAMAGED: Final = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB", "SQLITE_CORRUPT_INDEX",
+                             "SQLITE_CORRUPT_SEQUENCE", "SQLITE_CORRUPT_VTAB"})
+
+
+#: the mode of every file in ``state.dir`` (the config has no group for them: owner only)
+FILE_MODE: Final = 0o600
+
+
+def _create_or_check(path: Path) -> bool:
+    """Create ``path`` private (0600, whatever the umask: it holds usernames and dead letters;
+    SQLite gives ``-wal`` and ``-shm`` the same mode), or check the file that is there: a
+    symbolic link is not followed, and a file that exists with 0 bytes is damaged (a ledger this
+    code created is never empty: its first statements write the header). LedgerCorrupt if not
+    usable. True if it was created here."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     FILE_MODE)
+    except FileExistsError:
+        pass
+    else:
+        os.close(fd)
+        return True
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LedgerCorrupt("it is a symbolic link (not followed)") from None
+        raise LedgerCorrupt(exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise LedgerCorrupt("it is not a regular file")
+        if st.st_size == 0:
+            raise LedgerCorrupt("the file is empty (0 bytes)")
+        _tighten(fd, st)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            fd = os.open(f"{path}{suffix}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                _tighten(fd, os.fstat(fd))
+            finally:
+                os.close(fd)
+    return False
+
+
+def _tighten(fd: int, st: os.stat_result) -> None:
+    """A file of ours readable by others (restored from a backup, an earlier version's) is
+    made private; one of another user is left as it is (``check_state_dir`` warns)."""
+    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, FILE_MODE)
+
+
+def check_state_dir(directory: Path) -> list[str]:
+    """Warnings about ``state.dir`` (logged at start): writable by others, or owned by another
+    user (who could then replace the ledger, or plant a symbolic link where a file goes)."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return []
+    problems = []
+    if st.st_mode & 0o022:
+        who = "everyone" if st.st_mode & 0o002 else "its group"
+        problems.append(f"{directory} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}): "
+                        "another user could replace or redirect the daemon's files; use 0700 "
+                        "or 0750")
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        problems.append(f"{directory} is owned by uid {st.st_uid}, not by this process "
+                        f"(uid {os.geteuid()}): that user can replace the daemon's files")
+    for text in problems:
+        log.warning("state.dir is not private", problem=text)
+    return problems
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    """Roll back what a failed statement left open. SQLite may already have rolled back (a full
+    disk: SQLITE_FULL ends the transaction); a ROLLBACK then raises ``cannot rollback - no
+    transaction is active``, which must not replace the real error."""
+    if db.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
 
 
 def _format(db: sqlite3.Connection) -> str:
@@ -262,7 +367,7 @@ def quarantine(path: Path, why: str, label: str = "corrupt") -> Path | None:
     moved = None
     for suffix in ("", "-wal", "-shm"):
         src = Path(f"{path}{suffix}")
-        if src.exists():
+        if os.path.lexists(src):  # (a symbolic link is moved, never followed)
             try:
                 os.replace(src, Path(f"{target}{suffix}"))
                 if not suffix:
@@ -286,10 +391,11 @@ def load_state(db: sqlite3.Connection) -> State:
         st.watermark = int(meta.get("watermark", "0"))
         st.server_start_hash = str(meta.get("server_start_hash", ""))
         st.accounts_baseline = meta.get("accounts_baseline", "0") == "1"
-        for fp, ts in db.execute("SELECT fp, ts FROM dedup ORDER BY id"):
-            if type(fp) is not int or type(ts) is not int:
-                raise LedgerCorrupt("dedup: expected integers")
-            st.dedup.append((fp, ts))
+        for fps_b, stamps_b in db.execute("SELECT fps, stamps FROM dedup ORDER BY id"):
+            if not (type(fps_b) is bytes and type(stamps_b) is bytes
+                    and len(fps_b) == len(stamps_b) and not len(fps_b) % 8):
+                raise LedgerCorrupt("dedup: a row's arrays are not int64 arrays of one length")
+            st.dedup.extend(zip(_column("q", fps_b), _column("q", stamps_b), strict=True))
         for guid, user, start in db.execute("SELECT guid, username, start FROM running_jobs"):
             if type(start) is not int:
                 raise LedgerCorrupt(f"running_jobs.{guid}: expected a start time")
@@ -301,6 +407,18 @@ def load_state(db: sqlite3.Connection) -> State:
     except ValueError as exc:
         raise LedgerCorrupt(f"meta: {exc}") from None
     return st
+
+
+def _insert_keys(db: sqlite3.Connection, keys: Sequence[tuple[int, int]]) -> None:
+    """One ``dedup`` row: the keys' fingerprints and timestamps as two int64 arrays."""
+    fps = array("q", [fp for fp, _ts in keys])
+    stamps = array("q", [ts for _fp, ts in keys])
+    newest = max(stamps)
+    if sys.byteorder != "little":
+        fps.byteswap()
+        stamps.byteswap()
+    db.execute("INSERT INTO dedup (newest, count, fps, stamps) VALUES (?, ?, ?, ?)",
+               (newest, len(keys), fps.tobytes(), stamps.tobytes()))
 
 
 def _upsert_meta(db: sqlite3.Connection, items: dict[str, str]) -> None:
@@ -326,7 +444,8 @@ def write_state(db: sqlite3.Connection, st: State) -> None:
     _upsert_meta(db, {"watermark": str(st.watermark),
                       "server_start_hash": st.server_start_hash,
                       "accounts_baseline": "1" if st.accounts_baseline else "0"})
-    db.executemany("INSERT INTO dedup (fp, ts) VALUES (?, ?)", st.dedup)
+    for i in range(0, len(st.dedup), _DEDUP_ROW):
+        _insert_keys(db, st.dedup[i:i + _DEDUP_ROW])
     _put_rows(db, "running_jobs", "guid", "username, start", dict(st.running_jobs))
     _put_rows(db, "accounts", "username", "digest, creation_guid", dict(st.accounts))
     _put_rows(db, "devices", "id", "owner", dict(st.devices))
@@ -344,8 +463,10 @@ class StateLock:
 
     def acquire(self) -> None:
         """Raises LedgerError naming the directory and the PID that holds it."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     FILE_MODE)
         try:
+            _tighten(fd, os.fstat(fd))
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
@@ -374,11 +495,17 @@ def migrate(directory: Path, server: str) -> bool:
     old_cp = directory / LEGACY_CHECKPOINT
     if target.exists() or not (old_spool.exists() or old_cp.exists()):
         return False
+    # built in a private directory (0700, a new random name): nobody else can plant a file or a
+    # symbolic link where it is written, whatever the state dir's mode
+    for stale in directory.glob(f"{FILENAME}.migrating*"):  # a migration a crash interrupted
+        _remove_private_dir(stale)
+    tmp_dir: Path | None = None
     tmp = directory / f"{FILENAME}.migrating"
-    _unlink_db(tmp)
     quarantined = None
     had_spool = old_spool.exists()
     try:
+        tmp_dir = Path(tempfile.mkdtemp(prefix=f"{FILENAME}.migrating-", dir=directory))
+        tmp = tmp_dir / FILENAME
         state = read_checkpoint(old_cp, server) if old_cp.exists() else None
         if old_spool.exists():
             try:
@@ -387,6 +514,8 @@ def migrate(directory: Path, server: str) -> bool:
                 quarantined = quarantine(old_spool, str(exc))
             else:
                 try:
+                    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                                     | os.O_NOFOLLOW, FILE_MODE))
                     dst = sqlite3.connect(tmp)
                     try:
                         src.backup(dst)
@@ -403,12 +532,14 @@ def migrate(directory: Path, server: str) -> bool:
             _transaction(db, fill)
         finally:
             db.close()
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, FILE_MODE)
         _fsync(tmp)
         os.replace(tmp, target)
         _fsync(directory)
+        _remove_private_dir(tmp_dir)
     except (OSError, sqlite3.Error, LedgerCorrupt) as exc:
-        _unlink_db(tmp)
+        if tmp_dir is not None:
+            _remove_private_dir(tmp_dir)
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise LedgerError(f"migrating {LEGACY_SPOOL} and {LEGACY_CHECKPOINT} in {directory} "
                           f"into {FILENAME} failed ({why}); the old files are left as they "
@@ -422,10 +553,26 @@ def migrate(directory: Path, server: str) -> bool:
     return True
 
 
-def _unlink_db(path: Path) -> None:
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        with contextlib.suppress(FileNotFoundError):
-            Path(f"{path}{suffix}").unlink()
+def _remove_private_dir(path: Path) -> None:
+    """A migration's private directory and what is in it (files only; never follows a link)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # (an earlier version's ledger.db.migrating file)
+        for suffix in ("-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{path}{suffix}")
+        return
+    if st.st_uid != os.geteuid():
+        return  # not ours: left alone
+    with contextlib.suppress(OSError):
+        for name in os.listdir(path):
+            with contextlib.suppress(OSError):
+                os.unlink(path / name)
+        os.rmdir(path)
 
 
 def _fsync(path: Path) -> None:
@@ -455,8 +602,9 @@ class Ledger:
         self.clock = clock
         self._db: sqlite3.Connection | None = None
         self._thread: WriterThread | None = None
-        #: published, not yet committed (in seq order; disk buffer only)
+        #: published, not yet committed (in seq order; disk buffer only), and their bytes
         self.pending: deque[Event] = deque()
+        self.pending_bytes = 0
         #: highest seq committed to disk, or that every sink was done with before it had to be
         self.durable_seq = 0
         #: committed chunks: [first seq, last seq, bytes, oldest and newest received_at, count],
@@ -471,11 +619,13 @@ class Ledger:
         self.quarantined: Path | None = None
         self.migrated = False
         self.commits = 0
+        #: after ``close(sinks)``: per sink, (events the ledger keeps for it, events lost)
+        self.left: dict[str, tuple[int, int]] | None = None
         self.write_errors = 0
         self.last_error = ""
         self._dedup_rows = 0
         self._cursor_fn: Callable[[], dict[str, int]] | None = None
-        self._position_fn: Callable[[], dict[str, Position]] | None = None
+        self._position_fn: Callable[[dict[str, int]], dict[str, Position]] | None = None
         self._lagging_fn: Callable[[], dict[str, tuple[int, frozenset[int] | None]]] | None = None
         self._on_dropped: Callable[[str, int], None] | None = None
         self._state_fn: Callable[[int], StateDiff] | None = None
@@ -486,6 +636,10 @@ class Ledger:
         #: it (it holds them), so they are not counted lost for it
         self.served: dict[str, int] = {}
         self._kicked: asyncio.Future[None] | None = None
+        self._stopping = False
+        #: the state's meta and dedup horizon as last committed (an idle commit is skipped)
+        self._meta_written: tuple[Any, ...] = ()
+        self._horizon_written = 0
 
     # --- lifecycle -------------------------------------------------------------------------------
     def open(self) -> int:
@@ -493,6 +647,7 @@ class Ledger:
         none). A damaged file is quarantined and replaced; one written for another server too.
         Raises LedgerError if the files of an earlier version cannot be migrated."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        check_state_dir(self.dir)
         self.migrated = migrate(self.dir, self.server)
         try:
             db = connect(self.path, upgrade=True)
@@ -513,7 +668,7 @@ class Ledger:
         self._db = db
         self.state = state
         _transaction(db, lambda: _upsert_meta(db, {"server": self.server}))
-        self._dedup_rows = len(state.dedup)
+        self._dedup_rows = db.execute("SELECT coalesce(sum(count), 0) FROM dedup").fetchone()[0]
         for sink, seq, position in db.execute("SELECT sink, seq, position FROM cursors"):
             self.cursors[sink] = seq
             self.positions[sink] = _position(position)
@@ -537,8 +692,10 @@ class Ledger:
         """When the oldest event on disk was received (0.0: none)."""
         return self._batches[0][3] if self._batches else 0.0
 
-    async def close(self) -> None:
-        """Commit what is pending, with the cursors and the state; close the database."""
+    async def close(self, sinks: dict[str, frozenset[int] | None] | None = None) -> None:
+        """Commit what is pending, with the cursors and the state; close the database.
+        ``sinks`` (name → type filter): then :attr:`left` says, per sink, what the file holds
+        for it and what it lost, whether the last commit succeeded or not."""
         if self._thread is None:
             return
         try:
@@ -546,29 +703,81 @@ class Ledger:
         finally:
             db, self._db = self._db, None
             thread, self._thread = self._thread, None
-            if db is not None:
-                await thread.run(db.close)
-            thread.close()
+            try:
+                if sinks is not None and db is not None:
+                    current = self._cursor_fn() if self._cursor_fn is not None else {}
+                    try:
+                        kept = await thread.run(self._left_sync, db, sinks)
+                        self.left = {}
+                        for sink, types in sinks.items():
+                            count, cursor = kept[sink]
+                            got = max(current.get(sink, cursor), cursor)
+                            self.left[sink] = (count, sum(
+                                1 for ev in self.pending
+                                if ev.seq > got and (types is None or ev.type in types)))
+                    except sqlite3.Error as exc:
+                        log.error("cannot count the events left in the ledger", error=str(exc))
+            finally:
+                if db is not None:
+                    await thread.run(db.close)
+                thread.close()
+
+    def _left_sync(self, db: sqlite3.Connection, sinks: dict[str, frozenset[int] | None]
+                   ) -> dict[str, tuple[int, int]]:
+        """Per sink: (events in the ledger past the cursor the ledger holds for it, that
+        cursor): what the file says, not what was hoped."""
+        committed = dict(db.execute("SELECT sink, seq FROM cursors"))
+        out = {}
+        for sink, types in sinks.items():
+            cursor = committed.get(sink, self.durable_seq)
+            out[sink] = (_count_after(db, cursor, types) if self.spools_events else 0, cursor)
+        return out
 
     def release(self, floor: int) -> None:
         """Every sink is done with every event up to ``floor``: those still waiting for the disk
         need not go there (with healthy sinks, nearly all of them). Their keys and state go with
         the next commit."""
-        pending = self.pending
-        while pending and pending[0].seq <= floor:
-            pending.popleft()
+        self._pop_through(floor)
         if floor > self.durable_seq:
             self.durable_seq = floor
-        if len(pending) <= PENDING_MAX:
+        if not self.full:
             c = self._committed
             if c is not None and not c.done():
                 c.set_result(None)
 
+    def append(self, ev: Event) -> bool:
+        """A published event waits for the disk; True if the read loop must wait for room
+        (:meth:`wait_for_room`)."""
+        self.pending.append(ev)
+        size = len(ev.raw)
+        before = self.pending_bytes
+        self.pending_bytes = before + size
+        waiting = len(self.pending)
+        if waiting == COMMIT_SOON or (before < COMMIT_SOON_BYTES <= before + size):
+            self.kick()
+        return waiting > PENDING_MAX or self.pending_bytes > PENDING_MAX_BYTES
+
+    @property
+    def full(self) -> bool:
+        """Whether what waits in memory for the disk is over its bound (events or bytes)."""
+        return len(self.pending) > PENDING_MAX or self.pending_bytes > PENDING_MAX_BYTES
+
+    def _pop_through(self, seq: int) -> None:
+        pending = self.pending
+        size = 0
+        while pending and pending[0].seq <= seq:
+            size += len(pending.popleft().raw)
+        if size:
+            self.pending_bytes -= size
+        if not pending:
+            self.pending_bytes = 0
+
     # --- back-pressure -----------------------------------------------------------------------------
     async def wait_for_room(self) -> None:
-        """Until what waits in memory for the disk is below ``PENDING_MAX`` again (a disk slower
-        than the stream makes the read loop wait rather than memory grow without bound)."""
-        while len(self.pending) > PENDING_MAX:
+        """Until what waits in memory for the disk is below ``PENDING_MAX`` events and
+        ``PENDING_MAX_BYTES`` again (a disk slower than the stream, or one that is full, makes
+        the read loop wait rather than memory grow without bound)."""
+        while self.full:
             self.kick()
             if self._committed is None or self._committed.done():
                 self._committed = asyncio.get_running_loop().create_future()
@@ -578,7 +787,7 @@ class Ledger:
     def bind(self, cursors: Callable[[], dict[str, int]],
              lagging: Callable[[], dict[str, tuple[int, frozenset[int] | None]]],
              on_dropped: Callable[[str, int], None],
-             positions: Callable[[], dict[str, Position]] | None = None,
+             positions: Callable[[dict[str, int]], dict[str, Position]] | None = None,
              through: Callable[[], int] | None = None) -> None:
         """The pipeline's side. ``cursors()``: per sink, the seq it is done with;
         ``positions()``: per sink, where its output stood then; ``lagging()``: per sink reading
@@ -599,13 +808,21 @@ class Ledger:
         if self._kicked is not None and not self._kicked.done():
             self._kicked.set_result(None)
 
+    def stop(self) -> None:
+        """End :meth:`run` after the commit in progress (a commit is never cut in half: the
+        loop would not know what it wrote)."""
+        self._stopping = True
+        self.kick()
+
     async def run(self) -> None:
-        """Commit every ``fsync_interval`` (sooner when kicked) until cancelled."""
+        """Commit every ``fsync_interval`` (sooner when kicked) until :meth:`stop`."""
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._stopping:
             self._kicked = loop.create_future()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kicked, self.fsync_interval)
+            if self._stopping:
+                return  # (close() makes the last commit)
             try:
                 await self.commit()
             except (sqlite3.Error, OSError) as exc:
@@ -630,15 +847,25 @@ class Ledger:
         retrimmed = False
         while True:
             n = min(len(self.pending), _COMMIT_MAX)
-            batch, batch_bytes = _within(list(islice(self.pending, n)), self.max_bytes // 2)
-            cursors = self._cursor_fn() if self._cursor_fn is not None else dict(self.cursors)
-            positions = self._position_fn() if self._position_fn is not None else {}
+            batch, batch_bytes = _within(list(islice(self.pending, n)),
+                                         min(self.max_bytes // 2, _COMMIT_MAX_BYTES))
             if self._through_fn is not None:  # memory buffer: kept = delivered everywhere
                 through = self._through_fn()
             else:  # disk buffer: kept = in this commit, or done with by every sink
                 through = max(batch[-1].seq if batch else 0, self.durable_seq)
+            cursors = self._cursor_fn() if self._cursor_fn is not None else dict(self.cursors)
+            # a sink's cursor (and its output's position) is committed no further than what
+            # this commit keeps: past it, a crash loses the events' keys, the resync brings
+            # them back, and a file sink must find their lines after its committed position
+            cursors = {k: v if v <= through else through for k, v in cursors.items()}
+            positions = self._position_fn(cursors) if self._position_fn is not None else {}
             diff = self._state_fn(through) if self._state_fn is not None else None
             trim_to, dropped = self._trim_plan(batch, batch_bytes, cursors)
+            if not batch and not dropped and cursors == self.cursors \
+                    and positions == {k: self.positions.get(k) for k in positions} \
+                    and (trim_to <= 0 or not self._batches or self._batches[0][1] > trim_to) \
+                    and (diff is None or self._unchanged(diff)):
+                break  # nothing to write: no transaction, no fsync (an idle daemon)
             try:
                 written = await self._thread.run(self._commit_sync, batch, cursors, positions,
                                                  trim_to, dropped, diff)
@@ -649,9 +876,7 @@ class Ledger:
             self.commits += 1
             if batch:
                 last = batch[-1].seq
-                pending = self.pending
-                while pending and pending[0].seq <= last:  # (release() may have taken some)
-                    pending.popleft()
+                self._pop_through(last)  # (release() may have taken some)
                 if last > self.durable_seq:
                     self.durable_seq = last
             self.cursors.update(cursors)
@@ -666,7 +891,7 @@ class Ledger:
             c = self._committed
             if c is not None and not c.done():
                 c.set_result(None)
-            if len(self.pending) >= COMMIT_SOON:
+            if len(self.pending) >= COMMIT_SOON or self.pending_bytes >= COMMIT_SOON_BYTES:
                 # more arrived during this commit than would kick one: the next goes now
                 continue
             if written and self.bytes > self.max_bytes and not retrimmed:
@@ -717,66 +942,102 @@ class Ledger:
         i = 0
         while i < len(batch) and batch[i].seq <= floor:
             i += 1
-        parts = [batch[j:j + _RANGE] for j in range(i, len(batch), _RANGE)]
-        rows = [_pack(part) for part in parts]
+        parts = _parts(batch, i)
+        written: list[list[Any]] = []
+
+        def rows() -> Iterable[tuple[Any, ...]]:
+            # packed one chunk at a time, as SQLite takes them: a commit of large events does
+            # not hold a second copy of all their bytes
+            for part in parts:
+                row = _pack(part)
+                # first_seq, last_seq, bytes, oldest and newest received_at, count
+                written.append([row[0], row[1], row[4], part[0].received_at, row[2], row[3]])
+                yield row
+
         db.execute("BEGIN IMMEDIATE")
         try:
-            if rows:
-                db.executemany("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                               rows)
+            deleted = 0
+            if trim_to > 0 and self._batches and self._batches[0][1] <= trim_to:
+                # what the limits and the cursors let go, first: the pages it frees take the
+                # new chunks (a full disk can then still take a commit once a sink read on)
+                deleted = db.execute("SELECT coalesce(sum(count), 0) FROM chunks "
+                                     "WHERE last_seq <= ?", (trim_to,)).fetchone()[0]
+            self._count_dropped(db, dropped)
+            if deleted:
+                db.execute("DELETE FROM chunks WHERE last_seq <= ?", (trim_to,))
+            if parts:
+                # (OR IGNORE: a commit whose result the loop never saw, e.g. cancelled at a
+                # shutdown, may have written these already; they are the same rows)
+                db.executemany("INSERT OR IGNORE INTO chunks VALUES "
+                               "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows())
             db.executemany("INSERT INTO cursors VALUES (?, ?, ?) ON CONFLICT (sink) DO UPDATE "
                            "SET seq = excluded.seq, position = excluded.position",
                            [(sink, seq, _position_text(positions.get(sink)))
                             for sink, seq in cursors.items()])
-            if diff is not None:
-                self._write_diff(db, diff)
-            for sink, (need, upto, types) in list(dropped.items()):
-                need = max(need, self.served.get(sink, 0) + 1)  # what it read, it holds
-                lost = 0
-                for seqs_b, types_b in db.execute(
-                        "SELECT seqs, types FROM chunks WHERE last_seq >= ? AND last_seq <= ?",
-                        (need, upto)):
-                    seqs, kinds = _column("q", seqs_b), _column("q", types_b)
-                    lost += sum(1 for q, t in zip(seqs, kinds, strict=True)
-                                if q >= need and (types is None or t in types))
-                dropped[sink] = lost
-            deleted = 0
-            if trim_to > 0 and self._batches and self._batches[0][1] <= trim_to:
-                deleted = db.execute("SELECT coalesce(sum(count), 0) FROM chunks "
-                                     "WHERE last_seq <= ?", (trim_to,)).fetchone()[0]
-                db.execute("DELETE FROM chunks WHERE last_seq <= ?", (trim_to,))
+            keys = self._write_diff(db, diff) if diff is not None else self._dedup_rows
             db.execute("COMMIT")
         except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
+            _rollback(db)
             raise
+        self._dedup_rows = keys  # (only once committed)
+        if diff is not None:
+            self._meta_written = (diff.watermark, diff.server_start_hash, diff.accounts_baseline)
+            self._horizon_written = max(self._horizon_written, diff.horizon)
         if deleted > 10_000:
-            db.execute("PRAGMA incremental_vacuum").fetchall()
-        # row: first_seq, last_seq, newest, count, bytes, ...
-        return [[row[0], row[1], row[4], part[0].received_at, row[2], row[3]]
-                for part, row in zip(parts, rows, strict=True)]
+            with contextlib.suppress(sqlite3.Error):  # the commit stands whatever this does
+                db.execute("PRAGMA incremental_vacuum").fetchall()
+        return written
 
-    def _write_diff(self, db: sqlite3.Connection, diff: StateDiff) -> None:
+    def _count_dropped(self, db: sqlite3.Connection, dropped: dict[str, Any]) -> None:
+        """Per lagging sink, the events the limits take from it (into ``dropped``)."""
+        for sink, (need, upto, types) in list(dropped.items()):
+            need = max(need, self.served.get(sink, 0) + 1)  # what it read, it holds
+            lost = 0
+            for seqs_b, types_b in db.execute(
+                    "SELECT seqs, types FROM chunks WHERE last_seq >= ? AND last_seq <= ?",
+                    (need, upto)):
+                seqs, kinds = _column("q", seqs_b), _column("q", types_b)
+                lost += sum(1 for q, t in zip(seqs, kinds, strict=True)
+                            if q >= need and (types is None or t in types))
+            dropped[sink] = lost
+
+
+    def _unchanged(self, diff: StateDiff) -> bool:
+        return (not diff.dedup and not diff.running_jobs and not diff.accounts
+                and not diff.devices and diff.horizon <= self._horizon_written
+                and (diff.watermark, diff.server_start_hash, diff.accounts_baseline)
+                == self._meta_written)
+
+    def _write_diff(self, db: sqlite3.Connection, diff: StateDiff) -> int:
         """The state's changes, within the commit's transaction (only what changed)."""
         _upsert_meta(db, {"watermark": str(diff.watermark),
                           "server_start_hash": diff.server_start_hash,
                           "accounts_baseline": "1" if diff.accounts_baseline else "0"})
-        rows = self._dedup_rows
+        keys = self._dedup_rows  # (in the rows: a key kept twice counts twice)
         if diff.dedup:
-            db.executemany("INSERT INTO dedup (fp, ts) VALUES (?, ?)", diff.dedup)
-            rows += len(diff.dedup)
-        if diff.horizon > 0:
-            rows -= db.execute("DELETE FROM dedup WHERE ts < ?", (diff.horizon,)).rowcount
-        if rows > diff.max_size + _DEDUP_SLACK:  # the oldest beyond the window's size
-            rows -= db.execute("DELETE FROM dedup WHERE id <= (SELECT id FROM dedup ORDER BY id "
-                               "LIMIT 1 OFFSET ?)", (rows - diff.max_size - 1,)).rowcount
-        self._dedup_rows = rows
+            _insert_keys(db, diff.dedup)
+            keys += len(diff.dedup)
+        if diff.horizon > 0:  # rows whose every key left the window by age
+            gone = db.execute("SELECT coalesce(sum(count), 0) FROM dedup WHERE newest < ?",
+                              (diff.horizon,)).fetchone()[0]
+            if gone:
+                db.execute("DELETE FROM dedup WHERE newest < ?", (diff.horizon,))
+                keys -= gone
+        if keys > diff.max_size + _DEDUP_SLACK:  # the oldest rows, beyond the window's size
+            drop = []
+            for row_id, count in db.execute("SELECT id, count FROM dedup ORDER BY id"):
+                if keys - count < diff.max_size:
+                    break
+                drop.append((row_id,))
+                keys -= count
+            db.executemany("DELETE FROM dedup WHERE id = ?", drop)
         if diff.running_jobs:
             _put_rows(db, "running_jobs", "guid", "username, start", diff.running_jobs)
         if diff.accounts:
             _put_rows(db, "accounts", "username", "digest, creation_guid", diff.accounts)
         if diff.devices:
             _put_rows(db, "devices", "id", "owner", diff.devices)
+        return keys
 
     def _apply_trim(self, trim_to: int) -> None:
         """The chunks the transaction deleted leave the bookkeeping too."""
@@ -827,14 +1088,21 @@ class Ledger:
         what the reader holds.)"""
         assert self._db is not None
         out: list[tuple[Any, ...]] = []
+        size = 0
         for row in self._db.execute(
                 "SELECT seqs, received, types, origins, raws, keys FROM chunks "
                 "WHERE last_seq >= ? "
                 "ORDER BY first_seq LIMIT ?", (start, limit // _RANGE + 2)):
-            out.extend(r for r in _unpack(*row) if r[0] >= start)
-            if len(out) >= limit:
-                break
-        out = out[:limit]
+            for r in _unpack(*row):
+                if r[0] < start:
+                    continue
+                if out and (len(out) >= limit or size + len(r[4]) > READ_MAX_BYTES):
+                    break  # (bounded in bytes too: a lagging sink of large events)
+                out.append(r)
+                size += len(r[4])
+            else:
+                continue
+            break
         if out:
             self._serve(sink, out[-1][0])
         return out
@@ -848,6 +1116,35 @@ class Ledger:
         return await self._thread.run(add_dead_letters_sync, self._db, rows)
 
 
+
+
+def _parts(batch: list[Event], start: int) -> list[list[Event]]:
+    """``batch[start:]`` in chunks of ``_RANGE`` events and ``_RANGE_BYTES`` at most (at least
+    one event each)."""
+    parts: list[list[Event]] = []
+    part: list[Event] = []
+    size = 0
+    for ev in islice(batch, start, None):
+        n = len(ev.raw)
+        if part and (len(part) >= _RANGE or size + n > _RANGE_BYTES):
+            parts.append(part)
+            part, size = [], 0
+        part.append(ev)
+        size += n
+    if part:
+        parts.append(part)
+    return parts
+
+
+def _count_after(db: sqlite3.Connection, cursor: int, types: frozenset[int] | None) -> int:
+    """Events in the ledger's chunks past ``cursor`` that a sink with filter ``types`` takes."""
+    n = 0
+    for seqs_b, types_b in db.execute("SELECT seqs, types FROM chunks WHERE last_seq > ?",
+                                      (cursor,)):
+        seqs, kinds = _column("q", seqs_b), _column("q", types_b)
+        n += sum(1 for q, t in zip(seqs, kinds, strict=True)
+                 if q > cursor and (types is None or t in types))
+    return n
 
 
 def _within(batch: list[Event], budget: int) -> tuple[list[Event], int]:
@@ -876,7 +1173,7 @@ def _transaction(db: sqlite3.Connection, fn: Callable[[], Any]) -> Any:
         out = fn()
         db.execute("COMMIT")
     except BaseException:
-        db.execute("ROLLBACK")
+        _rollback(db)
         raise
     return out
 

@@ -68,6 +68,9 @@ class Tracker:
         self.newest_acked = 0
         # what changed since the last diff (keys; their values are read at diff time)
         self._dirty_jobs: set[str] = set()
+        #: the running jobs as the ledger holds them: a job that started and ended between two
+        #: commits (most, in a burst) costs the ledger nothing
+        self._stored_jobs: dict[str, Any] = dict(self.running_jobs)
         self._dirty_accounts: set[str] = set()
         self._dirty_devices: set[str] = set()
 
@@ -210,6 +213,16 @@ class Tracker:
         names, self._dirty_accounts = self._dirty_accounts, set()
         devs, self._dirty_devices = self._dirty_devices, set()
         running, devices = self.running_jobs, self.devices
+        stored = self._stored_jobs
+        jobs_diff: dict[str, list[Any] | None] = {}
+        for g in jobs:
+            v = running.get(g)
+            if stored.get(g, _ABSENT) != (v if v is not None else _ABSENT):
+                jobs_diff[g] = v
+                if v is None:
+                    del stored[g]
+                else:
+                    stored[g] = v
         accounts = self.accounts
         acc: dict[str, list[Any] | None] = {}
         for name in names:
@@ -225,7 +238,7 @@ class Tracker:
             dedup=dd.take_journal(),
             horizon=dd.horizon,
             max_size=dd.max_size,
-            running_jobs={g: running.get(g) for g in jobs},
+            running_jobs=jobs_diff,
             accounts=acc,
             devices={d: devices.get(d) for d in devs},
         )
@@ -234,8 +247,14 @@ class Tracker:
         """The commit of ``diff`` failed: its changes go with the next one."""
         self.dedup.restore_journal(diff.dedup)
         self._dirty_jobs.update(diff.running_jobs)
+        for g in diff.running_jobs:  # what the ledger holds for them is not known now
+            self._stored_jobs[g] = _UNKNOWN
         self._dirty_accounts.update(diff.accounts)
         self._dirty_devices.update(diff.devices)
+
+
+_ABSENT: Final = object()
+_UNKNOWN: Final = object()
 
 
 def _entry_of(raw: bytes) -> list[Any]:

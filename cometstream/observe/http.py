@@ -2,41 +2,146 @@
 
 - ``/metrics``: Prometheus text format from the daemon's registry (gzip when the scraper asks);
 - ``/healthz``: 200 while the event loop answers (the handler itself runs on it);
-- ``/readyz``: 200 when logged in to the stream and no sink is failing, else 503 with a JSON
-  body naming why (``{"ready": false, "reasons": ["stream: reconnecting in 8 s: ..."]}``).
+- ``/readyz``: 200 when logged in to the stream, no sink is failing and remedial syncs succeed,
+  else 503 with a JSON body naming why
+  (``{"ready": false, "reasons": ["stream: reconnecting in 8 s: ..."]}``).
+
+Whoever can reach the port can open connections to it, so they are bounded: at most
+``max_connections`` at once (64; beyond, a connection gets a 503 and is closed at once), and a
+connection that has not sent a whole request's headers within ``header_timeout`` (10 s) of
+opening, or of its previous answer, is closed. Each connection holds one file descriptor of the
+daemon, which the ledger, the sinks and the stream need too. A ``listen`` address that is not
+a loopback one is reported with a warning at start.
 """
 
 from __future__ import annotations
 
+import asyncio
 import gzip
-from collections.abc import Callable
+import ipaddress
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
 
 import orjson
+import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-__all__ = ["HttpServer"]
+__all__ = ["HEADER_TIMEOUT", "MAX_CONNECTIONS", "HttpServer", "is_loopback"]
+
+log = structlog.get_logger("cometstream.http")
 
 ReadyCheck = Callable[[], list[str]]
+
+#: connections served at once; beyond, each new one gets a 503 and is closed
+MAX_CONNECTIONS: Final = 64
+#: seconds a connection has to send a request's headers (after opening, or after an answer)
+HEADER_TIMEOUT: Final = 10.0
+#: a refusal is logged at most this often
+_REFUSAL_LOG_INTERVAL: Final = 60.0
+_BUSY: Final = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                b"Content-Length: 22\r\nConnection: close\r\n\r\ntoo many connections\r\n")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (from ``[http] listen``) is a loopback address: a name other than
+    ``localhost`` may resolve to anything, so it is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Refused(asyncio.Protocol):
+    """A connection beyond the cap: a short 503, then closed (it fits the socket buffer)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_BUSY)
+        transport.close()
+
+
+class _GuardedServer(web.Server):
+    """aiohttp's low-level server with a cap on open connections and a deadline for each
+    request's headers (aiohttp itself has neither: an idle connection lives an hour)."""
+
+    def __init__(self, handler: Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], *,
+                 max_connections: int, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        #: connections accepted and not yet closed
+        self.open = 0
+        self.refused = 0
+        self._refusal_logged = 0.0
+        self._timers: dict[RequestHandler, asyncio.TimerHandle] = {}
+
+    def __call__(self) -> Any:  # the listening socket's protocol factory: one per connection
+        if self.open >= self.max_connections:
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._refusal_logged >= _REFUSAL_LOG_INTERVAL:
+                self._refusal_logged = now
+                log.warning("http: too many connections, refusing new ones",
+                            max_connections=self.max_connections, refused=self.refused)
+            return _Refused()
+        self.open += 1
+        return super().__call__()
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.arm(handler, transport)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        self.open -= 1
+        self.disarm(handler)
+        super().connection_lost(handler, exc)
+
+    def arm(self, handler: RequestHandler, transport: asyncio.Transport | None) -> None:
+        """The next request's headers must arrive within ``header_timeout``."""
+        self.disarm(handler)
+        if transport is None or transport.is_closing():
+            return
+        self._timers[handler] = self._loop.call_later(self.header_timeout, self._expired,
+                                                      handler, transport)
+
+    def disarm(self, handler: RequestHandler) -> None:
+        timer = self._timers.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expired(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        self._timers.pop(handler, None)
+        transport.abort()  # (close() would wait to flush what a peer that reads nothing holds)
 
 
 class HttpServer:
     def __init__(self, registry: CollectorRegistry, ready: ReadyCheck, *, host: str,
-                 port: int) -> None:
+                 port: int, max_connections: int = MAX_CONNECTIONS,
+                 header_timeout: float = HEADER_TIMEOUT) -> None:
         self.registry = registry
         self.ready = ready
         self.host = host
         self.port = port
-        self._runner: web.AppRunner | None = None
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_get("/", self._index)
-        self.app = app
+        self.max_connections = max_connections
+        self.header_timeout = header_timeout
+        self._runner: web.ServerRunner | None = None
+        self._server: _GuardedServer | None = None
+        self._routes: dict[str, Callable[[web.BaseRequest], Awaitable[web.Response]]] = {
+            "/metrics": self._metrics,
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/": self._index,
+        }
 
     async def start(self) -> None:
-        runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        server = _GuardedServer(self._handle, max_connections=self.max_connections,
+                                header_timeout=self.header_timeout, access_log=None)
+        runner = web.ServerRunner(server, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
         try:
@@ -45,21 +150,50 @@ class HttpServer:
             await runner.cleanup()
             raise
         self._runner = runner
-        server = site._server
-        if self.port == 0 and server is not None and server.sockets:  # type: ignore[union-attr]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._server = server
+        listening = site._server
+        if self.port == 0 and listening is not None and listening.sockets:  # type: ignore[union-attr,attr-defined]
+            self.port = listening.sockets[0].getsockname()[1]  # type: ignore[union-attr,attr-defined]
+        if not is_loopback(self.host):
+            log.warning("http: listening on a non-loopback address: anyone who can reach it "
+                        "reads the metrics and the /readyz reasons; restrict it with a "
+                        "firewall, or listen on 127.0.0.1", listen=self.url)
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            self._server = None
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
-    async def _metrics(self, request: web.Request) -> web.Response:
+    @property
+    def connections(self) -> int:
+        """Connections open now (for tests and diagnostics)."""
+        return self._server.open if self._server is not None else 0
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        server = self._server
+        protocol = request.protocol
+        if server is not None:
+            server.disarm(protocol)  # the headers are in
+        try:
+            route = self._routes.get(request.path)
+            if route is None:
+                return web.Response(status=404, text="404: Not Found\n")
+            if request.method not in ("GET", "HEAD"):
+                return web.Response(status=405, text="405: Method Not Allowed\n",
+                                    headers={"Allow": "GET, HEAD"})
+            return await route(request)
+        finally:
+            if server is not None:
+                # the answer, and the next request's headers, within header_timeout
+                server.arm(protocol, request.transport)
+
+    async def _metrics(self, request: web.BaseRequest) -> web.Response:
         body = generate_latest(self.registry)
         headers = {"Content-Type": CONTENT_TYPE_LATEST}
         if "gzip" in request.headers.get("Accept-Encoding", ""):
@@ -67,14 +201,14 @@ class HttpServer:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)
 
-    async def _healthz(self, request: web.Request) -> web.Response:
+    async def _healthz(self, request: web.BaseRequest) -> web.Response:
         return web.Response(text="ok\n")
 
-    async def _readyz(self, request: web.Request) -> web.Response:
+    async def _readyz(self, request: web.BaseRequest) -> web.Response:
         reasons = self.ready()
         body = orjson.dumps({"ready": not reasons, "reasons": reasons})
         return web.Response(body=body, status=503 if reasons else 200,
                             content_type="application/json")
 
-    async def _index(self, request: web.Request) -> web.Response:
+    async def _index(self, request: web.BaseRequest) -> web.Response:
         return web.Response(text="cometstream: /metrics /healthz /readyz\n")

@@ -9,6 +9,7 @@ statuses into their range, disconnect reasons and drop reasons are fixed vocabul
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
@@ -95,6 +96,10 @@ class StreamStats:
         self.resync_runs: dict[str, int] = defaultdict(int)
         self.resync_events: dict[str, int] = defaultdict(int)
         self.resync_duration = Histogram((0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0))
+        #: when the running sync started (time.monotonic()), 0.0 while none runs
+        self.resync_started = 0.0
+        #: failed syncs since the last good one
+        self.resync_failures = 0
 
     @property
     def events_received(self) -> int:
@@ -207,6 +212,15 @@ class Metrics(Collector):
                                   labels=["server"])
         h.add_metric([srv], s.resync_duration.cumulative(), s.resync_duration.sum)
         yield h
+        g = GaugeMetricFamily(PREFIX + "resync_running_seconds", "Age of the running remedial "
+                              "sync (0 when none runs)", labels=["server"])
+        started = s.resync_started
+        g.add_metric([srv], max(0.0, time.monotonic() - started) if started else 0.0)
+        yield g
+        g = GaugeMetricFamily(PREFIX + "resync_consecutive_failures", "Remedial syncs failed "
+                              "since the last good one", labels=["server"])
+        g.add_metric([srv], s.resync_failures)
+        yield g
 
         delivered = CounterMetricFamily(PREFIX + "events_delivered", "Events acknowledged by "
                                         "the sink", labels=["sink"])

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import structlog
 
+from .logging import scrub
+
 __all__ = ["Notifier"]
 
 log = structlog.get_logger("cometstream.systemd")
@@ -58,6 +60,9 @@ class Notifier:
         self.notify("READY=1")
 
     def status(self, text: str) -> None:
+        # STATUS= is shown to every local user (systemctl status): what a peer wrote in an
+        # error is masked like the logs, and kept on one line
+        text = " ".join(scrub(text).splitlines())
         if text != self._last_status:
             self._last_status = text
             self.notify(f"STATUS={text}")

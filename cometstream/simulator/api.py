@@ -158,6 +158,7 @@ class ApiFaults(Protocol):
     api_down: bool
     api_reject: bool
     api_delay: float
+    api_dribble: float  # > 0: answers go out a byte at a time, this many seconds apart
     api_fail_next: int  # counted down here
     null_lists: bool
 
@@ -259,11 +260,33 @@ class AdminAPI:
         except ApiError as exc:
             return self._reply(request, _carm(exc.status, exc.message))
         body = orjson.dumps(result)
+        if faults.api_dribble > 0:
+            return await self._dribble(request, body, faults)
         if len(body) >= PARALLEL_GZIP_MIN and _accepts_gzip(
                 request.headers.get("Accept-Encoding", "")):
             return web.Response(body=await gzip_parallel(body), content_type="application/json",
                                 headers={"Content-Encoding": "gzip"})
         return self._reply(request, body)
+
+    async def _dribble(self, request: web.Request, body: bytes,
+                       faults: ApiFaults) -> web.StreamResponse:
+        """``body`` one byte at a time, ``faults.api_dribble`` seconds apart (read at each
+        byte: clearing it sends the rest at once)."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        try:
+            for i in range(len(body)):
+                pause = faults.api_dribble
+                if pause <= 0:
+                    await resp.write(body[i:])
+                    break
+                await resp.write(body[i:i + 1])
+                await asyncio.sleep(pause)
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass  # the client gave up: what it was waiting for
+        return resp
 
     async def _form(self, request: web.Request) -> dict[str, str]:
         """The form fields (first value of each name) of a urlencoded or multipart body."""

@@ -70,6 +70,9 @@ class Faults:
     Admin HTTP API (applied in this order, before routing and authentication):
 
     - ``api_delay``: seconds to sleep before answering each API call.
+    - ``api_dribble``: > 0: a successful API answer is sent uncompressed, one byte every
+      ``api_dribble`` seconds (a server or proxy that never stalls long enough for a per-read
+      timeout, yet never finishes).
     - ``api_down``: every API call gets HTTP 503 with a plain-text body.
     - ``api_fail_next``: the next N API calls get HTTP 500 with a plain-text body (counts down).
     - ``api_reject``: every API call gets HTTP 200 ``{"Status":403,"Message":"Unauthorised"}``
@@ -85,6 +88,7 @@ class Faults:
     api_down: bool = False
     api_reject: bool = False
     api_delay: float = 0.0
+    api_dribble: float = 0.0
     api_fail_next: int = 0
     null_lists: bool = True
 

@@ -28,7 +28,9 @@ has every event published up to the first resync after the start.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -56,6 +58,19 @@ FSYNC_MODES: Final = ("always", "batch", "never")
 _BATCH_FSYNC_INTERVAL: Final = 1.0
 
 
+def _trusted(st: os.stat_result, path: Path) -> bool:
+    """A file we may append to: ours, or one in a folder only its owner (and root) can change
+    (an operator may create the file for us; a local user may not, in a folder everyone can
+    write to, to read what we write)."""
+    if not hasattr(os, "geteuid") or st.st_uid == os.geteuid():
+        return True
+    try:
+        parent = os.stat(path.parent)
+    except OSError:
+        return False
+    return not parent.st_mode & 0o022
+
+
 class FileSink(Sink):
     default_format = "envelope"
     uses_doc = False
@@ -79,6 +94,8 @@ class FileSink(Sink):
         self._recover_from: list[int] | None = None
         #: identities of lines written past the committed offset, not to be written again
         self._skip: Counter[str] = Counter()
+        #: the position recovery started from, while it lasts
+        self._recovering: list[int] | None = None
         self.recognised = 0
 
     @classmethod
@@ -103,7 +120,11 @@ class FileSink(Sink):
 
     # --- exactly once across a crash -------------------------------------------------------------
     def position(self) -> list[int]:
-        """Where the file stands after what was acknowledged: [inode, byte offset]."""
+        """Where the file stands after what was acknowledged: [inode, byte offset]. While it
+        recovers, where the recovery started: a second crash then reads back the same lines
+        and those written since (their events may come yet again)."""
+        if self._recovering is not None:
+            return self._recovering
         return [self._ino, self._size]
 
     def recover(self, position: list[int] | None) -> None:
@@ -113,6 +134,7 @@ class FileSink(Sink):
             self._recover_from = position
 
     def end_recovery(self) -> None:
+        self._recovering = None
         if self._skip:
             log.info("file sink recovery over: some lines written before the crash were not "
                      "published again", sink=self.name, lines=sum(self._skip.values()))
@@ -120,25 +142,26 @@ class FileSink(Sink):
             log.info("file sink recovery over", sink=self.name, recognised=self.recognised)
         self._skip.clear()
 
-    def _recognised(self, batch: Sequence[Event]) -> list[Event]:
-        """The events of ``batch`` that the file does not hold yet."""
+    def _recognised(self, batch: Sequence[Event]) -> tuple[list[Event], Counter[str]]:
+        """The events of ``batch`` that the file does not hold yet, and the identities of those
+        it does (consumed once the rest is written: a failed write is retried whole)."""
         skip = self._skip
         out = []
+        seen: Counter[str] = Counter()
         for ev in batch:
             ident = event_identity(ev)
-            if skip.get(ident, 0) > 0:
-                skip[ident] -= 1
-                if not skip[ident]:
-                    del skip[ident]
-                self.recognised += 1
+            if skip.get(ident, 0) > seen[ident]:
+                seen[ident] += 1
                 continue
             out.append(ev)
-        return out
+        return out, seen
 
     async def send(self, batch: Sequence[Event]) -> None:
+        seen = None
         if self._skip:
-            batch = self._recognised(batch)
+            batch, seen = self._recognised(batch)
             if not batch:
+                self._consume(seen)
                 return
         fmt = self.format
         if fmt == "event":
@@ -146,6 +169,18 @@ class FileSink(Sink):
         else:
             lines = [ev.envelope() for ev in batch]
         await self._run(self._write_sync, lines)
+        if seen:
+            self._consume(seen)
+
+    def _consume(self, seen: Counter[str]) -> None:
+        skip = self._skip
+        for ident, n in seen.items():
+            left = skip[ident] - n
+            if left > 0:
+                skip[ident] = left
+            else:
+                del skip[ident]
+        self.recognised += sum(seen.values())
 
     async def aclose(self) -> None:
         if self._writer is None:
@@ -172,9 +207,24 @@ class FileSink(Sink):
         if self._fd >= 0:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-        self._fd = fd
+        try:
+            # never through a symbolic link: in a folder others can write to, one planted at
+            # the path (after a rotation, say) would send the events into any file we can write
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                         | os.O_NOFOLLOW | os.O_NONBLOCK, 0o640)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise OSError(exc.errno, "is a symbolic link (not followed)") from None
+            raise
         st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _trusted(st, self.path):
+            os.close(fd)
+            what = "not a regular file" if not stat.S_ISREG(st.st_mode) else (
+                f"owned by uid {st.st_uid} in a folder others can write to (not ours: not "
+                "written to)")
+            raise OSError(errno.EPERM, what)
+        os.set_blocking(fd, True)
+        self._fd = fd
         self._size = st.st_size
         self._ino = st.st_ino
         if self._recover_from is not None:
@@ -226,6 +276,7 @@ class FileSink(Sink):
             if ident is not None:
                 self._skip[ident] += 1
         if self._skip:
+            self._recovering = [ino, offset]
             log.info("file sink: lines written after the last commit will not be written again",
                      sink=self.name, lines=sum(self._skip.values()))
 

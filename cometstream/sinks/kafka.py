@@ -227,6 +227,10 @@ class KafkaSink(Sink):
         for k, path in ssl_paths.items():
             if path is not None and not path.is_file():
                 raise options.error(k, f"file not found: {path}")
+        if ssl_paths["ssl_keyfile"] is not None:  # a private key: check warns if others read it
+            from ..section import note_secret
+
+            note_secret(options.key("ssl_keyfile"), ssl_paths["ssl_keyfile"])
         if security["security_protocol"].endswith("SSL"):
             security["ssl_paths"] = ssl_paths
         options.done()
@@ -263,6 +267,11 @@ class KafkaSink(Sink):
     async def open(self) -> None:
         if self._producer is not None:
             return
+        password = self.security.get("sasl_plain_password")
+        if password:  # masked in logs and errors, like the server's password
+            from ..observe.logging import register_secret
+
+            register_secret(password)
         producer = self._make_producer()
         try:
             await producer.start()
@@ -493,6 +502,11 @@ def _password(options: Section) -> str:
     if path is None:
         raise options.error("sasl_password", "is required for SASL (or sasl_password_file, or "
                             "COMETSTREAM_KAFKA_PASSWORD)")
+    from ..section import note_secret, secret_files_wanted
+
+    if not secret_files_wanted():  # cometstream tap / dlq list: not needed, not read
+        return "-"
+    note_secret(options.key("sasl_password_file"), path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:

@@ -71,6 +71,7 @@ only (a URL path may itself be a secret, as in Slack- or Teams-style webhook URL
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import math
@@ -84,7 +85,7 @@ from datetime import UTC
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import quote, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 import aiohttp
 import orjson
@@ -94,7 +95,7 @@ from .. import __version__
 from ..config import read_secret_file
 from ..errors import ConfigError, SinkError
 from ..observe.logging import register_secret
-from ..section import Section
+from ..section import Section, note_secret, secret_files_wanted
 from .base import Sink
 
 if TYPE_CHECKING:
@@ -237,6 +238,8 @@ class WebhookSink(Sink):
             host = parts.hostname
             _ = parts.port  # ValueError for a bad port
         except ValueError as exc:
+            if "@" in url:  # the reason may quote a piece of a user:password@
+                raise options.error("url", "not a valid URL") from None
             raise options.error("url", f"not a valid URL ({exc})") from None
         if not scheme_ok:
             shown = parts.scheme or "none"
@@ -248,6 +251,7 @@ class WebhookSink(Sink):
         if not host:
             raise options.error("url", "has no host")
         headers, masked = _parse_headers(options)
+        masked.extend(_url_secrets(url))
         fmt = options.str("format", cls.default_format)
         timeout = options.float("timeout", DEFAULT_TIMEOUT, min=0, max=3600, min_exclusive=True)
         retries = options.int("max_retries", DEFAULT_MAX_RETRIES, min=-1)
@@ -380,6 +384,47 @@ class WebhookSink(Sink):
 
 
 # --- option parsing --------------------------------------------------------------------------------
+def _url_secrets(url: str) -> list[str]:
+    """The parts of a webhook URL that may be a secret (Slack- or Teams-style URLs carry the
+    token in the path; others put it in the query), to mask wherever they would be shown: the
+    path from its first token-like segment on, each such segment (8+ characters with a digit,
+    or 16+), the query and each of its values of 4+ characters."""
+    parts = urlsplit(url)
+    out: list[str] = []
+    segments = parts.path.split("/")
+    for i, seg in enumerate(segments):
+        if len(seg) >= 16 or (len(seg) >= 8 and any(c.isdigit() for c in seg)):
+            out.append(seg)
+            rest = "/".join(segments[i:])
+            if rest != seg:
+                out.append(rest)
+    if parts.query:
+        out.append(parts.query)
+        out.extend(v for _k, v in parse_qsl(parts.query, keep_blank_values=True) if len(v) >= 4)
+    return [v for v in dict.fromkeys(out) if len(v) >= 4]
+
+
+def _header_secrets(value: str) -> list[str]:
+    """A sensitive header's value, and the credentials in it as a receiver may echo them alone:
+    the token after the scheme (``Bearer <token>``), and for ``Basic`` the decoded
+    ``user:password`` and the password."""
+    out = [value]
+    scheme, _, cred = value.strip().partition(" ")
+    cred = cred.strip()
+    if cred:
+        out.append(cred)
+        if scheme.lower() == "basic":
+            try:
+                plain = base64.b64decode(cred, validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                plain = ""
+            if plain:
+                out.append(plain)
+                out.append(plain.partition(":")[2])
+    # (the parts: only of 4+ characters; the whole value is masked at any length)
+    return [value] + [v for v in out[1:] if len(v) >= 4]
+
+
 def _parse_headers(options: Section) -> tuple[dict[str, str], list[str]]:
     """``headers`` → {name: value}, plus the values to mask in logs (from file/env, or under a
     sensitive-looking name)."""
@@ -403,10 +448,11 @@ def _parse_headers(options: Section) -> tuple[dict[str, str], list[str]]:
         if isinstance(spec, str):
             value = spec
             if _SENSITIVE.search(header):
-                masked.append(value)
+                masked.extend(_header_secrets(value))
+                note_secret(hs.key(header))  # inline in the config file
         elif isinstance(spec, Mapping):
             value = _header_from_source(hs, header, spec)
-            masked.append(value)
+            masked.extend(_header_secrets(value))
         else:
             raise hs.error(header, f"expected a string, or a table {{ file = \"path\" }} or "
                            f"{{ env = \"VAR\" }}, got a {_type_name(spec)} (value not shown)")
@@ -424,6 +470,8 @@ def _header_from_source(hs: Section, header: str, spec: Mapping[str, Any]) -> st
     if has_env:
         var = src.str("env", allow_empty=False)
         src.done()
+        if not secret_files_wanted():  # tap, dlq list: the unit's environment is not needed
+            return "-"
         value = os.environ.get(var)
         if value is None:
             raise hs.error(header, f'environment variable "{var}" is not set')
