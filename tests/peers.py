@@ -14,6 +14,21 @@ from contextlib import asynccontextmanager
 import orjson
 from aiohttp import web
 
+
+@asynccontextmanager
+async def serve_app(app: web.Application) -> AsyncIterator[str]:
+    """Serve ``app`` on 127.0.0.1 (a free port) while the block runs; yields its base URL."""
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        await runner.cleanup()
+
+
 Script = Callable[[web.WebSocketResponse, list[str], int], Awaitable[None]]
 
 HELLO = orjson.dumps({"Actor": "", "OwnerOrganizationID": "", "Type": 4000, "Timestamp": 1,
@@ -41,12 +56,5 @@ async def scripted_server(script: Script) -> AsyncIterator[tuple[str, list[list[
 
     app = web.Application()
     app.router.add_get("/api/v1/events/stream", handler)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}/", logins
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield url, logins

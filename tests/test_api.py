@@ -19,6 +19,7 @@ from cometstream.errors import ApiError
 from cometstream.protocol import totp_code
 
 from .conftest import PASSWORD, USER, make_config
+from .peers import serve_app
 
 Handler = Callable[[web.Request, dict[str, str]], Awaitable[web.StreamResponse]]
 
@@ -36,15 +37,8 @@ async def api_server(handler: Handler, prefix: str = "") -> AsyncIterator[tuple[
 
     app = web.Application()
     app.router.add_post(prefix + "/api/v1/{tail:.*}", route)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        yield f"http://127.0.0.1:{port}{prefix}/", forms
-    finally:
-        await runner.cleanup()
+    async with serve_app(app) as url:
+        yield f"{url.rstrip('/')}{prefix}/", forms
 
 
 def _json(obj: Any, status: int = 200) -> web.Response:

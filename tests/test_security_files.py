@@ -45,6 +45,7 @@ from cometstream.sinks.file import FileSink
 from cometstream.tap import TapServer, socket_path
 
 from .conftest import make_config, running, wait_until
+from .peers import serve_app
 from .test_spool import Hook, _fast
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -276,13 +277,8 @@ async def test_an_api_answer_is_read_up_to_a_bound(tmp_path: Path) -> None:
 
     app = web.Application()
     app.router.add_post("/api/v1/{tail:.*}", handler)
-    runner = web.AppRunner(app, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    try:
-        cfg = make_config(f"http://127.0.0.1:{port}/", tmp_path)
+    async with serve_app(app) as url:
+        cfg = make_config(url, tmp_path)
         async with AdminClient(cfg.server, attempts=3, retry_initial=0.01,
                                retry_max=0.02) as api:
             api.max_response = 1 * MIB
@@ -292,8 +288,6 @@ async def test_an_api_answer_is_read_up_to_a_bound(tmp_path: Path) -> None:
             assert api.calls == 1  # not retried
             size["n"] = 1000
             assert len(await api.jobs_for_date_range(1, 2)) == 1
-    finally:
-        await runner.cleanup()
 
 
 # --- 3. private files ------------------------------------------------------------------------------
