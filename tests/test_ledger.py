@@ -224,12 +224,15 @@ async def test_a_file_sinks_committed_position_waits_for_what_is_kept(sim: Simul
     db_path = tmp_path / "state" / "ledger.db"
 
     def committed() -> tuple[int, list[int]]:
+        """The file sink's committed cursor and position ((0, [0, 0]): none committed yet)."""
         db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
         try:
-            seq, pos = db.execute("SELECT seq, position FROM cursors WHERE sink = 'f'").fetchone()
+            row = db.execute("SELECT seq, position FROM cursors WHERE sink = 'f'").fetchone()
         finally:
             db.close()
-        return seq, orjson.loads(pos)
+        if row is None or row[1] is None:
+            return 0, [0, 0]
+        return row[0], orjson.loads(row[1])
 
     try:
         async with running(cfg) as d:
