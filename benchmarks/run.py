@@ -8,7 +8,9 @@ redaction, with 4 sinks and with a 10% filter, against naive aiohttp and websock
 on the same stream; then 10,000 events paced at 1,000/s for the delivery latency) and
 ``resync.py`` (a remedial sync of 100,000 job completions missed during a gap) and
 ``diskwrite.py`` (bytes written to disk per byte delivered at 3,000 events/s with a dedup window
-of ~10k and ~100k keys, and the start time with a 200,000-key window). Each starts its own
+of ~10k and ~100k keys, and the start time with a 200,000-key window) and ``webhook.py`` (the
+webhook sink against a receiver 50 ms away, serial and concurrent, and against one that fails
+the first POST of each event). Each starts its own
 simulator (and peers, and daemon) in separate processes and prints a table; nothing is asserted.
 ``--quick`` runs a tenth of the sizes (a smoke test of the benchmarks themselves; diskwrite.py:
 a 5 s measured interval instead of 20 s).
@@ -35,6 +37,7 @@ def main() -> int:
          "--repeat", "1" if args.quick else "2", "--paced", str(10_000 // scale)],
         [sys.executable, str(HERE / "resync.py"), "--jobs", str(100_000 // scale)],
         [sys.executable, str(HERE / "diskwrite.py"), *(["--quick"] if args.quick else [])],
+        [sys.executable, str(HERE / "webhook.py"), *(["--quick"] if args.quick else [])],
     ]
     for cmd in runs:
         print(f"$ {' '.join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))}",

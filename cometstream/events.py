@@ -167,6 +167,23 @@ class Event:
             self._key = key
         return key or None
 
+    def ordering_keys(self) -> tuple[str, ...]:
+        """What the event is about, for sinks that send several events at once (two events
+        sharing a key are never in flight together): its ``ResourceID``, and for a job event
+        its GUID too (a start and its completion stay in order even from a server that sends
+        no ``ResourceID``). Read from the bytes when the parsed event was released."""
+        doc = self._doc if self._doc is not None else parse_raw(self.raw)
+        keys: list[str] = []
+        rid = doc.get("ResourceID")
+        if isinstance(rid, str) and rid:
+            keys.append("r:" + rid)
+        if self.type in JOB_TYPES:
+            data = doc.get("Data")
+            guid = data.get("GUID") if isinstance(data, dict) else None
+            if isinstance(guid, str) and guid:
+                keys.append("j:" + guid)
+        return tuple(keys)
+
     # --- output formats ------------------------------------------------------------------------
     def envelope(self) -> bytes:
         """``{"server", "origin", "received_at", "type_name", "event"}`` with the raw event inside."""

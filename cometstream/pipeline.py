@@ -43,6 +43,8 @@ BATCH_MAX: Final = 1024
 #: beyond, it overflows like a full queue (to the ledger, or ``when_full``)
 QUEUE_BYTES: Final = 64 * 1024 * 1024
 FAILING_REMINDER: Final = 60.0
+#: with several sends in flight, at most one failure warning this often (seconds)
+WARN_GAP: Final = 10.0
 log = structlog.get_logger("cometstream.pipeline")
 
 AckListener = Callable[["Route", Sequence[Event]], None]
@@ -89,8 +91,18 @@ class Route:
         #: a sink may bound the retries of one batch (webhook ``max_retries``); None = forever
         mr = getattr(sink, "max_retries", None)
         self.max_retries: int | None = mr if isinstance(mr, int) else None
+        #: a sink may take several ``send`` calls at once (webhook ``concurrency``), each of at
+        #: most ``max_batch`` events: the pipeline then keeps a window of them (``_window``)
+        cc = getattr(sink, "concurrency", 1)
+        self.concurrency = cc if isinstance(cc, int) and cc > 1 else 1
+        mb = getattr(sink, "max_batch", 1)
+        self.unit_max = mb if isinstance(mb, int) and mb > 0 else 1
+        #: loop time before which no new send starts (a receiver's ``Retry-After``)
+        self.pause_until = 0.0
         self.dead_letter = DeadLetters(cfg.name, cfg.dead_letter) if cfg.dead_letter else None
         self.last_warned = 0.0
+        #: a failure was logged at warning level since the sink last recovered
+        self.warned = False
         self.last_rejection = ""
         self._wakeup: asyncio.Future[None] | None = None
         self._space: asyncio.Future[None] | None = None
@@ -482,6 +494,9 @@ class Pipeline:
                 self._failed(route, exc, "sink open failed", backoff)
                 await self._pause(backoff.next_delay())
         backoff.reset()
+        if route.concurrency > 1:
+            await self._window(route, backoff)
+            return
         loop = asyncio.get_running_loop()
         while True:
             if not queue:
@@ -509,6 +524,184 @@ class Pipeline:
             route.inflight = 0
             route.inflight_first = 0
             self.buffer.release(self.delivered_through)
+
+    # --- concurrent sends (a sink with ``concurrency`` > 1) ----------------------------------------
+    async def _window(self, route: Route, backoff: Backoff) -> None:
+        """Deliver with up to ``route.concurrency`` sends in flight, each of at most
+        ``route.unit_max`` events and retried on its own, while acknowledgements still move in
+        order: an event is done when it and every event before it are done. Two events with
+        the same resource (:meth:`Event.ordering_keys`) are never in flight together, and the
+        later one is not sent before the earlier one is done. The window holds at most
+        ``batch_max`` events, like one batch of the serial worker."""
+        queue = route.queue
+        window: deque[_Unit] = deque()  # oldest first, until acknowledged
+        ended: list[_Unit] = []  # units whose send finished since the last look
+        held = 0  # events in the window
+        busy: dict[str, int] = {}  # ordering keys of the units being sent
+        running = 0
+        batch_max = self.batch_max
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                # 1. free the resources of the sends that ended
+                while ended:
+                    running -= 1
+                    for k in ended.pop().keys:
+                        left = busy[k] - 1
+                        if left:
+                            busy[k] = left
+                        else:
+                            del busy[k]
+                # 2. acknowledge (or dead-letter) the finished head, in order
+                moved = False
+                while window and window[0].state is not None:
+                    unit = window.popleft()
+                    held -= len(unit.events)
+                    moved = True
+                    if unit.state:
+                        self._acked(route, unit.events)
+                    else:
+                        await self._rejected(route, unit.events, unit.error)
+                # 3. take new events: from the queue first, then (half a window at least at a
+                # time) from the store
+                fresh: list[Event] = []
+                if held < batch_max:
+                    if queue:
+                        n = min(len(queue), batch_max - held)
+                        fresh = [queue.popleft() for _ in range(n)]
+                        if queue:
+                            route.queued_bytes -= sum([len(ev.raw) for ev in fresh])
+                        else:
+                            route.queued_bytes = 0
+                        route._space_freed()
+                    elif not route.live and not self._closing and held <= batch_max // 2:
+                        fresh = await self._read_behind(route, batch_max - held)
+                        moved = True
+                    step = route.unit_max
+                    for i in range(0, len(fresh), step):
+                        window.append(_Unit(fresh[i:i + step], ended))
+                    held += len(fresh)
+                route.inflight = held
+                if window:
+                    head = window[0].events[0]
+                    route.inflight_first = head.seq
+                    route.inflight_since = head.received_at
+                else:
+                    route.inflight_first = 0
+                if moved:
+                    self.buffer.release(self.delivered_through)
+                # 4. start what may start: in order, skipping (and holding back the resources
+                # of) the units whose resource is being sent
+                if running < route.concurrency:
+                    blocked: set[str] = set()
+                    for unit in window:
+                        if unit.task is not None:
+                            continue
+                        keys = unit.keys
+                        if keys and any(k in busy or k in blocked for k in keys):
+                            blocked.update(keys)
+                            continue
+                        for k in keys:
+                            busy[k] = busy.get(k, 0) + 1
+                        unit.task = loop.create_task(self._send_unit(route, unit, backoff))
+                        running += 1
+                        if running >= route.concurrency:
+                            break
+                # 5. wait for a send to end or for new events, unless there is more to do now
+                if not window and self._closing:
+                    return  # delivered what was queued (what is behind stays in the store)
+                if ended or (window and window[0].state is not None):
+                    continue
+                if held < batch_max and (queue or (
+                        not route.live and not self._closing and held <= batch_max // 2)):
+                    continue
+                route._wakeup = loop.create_future()
+                await route._wakeup
+        except asyncio.CancelledError:
+            # drain() gave up: stop the sends, put every event not acknowledged back in front of
+            # the queue, in order, so that it is counted (or stays in the store), not lost
+            tasks = [u.task for u in window if u.task is not None and not u.task.done()]
+            for t in tasks:
+                t.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+            events = [ev for u in window for ev in u.events]
+            queue.extendleft(reversed(events))
+            route.queued_bytes += sum(len(ev.raw) for ev in events)
+            route.inflight = 0
+            route.inflight_first = 0
+            raise
+
+    async def _read_behind(self, route: Route, limit: int) -> list[Event]:
+        """Up to ``limit`` of the events a sink that is behind needs next, from the store (the
+        events its filter skips are counted and left out)."""
+        start = route.next_seq
+        events = await self.buffer.read(start, limit, self.server, route.name)
+        if not events:
+            route.next_seq = self.seq + 1
+        else:
+            route.behind_since = events[0].received_at
+            route.next_seq = events[-1].seq + 1
+        if route.next_seq > self.seq:  # nothing was published meanwhile that it skipped
+            route.live = True
+            route.behind_since = 0.0
+            if start <= self.seq:
+                log.info("sink caught up from the spool", sink=route.name)
+        types = route.types
+        if types is None:
+            return events
+        batch = [ev for ev in events if ev.type in types]
+        route.stats.filtered += len(events) - len(batch)
+        return batch
+
+    async def _send_unit(self, route: Route, unit: _Unit, backoff: Backoff) -> None:
+        """One unit of a window, retried on its own until accepted or refused for good; a
+        ``Retry-After`` pauses every send of the sink."""
+        loop = asyncio.get_running_loop()
+        stats = route.stats
+        max_retries = route.max_retries
+        attempts = 0
+        try:
+            while True:
+                wait = route.pause_until - loop.time()
+                while wait > 0:
+                    await asyncio.sleep(wait)
+                    wait = route.pause_until - loop.time()
+                try:
+                    await route.sink.send(unit.events)
+                except SinkError as exc:
+                    exhausted = max_retries is not None and attempts >= max_retries
+                    if not exc.retryable or exhausted:
+                        unit.error = (str(exc) if not exhausted
+                                      else f"{exc} (gave up after {attempts} retries)")
+                        unit.state = False
+                        return
+                    attempts += 1
+                    if exc.retry_after:
+                        route.pause_until = max(route.pause_until, loop.time() + exc.retry_after)
+                    self._failed(route, exc, "sink write failed", backoff, gap=WARN_GAP)
+                except Exception as exc:
+                    if max_retries is not None and attempts >= max_retries:
+                        unit.error = f"{_describe(exc)} (gave up after {attempts} retries)"
+                        unit.state = False
+                        return
+                    attempts += 1
+                    self._failed(route, exc, "sink write failed", backoff, unexpected=True,
+                                 gap=WARN_GAP)
+                else:
+                    unit.state = True
+                    backoff.reset()  # progress: the next failure starts small again
+                    if stats.failing:
+                        stats.failing = False
+                        stats.last_error = ""
+                        if route.warned:  # (the failures it ends were logged)
+                            route.warned = False
+                            log.info("sink recovered", sink=route.name)
+                    return
+                await asyncio.sleep(backoff.next_delay())
+        finally:
+            unit.ended.append(unit)
+            route.wake()
 
     async def _from_spool(self, route: Route, backoff: Backoff) -> None:
         """One batch for a sink that is behind, read from the store."""
@@ -567,6 +760,7 @@ class Pipeline:
                     route.inflight = len(batch)
                     route.inflight_first = batch[0].seq if batch else 0
                     attempts = 0
+                    backoff.reset()  # the sink works: the next failure starts small again
                     if not batch:
                         break
                 exhausted = max_retries is not None and attempts >= max_retries
@@ -645,16 +839,21 @@ class Pipeline:
                       dead_letter=where)
 
     def _failed(self, route: Route, exc: BaseException, what: str, backoff: Backoff,
-                *, unexpected: bool = False) -> None:
+                *, unexpected: bool = False, gap: float = 0.0) -> None:
         stats = route.stats
         stats.errors += 1
         msg = _describe(exc)
         now = time.monotonic()
         # one warning when a failure starts or changes, then a reminder a minute while it lasts
+        # (with several sends in flight, at most one every ``gap`` seconds: a receiver that
+        # fails now and then is not a log line per failed request)
         first = (not stats.failing or stats.last_error != msg
                  or now - route.last_warned >= FAILING_REMINDER)
+        if first and gap and now - route.last_warned < gap:
+            first = False
         if first:
             route.last_warned = now
+            route.warned = True
         stats.failing = True
         stats.last_error = msg
         if unexpected and first:
@@ -665,6 +864,22 @@ class Pipeline:
             log.debug(what, sink=route.name, error=msg)
 
 
+
+
+class _Unit:
+    """Events a concurrent sink gets in one ``send``, and how that send ended."""
+
+    __slots__ = ("events", "keys", "task", "state", "error", "ended")
+
+    def __init__(self, events: list[Event], ended: list[_Unit]) -> None:
+        self.events = events
+        self.keys = {k for ev in events for k in ev.ordering_keys()}
+        self.task: asyncio.Task[None] | None = None
+        #: None: not finished; True: accepted; False: refused for good (``error`` says why)
+        self.state: bool | None = None
+        self.error = ""
+        #: where the unit puts itself when its send has ended (the window's list)
+        self.ended = ended
 
 class DeadLetters:
     """Events a sink refused for good, appended as JSON Lines with the reason:

@@ -354,3 +354,46 @@ async def test_partially_accepted_batches_are_not_sent_twice() -> None:
     assert sink.got == frames and sink.calls == 2
     assert p.routes[0].stats.delivered == 5 and p.routes[0].stats.errors == 1
     await p.drain(1.0)
+
+
+class _OneAtATimeSink(_HalfSink):
+    """Accepts one event per send, then fails (retryable): progress on every call."""
+
+    async def send(self, batch: Any) -> None:
+        from cometstream.errors import SinkError
+
+        self.calls += 1
+        self.got.append(batch[0].raw)
+        if len(batch) > 1:
+            raise SinkError("half", "connection reset after 1", accepted=1)
+
+
+async def test_progress_resets_the_backoff() -> None:
+    """A sink that accepts part of each batch before failing makes progress: the delay before
+    each retry starts from the initial backoff again instead of growing to the cap (0.5 s, not
+    up to 30 s)."""
+    from cometstream.config import SinkConfig
+    from cometstream.observe.metrics import Metrics
+    from cometstream.pipeline import Pipeline
+    from cometstream.protocol import decode_frame
+
+    pauses: list[float] = []
+
+    class Recording(Pipeline):
+        async def _pause(self, delay: float) -> None:  # the delay asked for, not slept
+            pauses.append(delay)
+            await asyncio.sleep(0)
+
+    sink = _OneAtATimeSink()
+    cfg = SinkConfig(name="half", type="x", types=None, format="event", buffer=100,
+                     when_full="block", options={})
+    p = Recording([(cfg, sink)], Metrics("s"), retry_initial=0.5,  # type: ignore[list-item]
+                  retry_max=30.0)
+    frames = [orjson.dumps({"Type": 4103, "N": i}) for i in range(20)]
+    for f in frames:
+        p.publish(decode_frame(f, received_at=0.0, server="s"))  # type: ignore[arg-type]
+    p.start()
+    await wait_until(lambda: len(sink.got) == 20, what="all twenty")
+    assert sink.got == frames
+    assert len(pauses) == 19 and max(pauses) <= 0.5
+    await p.drain(1.0)

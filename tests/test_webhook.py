@@ -44,6 +44,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
     sleep: float = 0.0  # answer only after this long (past the sink's timeout: a timeout)
+    delay: float = 0.0  # answer ``status`` after this long (within the sink's timeout)
     hang: bool = False  # never answer (until the test ends)
 
 
@@ -54,6 +55,8 @@ class Req:
     at: float
     #: the status answered at once; None for a request that slept or hung (the client gave up)
     status: int | None = None
+    #: when the reply was sent (0: not yet)
+    ended: float = 0.0
 
     @property
     def events(self) -> list[Any]:
@@ -99,7 +102,10 @@ class Receiver:
         elif reply.sleep:
             await asyncio.sleep(reply.sleep)
         else:
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
             req.status = reply.status
+        req.ended = time.monotonic()
         return web.Response(status=reply.status, headers=reply.headers, body=reply.body)
 
     @property
@@ -162,7 +168,9 @@ async def test_each_event_is_posted_as_the_servers_bytes_with_headers(
         sent = sim.emit_many(30)
         await wait_until(lambda: d.sink_stats("hook").delivered == 31
                          and d.sink_stats("file").delivered == 31, what="delivery")
-    assert receiver.accepted_events() == sent
+    # several POSTs in flight: every event once, in order per resource
+    assert sorted(receiver.accepted_events()) == sorted(sent)
+    assert _per_resource(receiver.accepted_events()) == _per_resource(sent)
     assert path.read_bytes().splitlines()[1:] == sent
     reqs = receiver.requests
     assert len(reqs) == 31  # nothing retried, nothing doubled
@@ -216,7 +224,8 @@ async def test_signature_verifies_with_the_secret(sim: Simulator, tmp_path: Path
 async def test_batch_posts_a_json_array_of_the_events_bytes(sim: Simulator, tmp_path: Path,
                                                             receiver: Receiver) -> None:
     """batch = 5: up to five events per POST, the body their bytes joined into a JSON array."""
-    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": _hook(receiver, batch=5)})
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "hook": _hook(receiver, batch=5, concurrency=1)})
     async with running(cfg) as d:
         await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
         sent = sim.emit_many(200)
@@ -245,7 +254,8 @@ async def test_503_then_200_delivers_each_event_once(sim: Simulator, tmp_path: P
                                                      receiver: Receiver) -> None:
     """Two 503s then 200s: every event is accepted exactly once, in order; retries of an event keep
     its Idempotency-Key and get a new X-Comet-Tracing-Id."""
-    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": _hook(receiver)})
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "hook": _hook(receiver, concurrency=1)})
     async with running(cfg) as d:
         _fast_retries(d)
         await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
@@ -285,7 +295,8 @@ async def test_429_retry_after_is_honoured(sim: Simulator, tmp_path: Path,
 async def test_a_receiver_that_times_out_then_recovers_gets_the_event(
         sim: Simulator, tmp_path: Path, receiver: Receiver) -> None:
     """A POST that outlasts ``timeout`` is retried; the retry (same Idempotency-Key) is accepted."""
-    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": _hook(receiver, timeout=0.3)})
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "hook": _hook(receiver, timeout=0.3, concurrency=1)})
     async with running(cfg) as d:
         _fast_retries(d)
         await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
@@ -310,7 +321,8 @@ async def test_a_hung_receiver_does_not_delay_the_file_sink(sim: Simulator, tmp_
     event at once; the webhook's overflow is counted as dropped, and it catches up afterwards."""
     path = tmp_path / "ev.jsonl"
     cfg = make_config(sim.url, tmp_path, exact=True, spool=MEMORY, sinks={
-        "hook": _hook(receiver, timeout=0.5, max_retries=-1, buffer=10, when_full="drop_newest"),
+        "hook": _hook(receiver, timeout=0.5, max_retries=-1, buffer=10, when_full="drop_newest",
+                      concurrency=1),
         "file": {"type": "file", "path": str(path), "format": "event"},
     })
     async with running(cfg) as d:
@@ -336,6 +348,21 @@ async def test_a_hung_receiver_does_not_delay_the_file_sink(sim: Simulator, tmp_
     delivered = list(dict.fromkeys(receiver.accepted_events()))
     assert len(delivered) == 300 - hook.dropped["queue_full"]
     assert _is_subsequence(delivered, sent)  # in order; what is missing was dropped
+
+
+def _per_resource(bodies: list[bytes]) -> dict[str, list[bytes]]:
+    """The events grouped by ResourceID (job events also by GUID), each group in order."""
+    out: dict[str, list[bytes]] = {}
+    for body in bodies:
+        doc = orjson.loads(body)
+        keys = []
+        if doc.get("ResourceID"):
+            keys.append("r:" + doc["ResourceID"])
+        if doc.get("Type") in (4200, 4201):
+            keys.append("j:" + doc["Data"]["GUID"])
+        for k in keys:
+            out.setdefault(k, []).append(body)
+    return out
 
 
 def _is_subsequence(part: list[bytes], whole: list[bytes]) -> bool:
@@ -368,7 +395,7 @@ async def test_a_400_dead_letters_that_event_and_the_next_ones_go_through(
         sent = [sim.emit(_job(g)) for g in ("ok-1", "bad", "ok-2", "moved", "ok-3")]
         await wait_until(lambda: d.sink_stats("hook").delivered == 4
                          and d.sink_stats("hook").dropped["rejected"] == 2, what="outcomes")
-    assert receiver.accepted_events() == [sent[0], sent[2], sent[4]]
+    assert sorted(receiver.accepted_events()) == sorted([sent[0], sent[2], sent[4]])
     assert len(receiver.requests) == 6  # refusals are not retried
     letters = _dead_letters(dl)
     assert [dl_["event"]["Data"]["GUID"] for dl_ in letters] == ["bad", "moved"]
@@ -404,6 +431,143 @@ async def test_max_retries_exhausted_dead_letters_the_event(sim: Simulator, tmp_
     assert letter["event"]["Data"]["GUID"] == "doomed"
     assert "HTTP 503" in letter["error"] and "gave up after 2 retries" in letter["error"]
     assert receiver.accepted_events() == [ok]
+
+
+# --- several POSTs in flight -------------------------------------------------------------------------
+def _jobs_start_and_complete(sim: Simulator, n: int) -> list[bytes]:
+    """``n`` jobs, each started and completed back to back: 2n events emitted at once."""
+    sent = []
+    for _ in range(n):
+        start = sim.world.start_job()
+        sent.append(sim.emit(start))
+        sent.append(sim.emit(sim.world.complete_job(start["Data"]["GUID"])))
+    return sent
+
+
+def _max_in_flight(reqs: list[Req]) -> int:
+    marks = sorted([(r.at, 1) for r in reqs] + [(r.ended, -1) for r in reqs])
+    most = now = 0
+    for _t, d in marks:
+        now += d
+        most = max(most, now)
+    return most
+
+
+async def test_concurrent_posts_keep_each_jobs_start_before_its_completion(
+        sim: Simulator, tmp_path: Path, receiver: Receiver) -> None:
+    """With the default concurrency several POSTs are in flight at once, yet a job's start and
+    completion (same ResourceID and GUID) are never in flight together: the completion is sent
+    only once the start was answered. Every event is accepted once."""
+    import random
+    rng = random.Random(5)
+    receiver.rule = lambda req: Reply(delay=rng.uniform(0.0, 0.03))
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": _hook(receiver)})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        base = d.sink_stats("hook").delivered
+        await wait_until(lambda: len(receiver.requests) == base, what="baseline delivered")
+        sent = _jobs_start_and_complete(sim, 60)
+        await wait_until(lambda: d.sink_stats("hook").delivered == base + 120, timeout=15,
+                         what="delivery")
+    reqs = receiver.requests[base:]
+    assert sorted(r.body for r in reqs) == sorted(sent)  # each once, nothing retried
+    assert _max_in_flight(reqs) > 4  # really concurrent
+    by_body = {r.body: r for r in reqs}
+    for start, done in zip(sent[::2], sent[1::2], strict=True):
+        assert by_body[start].ended <= by_body[done].at, "completion sent before start answered"
+
+
+async def test_fail_once_receiver_gets_every_event_and_the_file_sink_is_not_held(
+        sim: Simulator, tmp_path: Path, receiver: Receiver) -> None:
+    """The first POST of each event answered 503, or 429 with Retry-After: 1, or held past the
+    sink's timeout, each for a fifth of the events: all are accepted (progress resets the
+    backoff, a request retries while the others go on), none dead-lettered, and the file sink
+    beside it has them all while the webhook is still retrying."""
+    attempts: dict[str, int] = {}
+
+    def rule(req: Req) -> Reply | None:
+        key = req.headers["Idempotency-Key"]
+        n = attempts[key] = attempts.get(key, 0) + 1
+        if n > 1:
+            return None
+        kind = int(key, 16) % 5
+        return [Reply(503), Reply(429, headers={"Retry-After": "1"}), Reply(sleep=1.0),
+                None, None][kind]
+    receiver.rule = rule
+    path = tmp_path / "ev.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "hook": _hook(receiver, timeout=0.5),
+        "file": {"type": "file", "path": str(path), "format": "event"}})
+    async with running(cfg) as d:
+        # the pipeline's default backoff (0.5 s growing to 30 s), not the tests' fast one
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        hook, file = d.sink_stats("hook"), d.sink_stats("file")
+        await wait_until(lambda: hook.delivered == file.delivered, what="baseline delivered")
+        base = hook.delivered
+        sent = [sim.emit(_job(f"job-{i}")) for i in range(60)]
+        await wait_until(lambda: file.delivered == base + 60, what="file delivery")
+        assert hook.delivered < base + 60  # the file sink did not wait for the webhook
+        await wait_until(lambda: hook.delivered == base + 60, timeout=60, what="all accepted")
+        assert hook.dropped["rejected"] == 0 and not hook.failing
+    assert sorted(set(receiver.accepted_events())) == sorted(sent)
+    kinds = [int(k, 16) % 5 for k in attempts]
+    assert kinds.count(0) and kinds.count(1) and kinds.count(2)  # every kind of failure met
+
+
+async def test_a_429_pauses_every_post_of_the_sink(sim: Simulator, tmp_path: Path,
+                                                   receiver: Receiver) -> None:
+    """A 429 with Retry-After: 1 pauses the whole sink, not only the refused request: no POST
+    starts until the second has passed."""
+    refused: list[Req] = []
+
+    def rule(req: Req) -> Reply | None:
+        if not refused and b'"slow-down"' in req.body:
+            refused.append(req)
+            return Reply(429, headers={"Retry-After": "1"})
+        return None
+    receiver.rule = rule
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={"hook": _hook(receiver)})
+    async with running(cfg) as d:
+        _fast_retries(d)
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        base = d.sink_stats("hook").delivered
+        await wait_until(lambda: len(receiver.requests) == base, what="baseline delivered")
+        sim.emit(_job("slow-down"))
+        await wait_until(lambda: refused and refused[0].ended, what="the 429")
+        sent = [sim.emit(_job(f"after-{i}")) for i in range(20)]
+        await wait_until(lambda: d.sink_stats("hook").delivered == base + 21, what="delivery")
+    t429 = refused[0].ended
+    later = [r for r in receiver.requests[base:] if r is not refused[0]]
+    assert len(later) == 21 and all(r.status == 200 for r in later)
+    assert min(r.at for r in later) - t429 >= 0.9
+    assert sorted(r.body for r in later if b'"slow-down"' not in r.body) == sorted(sent)
+
+
+async def test_an_event_past_max_retries_is_dead_lettered_while_the_others_go_on(
+        sim: Simulator, tmp_path: Path, receiver: Receiver) -> None:
+    """One event always answered 503: the events after it are accepted while it is retried;
+    past max_retries only it is dead-lettered."""
+    dl = tmp_path / "dead.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True, sinks={
+        "hook": _hook(receiver, max_retries=3, dead_letter=str(dl))})
+    receiver.rule = lambda req: Reply(503) if b'"doomed"' in req.body else None
+    async with running(cfg) as d:
+        d.daemon.pipeline.retry_initial = 0.2  # (the three retries take a moment)
+        d.daemon.pipeline.retry_max = 0.2
+        await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        sim.emit(_job("doomed"))
+        ok = [sim.emit(_job(f"fine-{i}")) for i in range(10)]
+        await wait_until(lambda: d.sink_stats("hook").dropped["rejected"] == 1, what="given up")
+        await wait_until(lambda: d.sink_stats("hook").delivered == 11, what="the others")
+    doomed = [r for r in receiver.requests if b'"doomed"' in r.body]
+    assert len(doomed) == 4  # the first POST and three retries
+    fine = [r for r in receiver.accepted if b'"fine-' in r.body]
+    assert max(r.ended for r in fine) < doomed[-1].at  # they did not wait for it
+    assert sorted(receiver.accepted_events()) == sorted(ok)
+    (letter,) = _dead_letters(dl)
+    assert letter["event"]["Data"]["GUID"] == "doomed"
 
 
 async def test_an_unreachable_receiver_is_retried(sim: Simulator, tmp_path: Path) -> None:
@@ -450,6 +614,8 @@ async def test_an_unreachable_receiver_is_retried(sim: Simulator, tmp_path: Path
     ({"batch": 0}, "sinks.hook.batch", "between 1 and 1000"),
     ({"batch": 1.5}, "sinks.hook.batch", "integer"),
     ({"timeout": 0}, "sinks.hook.timeout", "> 0"),
+    ({"concurrency": 0}, "sinks.hook.concurrency", "between 1 and 256"),
+    ({"concurrency": "8"}, "sinks.hook.concurrency", "integer"),
     ({"max_retries": -2}, "sinks.hook.max_retries", ">= -1"),
     ({"format": "xml"}, "sinks.hook.format", "event, envelope"),
     ({"secret": "a", "secret_file": "/x"}, "sinks.hook.secret_file", "not both"),
@@ -482,12 +648,14 @@ def test_options_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert (a.timeout, a.max_retries, a.batch, a.format, a.tls_verify) == (10.0, 10, 1, "event",
                                                                             True)
     assert a.headers == {} and a._secret is None
+    assert (a.concurrency, a.max_batch) == (16, 1)
     assert "example.com/x" not in repr(a) and "https://example.com:443" in repr(a)
     b = WebhookSink.from_config("b", Section(
         {"url": "http://h:8080/", "format": "envelope", "max_retries": -1, "batch": 50,
          "secret": "from-config", "headers": {"Authorization": {"file": "tok"}}},
         "sinks.b", base_dir=tmp_path))
     assert b.max_retries is None and b.batch == 50 and b.format == "envelope"
+    assert (b.concurrency, b.max_batch) == (16, 50)
     assert b.headers == {"Authorization": "Bearer t0ken"}
     assert b._secret == b"from-env"
     cfg = make_config("http://127.0.0.1:9/", tmp_path,

@@ -24,6 +24,10 @@ A sink is one class::
                                                   # was written after it, do not write it again
         def end_recovery(self): ...               # every event that could repeat has been sent
 
+        # optional: several sends at once (the webhook has them)
+        concurrency = 16                          # sends in flight at once (> 1)
+        max_batch = 1                             # events per send; each send all or nothing
+
 ``from_config`` must not do I/O: it runs for ``cometstream check`` too. Filtering (``types``),
 the bounded buffer, batching, retries with backoff, metrics and acknowledgements belong to the
 pipeline: a sink only writes a batch or raises :class:`~cometstream.errors.SinkError` with
