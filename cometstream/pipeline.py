@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -99,10 +100,13 @@ class Route:
         self.unit_max = mb if isinstance(mb, int) and mb > 0 else 1
         #: loop time before which no new send starts (a receiver's ``Retry-After``)
         self.pause_until = 0.0
+        #: sends of the window that failed and are being retried
+        self.retrying = 0
         self.dead_letter = DeadLetters(cfg.name, cfg.dead_letter) if cfg.dead_letter else None
         self.last_warned = 0.0
-        #: a failure was logged at warning level since the sink last recovered
+        #: a failure was logged at warning level since the sink last recovered, and which
         self.warned = False
+        self.warned_error = ""
         self.last_rejection = ""
         self._wakeup: asyncio.Future[None] | None = None
         self._space: asyncio.Future[None] | None = None
@@ -274,6 +278,8 @@ class Pipeline:
         self.batch_max = batch_max
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        #: the jitter of retry delays (tests fix it)
+        self.rand: Callable[[], float] = random.random
         self.seq = 0
         self._closing = False
         self._ack_listeners: list[AckListener] = []
@@ -478,7 +484,7 @@ class Pipeline:
 
     # --- workers ---------------------------------------------------------------------------------
     async def _worker(self, route: Route) -> None:
-        backoff = Backoff(self.retry_initial, self.retry_max)
+        backoff = Backoff(self.retry_initial, self.retry_max, rand=self.rand)
         stats = route.stats
         queue = route.queue
         while not route.opened:
@@ -495,7 +501,7 @@ class Pipeline:
                 await self._pause(backoff.next_delay())
         backoff.reset()
         if route.concurrency > 1:
-            await self._window(route, backoff)
+            await self._window(route)
             return
         loop = asyncio.get_running_loop()
         while True:
@@ -526,7 +532,7 @@ class Pipeline:
             self.buffer.release(self.delivered_through)
 
     # --- concurrent sends (a sink with ``concurrency`` > 1) ----------------------------------------
-    async def _window(self, route: Route, backoff: Backoff) -> None:
+    async def _window(self, route: Route) -> None:
         """Deliver with up to ``route.concurrency`` sends in flight, each of at most
         ``route.unit_max`` events and retried on its own, while acknowledgements still move in
         order: an event is done when it and every event before it are done. Two events with
@@ -537,6 +543,7 @@ class Pipeline:
         window: deque[_Unit] = deque()  # oldest first, until acknowledged
         ended: list[_Unit] = []  # units whose send finished since the last look
         held = 0  # events in the window
+        held_bytes = 0  # and their bytes (at most the route's queue bound, beyond one event)
         busy: dict[str, int] = {}  # ordering keys of the units being sent
         running = 0
         batch_max = self.batch_max
@@ -546,41 +553,55 @@ class Pipeline:
                 # 1. free the resources of the sends that ended
                 while ended:
                     running -= 1
-                    for k in ended.pop().keys:
+                    unit = ended.pop()
+                    for k in unit.keys:
                         left = busy[k] - 1
                         if left:
                             busy[k] = left
                         else:
                             del busy[k]
+                    if unit.state is None:  # (ended with no outcome: sent again, never stuck)
+                        log.error("sink send ended without an outcome: sending again",
+                                  sink=route.name, events=len(unit.events))
+                        unit.task = None
                 # 2. acknowledge (or dead-letter) the finished head, in order
                 moved = False
                 while window and window[0].state is not None:
-                    unit = window.popleft()
-                    held -= len(unit.events)
-                    moved = True
+                    unit = window[0]
                     if unit.state:
                         self._acked(route, unit.events)
-                    else:
+                    else:  # (left in the window until kept: a cancel meanwhile puts it back)
                         await self._rejected(route, unit.events, unit.error)
+                    window.popleft()
+                    held -= len(unit.events)
+                    held_bytes -= sum([len(ev.raw) for ev in unit.events])
+                    moved = True
                 # 3. take new events: from the queue first, then (half a window at least at a
                 # time) from the store
                 fresh: list[Event] = []
-                if held < batch_max:
+                taken = 0  # their bytes
+                if held < batch_max and (held_bytes < route.max_bytes or not window):
                     if queue:
-                        n = min(len(queue), batch_max - held)
-                        fresh = [queue.popleft() for _ in range(n)]
-                        if queue:
-                            route.queued_bytes -= sum([len(ev.raw) for ev in fresh])
-                        else:
-                            route.queued_bytes = 0
+                        # as many as the window has room for, in events and in bytes (at least
+                        # one): the rest waits in the queue, which overflows as it would
+                        room = route.max_bytes - held_bytes
+                        n = batch_max - held
+                        while queue and len(fresh) < n and (taken < room or not fresh):
+                            ev = queue.popleft()
+                            fresh.append(ev)
+                            taken += len(ev.raw)
+                        route.queued_bytes = route.queued_bytes - taken if queue else 0
                         route._space_freed()
-                    elif not route.live and not self._closing and held <= batch_max // 2:
+                    elif not route.live and not self._closing and held <= batch_max // 2 \
+                            and held_bytes <= route.max_bytes // 2:
                         fresh = await self._read_behind(route, batch_max - held)
+                        taken = sum([len(ev.raw) for ev in fresh])
                         moved = True
                     step = route.unit_max
                     for i in range(0, len(fresh), step):
                         window.append(_Unit(fresh[i:i + step], ended))
                     held += len(fresh)
+                    held_bytes += taken
                 route.inflight = held
                 if window:
                     head = window[0].events[0]
@@ -603,7 +624,7 @@ class Pipeline:
                             continue
                         for k in keys:
                             busy[k] = busy.get(k, 0) + 1
-                        unit.task = loop.create_task(self._send_unit(route, unit, backoff))
+                        unit.task = loop.create_task(self._send_unit(route, unit))
                         running += 1
                         if running >= route.concurrency:
                             break
@@ -612,8 +633,9 @@ class Pipeline:
                     return  # delivered what was queued (what is behind stays in the store)
                 if ended or (window and window[0].state is not None):
                     continue
-                if held < batch_max and (queue or (
-                        not route.live and not self._closing and held <= batch_max // 2)):
+                if held < batch_max and held_bytes < route.max_bytes and (queue or (
+                        not route.live and not self._closing and held <= batch_max // 2
+                        and held_bytes <= route.max_bytes // 2)):
                     continue
                 route._wakeup = loop.create_future()
                 await route._wakeup
@@ -654,12 +676,16 @@ class Pipeline:
         route.stats.filtered += len(events) - len(batch)
         return batch
 
-    async def _send_unit(self, route: Route, unit: _Unit, backoff: Backoff) -> None:
-        """One unit of a window, retried on its own until accepted or refused for good; a
-        ``Retry-After`` pauses every send of the sink."""
+    async def _send_unit(self, route: Route, unit: _Unit) -> None:
+        """One unit of a window, retried on its own (with its own backoff: a send that keeps
+        failing waits longer and longer, whatever the others do) until accepted or refused for
+        good; a ``Retry-After`` pauses every send of the sink. While any unit is retrying, the
+        sink reports itself failing."""
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
         stats = route.stats
         max_retries = route.max_retries
+        backoff = Backoff(self.retry_initial, self.retry_max, rand=self.rand)
         attempts = 0
         try:
             while True:
@@ -676,30 +702,38 @@ class Pipeline:
                                       else f"{exc} (gave up after {attempts} retries)")
                         unit.state = False
                         return
-                    attempts += 1
                     if exc.retry_after:
                         route.pause_until = max(route.pause_until, loop.time() + exc.retry_after)
-                    self._failed(route, exc, "sink write failed", backoff, gap=WARN_GAP)
-                except Exception as exc:
+                    error: BaseException = exc
+                    unexpected = False
+                except (Exception, asyncio.CancelledError) as exc:
+                    if isinstance(exc, asyncio.CancelledError) and (
+                            task is None or task.cancelling()):
+                        raise  # the window (or the loop) stops this send
+                    # anything else a sink lets out, even a CancelledError of its own
                     if max_retries is not None and attempts >= max_retries:
                         unit.error = f"{_describe(exc)} (gave up after {attempts} retries)"
                         unit.state = False
                         return
-                    attempts += 1
-                    self._failed(route, exc, "sink write failed", backoff, unexpected=True,
-                                 gap=WARN_GAP)
+                    error, unexpected = exc, True
                 else:
                     unit.state = True
-                    backoff.reset()  # progress: the next failure starts small again
-                    if stats.failing:
-                        stats.failing = False
-                        stats.last_error = ""
-                        if route.warned:  # (the failures it ends were logged)
-                            route.warned = False
-                            log.info("sink recovered", sink=route.name)
                     return
-                await asyncio.sleep(backoff.next_delay())
+                if not attempts:
+                    route.retrying += 1
+                attempts += 1
+                self._failed(route, error, "sink write failed", backoff, unexpected=unexpected,
+                             gap=WARN_GAP)
+                await self._pause(backoff.next_delay())
         finally:
+            if attempts:
+                route.retrying -= 1
+            if unit.state is True and not route.retrying and stats.failing:
+                stats.failing = False  # no send of the sink is retrying any more
+                stats.last_error = ""
+                if route.warned:  # (the failures it ends were logged)
+                    route.warned = False
+                    log.info("sink recovered", sink=route.name)
             unit.ended.append(unit)
             route.wake()
 
@@ -847,11 +881,15 @@ class Pipeline:
         # one warning when a failure starts or changes, then a reminder a minute while it lasts
         # (with several sends in flight, at most one every ``gap`` seconds: a receiver that
         # fails now and then is not a log line per failed request)
-        first = (not stats.failing or stats.last_error != msg
-                 or now - route.last_warned >= FAILING_REMINDER)
-        if first and gap and now - route.last_warned < gap:
-            first = False
+        if gap:  # (judged on what was logged, not on what was suppressed meanwhile)
+            first = now - route.last_warned >= gap and (
+                not route.warned or route.warned_error != msg
+                or now - route.last_warned >= FAILING_REMINDER)
+        else:
+            first = (not stats.failing or stats.last_error != msg
+                     or now - route.last_warned >= FAILING_REMINDER)
         if first:
+            route.warned_error = msg
             route.last_warned = now
             route.warned = True
         stats.failing = True

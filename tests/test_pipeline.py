@@ -397,3 +397,86 @@ async def test_progress_resets_the_backoff() -> None:
     assert sink.got == frames
     assert len(pauses) == 19 and max(pauses) <= 0.5
     await p.drain(1.0)
+
+
+class _ConcurrentSink(_HalfSink):
+    """Several sends at once (like the webhook): "bad" events fail (retryable) ``fail`` times,
+    a "cancel" event's first send lets a CancelledError of its own out."""
+
+    concurrency = 4
+    max_batch = 1
+    max_retries = 3
+
+    def __init__(self, fail: int) -> None:
+        super().__init__()
+        self.fail = fail
+        self.tries: dict[bytes, int] = {}
+
+    async def send(self, batch: Any) -> None:
+        from cometstream.errors import SinkError
+
+        (ev,) = batch
+        n = self.tries[ev.raw] = self.tries.get(ev.raw, 0) + 1
+        await asyncio.sleep(0.001)
+        if b'"bad"' in ev.raw and n <= self.fail:
+            raise SinkError("c", "HTTP 503")
+        if b'"cancel"' in ev.raw and n == 1:
+            raise asyncio.CancelledError  # (not the pipeline cancelling it)
+        self.got.append(ev.raw)
+
+
+def _concurrent_pipeline(sink: Any, pauses: list[float]) -> Any:
+    from cometstream.config import SinkConfig
+    from cometstream.observe.metrics import Metrics
+    from cometstream.pipeline import Pipeline
+
+    class Recording(Pipeline):
+        async def _pause(self, delay: float) -> None:
+            pauses.append(delay)
+            await asyncio.sleep(0.002)
+
+    cfg = SinkConfig(name="c", type="x", types=None, format="event", buffer=1000,
+                     when_full="block", options={})
+    p = Recording([(cfg, sink)], Metrics("s"), retry_initial=0.5,  # type: ignore[list-item]
+                  retry_max=30.0)
+    p.rand = lambda: 1.0  # the delays are the backoff's ceilings
+    return p
+
+
+async def test_a_retried_send_keeps_its_own_backoff_while_others_succeed() -> None:
+    """With several sends in flight, one send that keeps failing backs off 0.5, 1, 2 s... even
+    though the sends beside it succeed meanwhile: the others' progress does not shorten its
+    retries (which would spend max_retries in a moment and dead-letter it)."""
+    from cometstream.protocol import decode_frame
+
+    pauses: list[float] = []
+    sink = _ConcurrentSink(fail=3)
+    p = _concurrent_pipeline(sink, pauses)
+    frames = [orjson.dumps({"Type": 4103, "ResourceID": "bad" if i == 0 else f"ok{i}"})
+              for i in range(200)]
+    for f in frames:
+        p.publish(decode_frame(f, received_at=0.0, server="s"))  # type: ignore[arg-type]
+    p.start()
+    await wait_until(lambda: len(sink.got) == 200, what="all")
+    assert pauses == [0.5, 1.0, 2.0]
+    assert p.routes[0].stats.dropped["rejected"] == 0 and p.routes[0].acked_seq == 200
+    assert not p.routes[0].stats.failing
+    await p.drain(1.0)
+
+
+async def test_a_send_that_lets_a_cancellation_out_is_retried_not_stuck() -> None:
+    """A sink whose send raises a CancelledError of its own (not the pipeline's) costs a retry,
+    not the sink: the window does not wait for it for ever."""
+    from cometstream.protocol import decode_frame
+
+    pauses: list[float] = []
+    sink = _ConcurrentSink(fail=0)
+    p = _concurrent_pipeline(sink, pauses)
+    frames = [orjson.dumps({"Type": 4103, "ResourceID": "cancel" if i == 2 else f"r{i}"})
+              for i in range(20)]
+    for f in frames:
+        p.publish(decode_frame(f, received_at=0.0, server="s"))  # type: ignore[arg-type]
+    p.start()
+    await wait_until(lambda: p.routes[0].acked_seq == 20, what="all acknowledged")
+    assert sorted(sink.got) == sorted(frames) and len(pauses) == 1
+    assert await p.drain(1.0)
