@@ -38,6 +38,16 @@ def completion_key(guid: str, end_time: object) -> str:
     return f"{JOB_COMPLETED}:{guid}:{end}"
 
 
+def dump_json(obj: Any) -> bytes:
+    """Compact JSON bytes of ``obj``: orjson, or the standard library for what orjson refuses
+    (integers beyond 64 bits, valid JSON that a server may send)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":"),
+                          allow_nan=False).encode("utf-8", "backslashreplace")
+
+
 def parse_raw(raw: bytes) -> dict[str, Any]:
     """Parse an event's bytes again (they were valid when received): orjson, or the standard
     library for what orjson refuses (integers beyond 64 bits, numbers beyond a double)."""
@@ -85,7 +95,7 @@ class Event:
         cls, doc: dict[str, Any], *, origin: str, received_at: float, server: str
     ) -> Event:
         """An Event built by cometstream itself (resync, backfill): the same shape as a live one."""
-        return cls(orjson.dumps(doc), doc, int(doc["Type"]), origin=origin,
+        return cls(dump_json(doc), doc, int(doc["Type"]), origin=origin,
                    received_at=received_at, server=server)
 
     # --- views -----------------------------------------------------------------------------

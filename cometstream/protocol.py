@@ -153,6 +153,10 @@ class Malformed:
 
 
 def _sample(data: bytes) -> str:
+    """The start of a bad frame, for the log line; none for what looks like a JSON object (an
+    event, possibly with secrets not redacted yet)."""
+    if data.lstrip()[:1] == b"{":
+        return ""
     text = data[:60].decode("utf-8", "replace")
     text = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
     return text + ("..." if len(data) > 60 else "")

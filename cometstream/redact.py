@@ -92,7 +92,8 @@ class Redactor:
             verdict = lower in self.extra
         else:
             verdict = _LOWER.search(lower) is not None or lower in self.extra
-        if len(self._known) < 100_000:  # bounded: key names are the server's to choose
+        if len(self._known) < 100_000 and len(key) <= 256:  # bounded: the names (and their
+            # lengths) are the server's to choose
             self._known.add(key)
             if verdict:
                 self._secret.add(key)

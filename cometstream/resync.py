@@ -52,7 +52,7 @@ from .delivery.identity import (
 )
 from .delivery.tracker import Tracker
 from .errors import ApiError
-from .events import Event
+from .events import Event, dump_json
 from .redact import Redactor
 
 __all__ = ["RESTART_WINDOW", "ResyncResult", "Resyncer"]
@@ -148,7 +148,7 @@ class Resyncer:
             if len(self._heads) > 10_000:  # bounded: one per (type, user, organization)
                 self._heads.clear()
         raw = b"".join((head, orjson.dumps(guid), _TYPE_TS[type_], b"%d" % ts, _TYPE_DATA[type_],
-                        orjson.dumps(job), b"}"))
+                        dump_json(job), b"}"))
         doc = {"Actor": user, "OwnerOrganizationID": org, "ResourceID": guid, "Type": type_,
                "Timestamp": ts, "TypeString": _NAMES[type_], "Data": job}
         return Event(raw, doc, type_, "resync", time.time(), self.server)

@@ -82,6 +82,7 @@ async def test_null_lists_and_maps_mean_empty(tmp_path: Path) -> None:
     ({"Status": 403, "Message": "ERR_TOTP_REQUIRED"}, 200, TotpRequired, "PasswordTOTP"),
     ({"Status": 403, "Message": "No autorizado"}, 403, ApiAuthError, "HTTP 403"),
     (None, 404, ApiError, "HTTP 404"),
+    (None, 403, ApiError, "HTTP 403"),  # a proxy's page: not Comet refusing the credentials
 ])
 async def test_errors_in_http_200_bodies_and_http_codes_are_typed(
         tmp_path: Path, body: Any, http: int, exc: type[Exception], words: str) -> None:
@@ -95,6 +96,7 @@ async def test_errors_in_http_200_bodies_and_http_codes_are_typed(
         async with _client(url, tmp_path) as api:
             with pytest.raises(exc) as info:
                 await api.job_properties("j1")
+    assert type(info.value) is exc
     assert words in str(info.value)
     assert not info.value.retryable  # type: ignore[attr-defined]
     assert len(forms) == 1  # not retried

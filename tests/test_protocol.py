@@ -221,3 +221,18 @@ def test_a_secret_key_given_twice_in_one_object_leaves_no_copy() -> None:
         ev = decode_frame(raw, received_at=0.0, server="s")
         r.apply(ev)  # type: ignore[arg-type]
         assert b"first" not in ev.raw and b"second" not in ev.raw  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("frame", [
+    b'{"Type":"4102","Data":{"PasswordHash":"LEAK-1"}}',
+    b'  {"Data":{"TOTPKey":"LEAK-2"}}',
+    b'{"Data":' * 1100 + b'"LEAK-3"' + b"}" * 1100,
+    b'{"Type":4102,"Data":{"PasswordHash":"LEAK-4"}',
+])
+def test_a_bad_frame_that_looks_like_an_event_has_no_sample(frame: bytes) -> None:
+    """The log's sample of a bad frame never quotes what may be an unredacted event: a frame
+    that starts as a JSON object gets none (anything else keeps its first 60 characters)."""
+    m = _decode(frame)
+    assert isinstance(m, Malformed)
+    assert m.sample == "" and "LEAK" not in m.detail
+    assert _decode(b"not json at all").sample == "not json at all"  # type: ignore[union-attr]

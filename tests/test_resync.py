@@ -833,3 +833,36 @@ async def test_a_long_wait_for_queue_room_resumes_the_collector_a_short_one_does
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert seen == [False, True] and gc.isenabled()
+
+
+async def test_huge_integers_and_lone_surrogates_in_api_answers_are_synthesized(
+        sim: Simulator, tmp_path: Path) -> None:
+    """What a server may put in an admin API answer and orjson refuses: an integer beyond 64
+    bits and a lone surrogate (``"\\ud800"``) in a job and in a
+    profile. The sync synthesizes both events (the integer kept exactly, the surrogate as
+    U+FFFD) instead of failing at every reconnect."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path, redact={"enabled": False})) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        await _open_gap(sim, d)
+        (guid,) = _gap_jobs(sim, 1)
+        job = sim.world.jobs[guid]
+        job["TotalSize"] = 2**64 + 1  # (orjson takes up to 2**64 - 1)
+        job["Tags"] = "nightly-\ud800"
+        user = sorted(sim.world.users)[0]
+        sim.world.users[user]["Sources"]["weird-\udc00"] = {"Description": "x\ud801",
+                                                             "Big": 2**64 + 5}
+        sim.world.update_account(user)
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
+        await wait_until(lambda: d.sink_stats("f").delivered >= d.stats.events_received
+                         + d.stats.resync_events["job_completed"], what="delivery")
+    lines = path.read_bytes().splitlines()
+    (done,) = [line for line in lines if guid.encode() in line and b'"origin":"resync"' in line
+               and b'"Type":4201' in line]
+    assert b'"TotalSize":18446744073709551617' in done
+    assert '"nightly-\ufffd"'.encode() in done
+    (acct,) = [line for line in lines if b'"Type":4102' in line and b'"origin":"resync"' in line
+               and user.encode() in line]
+    assert b'"Big":18446744073709551621' in acct
+    assert '"weird-\ufffd"'.encode() in acct and '"x\ufffd"'.encode() in acct

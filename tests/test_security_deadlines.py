@@ -371,3 +371,27 @@ async def test_a_sync_past_its_deadline_is_a_readyz_reason_and_its_age_a_metric(
     d.metrics.stream.resync_started = time.monotonic() - 7
     assert d._resync_reasons() == [
         "resync: running for 7 s, past its deadline (resync.timeout = 5 s)"]
+
+
+async def test_held_live_events_are_released_at_a_byte_bound(
+        sim: Simulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hold behind a running sync is bounded in bytes too: a few large live events (each
+    keeps its parsed document) are released before the sync ends or hold_timeout passes."""
+    from cometstream.delivery import gate
+    monkeypatch.setattr(gate, "HOLD_MAX_BYTES", 256 * 1024)
+    sim.faults.api_delay = 30.0  # the sync runs on (until the test ends)
+    cfg = make_config(sim.url, tmp_path, resync={"hold_timeout": 60.0, "timeout": 900.0,
+                                                 "call_timeout": 600.0})
+    with structlog.testing.capture_logs() as logs:
+        async with running(cfg) as d:
+            await wait_until(lambda: d.stats.resync_started > 0, timeout=10,
+                             what="a sync running")
+            big = [sim.emit({"Type": 4100, "Data": {"i": i, "Note": "x" * 100_000}})
+                   for i in range(4)]
+            await wait_until(lambda: len(d.sink("mem").events) >= 4, timeout=5,
+                             what="the held events released")
+            assert d.stats.resync_started > 0  # the sync still runs
+            sim.faults.api_delay = 0.0
+    assert [ev.raw for ev in d.sink("mem").events if ev.type == 4100] == big
+    (warn,) = [e for e in logs if e["event"].startswith("resync is slow: releasing")]
+    assert warn["held"] == 3 and warn["held_bytes"] > 256 * 1024

@@ -32,6 +32,7 @@ import pytest
 import structlog
 from aiohttp import web
 
+from cometstream import daemon as daemon_mod
 from cometstream import dlq
 from cometstream.api import AdminClient
 from cometstream.delivery import ledger as ledger_mod
@@ -179,6 +180,11 @@ async def test_a_full_disk_keeps_memory_bounded_and_the_shutdown_figures_true(
                 received = d.stats.events_received
                 assert received < sent, received
                 hook_missing = received - 1  # (the HELLO got there)
+                # not ready once the commits have failed for a while (the clock moved on)
+                assert not any(r.startswith("ledger:") for r in d.daemon.not_ready_reasons())
+                lg.failing_since -= daemon_mod.LEDGER_UNREADY_AFTER
+                (why,) = [r for r in d.daemon.not_ready_reasons() if r.startswith("ledger:")]
+                assert "writes failing for" in why and "full" in why, why
         assert filler.exists()
     finally:
         await hook.stop()
@@ -262,7 +268,8 @@ async def test_a_route_queue_overflows_to_the_ledger_by_bytes(sim: Simulator,
             await wait_until(lambda: len(hook.events) == 101, timeout=20, what="caught up")
     finally:
         await hook.stop()
-    assert [orjson.loads(e)["Data"]["i"] for e in hook.events[1:]] == list(range(100))
+    # every event once (several POSTs in flight: in order per resource, these have none)
+    assert sorted(orjson.loads(e)["Data"]["i"] for e in hook.events[1:]) == list(range(100))
     assert len(sent) == 100
 
 
@@ -429,6 +436,31 @@ def test_a_link_planted_at_the_ledger_is_moved_aside_not_followed(tmp_path: Path
     aside = list(state.glob("ledger.db.corrupt-*"))
     assert len(aside) == 1 and aside[0].is_symlink()
     assert any("symbolic link" in str(e.get("reason")) for e in logs), logs
+
+
+def test_links_planted_at_the_ledgers_wal_and_shm_are_moved_aside(tmp_path: Path) -> None:
+    """Links at ledger.db-wal and -shm (SQLite refuses to open a database through them, which
+    would stop the daemon for good): moved aside at start, nothing written where they point,
+    and the ledger opens and commits."""
+    state = tmp_path / "state"
+    state.mkdir()
+    lg = _ledger(state)
+    lg.open()
+    asyncio.run(lg.close())
+    victims = []
+    for suffix in ("-wal", "-shm"):
+        victim = tmp_path / f"victim{suffix}"
+        victim.write_bytes(b"root's file")
+        victims.append(victim)
+        (state / f"ledger.db{suffix}").unlink(missing_ok=True)
+        os.symlink(victim, state / f"ledger.db{suffix}")
+    with structlog.testing.capture_logs() as logs:
+        lg = _ledger(state)
+        lg.open()
+        asyncio.run(lg.close())
+    assert all(v.read_bytes() == b"root's file" for v in victims)
+    assert len(list(state.glob("ledger.db-*.link-*"))) == 2
+    assert sum("moved aside" in e["event"] for e in logs) == 2, logs
 
 
 def test_the_migration_builds_the_ledger_in_a_private_directory(tmp_path: Path) -> None:

@@ -39,9 +39,16 @@ def _markers(events: list[Any]) -> list[str]:
     return out
 
 
-def _malformed_metric(d: Any) -> float | None:
-    return d.daemon.registry.get_sample_value("cometstream_events_malformed_total",
-                                              {"server": "sim"})
+def _malformed_metric(d: Any, reason: str | None = None) -> float:
+    """cometstream_events_malformed_total of one reason, or summed over the reasons."""
+    total = 0.0
+    for family in d.daemon.registry.collect():
+        for sample in family.samples:
+            if sample.name == "cometstream_events_malformed_total" \
+                    and sample.labels.get("server") == "sim" \
+                    and (reason is None or sample.labels.get("reason") == reason):
+                total += sample.value
+    return total
 
 
 def _running_start(tmp_path: Path, guid: str) -> int | None:
@@ -115,6 +122,8 @@ async def test_poison_frames_cost_one_frame_each_not_the_connection(sim: Simulat
         assert all(b'"[REDACTED]"' in r and b"18446744073709551616" in r for r in deep_secret)
         assert reasons == {"bad_unicode": 2, "processing_error": 1, "bad_type": 1}
         assert _malformed_metric(d) == d.stats.malformed == 5 - len(deep_secret)
+        assert _malformed_metric(d, "bad_unicode") == 2
+        assert _malformed_metric(d, "processing_error") == _malformed_metric(d, "bad_type") == 1
         assert any(b'"g-huge"' in ev.raw for ev in mem.events)
         # the ledger goes on committing: the job with the huge start time is kept as running
         await wait_until(lambda: _running_start(tmp_path, "g-huge") == 0, timeout=10,

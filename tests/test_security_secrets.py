@@ -438,6 +438,27 @@ def test_check_warns_once_about_secret_files_others_can_read(
                    "the password: chmod 600")
 
 
+def test_a_webhook_url_holding_a_token_counts_as_a_secret_in_the_config(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Slack-style webhook URL (the token in its path) written in a config others can read
+    gets the same warning as an inline password; a plain URL does not."""
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD + "\n")
+    pw.chmod(0o600)
+    hook = "https://hooks.example.com/services/T0001/B0002/XXXXXXXXXXXXXXXXXXXXXXXX"
+    conf = _conf(tmp_path, "http://127.0.0.1:1/", mode=0o644,
+                 body=f'[sinks.hook]\ntype = "webhook"\nurl = "{hook}"')
+    conf.write_text(conf.read_text().replace(f"password = {toml_str(PASSWORD)}",
+                                             'password_file = "pw"'))
+    assert main(["check", "-c", str(conf)]) == 0
+    err = capsys.readouterr().err.strip()
+    assert err == (f"cometstream: config: {conf.resolve()} is readable by others (mode 0644) "
+                   "and holds secrets (sinks.hook.url): chmod 600")
+    conf.write_text(conf.read_text().replace(hook, "https://receiver.example.com/comet"))
+    assert main(["check", "-c", str(conf)]) == 0
+    assert capsys.readouterr().err == ""
+
+
 async def test_run_warns_once_in_its_log(tmp_path: Path) -> None:
     """``run`` logs the same warning once, at start."""
     conf = _conf(tmp_path, "http://127.0.0.1:9/", mode=0o604,
@@ -504,3 +525,29 @@ def test_scrub_masks_escaped_and_truncated_forms() -> None:
     cut = f"wrong password {PASSWORD}"[:25]
     assert scrub(cut + "...") == "wrong password " + MASK + "..."
     assert scrub("nothing secret here") == "nothing secret here"
+
+
+def test_a_lone_surrogate_from_a_peer_is_escaped_in_every_outward_string(
+        tmp_path: Path) -> None:
+    """A hostile server's ``"\\ud800"`` (which no UTF-8 encoder takes) in an error message: the
+    JSON log line, systemd's STATUS= (over a real datagram socket) and scrub() carry it as the
+    escape ``\\ud800`` instead of raising (which killed the task that logged it)."""
+    text = "list-users-full: 500 bad \ud800 reply"
+    assert scrub(text) == "list-users-full: 500 bad \\ud800 reply"
+    register_secret("a-registered-secret")  # (scrub's masking path too)
+    assert scrub(text + " a-registered-secret").endswith(f"\\ud800 reply {MASK}")
+    buf = io.StringIO()
+    configure_logging("info", "json", stream=buf)
+    structlog.get_logger("t").warning("resync failed", error=text, raw={"k\udc00": 2**70})
+    line = orjson.loads(buf.getvalue())
+    assert line["error"] == "list-users-full: 500 bad \\ud800 reply"
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notifier = Notifier(env={"NOTIFY_SOCKET": str(notify_path)})
+    try:
+        notifier.status("resync failed: " + text)
+        assert notify.recv(4096) == b"STATUS=resync failed: list-users-full: 500 bad \\ud800 reply"
+    finally:
+        notifier.close()
+        notify.close()

@@ -42,8 +42,10 @@ if TYPE_CHECKING:
 
 __all__ = ["HOLD_MAX", "Gate"]
 
-#: live events held during a resync beyond this many are released before it finishes
+#: live events held during a resync beyond this many, or this many bytes (each keeps its
+#: parsed document: a few times its bytes), are released before it finishes
 HOLD_MAX: Final = 200_000
+HOLD_MAX_BYTES: Final = 64 * 1024 * 1024
 
 log = structlog.get_logger("cometstream.delivery")
 
@@ -68,6 +70,7 @@ class Gate:
         self._hold_timer: asyncio.TimerHandle | None = None
         self._held: deque[Event] = deque()
         self._held_keys: set[str] = set()
+        self._held_bytes = 0
         self._releasing: asyncio.Task[None] | None = None
         #: what the sync that just ran reported (held events that repeat it are dropped)
         self._repeat_filter: Any = None
@@ -77,13 +80,15 @@ class Gate:
         """A received event: held during a resync, else delivered."""
         if self.holding and ev.type != HELLO:  # the HELLO opens the session: it goes first
             self._held.append(ev)
+            self._held_bytes += len(ev.raw)
             if ev.type in JOB_TYPES:
                 key = ev.dedup_key()
                 if key is not None:
                     self._held_keys.add(key)
-            if len(self._held) > HOLD_MAX and self._releasing is None:
+            if (len(self._held) > HOLD_MAX or self._held_bytes > HOLD_MAX_BYTES) \
+                    and self._releasing is None:
                 log.warning("resync is slow: releasing held live events before it finishes",
-                            held=len(self._held))
+                            held=len(self._held), held_bytes=self._held_bytes)
                 self.start_release()
             return None
         return self.deliver(ev)
@@ -98,7 +103,8 @@ class Gate:
         else:
             act = action(ev)  # before redaction: digests are of the full profile
             wanted = self.routed_types
-            if wanted is None or ev.type in wanted:  # (no sink takes it: nothing to redact)
+            # (no sink takes it and nobody taps: it only passes through the private ledger)
+            if wanted is None or ev.type in wanted or self.pipeline.taps:
                 self.redactor.apply(ev)
         waiting = self.pipeline.publish(ev)  # assigns ev.seq
         self.tracker.published(ev, act)
@@ -161,6 +167,7 @@ class Gate:
             held = self._held
             while held:
                 ev = held.popleft()
+                self._held_bytes -= len(ev.raw)
                 if self._repeats_sync(ev):
                     self.stats.duplicates += 1
                     continue

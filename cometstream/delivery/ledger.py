@@ -295,8 +295,18 @@ def _create_or_check(path: Path) -> bool:
     finally:
         os.close(fd)
     for suffix in ("-wal", "-shm"):
+        side = f"{path}{suffix}"
         with contextlib.suppress(OSError):
-            fd = os.open(f"{path}{suffix}", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            if stat.S_ISLNK(os.lstat(side).st_mode):
+                # SQLite refuses to open a database whose -wal or -shm is a link: a link planted
+                # there is moved aside (renaming moves the link, never what it points to)
+                aside = f"{side}.link-{int(time.time())}"
+                os.rename(side, aside)
+                log.warning("a symbolic link in the state dir was moved aside (not followed)",
+                            path=side, moved_to=aside)
+                continue
+        with contextlib.suppress(OSError):
+            fd = os.open(side, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 _tighten(fd, os.fstat(fd))
             finally:
@@ -623,6 +633,8 @@ class Ledger:
         self.left: dict[str, tuple[int, int]] | None = None
         self.write_errors = 0
         self.last_error = ""
+        #: when commits started failing (monotonic; 0: they do not)
+        self.failing_since = 0.0
         self._dedup_rows = 0
         self._cursor_fn: Callable[[], dict[str, int]] | None = None
         self._position_fn: Callable[[dict[str, int]], dict[str, Position]] | None = None
@@ -825,9 +837,12 @@ class Ledger:
                 return  # (close() makes the last commit)
             try:
                 await self.commit()
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # (anything: the committing task must go on)
                 self.write_errors += 1
-                msg = str(exc)
+                msg = (str(exc) if isinstance(exc, (sqlite3.Error, OSError))
+                       else f"{exc.__class__.__name__}: {exc}")
+                if not self.last_error:
+                    self.failing_since = time.monotonic()
                 if msg != self.last_error:
                     log.error("ledger write failed (retrying; events stay in memory)",
                               error=msg, pending=len(self.pending))
@@ -836,6 +851,7 @@ class Ledger:
                 if self.last_error:
                     log.info("ledger writes recovered")
                 self.last_error = ""
+                self.failing_since = 0.0
 
     async def commit(self) -> None:
         """Write what is pending in transactions of at most ``_COMMIT_MAX`` events, with the

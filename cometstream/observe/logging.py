@@ -134,7 +134,13 @@ def scrub(text: str) -> str:
     """``text`` with every registered secret masked: each one of 4+ characters (and its
     escaped forms, and what is left of it where the text was truncated) replaced by ``******``;
     a line holding a 1-3 character secret as a token replaced whole. The one function every
-    outward string with peer text goes through."""
+    outward string with peer text goes through. A lone surrogate (a hostile server's
+    ``"\\ud800"``, which no UTF-8 encoder takes) comes out as the escape ``\\ud800``."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     needles, short = _needles, _short
     if not needles and short is None:
         return text
@@ -198,11 +204,28 @@ def _stack_field(_logger: Any, _name: str, event_dict: MutableMapping[str, Any])
 
 
 def _orjson_dumps(obj: Any, **_kw: Any) -> bytes:
-    return orjson.dumps(obj, default=repr)
+    return _orjson_str(obj).encode()
 
 
 def _orjson_str(obj: Any, **_kw: Any) -> str:
-    return orjson.dumps(obj, default=repr).decode()
+    try:
+        return orjson.dumps(obj, default=repr).decode()
+    except TypeError:  # a lone surrogate or an integer beyond 64 bits: the log line still goes
+        return json.dumps(_encodable(obj), default=repr)
+
+
+def _encodable(value: Any, depth: int = 0) -> Any:
+    """``value`` with lone surrogates in its strings (and keys) written as ``\\udXXX`` text."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if depth > 32:
+        return repr(value)
+    if isinstance(value, dict):
+        return {_encodable(k, depth + 1) if isinstance(k, str) else k: _encodable(v, depth + 1)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v, depth + 1) for v in value]
+    return value
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None) -> None:

@@ -25,6 +25,7 @@ Endpoints (paths as in comet-api.md §7 and §5.4):
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 import zlib
 from collections.abc import Callable, Mapping
@@ -259,7 +260,7 @@ class AdminAPI:
             result = endpoint(form)
         except ApiError as exc:
             return self._reply(request, _carm(exc.status, exc.message))
-        body = orjson.dumps(result)
+        body = _encode(result)
         if faults.api_dribble > 0:
             return await self._dribble(request, body, faults)
         if len(body) >= PARALLEL_GZIP_MIN and _accepts_gzip(
@@ -304,7 +305,7 @@ class AdminAPI:
 
     def _reply(self, request: web.Request, payload: Any, status: int = 200) -> web.Response:
         """``payload`` as JSON (or already encoded, as bytes), gzipped if the client accepts it."""
-        body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        body = payload if isinstance(payload, bytes) else _encode(payload)
         resp = web.Response(body=body, status=status, content_type="application/json")
         if _accepts_gzip(request.headers.get("Accept-Encoding", "")):
             resp.enable_compression(web.ContentCoding.gzip)
@@ -392,3 +393,12 @@ class AdminAPI:
             raise ApiError(400, "Only a session key can be revoked (use AuthType=SessionKey)")
         self._sim.revoke_session(form.get("SessionKey", ""))
         return _carm(200, "OK")
+
+
+def _encode(payload: Any) -> bytes:
+    """JSON as Comet writes it: orjson, or the standard library for what orjson refuses and a
+    hostile server may send (integers beyond 64 bits, a lone surrogate escaped as ``\\ud800``)."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError:
+        return json.dumps(payload, separators=(",", ":")).encode()

@@ -270,7 +270,10 @@ class WebhookSink(Sink):
         if not host:
             raise options.error("url", "has no host")
         headers, masked = _parse_headers(options)
-        masked.extend(_url_secrets(url))
+        url_secrets = _url_secrets(url)
+        if url_secrets:  # a Slack- or Teams-style token in the URL, inline in the config
+            masked.extend(url_secrets)
+            note_secret(options.key("url"))
         fmt = options.str("format", cls.default_format)
         timeout = options.float("timeout", DEFAULT_TIMEOUT, min=0, max=3600, min_exclusive=True)
         retries = options.int("max_retries", DEFAULT_MAX_RETRIES, min=-1)
