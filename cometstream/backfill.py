@@ -18,9 +18,9 @@ import structlog
 from prometheus_client import CollectorRegistry
 
 from .api import AdminClient
-from .config import Config
+from .config import Config, unknown_sink
 from .constants import SEVT
-from .errors import ConfigError
+from .errors import UsageError
 from .events import Event
 from .observe.metrics import Metrics
 from .pipeline import Pipeline
@@ -30,6 +30,8 @@ __all__ = ["parse_when", "run_backfill"]
 
 log = structlog.get_logger("cometstream.backfill")
 DAY: Final = 86400
+#: ANSI "erase to the end of the line"
+ERASE_LINE: Final = "\x1b[K"
 JOB_COMPLETED: Final = SEVT["SEVT_JOB_COMPLETED"]
 
 
@@ -42,7 +44,8 @@ def parse_when(text: str, *, option: str) -> int:
     try:
         return int(datetime.fromisoformat(t).timestamp())
     except ValueError:
-        raise ConfigError(option, f'expected a date like 2026-11-01 or 2026-11-01T12:30, got "{text}"') from None
+        raise UsageError(option, f'expected a date like 2026-11-01 or 2026-11-01T12:30, got '
+                         f'"{text}"') from None
 
 
 class _Progress:
@@ -63,7 +66,8 @@ class _Progress:
         self._last = now
         frac = min(done / self.total, 1.0)
         bar = "#" * int(frac * 30)
-        self.out.write(f"\rbackfill [{bar:<30}] {frac:4.0%}  {jobs:,} jobs  {label}   ")
+        # back to the line's start, the new text, then erase what a longer one left after it
+        self.out.write(f"\rbackfill [{bar:<30}] {frac:4.0%}  {jobs:,} jobs  {label}{ERASE_LINE}")
         if final:
             self.out.write("\n")
         self.out.flush()
@@ -74,12 +78,11 @@ async def run_backfill(cfg: Config, *, since: int, until: int, sink_names: list[
     from .daemon import build_sink
 
     if until <= since:
-        raise ConfigError("--until", "must be after --since")
+        raise UsageError("--until", "must be after --since")
     chosen = [sc for sc in cfg.sinks if not sink_names or sc.name in sink_names]
     unknown = sorted(set(sink_names) - {sc.name for sc in cfg.sinks})
     if unknown:
-        raise ConfigError("--sink", f"no sink named {', '.join(unknown)} (configured: "
-                          f"{', '.join(sc.name for sc in cfg.sinks)})")
+        raise UsageError("--sink", unknown_sink(unknown[0], [sc.name for sc in cfg.sinks]))
     metrics = Metrics(cfg.server.name, CollectorRegistry())
     pipeline = Pipeline([(sc, build_sink(sc)) for sc in chosen], metrics)
     pipeline.start()

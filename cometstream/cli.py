@@ -2,8 +2,10 @@
 ``--version``.
 
 ``main(argv) -> int`` is the only place that turns errors into exit codes and one-line messages:
-0 clean stop; 2 usage or configuration error; 3 credentials rejected on the first login; 1 any
-other fatal error.
+0 clean stop; 2 usage or configuration error (a wrong argument is a :class:`UsageError`, said
+without "config:"); 3 credentials rejected on the first login; 1 the command could not do its
+job for another reason (a server unreachable by ``check --connect``, no daemon to ``tap``, a
+``dlq replay`` that stopped), or an unexpected error, then with its traceback.
 """
 
 from __future__ import annotations
@@ -26,10 +28,18 @@ from .config import (
     load_config_without_secrets,
     parse_config,
     parse_listen,
+    unknown_sink,
 )
 from .daemon import EXIT_CREDENTIALS, EXIT_FATAL, EXIT_OK, Daemon
 from .api import ApiAuthError
-from .errors import ApiError, ConfigError, ConfigErrors, CredentialsRejected, StreamError
+from .errors import (
+    ApiError,
+    ConfigError,
+    ConfigErrors,
+    CredentialsRejected,
+    StreamError,
+    UsageError,
+)
 from .observe.logging import configure_logging, register_secret, scrub
 from .sinks import resolve_sink_class
 
@@ -40,6 +50,7 @@ EXIT_USAGE = 2
 SWITCH_INTERVAL = 0.0005
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo password & more = fun"  # exercises form/frame escaping on purpose
+DEMO_LISTEN = "127.0.0.1:9780"
 
 log = structlog.get_logger("cometstream.cli")
 
@@ -48,50 +59,79 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cometstream",
         description="Deliver a Comet Backup Server's live events to sinks.",
+        epilog="Exit codes: 0 clean stop, 1 the command could not do its job (see its message), "
+               "2 usage or configuration error, 3 credentials rejected on the first login.",
     )
     p.add_argument("--version", action="version", version=f"cometstream {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("-c", "--config", default=DEFAULT_PATH,
-                        help=f"configuration file (default {DEFAULT_PATH})")
+                        help="configuration file (default %(default)s)")
         sp.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
                         help="override log.level")
 
-    run = sub.add_parser("run", help="run the daemon in the foreground")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description)
+
+    run = command("run", "run the daemon in the foreground",
+                  "Run the daemon in the foreground: hold the event stream, deliver the events "
+                  "to the sinks, serve /metrics. SIGTERM or SIGINT drains the queues and exits 0; "
+                  "SIGHUP reopens the files of file sinks.")
     common(run)
-    chk = sub.add_parser("check", help="validate the configuration")
+    chk = command("check", "validate the configuration",
+                  "Validate the configuration and the places the daemon writes to (state.dir, "
+                  "file sinks); print ok or one line per problem.")
     common(chk)
     chk.add_argument("--connect", action="store_true",
-                     help="also log in to the event stream once")
-    bf = sub.add_parser("backfill", help="replay historical job completions to the sinks")
+                     help="also log in to the event stream and the admin API once")
+    bf = command("backfill", "replay historical job completions to the sinks",
+                 "Send the job completions of a past period (origin backfill) through the "
+                 "configured sinks, read from the server's admin API one day at a time.")
     common(bf)
     bf.add_argument("--since", required=True, help="start: 2026-11-01, 2026-11-01T12:30 "
                     "(local time unless an offset is given) or Unix seconds")
-    bf.add_argument("--until", default=None, help="end (exclusive; default: now)")
+    bf.add_argument("--until", default=None, help="end, exclusive (default: now)")
     bf.add_argument("--sink", action="append", default=[], metavar="NAME",
                     help="only this sink (repeatable; default: all)")
-    tap = sub.add_parser("tap", help="watch the events passing through a running daemon")
+    tap = command("tap", "watch the events passing through a running daemon",
+                  "Show the events passing through the running daemon, live: readable lines on "
+                  "a terminal, JSON Lines when piped. Needs no password: it reads the "
+                  "configuration only for state.dir, the server's name and the sink names.")
     tap.add_argument("-c", "--config", default=DEFAULT_PATH,
-                     help=f"the daemon's configuration file (default {DEFAULT_PATH})")
+                     help="the daemon's configuration file (default %(default)s)")
     tap.add_argument("--sink", default=None, metavar="NAME",
                      help="only what this sink's filter lets through")
     tap.add_argument("--types", default=None, metavar="T1,T2",
                      help="only these event types (SEVT names or numbers, comma-separated)")
     tap.add_argument("--format", choices=("envelope", "event"), default="envelope",
-                     help="JSON Lines format when stdout is not a terminal (default envelope)")
+                     help="JSON Lines format when stdout is not a terminal (default %(default)s)")
     tap.add_argument("--count", type=_positive_int, default=None, metavar="N",
                      help="stop after N events")
-    demo = sub.add_parser("demo", help="the built-in simulator and the daemon against it")
-    demo.add_argument("--rate", type=float, default=4.0, help="simulated events per second")
+    demo = command("demo", "the built-in simulator and the daemon against it",
+                   "Start a simulated Comet Server and the daemon against it, with a stdout "
+                   "sink and the metrics endpoint; runs until Ctrl-C, or until the program "
+                   "reading its output exits (such as head).")
+    demo.add_argument("--rate", type=float, default=4.0,
+                      help="simulated events per second (default %(default)g)")
+    demo.add_argument("--listen", default=DEMO_LISTEN, metavar="HOST:PORT",
+                      help="/metrics, /healthz and /readyz (default %(default)s; port 0 picks "
+                      "a free one, \"\" turns them off)")
     demo.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                      default="info")
-    sim = sub.add_parser("simulate", help="run the Comet Server simulator alone")
-    sim.add_argument("--listen", default="127.0.0.1:8060", help="HOST:PORT (default %(default)s)")
-    sim.add_argument("--username", default="admin")
-    sim.add_argument("--password", default="admin")
-    sim.add_argument("--rate", type=float, default=5.0, help="events per second (default 5)")
-    sim.add_argument("--seed", type=int, default=None)
+                      default="info", help="log level (default %(default)s)")
+    sim = command("simulate", "run the Comet Server simulator alone",
+                  "Run the built-in Comet Server simulator alone (event stream and admin API), "
+                  "for a daemon or a test to connect to.")
+    sim.add_argument("--listen", default="127.0.0.1:8060", metavar="HOST:PORT",
+                     help="where to listen (default %(default)s)")
+    sim.add_argument("--username", default="admin",
+                     help="the admin user it accepts (default %(default)s)")
+    sim.add_argument("--password", default="admin",
+                     help="that user's password (default %(default)s)")
+    sim.add_argument("--rate", type=float, default=5.0,
+                     help="events per second (default %(default)g)")
+    sim.add_argument("--seed", type=int, default=None,
+                     help="seed of the simulated world and its events (default: random)")
     from .dlq import add_parser as add_dlq_parser
 
     add_dlq_parser(sub, common)
@@ -172,6 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ApiError as exc:
         _err(f"api: {exc}")
         return EXIT_CREDENTIALS if isinstance(exc, ApiAuthError) else EXIT_FATAL
+    except UsageError as exc:  # a command-line argument, not the configuration file
+        _err(str(exc))
+        return EXIT_USAGE
     except ConfigErrors as exc:
         for e in exc.errors:
             _err(f"config: {e}")
@@ -227,8 +270,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    from .preflight import check_paths
+
     cfg = _load(args)
     _warn_exposed(cfg, logged=False)
+    problems = check_paths(cfg)  # what run will write: state.dir, file sinks
+    if problems:
+        raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
     if not args.connect:
         print("ok")
         return EXIT_OK
@@ -280,7 +328,10 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     since = parse_when(args.since, option="--since")
-    until = parse_when(args.until, option="--until") if args.until else int(time.time())
+    now = int(time.time())
+    if since >= now:
+        raise UsageError("--since", f'"{args.since}" is in the future: nothing to backfill')
+    until = parse_when(args.until, option="--until") if args.until else now
     register_secret(*cfg.server.secret_values())
 
     async def go() -> int:
@@ -336,7 +387,7 @@ def _cmd_tap(args: argparse.Namespace) -> int:
     cfg = load_config_without_secrets(args.config, resolve_sink=resolve_sink_class)
     names = [sc.name for sc in cfg.sinks]
     if args.sink is not None and args.sink not in names:
-        _tap_err(f'--sink: unknown sink "{args.sink}" (sinks: {", ".join(names)})')
+        _tap_err(f"--sink: {unknown_sink(args.sink, names)}")
         return EXIT_USAGE
     try:
         types = _parse_type_list(args.types) if args.types is not None else None
@@ -402,9 +453,7 @@ def _tap_loop(sock: Any, buf: bytes, *, out: Any, pretty: bool, count: int | Non
                 return EXIT_FATAL
             buf += data
     except BrokenPipeError:  # | head: the reader has what it wanted
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit
-        os.close(devnull)
+        _quiet_stdout()  # nothing left to flush at exit
         return EXIT_OK
 
 
@@ -460,40 +509,86 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
             await run_simulator(host=host, port=port, username=args.username,
                                 password=args.password, rate=args.rate, stop=stop,
                                 seed=args.seed, ready=ready)
-        except OSError as exc:
-            _err(f"cannot listen on {args.listen}: {exc.strerror or exc}")
-            return EXIT_FATAL
+        except OSError as exc:  # (the rule of run and demo: a busy port is a usage error)
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise UsageError("--listen", f"cannot listen on {args.listen}: {why}") from None
         return EXIT_OK
 
     return _run_async(go())
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    """The simulator and the daemon against it. A busy ``--listen`` port is exit 2, as for
+    ``run``'s ``[http] listen``; a closed stdout (``| head``) ends it quietly, exit 0."""
+    from .sinks.stdout import StdoutSink
+
+    if args.listen:
+        try:
+            parse_listen(args.listen)
+        except ValueError as exc:
+            raise UsageError("--listen", str(exc)) from None
     configure_logging(args.log_level, "auto")
 
     async def go() -> int:
         from .simulator import Simulator
 
+        stop = asyncio.Event()
+
+        def output_closed() -> None:
+            log.info("stdout closed: stopping")
+            _quiet_stdout()
+            stop.set()
+
         sim = Simulator(username=DEMO_USER, password=DEMO_PASSWORD, rate=args.rate, record=False)
         await sim.start("127.0.0.1", 0)
         try:
             with tempfile.TemporaryDirectory(prefix="cometstream-demo-") as state_dir:
-                cfg = parse_config({
-                    "server": {"url": sim.url, "name": "demo", "username": DEMO_USER,
-                               "password": DEMO_PASSWORD},
-                    "state": {"dir": state_dir},
-                    "http": {"listen": "127.0.0.1:9780"},
-                    "shutdown": {"timeout": 3.0},
-                    "sinks": {"console": {"type": "stdout"}},
-                }, env={k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")},
-                    resolve_sink=resolve_sink_class)
-                print(f"demo: simulated Comet Server at {sim.url}, {args.rate:g} events/s; "
-                      "events follow on stdout. Ctrl-C to stop.", file=sys.stderr, flush=True)
-                return await _serve(Daemon(cfg, http_required=False))
+                cfg = _demo_config(sim.url, state_dir, args.listen)
+                print(f"demo: simulated Comet Server at {sim.url}, {args.rate:g} events/s, "
+                      f"{_demo_metrics(args.listen)}; events follow on stdout. Ctrl-C to stop.",
+                      file=sys.stderr, flush=True)
+                daemon = Daemon(cfg, sinks={"console": StdoutSink("console",
+                                                                  on_closed=output_closed)})
+                daemon.install_signal_handlers(stop)
+                try:
+                    return await daemon.run(stop)
+                except ConfigError as exc:
+                    if exc.key != "http.listen":
+                        raise
+                    raise UsageError("--listen", f"{exc.problem} (--listen 127.0.0.1:0 picks a "
+                                     "free port)") from None
         finally:
             await sim.stop()
 
     return _run_async(go())
+
+
+def _demo_config(url: str, state_dir: str, listen: str) -> Config:
+    return parse_config({
+        "server": {"url": url, "name": "demo", "username": DEMO_USER, "password": DEMO_PASSWORD},
+        "state": {"dir": state_dir},
+        "http": {"listen": listen},
+        "fleet": {"enabled": bool(listen)},  # the simulated fleet's cometserver_* on /metrics
+        "shutdown": {"timeout": 3.0},
+        "sinks": {"console": {"type": "stdout"}},
+    }, env={k: v for k, v in os.environ.items() if not k.startswith("COMETSTREAM_")},
+        resolve_sink=resolve_sink_class)
+
+
+def _demo_metrics(listen: str) -> str:
+    if not listen:
+        return "no metrics endpoint"
+    if parse_listen(listen)[1] == 0:
+        return "metrics on a free port (logged below)"
+    return f"metrics on http://{listen}/metrics"
+
+
+def _quiet_stdout() -> None:
+    """stdout's reader is gone: point fd 1 at /dev/null, so that nothing written or flushed
+    later (at exit) fails on it."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

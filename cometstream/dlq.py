@@ -87,21 +87,30 @@ def parse_duration(text: str) -> float:
 # --- the command line -------------------------------------------------------------------------
 def add_parser(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
     """Register ``dlq`` and its actions on the CLI's subparsers (``common`` adds -c/--log-level)."""
-    p = sub.add_parser("dlq", help="list, replay or purge the events sinks refused for good")
+    p = sub.add_parser("dlq", help="list, replay or purge the events sinks refused for good",
+                       description="The dead letters: events a sink refused for good (kept in "
+                       "the ledger in state.dir). Works beside a running daemon.")
     actions = p.add_subparsers(dest="dlq_command", metavar="ACTION", required=True)
-    ls = actions.add_parser("list", help="show the dead letters (oldest first)")
+    ls = actions.add_parser("list", help="show the dead letters (oldest first)",
+                            description="Show the dead letters, oldest first: a table with a "
+                            "summary per sink, or JSON Lines with each event's bytes.")
     common(ls)
     ls.add_argument("--sink", metavar="NAME", help="only this sink's")
     ls.add_argument("--limit", type=_positive_int, metavar="N", help="at most N rows")
     ls.add_argument("--json", action="store_true",
                     help="JSON Lines with each event's bytes as received")
-    rp = actions.add_parser("replay", help="send a sink's dead letters to it again")
+    rp = actions.add_parser("replay", help="send a sink's dead letters to it again",
+                            description="Send a sink's dead letters to it again, as it is "
+                            "configured now; each batch leaves the ledger once the sink "
+                            "accepted it. Stops at the first failure (exit 1).")
     common(rp)
     rp.add_argument("--sink", metavar="NAME", required=True, help="the sink (as configured)")
     rp.add_argument("--id", dest="ids", type=_positive_int, nargs="+", action="extend",
                     default=[], metavar="ID", help="only these dead letters")
     rp.add_argument("--dry-run", action="store_true", help="say what would be sent; send nothing")
-    pg = actions.add_parser("purge", help="delete dead letters")
+    pg = actions.add_parser("purge", help="delete dead letters",
+                            description="Delete the dead letters that match; without --yes, "
+                            "say how many would go (exit 2).")
     common(pg)
     pg.add_argument("--sink", metavar="NAME", help="only this sink's")
     pg.add_argument("--id", dest="ids", type=_positive_int, nargs="+", action="extend",
@@ -225,13 +234,14 @@ def _sinks_with_letters(db: sqlite3.Connection) -> list[str]:
 
 
 def _unknown_sink(cfg: Config, name: str, db: sqlite3.Connection | None) -> DlqError:
-    configured = ", ".join(sc.name for sc in cfg.sinks) or "none"
+    from .config import unknown_sink
+
     extra = ""
     if db is not None:
         orphans = [s for s in _sinks_with_letters(db) if s not in {sc.name for sc in cfg.sinks}]
         if orphans:
             extra = f"; with dead letters but no longer configured: {', '.join(orphans)}"
-    return DlqError(f'--sink: no sink named "{name}" (configured: {configured}{extra})',
+    return DlqError(f"--sink: {unknown_sink(name, [sc.name for sc in cfg.sinks], extra)}",
                     EXIT_USAGE)
 
 

@@ -5,7 +5,8 @@ log line or a CLI message, and a ``retryable`` flag that the supervisor and the 
 instead of matching strings::
 
     CometStreamError                 retryable?
-    ├── ConfigError(key)             no   (exit 2; ConfigErrors: several at once)
+    ├── ConfigError(key)             no   (exit 2; ConfigErrors: several at once;
+    │   └── UsageError(option)             a command-line argument, e.g. --since)
     ├── CredentialsRejected          no on the first login (exit 3), retried after a good session
     ├── StreamError                  yes  (connect refused, TLS, timeouts, dropped, silent peer)
     ├── ApiError(status)             per status (5xx and transport yes, 4xx no)
@@ -25,6 +26,7 @@ __all__ = [
     "CredentialsRejected",
     "SinkError",
     "StreamError",
+    "UsageError",
 ]
 
 
@@ -62,6 +64,11 @@ class ConfigErrors(ConfigError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class UsageError(ConfigError):
+    """A command-line argument is wrong; ``key`` is the option (``--since``). Exit 2, like a
+    configuration error, but the message is not about the configuration file."""
 
 
 class CredentialsRejected(CometStreamError):

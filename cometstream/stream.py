@@ -66,6 +66,9 @@ StatusCallback = Callable[[str, str], None]  # (state, human-readable detail)
 
 _CLOSE_TIMEOUT: Final = 1.0
 _MALFORMED_LOG_INTERVAL: Final = 60.0
+#: distinct event types counted one by one; beyond, under one key (a server may send any)
+_TYPES_COUNTED: Final = 1024
+_OTHER_TYPE: Final = -1
 
 
 def make_ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
@@ -336,7 +339,11 @@ class Session:
             return None
         assert isinstance(ev, Event)
         stats = self.stats
-        stats.received[ev.type] += 1
+        received = stats.received
+        if ev.type in received or len(received) < _TYPES_COUNTED:
+            received[ev.type] += 1
+        else:  # bounded: the types are the server's to choose (the metric says "other" anyway)
+            received[_OTHER_TYPE] += 1
         stats.last_event_time = now
         self.events += 1
         if ev.type == JOB_COMPLETED:
@@ -421,6 +428,8 @@ class Supervisor:
         self.connected = False
         self.sessions = 0
         self.last_error = ""
+        #: when the next connection attempt starts (time.monotonic(); 0: not waiting)
+        self.retry_at = 0.0
         self.session: Session | None = None
         self._ssl = make_ssl_context(server)
         self._malformed_log = RateLimitedLog()
@@ -485,8 +494,17 @@ class Supervisor:
                     self.stats.connects["timeout" if exc.reason == "timeout" else "error"] += 1
                     log.warning("connect failed", server=self.server.name, error=str(exc),
                                 retry_in=round(delay, 2))
-            self._status("reconnecting", f"reconnecting in {delay:.0f} s: {self.last_error}")
-            await self._sleep(delay)
+            self.retry_at = time.monotonic() + delay
+            self._status("reconnecting", self.reconnecting())
+            try:
+                await self._sleep(delay)
+            finally:
+                self.retry_at = 0.0
+
+    def reconnecting(self) -> str:
+        """``reconnecting in N s: why``, N counted down to the next attempt as of now."""
+        left = max(0.0, self.retry_at - time.monotonic()) if self.retry_at else 0.0
+        return f"reconnecting in {left:.0f} s: {self.last_error}"
 
     async def _run_session(self, session: Session) -> None:
         try:

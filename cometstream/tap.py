@@ -6,7 +6,7 @@ for the daemon's user and root only, never on the metrics port). The protocol is
 1. the client sends one request line:
    ``{"sink": null | "NAME", "types": null | [4201, ...], "format": "envelope" | "event"}``;
 2. the server answers one line, ``{"ok": true, "server": "comet1", "sinks": ["a", "b"], ...}``
-   or ``{"ok": false, "error": "unknown sink \\"x\\" (sinks: a, b)"}`` (and closes);
+   or ``{"ok": false, "error": "no sink named \\"x\\" (configured: a, b)"}`` (and closes);
 3. then one line per event, as published (after redaction), in the requested format. ``sink``
    shows exactly what that sink's filter lets through; ``types`` narrows further.
 
@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 import orjson
 import structlog
 
+from .config import unknown_sink
 from .events import FORMATS, Event
 
 if TYPE_CHECKING:
@@ -344,7 +345,7 @@ class TapServer:
             routes = {r.name: r for r in self.pipeline.routes}
             if not isinstance(sink, str) or sink not in routes:
                 shown = sink if isinstance(sink, str) else repr(sink)
-                raise _BadRequest(f'unknown sink "{shown}" (sinks: {", ".join(routes)})')
+                raise _BadRequest(unknown_sink(shown, list(routes)))
             sink_types = routes[sink].types
             if sink_types is not None:
                 types = sink_types if types is None else types & sink_types

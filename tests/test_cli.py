@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
 import socket
 from pathlib import Path
 
 import orjson
+import pytest
 
-from .conftest import cli_env, run_cli, toml_str
+from cometstream.cli import main
+
+from .conftest import cli_env, run_cli, toml_str, write_config
 
 
 async def _read_until(stream: asyncio.StreamReader, predicate, timeout: float) -> list[bytes]:  # type: ignore[no-untyped-def]
@@ -115,3 +119,101 @@ path = "{out_path}"
     assert "STOPPING=1" in messages
     assert sim.returncode == 0
     assert b"s3cret" not in err
+
+
+async def test_demo_ends_quietly_when_its_output_is_closed() -> None:
+    """`cometstream demo | head -2`: once the reader is gone the demo stops, exit 0, without
+    dead letters or a traceback."""
+    proc = await run_cli("demo", "--rate", "50", "--listen", "127.0.0.1:0")
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        lines = await _read_until(proc.stdout, lambda ls: len(ls) >= 2, timeout=15)
+        assert len(lines) == 2
+        proc._transport.get_pipe_transport(1).close()  # type: ignore[attr-defined]  # head exits
+        err = await asyncio.wait_for(proc.stderr.read(), 15)
+        await asyncio.wait_for(proc.wait(), 15)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    text = err.decode()
+    assert "stdout closed: stopping" in text
+    assert "Traceback" not in text and "refused" not in text and "dead" not in text
+
+
+async def test_a_busy_listen_port_is_exit_2_for_demo_and_simulate() -> None:
+    """One rule for a port that cannot be bound, as for run's [http] listen: exit 2, one line
+    naming the option."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        listen = f"127.0.0.1:{busy.getsockname()[1]}"
+        for command in ("demo", "simulate"):
+            proc = await run_cli(command, "--listen", listen)
+            _out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 2, err.decode()
+            lines = [ln for ln in err.decode().splitlines() if ln.startswith("cometstream:")]
+            assert len(lines) == 1 and lines[0].startswith(
+                f"cometstream: --listen: cannot listen on {listen}: Address already in use")
+            assert "Traceback" not in err.decode()
+
+
+def test_every_command_has_a_description_and_shows_its_defaults(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`COMMAND --help` starts with a sentence about the command, and options with a default
+    say it (simulate's credentials, demo's rate and port)."""
+    for command in ("run", "check", "backfill", "tap", "demo", "simulate", "dlq"):
+        assert main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        usage, description = out.split("\n\n")[:2]
+        assert usage.startswith(f"usage: cometstream {command}") and description[0].isupper()
+    assert main(["simulate", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default admin)" in out and "that user's password (default admin)" in out
+    assert main(["demo", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "events per second (default 4)" in out and "(default 127.0.0.1:9780;" in out
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--since", "yesterday"],
+     'cometstream: --since: expected a date like 2026-11-01 or 2026-11-01T12:30, got "yesterday"'),
+    (["--since", "2999-01-01"],
+     'cometstream: --since: "2999-01-01" is in the future: nothing to backfill'),
+    (["--since", "2020-01-02", "--until", "2020-01-01"],
+     "cometstream: --until: must be after --since"),
+    (["--since", "2020-01-01", "--sink", "nope"],
+     'cometstream: --sink: no sink named "nope" (configured: out)'),
+])
+def test_backfill_argument_errors_are_about_the_argument(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], line: str) -> None:
+    """A wrong argument is exit 2 with one line naming the option, not a "config:" error; a
+    --since in the future says so."""
+    conf = write_config(tmp_path, "http://127.0.0.1:9/", '[sinks.out]\ntype = "stdout"\n')
+    conf.chmod(0o600)
+    assert main(["backfill", "-c", str(conf), *args]) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_the_backfill_bar_leaves_no_stale_characters() -> None:
+    """Each redraw of the progress line erases what a longer one left after it."""
+    from cometstream.backfill import _Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    bar = _Progress(100, out=term)
+    bar.update(50, 123456, "2026-11-01 (a long label)")
+    bar.update(100, 7, "done", final=True)
+    screen: list[str] = []
+    for line in term.getvalue().split("\n"):
+        shown = ""
+        for i, part in enumerate(line.split("\r")):  # a carriage return: write over
+            erase = part.find("\x1b[K")
+            text = part if erase < 0 else part[:erase]
+            shown = text + ("" if erase >= 0 else shown[len(text):]) if i else text
+        screen.append(shown)
+    assert screen == ["backfill [##############################] 100%  7 jobs  done", ""]

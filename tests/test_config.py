@@ -50,7 +50,40 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
     cfg = load_config(root / "config.example.toml", env={"COMETSTREAM_PASSWORD": "x"},
                       resolve_sink=resolve_sink_class)
     assert cfg.server.ws_url == "wss://comet.example.com:8060/api/v1/events/stream"
-    assert {s.name for s in cfg.sinks} >= {"console", "archive"}
+    # under the units stdout is the journal: the example writes events to a file only
+    assert [(s.name, s.type) for s in cfg.sinks] == [("archive", "file")]
+
+
+def test_the_example_edited_as_documented_takes_the_units_credential(tmp_path: Path) -> None:
+    """config.example.toml with url, username and sinks edited (operations.md) and the password
+    in a systemd credential loads with that password: no password source is left set."""
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "config.example.toml").read_text()
+    text = text.replace('url = "https://comet.example.com:8060/"', 'url = "https://c.test/"')
+    conf = tmp_path / "config.toml"
+    conf.write_text(text)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "password").write_text("from the unit\r\n")
+    cfg = load_config(conf, env={"CREDENTIALS_DIRECTORY": str(creds)},
+                      resolve_sink=resolve_sink_class)
+    assert cfg.server.password is not None
+    assert (cfg.server.password.reveal(), cfg.server.password.source) == ("from the unit",
+                                                                          "credential")
+
+
+def test_a_missing_password_file_beside_a_credential_says_how_to_use_it(tmp_path: Path) -> None:
+    """The first source that is set wins: a password_file that is set must exist, and when a
+    credential is loaded the error says to remove password_file."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "password").write_text("pw")
+    doc = _cfg()
+    del doc["server"]["password"]
+    doc["server"]["password_file"] = str(tmp_path / "missing")
+    err = _error(doc, env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert str(err) == (f"server.password_file: file not found: {tmp_path / 'missing'}; a systemd "
+                        "credential 'password' is loaded: remove password_file to use it")
 
 
 def test_defaults_follow_the_contract() -> None:
@@ -266,3 +299,43 @@ async def test_file_sink_path_is_relative_to_the_config_file(tmp_path: Path) -> 
     cfg = load_config(conf, env={}, resolve_sink=resolve_sink_class)
     sink = build_sink(next(s for s in cfg.sinks if s.name == "f"))
     assert sink.path == tmp_path / "out" / "events.jsonl"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("where", "key", "words"), [
+    ("state", "state.dir", "{f} is not a directory"),
+    ("state-under", "state.dir", "cannot create {f}/state: {f} is not a directory"),
+    ("sink-under", "sinks.f.path", "cannot create {f}/events.jsonl: {f} is not a directory"),
+    ("sink-dir", "sinks.f.path", "{d} is a directory"),
+    ("dead-letter-under", "sinks.f.dead_letter",
+     "cannot create {f}/dead.jsonl: {f} is not a directory"),
+])
+def test_check_tests_the_places_run_writes_to(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              where: str, key: str, words: str) -> None:
+    """check fails (exit 2, one line naming the key, "not a directory") for a state.dir or a
+    file sink path that run could not create, instead of saying ok."""
+    f = tmp_path / "a-file"
+    f.write_text("")
+    d = tmp_path / "a-dir"
+    d.mkdir()
+    state = {"state": f, "state-under": f / "state"}.get(where, tmp_path / "state")
+    path = {"sink-under": f / "events.jsonl", "sink-dir": d}.get(where, tmp_path / "ev.jsonl")
+    dead = f / "dead.jsonl" if where == "dead-letter-under" else tmp_path / "dead.jsonl"
+    conf = tmp_path / "c.toml"
+    conf.write_text(BASE.format(state=state) + f'\n[sinks.f]\ntype = "file"\npath = "{path}"\n'
+                    f'dead_letter = "{dead}"\n')
+    conf.chmod(0o600)  # (it holds the password: no warning about it)
+    assert main(["check", "-c", str(conf)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"cometstream: config: {key}: {words.format(f=f, d=d)}\n"
+
+
+def test_run_words_a_state_dir_that_is_a_file_like_check(tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """run exits 2 on a state.dir that is a file, saying "not a directory" as check does."""
+    f = tmp_path / "a-file"
+    f.write_text("")
+    conf = tmp_path / "c.toml"
+    conf.write_text(BASE.format(state=f))
+    conf.chmod(0o600)
+    assert main(["run", "-c", str(conf)]) == 2
+    assert capsys.readouterr().err == f"cometstream: config: state.dir: {f} is not a directory\n"

@@ -34,6 +34,13 @@ def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return out
 
 
+async def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    _status, body, headers = await _get(f"http://127.0.0.1:{port}/metrics")
+    if headers.get("Content-Encoding") == "gzip":
+        body = gzip.decompress(body)
+    return _samples(body.decode())
+
+
 def _v(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
@@ -77,7 +84,8 @@ async def test_metrics_values_match_a_scripted_session(sim: Simulator, tmp_path:
     assert _v(m, "cometstream_events_received_total", type="SEVT_ACCOUNT_LOGIN", **srv) == 1
     assert _v(m, "cometstream_events_received_total", type="SEVT_POLICY_NEW", **srv) == 1
     assert _v(m, "cometstream_events_received_total", type="other", **srv) == 1
-    assert _v(m, "cometstream_events_malformed_total", **srv) == 1
+    assert _v(m, "cometstream_events_malformed_total", reason="invalid_json", **srv) == 1
+    assert _v(m, "cometstream_events_malformed_total", reason="binary", **srv) == 0  # from 0
     assert _v(m, "cometstream_jobs_completed_total", status="JOB_STATUS_STOP_SUCCESS", **srv) == 1
     assert _v(m, "cometstream_jobs_completed_total", status="JOB_STATUS_FAILED_ERROR", **srv) == 1
     assert _v(m, "cometstream_jobs_completed_total", status="JOB_STATUS_FAILED_OTHER", **srv) == 1
@@ -137,7 +145,8 @@ async def test_readyz_turns_503_with_reasons_when_the_stream_or_a_sink_fails(
         sim.emit({"Type": 4103})
         await wait_until(lambda: d.sink_stats("mem").failing, what="sink failing")
         status, body, _h = await _get(base + "/readyz")
-        assert status == 503 and b"sink mem: sink mem: injected failure" in body
+        assert status == 503 and b"sink mem: injected failure" in body
+        assert b"sink mem: sink mem:" not in body
         d.sink("mem").fail_next = 0
         await wait_until(lambda: not d.sink_stats("mem").failing, what="sink recovers")
         assert (await _get(base + "/readyz"))[0] == 200
@@ -161,3 +170,47 @@ async def test_http_listen_in_use_is_a_config_error(sim: Simulator, tmp_path: Pa
             assert exc.key == "http.listen" and "in use" in str(exc)
         else:
             raise AssertionError("expected ConfigError")
+
+
+async def test_readyz_counts_down_to_the_next_connection_attempt(sim: Simulator,
+                                                                 tmp_path: Path) -> None:
+    """While the stream waits to reconnect, /readyz says how long is left as of the request,
+    not as of the disconnect."""
+    port = _port()
+    cfg = make_config(sim.url, tmp_path, http={"listen": f"127.0.0.1:{port}"},
+                      stream={"backoff_initial": 40.0, "backoff_max": 60.0})
+    async with running(cfg) as d:  # rand = 1.0: the first delay is backoff_initial
+        await wait_until(lambda: d.daemon.supervisor.connected, what="login")
+        await sim.drop_clients()
+        await wait_until(lambda: d.daemon.status[0] == "reconnecting", what="the wait")
+        _s, body, _h = await _get(f"http://127.0.0.1:{port}/readyz")
+        assert b'"stream: reconnecting in 40 s: ' in body or b'"stream: reconnecting in 39 s: ' in body
+        d.daemon.supervisor.retry_at -= 25.0  # as if 25 s had passed
+        _s, body, _h = await _get(f"http://127.0.0.1:{port}/readyz")
+        assert b'"stream: reconnecting in 15 s: ' in body or b'"stream: reconnecting in 14 s: ' in body
+
+
+async def test_lag_metrics_are_exported_with_either_buffer(sim: Simulator,
+                                                          tmp_path: Path) -> None:
+    """cometstream_sink_lag_events/_seconds exist with the memory buffer too (the
+    CometstreamSinkLagging alert reads them), and show a stuck sink falling behind."""
+    port = _port()
+    cfg = make_config(sim.url, tmp_path, http={"listen": f"127.0.0.1:{port}"}, spool=MEMORY)
+    async with running(cfg) as d:
+        d.daemon.pipeline.retry_initial = 0.01
+        d.daemon.pipeline.retry_max = 0.05
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        await wait_until(lambda: d.sink_stats("mem").delivered >= 1, what="the HELLO")
+        d.sink("mem").fail_next = 10**6
+        sim.emit({"Type": 4103})
+        sim.emit({"Type": 4103})
+        await wait_until(lambda: d.sink_stats("mem").failing, what="sink failing")
+        samples = await _scrape(port)
+        assert _v(samples, "cometstream_sink_lag_events", sink="mem") == 2
+        assert _v(samples, "cometstream_sink_lag_seconds", sink="mem") > 0
+        assert not any(name.startswith("cometstream_spool_") for name, _l in samples)
+        d.sink("mem").fail_next = 0
+        await wait_until(lambda: not d.sink_stats("mem").failing, what="sink recovers")
+        samples = await _scrape(port)
+        assert _v(samples, "cometstream_sink_lag_events", sink="mem") == 0
+        assert _v(samples, "cometstream_sink_lag_seconds", sink="mem") == 0

@@ -69,3 +69,50 @@ def test_the_benchmarks_run_and_print_their_tables() -> None:
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "resync.py"), "--jobs", "300"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert "resync of 300 job completions" in out and "300 synthesized" in out, out
+
+
+def _operator_texts() -> dict[str, str]:
+    """What an operator reads: the README, docs/, the example config, the units."""
+    files = [ROOT / "README.md", ROOT / "config.example.toml", *sorted((ROOT / "docs").rglob("*")),
+             *sorted((ROOT / "systemd").glob("*"))]
+    return {str(f.relative_to(ROOT)): f.read_text() for f in files
+            if f.is_file() and f.suffix in (".md", ".toml", ".yml", ".json", ".service", "")}
+
+
+def test_the_docs_stand_on_their_own() -> None:
+    """The docs cite only files of the repository, and no issue tracker or outside target."""
+    repo_md = {p.name for p in ROOT.rglob("*.md") if ".venv" not in p.parts}
+    for name, text in _operator_texts().items():
+        for bad in ("ARCHITECTURE.md", "STYLE.md", "TESTING.md", "comet-api.md", "/work/"):
+            assert bad not in text, (name, bad)
+        assert not re.search(r"\b[Ii]ssue(?:'s| \d| #)", text), name
+        for cited in set(re.findall(r"\b([\w-]+\.md)\b", text)):
+            assert cited in repo_md, (name, cited)
+
+
+@pytest.mark.parametrize("unit", ["cometstream.service", "cometstream@.service"])
+def test_the_units_documentation_exists(unit: str) -> None:
+    """A Documentation= of a unit points at something that exists: the project declares no web
+    page, so the units point at none (their header names docs/operations.md)."""
+    text = (ROOT / "systemd" / unit).read_text()
+    project_urls = re.findall(r"^\s*\w+ = \"(https?://[^\"]+)\"", (ROOT / "pyproject.toml")
+                              .read_text().partition("[project.urls]")[2], re.MULTILINE)
+    for line in re.findall(r"^Documentation=(.*)$", text, re.MULTILINE):
+        for url in line.split():
+            assert url in project_urls, url
+    assert "docs/operations.md" in text
+
+
+def test_every_built_in_sink_type_is_named_where_an_operator_looks() -> None:
+    """README's first paragraph and the example's `type =` list name every built-in sink."""
+    from cometstream.sinks import _BUILTINS
+
+    intro = (ROOT / "README.md").read_text().split("\n\n")[1].lower()
+    example = (ROOT / "config.example.toml").read_text()
+    type_line = re.search(r"#   type\s+=([^\n]*\n#\s{10,}[^\n]*)", example)
+    assert type_line is not None
+    for sink in _BUILTINS:
+        if sink != "memory":
+            assert re.search(rf"\b{sink}", intro.replace("json lines files", "file")), sink
+        assert f'"{sink}"' in type_line.group(1), sink
+    assert "(soon)" not in intro

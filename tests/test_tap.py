@@ -7,6 +7,7 @@ tap clients on ``state.dir/tap.sock`` (raw protocol here, or the real command in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -148,7 +149,7 @@ async def test_tap_types_filter(sim: Simulator, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("request_line", "error"), [
     (orjson.dumps({"sink": "nope", "types": None, "format": "event"}) + b"\n",
-     'unknown sink "nope" (sinks: mem, archive)'),
+     'no sink named "nope" (configured: mem, archive)'),
     (b"hello\n", "bad request: not a JSON line"),
     (orjson.dumps({"sink": None, "types": ["SEVT_JOB_NEW"]}) + b"\n",
      "bad request: types must be null or a list of event type numbers"),
@@ -351,6 +352,33 @@ async def test_cli_tap_ctrl_c_exits_0_quietly(sim: Simulator, tmp_path: Path) ->
         await wait_until(lambda: not d.daemon.tap.clients, what="the daemon saw it leave")
 
 
+async def test_cli_tap_ends_quietly_when_its_output_is_closed(sim: Simulator,
+                                                             tmp_path: Path) -> None:
+    """`cometstream tap | head -1`: once the reader is gone the tap ends at its next write,
+    exit 0, nothing on stderr; the daemon sees it leave."""
+    conf = _conf(tmp_path, sim.url)
+    async with running(make_config(sim.url, tmp_path,
+                                   sinks={"mem": {"type": "memory"}, "jobs": {"type": "memory"}}
+                                   )) as d:
+        await _ready(d)
+        proc = await run_cli("tap", "-c", str(conf))
+        await wait_until(lambda: d.daemon.tap.clients or proc.returncode is not None,
+                         timeout=15, what="the tap connected")
+        sim.emit_many(1)
+        assert proc.stdout is not None
+        first = await asyncio.wait_for(proc.stdout.readline(), 5)
+        assert orjson.loads(first)["server"] == "sim"
+        proc._transport.get_pipe_transport(1).close()  # type: ignore[attr-defined]  # head exits
+        async with asyncio.timeout(15):
+            while proc.returncode is None:  # the tap notices at its next write
+                sim.emit_many(1)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 0.2)
+        _out, err = await _finish(proc)
+        assert proc.returncode == 0 and err == b""
+        await wait_until(lambda: not d.daemon.tap.clients, what="the daemon saw it leave")
+
+
 async def test_cli_tap_prints_readable_lines_on_a_terminal(sim: Simulator,
                                                            tmp_path: Path) -> None:
     """On a TTY: the stdout sink's readable lines (its own formatting function)."""
@@ -417,7 +445,7 @@ async def test_cli_tap_without_a_daemon_exits_1_with_one_line(tmp_path: Path) ->
       '(did you mean "SEVT_JOB_COMPLETED"?)')),
     (["--types", "4201,17"],
      "cometstream tap: --types: event type numbers are 4000-4999, got 17"),
-    (["--sink", "mme"], 'cometstream tap: --sink: unknown sink "mme" (sinks: mem, jobs)'),
+    (["--sink", "mme"], 'cometstream tap: --sink: no sink named "mme" (configured: mem, jobs)'),
 ])
 def test_cli_tap_usage_errors_exit_2_with_one_line(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],

@@ -40,6 +40,10 @@ LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
                           5.0, 10.0, 30.0, 60.0)
 
 
+#: why a frame was skipped (``cometstream_events_malformed_total{reason}``), exported from 0
+MALFORMED_REASONS: Final = ("bad_type", "bad_unicode", "binary", "invalid_json", "not_object",
+                            "not_utf8", "oversized", "processing_error", "too_deep")
+
 class Histogram:
     """A cheap fixed-bucket histogram (no locks: the event loop is its only writer)."""
 
@@ -129,9 +133,11 @@ class Metrics(Collector):
         self.stream = StreamStats()
         self.sinks: dict[str, SinkStats] = {}
         self._depth: dict[str, object] = {}
-        #: with a spool: a callable giving {"bytes", "events", "oldest_age", "write_errors",
-        #: "lag": {sink: (events, seconds)}}
+        #: with a spool: a callable giving {"bytes", "events", "oldest_age", "write_errors"}
         self.spool: Callable[[], dict[str, Any]] | None = None
+        #: how far each sink is behind, with either buffer: a callable giving
+        #: {sink: (events, seconds)} (cometstream_sink_lag_events / _seconds)
+        self.lag: Callable[[], dict[str, tuple[int, float]]] | None = None
         if registry is not None:
             registry.register(self)
 
@@ -178,8 +184,12 @@ class Metrics(Collector):
         yield c
 
         c = CounterMetricFamily(PREFIX + "events_malformed", "Frames that were not a "
-                                "StreamableEvent (skipped)", labels=["server"])
-        c.add_metric([srv], s.malformed)
+                                "StreamableEvent, or whose processing failed (skipped), by reason",
+                                labels=["server", "reason"])
+        by_reason = dict.fromkeys(MALFORMED_REASONS, 0)
+        by_reason.update(s.malformed_by_reason)
+        for reason, n in sorted(by_reason.items()):
+            c.add_metric([srv, reason], n)
         yield c
 
         c = CounterMetricFamily(PREFIX + "events_duplicate", "Events dropped as already "
@@ -249,6 +259,8 @@ class Metrics(Collector):
             failing.add_metric([name], 1 if st.failing else 0)
             capacity.add_metric([name], st.capacity)
         yield from (delivered, dropped, filtered, errors, depth, latency, failing, capacity)
+        if self.lag is not None:
+            yield from self._lag_families(self.lag())
         if self.spool is not None:
             yield from self._spool_families(self.spool())
 
@@ -270,11 +282,14 @@ class Metrics(Collector):
                                 labels=["server"])
         c.add_metric([srv], self.stream.spool_quarantined)
         yield c
+
+    @staticmethod
+    def _lag_families(lag: dict[str, tuple[int, float]]) -> Iterator[Metric]:
         events = GaugeMetricFamily(PREFIX + "sink_lag_events", "Events received that the sink "
                                    "has not got yet", labels=["sink"])
         seconds = GaugeMetricFamily(PREFIX + "sink_lag_seconds", "Age of the oldest event the "
                                     "sink is waiting for", labels=["sink"])
-        for sink, (n, age) in fig["lag"].items():
+        for sink, (n, age) in lag.items():
             events.add_metric([sink], n)
             seconds.add_metric([sink], age)
         yield events

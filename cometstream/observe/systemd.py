@@ -15,9 +15,16 @@ import structlog
 
 from .logging import scrub
 
-__all__ = ["Notifier"]
+__all__ = ["Notifier", "connected_status"]
 
 log = structlog.get_logger("cometstream.systemd")
+
+
+def connected_status(server: str, events: int) -> str:
+    """``STATUS=`` while connected: ``connected to comet1, 12 345 events`` (thousands apart by
+    a space, the server's name as configured)."""
+    count = f"{events:,}".replace(",", " ")  # only the number's own commas
+    return f"connected to {server}, {count} events"
 
 
 class Notifier:
@@ -50,7 +57,7 @@ class Notifier:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
                 # never block the event loop on a notify socket nobody drains
                 self._sock.setblocking(False)
-            self._sock.sendto(message.encode(), self.address)
+            self._sock.sendto(message.encode("utf-8", "backslashreplace"), self.address)
         except OSError as exc:
             if not self._warned:  # once: a missing socket would otherwise flood the log
                 self._warned = True

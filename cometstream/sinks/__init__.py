@@ -1,6 +1,7 @@
 """Sinks: the built-ins and the registry that finds third-party ones by entry point.
 
-Built-in types: ``stdout``, ``file``, ``memory`` (recording, for tests and plugin authors).
+Built-in types: ``stdout``, ``file``, ``kafka``, ``webhook``, and ``memory`` (recording, for tests
+and plugin authors).
 Others come from the entry point group ``cometstream.sinks`` (``name = "package.module:Class"``).
 """
 

@@ -3,7 +3,9 @@
 Options (``type = "stdout"``): ``format`` (``envelope`` default, or ``event``) and ``pretty``
 (``"auto"`` default: readable lines when stdout is a TTY, JSON Lines otherwise; ``true``;
 ``false``). Writes go through a worker thread so a slow reader (a pager, a full pipe) never stalls
-the event loop; a closed stdout (``| head``) is a permanent failure, counted and logged once.
+the event loop. A closed stdout (``| head``) is a permanent failure, counted and logged once;
+unless the sink was built with ``on_closed`` (``cometstream demo``): then it calls it once, like a
+Unix tool whose reader has what it wanted, and accepts and discards whatever follows.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any
 
 from .._thread import WriterThread
@@ -134,8 +136,12 @@ class StdoutSink(Sink):
     default_format = "envelope"
 
     def __init__(self, name: str, *, format: str = "envelope", pretty: bool | None = None,
-                 stream: IO[bytes] | None = None) -> None:
+                 stream: IO[bytes] | None = None,
+                 on_closed: Callable[[], None] | None = None) -> None:
         self.name = name
+        self.on_closed = on_closed
+        #: stdout was closed and on_closed called: the rest is discarded
+        self.closed = False
         self.format = format
         self._pretty_opt = pretty
         self._stream = stream
@@ -181,6 +187,8 @@ class StdoutSink(Sink):
             self._writer = WriterThread(f"sink-{self.name}")
 
     async def send(self, batch: Sequence[Event]) -> None:
+        if self.closed:
+            return
         if self.pretty:
             data = "".join([self._pretty(ev) for ev in batch]).encode("utf-8", "replace")
         elif self.format == "event":
@@ -191,7 +199,10 @@ class StdoutSink(Sink):
         try:
             await self._writer.run(self._write, data)
         except BrokenPipeError as exc:
-            raise SinkError(self.name, "stdout is closed", retryable=False) from exc
+            if self.on_closed is None:
+                raise SinkError(self.name, "stdout is closed", retryable=False) from exc
+            self.closed = True
+            self.on_closed()
         except OSError as exc:
             raise SinkError(self.name, f"stdout: {exc.strerror or exc}", retryable=True) from exc
 
