@@ -10,7 +10,8 @@ on the same stream; then 10,000 events paced at 1,000/s for the delivery latency
 ``diskwrite.py`` (bytes written to disk per byte delivered at 3,000 events/s with a dedup window
 of ~10k and ~100k keys, and the start time with a 200,000-key window) and ``webhook.py`` (the
 webhook sink against a receiver 50 ms away, serial and concurrent, and against one that fails
-the first POST of each event). Each starts its own
+the first POST of each event) and ``fleet.py`` (the fleet metrics of 10,000 users with 30,000
+protected items: a scrape's time and the fleet state's memory). Each starts its own
 simulator (and peers, and daemon) in separate processes and prints a table; nothing is asserted.
 ``--quick`` runs a tenth of the sizes (a smoke test of the benchmarks themselves; diskwrite.py:
 a 5 s measured interval instead of 20 s).
@@ -38,6 +39,8 @@ def main() -> int:
         [sys.executable, str(HERE / "resync.py"), "--jobs", str(100_000 // scale)],
         [sys.executable, str(HERE / "diskwrite.py"), *(["--quick"] if args.quick else [])],
         [sys.executable, str(HERE / "webhook.py"), *(["--quick"] if args.quick else [])],
+        [sys.executable, str(HERE / "fleet.py"), "--users", str(10_000 // scale),
+         "--items", str(30_000 // scale), "--scrapes", "5" if args.quick else "20"],
     ]
     for cmd in runs:
         print(f"$ {' '.join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))}",

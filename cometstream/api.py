@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import ssl
 from collections.abc import Mapping
 from typing import Any, Final
@@ -101,6 +102,10 @@ class AdminClient:
         self._http: aiohttp.ClientSession | None = None
         self._session_key: str | None = None
         self.calls = 0
+        #: the calls in flight, by path and parameters: an identical call made meanwhile waits
+        #: for the same answer (see :meth:`call`)
+        self._inflight: dict[tuple[str, tuple[tuple[str, str], ...]], asyncio.Future[Any]] = {}
+        self._running: set[asyncio.Future[Any]] = set()
 
     async def __aenter__(self) -> AdminClient:
         self._open()
@@ -117,6 +122,8 @@ class AdminClient:
         return self._http
 
     async def aclose(self) -> None:
+        for shared in list(self._running):
+            shared.cancel()
         if self._http is not None:
             await self._http.close()
             self._http = None
@@ -149,7 +156,37 @@ class AdminClient:
 
     # --- calls -----------------------------------------------------------------------------------
     async def call(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
-        """POST ``/api/v1/<path>`` with auth + params; returns the decoded JSON (retries per policy)."""
+        """POST ``/api/v1/<path>`` with auth + params; returns the decoded JSON (retries per policy).
+
+        Every call here only reads. One made while an identical one (same path and parameters)
+        is in flight shares its request and its answer, the same object: callers must not
+        change it. After a reconnect the remedial sync and the fleet's seed both read
+        ``list-users-full``: one request, one moment of the server (:meth:`fresh` at each
+        HELLO keeps a request from before it out). A caller that is cancelled leaves the
+        request to the others."""
+        key = (path, tuple(sorted((k, _form_value(v)) for k, v in (params or {}).items())))
+        shared = self._inflight.get(key)
+        if shared is None:
+            shared = asyncio.ensure_future(self._call(path, params or {}))
+            self._inflight[key] = shared
+            self._running.add(shared)
+            shared.add_done_callback(lambda done: self._landed(key, done))
+        return await asyncio.shield(shared)
+
+    def fresh(self) -> None:
+        """From now on no call joins a request already in flight: after a reconnect, an answer
+        asked for before it may predate what the gap hid."""
+        self._inflight.clear()
+
+    def _landed(self, key: tuple[str, tuple[tuple[str, str], ...]],
+                done: asyncio.Future[Any]) -> None:
+        self._running.discard(done)
+        if self._inflight.get(key) is done:
+            del self._inflight[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have gone
+
+    async def _call(self, path: str, params: Mapping[str, Any]) -> Any:
         await self._ensure_session()
         try:
             return await self._post(path, params or {})
@@ -222,6 +259,11 @@ class AdminClient:
                     parsed = True
                 except (ValueError, RecursionError):
                     parsed = False
+                else:
+                    # orjson also refuses a lone surrogate ("\ud800"), which no UTF-8 encoder
+                    # (logs, the ledger, the sinks) takes: it becomes U+FFFD here, once
+                    if _SURROGATE_ESCAPE.search(body):
+                        data = _without_lone_surrogates(data)
         message = ""
         body_status = 0
         if parsed and isinstance(data, dict) and isinstance(data.get("Status"), int) \
@@ -230,7 +272,7 @@ class AdminClient:
             message = data["Message"]
         if status >= 400:
             text = message or body[:120].decode("utf-8", "replace").strip() or f"HTTP {status}"
-            if status in (401, 403):
+            if status in (401, 403) and message:  # Comet's own refusal (not a proxy's page)
                 raise ApiAuthError(f"{path}: HTTP {status}: {text}", status=status)
             raise ApiError(f"{path}: HTTP {status}: {text}", status=status)
         if body_status and not 200 <= body_status <= 299:
@@ -261,6 +303,14 @@ class AdminClient:
         data = _as_map(await self.call("admin/list-users-full"))
         return {k: v for k, v in data.items() if isinstance(v, dict)}
 
+    async def live_connections(self, username: str = "") -> dict[str, dict[str, Any]]:
+        """The live-connected devices (``dispatcher/list-active``): {connection GUID:
+        LiveUserConnection}; ``username`` asks for one user's only (Comet 22.6.7 and later;
+        an older server answers with every user's, so callers filter too)."""
+        data = _as_map(await self.call("admin/dispatcher/list-active",
+                                       {"UserNameFilter": username} if username else None))
+        return {k: v for k, v in data.items() if isinstance(v, dict)}
+
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int, path: str) -> bytes:
     """The answer's body (decompressed), or ApiError (not retried) once it passes ``limit``
@@ -277,6 +327,49 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int, path: str) -> b
         if len(body) > limit:
             raise too_large()
     return body  # type: ignore[return-value]  # (bytes-like: not copied again)
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _fix_text(text: str) -> str:
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+
+
+def _without_lone_surrogates(data: Any) -> Any:
+    """``data`` (parsed JSON) with every lone surrogate in its strings and keys as U+FFFD;
+    iterative (the nesting is the server's to choose)."""
+    if isinstance(data, str):
+        return _fix_text(data)
+    if not isinstance(data, (dict, list)):
+        return data
+    stack: list[Any] = [data]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for k in list(node):
+                v = node[k]
+                if isinstance(v, str):
+                    v = _fix_text(v)
+                elif isinstance(v, (dict, list)):
+                    stack.append(v)
+                if isinstance(k, str) and (fixed := _fix_text(k)) is not k:
+                    del node[k]
+                    k = fixed
+                node[k] = v
+        else:
+            for i, v in enumerate(node):
+                if isinstance(v, str):
+                    node[i] = _fix_text(v)
+                elif isinstance(v, (dict, list)):
+                    stack.append(v)
+    return data
 
 
 def _no_constants(name: str) -> Any:

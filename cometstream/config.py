@@ -4,10 +4,11 @@ The whole file is checked at start-up. Every problem is a :class:`~cometstream.e
 naming the dotted key (``sinks.archive.fsync: expected one of always, batch, never, got "sometimes"``);
 unknown keys are errors, because a typo must not silently switch a feature off.
 
-Secrets (password, TOTP secret, session key) are held in :class:`Secret`, whose ``repr`` is masked,
-and may come from the file itself, a ``*_file``, the environment (``COMETSTREAM_PASSWORD``,
-``COMETSTREAM_TOTP_SECRET``, ``COMETSTREAM_SESSION_KEY``, which win) or systemd's
-``$CREDENTIALS_DIRECTORY`` (credentials named ``password``, ``totp_secret``, ``session_key``).
+Secrets (password, TOTP secret, session key) are held in :class:`Secret`, whose ``repr`` is masked.
+Each comes from the first of these that is set: the environment (``COMETSTREAM_PASSWORD``,
+``COMETSTREAM_TOTP_SECRET``, ``COMETSTREAM_SESSION_KEY``), the key in the file, its ``*_file``
+(which must then exist), or systemd's ``$CREDENTIALS_DIRECTORY`` (credentials named
+``password``, ``totp_secret``, ``session_key``).
 Relative paths are taken relative to the configuration file's folder.
 """
 
@@ -18,7 +19,7 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -41,6 +42,7 @@ from .section import (
 __all__ = [
     "DEFAULT_PATH",
     "Config",
+    "FleetConfig",
     "RedactConfig",
     "HttpConfig",
     "LogConfig",
@@ -56,6 +58,7 @@ __all__ = [
     "parse_config",
     "parse_listen",
     "read_secret_file",
+    "unknown_sink",
 ]
 
 DEFAULT_PATH: Final = "/etc/cometstream/config.toml"
@@ -167,6 +170,19 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FleetConfig:
+    """``[fleet]``: the Comet fleet's ``cometserver_*`` metrics on /metrics (docs/fleet.md)."""
+
+    enabled: bool = False
+    #: series of users' protected items, vaults and devices beyond this are not created
+    max_series: int = 1_000_000
+    #: seconds between full re-reads of the fleet while connected (0 = only after a reconnect)
+    reseed_interval: float = 3600.0
+    #: also the item and device names as labels of the per-item and per-device series
+    name_labels: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class StateConfig:
     dir: Path = Path("/var/lib/cometstream")
 
@@ -218,6 +234,7 @@ class Config:
     redact: RedactConfig = RedactConfig()
     path: Path | None = None
     spool: SpoolConfig = SpoolConfig()
+    fleet: FleetConfig = FleetConfig()
     #: the options that hold a secret, each with its file (None: inline in the config file)
     secrets: tuple[tuple[str, Path | None], ...] = ()
 
@@ -236,6 +253,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
+def unknown_sink(name: str, configured: Sequence[str], extra: str = "") -> str:
+    """How every command words a sink name that is not configured (``--sink``, a tap
+    request): ``no sink named "x" (configured: a, b)``."""
+    return f'no sink named "{name}" (configured: {", ".join(configured) or "none"}{extra})'
+
+
 def read_secret_file(sect: Section, name: str) -> Secret | None:
     """The secret in the file the option ``name`` names (final line break removed), or None
     when the option is not set. While a tool that needs no secrets reads the config
@@ -252,12 +275,14 @@ def read_secret_file(sect: Section, name: str) -> Secret | None:
         raise sect.error(name, f"file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise sect.error(name, f"cannot read {path}: {exc.__class__.__name__}") from None
-    # Only the final line break goes: a password may begin or end with spaces.
+    return Secret(_without_final_newline(text), "file")
+
+
+def _without_final_newline(text: str) -> str:
+    """Only the final line break goes: a password may begin or end with spaces."""
     if text.endswith("\r\n"):
-        text = text[:-2]
-    elif text.endswith("\n"):
-        text = text[:-1]
-    return Secret(text, "file")
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
 
 
 def _credential(name: str, env: Mapping[str, str]) -> Secret | None:
@@ -267,13 +292,16 @@ def _credential(name: str, env: Mapping[str, str]) -> Secret | None:
     path = Path(cred_dir) / name
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError:
+    except (OSError, UnicodeDecodeError):
         return None
-    return Secret(text[:-1] if text.endswith("\n") else text, "credential")
+    return Secret(_without_final_newline(text), "credential")
 
 
 def _secret(sect: Section, key: str, env_var: str, env: Mapping[str, str]) -> Secret | None:
-    """env var > inline key > KEY_file > systemd credential KEY."""
+    """The first source that is set: env var, inline key, KEY_file, systemd credential KEY.
+
+    A KEY_file that is set is read (a missing file is an error, never skipped for the
+    credential: the error says when a credential is there to use instead)."""
     inline = sect.opt_str(key, secret=True)
     file_key = f"{key}_file"
     if inline is not None and sect.raw(file_key) is not None:
@@ -281,7 +309,13 @@ def _secret(sect: Section, key: str, env_var: str, env: Mapping[str, str]) -> Se
     if env_var in env:
         sect.path(file_key)  # still type-checked, but not read: the environment wins
         return Secret(env[env_var], "env")
-    from_file = read_secret_file(sect, file_key)
+    try:
+        from_file = read_secret_file(sect, file_key)
+    except ConfigError as exc:
+        if _credential(key, env) is None:
+            raise
+        raise sect.error(file_key, f"{exc.problem}; a systemd credential {key!r} is loaded: "
+                         f"remove {file_key} to use it") from None
     if inline is not None:
         return Secret(inline, "config")
     if from_file is not None:
@@ -469,6 +503,7 @@ def _parse_config(data: Mapping[str, Any], *, path: Path | None = None,
     shutdown_timeout = attempt(lambda: _parse_shutdown(top.table("shutdown")))
     redact = attempt(lambda: _parse_redact(top.table("redact")))
     spool = attempt(lambda: _parse_spool(top.table("spool")))
+    fleet = attempt(lambda: _parse_fleet(top.table("fleet"), http))
     sinks: list[SinkConfig] = []
     sinks_tbl = attempt(lambda: top.table("sinks"))
     if sinks_tbl is not None:
@@ -486,7 +521,7 @@ def _parse_config(data: Mapping[str, Any], *, path: Path | None = None,
         raise errors[0] if len(errors) == 1 else ConfigErrors(errors)
     return Config(server=server, stream=stream, resync=resync, state=state, http=http, log=log,
                   shutdown_timeout=shutdown_timeout, sinks=tuple(sinks), redact=redact, path=path,
-                  spool=spool)
+                  spool=spool, fleet=fleet)
 
 
 def _parse_resync(rs: Section) -> ResyncConfig:
@@ -532,6 +567,23 @@ def _parse_log(lg: Section) -> LogConfig:
                     format=lg.str("format", "auto", choices=LOG_FORMATS))
     lg.done()
     return log
+
+
+def _parse_fleet(fl: Section, http: HttpConfig | None) -> FleetConfig:
+    d = FleetConfig()
+    fleet = FleetConfig(
+        enabled=fl.bool("enabled", d.enabled),
+        max_series=fl.int("max_series", d.max_series, min=1, max=100_000_000),
+        reseed_interval=fl.float("reseed_interval", d.reseed_interval, min=0, max=30 * 86400),
+        name_labels=fl.bool("name_labels", d.name_labels),
+    )
+    if 0 < fleet.reseed_interval < 60:
+        raise fl.error("reseed_interval", f"must be 0 (never) or >= 60, got "
+                       f"{fleet.reseed_interval:g}")
+    if fleet.enabled and http is not None and not http.listen:
+        raise fl.error("enabled", "the fleet metrics are served on /metrics: set [http] listen")
+    fl.done()
+    return fleet
 
 
 def _parse_spool(sp: Section) -> SpoolConfig:

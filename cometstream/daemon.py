@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import sqlite3
@@ -27,12 +28,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 import structlog
-from prometheus_client import (
-    CollectorRegistry,
-    GCCollector,
-    PlatformCollector,
-    ProcessCollector,
-)
+from prometheus_client import CollectorRegistry
 
 from .api import AdminClient
 from .backoff import Backoff
@@ -43,11 +39,14 @@ from .delivery.ledger import Ledger, LedgerError, StateDiff, StateLock
 from .delivery.tracker import Tracker
 from .errors import ApiError, ConfigError, CredentialsRejected
 from .events import Event
+from .fleet import Fleet
 from .observe.http import HttpServer
 from .observe.logging import register_secret, scrub
 from .observe.metrics import Metrics
-from .observe.systemd import Notifier
+from .observe.process import standard_registry
+from .observe.systemd import Notifier, connected_status
 from .pipeline import DiskBuffer, MemoryBuffer, Pipeline
+from .preflight import dir_problem
 from .redact import Redactor
 from .resync import ResyncResult, Resyncer
 from .sinks import Sink, resolve_sink_class
@@ -61,6 +60,8 @@ EXIT_FATAL = 1
 EXIT_CREDENTIALS = 3
 #: how often systemd's STATUS= is refreshed while connected
 STATUS_INTERVAL: Final = 5.0
+#: /readyz says 503 once the ledger's commits have failed this long (seconds)
+LEDGER_UNREADY_AFTER: Final = 10.0
 
 log = structlog.get_logger("cometstream.daemon")
 
@@ -82,20 +83,16 @@ class Daemon:
         rand: Callable[[], float] = random.random,
         notifier: Notifier | None = None,
         resync_retry: tuple[float, float] = (1.0, 60.0),
-        http_required: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.cfg = cfg
         self.clock = clock
         self.notifier = notifier if notifier is not None else Notifier()
         if registry is None:
-            registry = CollectorRegistry()
-            ProcessCollector(registry=registry)
-            PlatformCollector(registry=registry)
-            GCCollector(registry=registry)
+            # process_* from /proc/self: prometheus_client's needs /proc/stat (ProcSubset=pid)
+            registry = standard_registry()
         self.registry = registry
         self.http: HttpServer | None = None
-        self._http_required = http_required
         self.metrics = Metrics(cfg.server.name, self.registry)
         s = cfg.server
         register_secret(*s.secret_values())
@@ -117,6 +114,7 @@ class Daemon:
         self.pipeline.add_ack_listener(self._on_ack)
         self._settled_through = 0
         self.metrics.spool = self._spool_figures if cfg.spool.disk else None
+        self.metrics.lag = self._lag_figures  # either buffer: CometstreamSinkLagging
         #: ``cometstream tap``: a live view of the published events on a Unix socket in state.dir
         self.tap = TapServer(socket_path(cfg.state.dir), self.pipeline, server=s.name)
         self.redactor = Redactor(enabled=cfg.redact.enabled, extra_keys=cfg.redact.extra_keys)
@@ -138,6 +136,12 @@ class Daemon:
         self.resyncer = Resyncer(self.api, self.tracker, server=s.name,
                                  overlap=cfg.resync.overlap, redactor=self.redactor,
                                  clock=self.server_time, held=self.gate.is_held)
+        #: ``[fleet]``: the Comet fleet's cometserver_* metrics; it sees every live event first
+        self.fleet = Fleet(cfg.fleet, self.api, server=s.name, clock=self.server_time,
+                           retry=resync_retry, timeout=cfg.resync.timeout) \
+            if cfg.fleet.enabled else None
+        if self.fleet is not None:
+            self.supervisor.publish = self.fleet.tap(self.gate.publish)
         self._resync_retry = resync_retry
         self._resync_task: asyncio.Task[None] | None = None
         self._recovered = False
@@ -157,6 +161,8 @@ class Daemon:
     # --- stream callbacks ------------------------------------------------------------------------
     def _on_status(self, state: str, detail: str) -> None:
         self.status = (state, detail)
+        if self.fleet is not None:
+            self.fleet.connection(state == "connected")
         if state == "reconnecting" and self.cfg.resync.enabled:
             self.tracker.frozen = True  # a gap: the watermark waits for the next resync
         if state == "connected":
@@ -164,9 +170,7 @@ class Daemon:
         self.notifier.status(detail)
 
     def _connected_status(self) -> str:
-        n = self.metrics.stream.events_received
-        count = f"{n:,}".replace(",", " ")  # (thousands apart, the name's own commas kept)
-        return f"connected to {self.cfg.server.name}, {count} events"
+        return connected_status(self.cfg.server.name, self.metrics.stream.events_received)
 
     def _on_hello(self, ev: Event) -> None:
         data = ev.data if isinstance(ev.data, dict) else {}
@@ -175,6 +179,9 @@ class Daemon:
             self._skew = current - self.clock()
         if not self.tracker.has_checkpoint and not self.tracker.baseline_before:
             self.tracker.baseline_before = int(self.server_time())
+        self.api.fresh()  # (the answers of the sync and the seed are after this HELLO)
+        if self.fleet is not None:
+            self.fleet.hello(data)  # (with the sync: their list-users-full is one request)
         if not self.cfg.resync.enabled:
             return
         self.gate.hold()
@@ -304,8 +311,9 @@ class Daemon:
     def _unsettle(self, diff: StateDiff) -> None:
         self.tracker.restore(diff)
 
-    def _spool_figures(self) -> dict[str, Any]:
-        spool = self.ledger
+    def _lag_figures(self) -> dict[str, tuple[int, float]]:
+        """Per sink: the events received that it has not got yet, and the age of the oldest
+        of them (in its memory queue, in flight, or in the ledger)."""
         now = time.time()
         seq = self.pipeline.seq
         lag = {}
@@ -313,9 +321,14 @@ class Daemon:
             behind = seq - r.done_through(seq)
             since = r.waiting_since()
             lag[r.name] = (behind, max(0.0, now - since) if behind and since else 0.0)
+        return lag
+
+    def _spool_figures(self) -> dict[str, Any]:
+        spool = self.ledger
+        now = time.time()
         oldest = spool.oldest_received_at
         return {"bytes": spool.bytes, "events": spool.events + len(spool.pending),
-                "oldest_age": max(0.0, now - oldest) if oldest else 0.0, "lag": lag,
+                "oldest_age": max(0.0, now - oldest) if oldest else 0.0,
                 "write_errors": spool.write_errors}
 
     async def _status_loop(self) -> None:
@@ -323,6 +336,8 @@ class Daemon:
             await asyncio.sleep(STATUS_INTERVAL)
             if self.supervisor.connected:
                 self.notifier.status(self._connected_status())
+            elif self.status[0] == "reconnecting":  # counts down to the next attempt
+                self.notifier.status(self.supervisor.reconnecting())
 
     def _load_state(self) -> None:
         d = self.cfg.state.dir
@@ -331,8 +346,9 @@ class Daemon:
             self.lock.acquire()
         except LedgerError as exc:
             raise ConfigError("state.dir", str(exc)) from None
-        except OSError as exc:
-            raise ConfigError("state.dir", f"cannot use {d}: {exc.strerror or exc}") from None
+        except OSError as exc:  # in check's words ("not a directory", not "File exists")
+            raise ConfigError("state.dir", dir_problem(d) or f"cannot use {d}: "
+                              f"{exc.strerror or exc}") from None
         try:
             last = self.ledger.open()
         except LedgerError as exc:
@@ -366,11 +382,20 @@ class Daemon:
         reasons = []
         if not self.supervisor.connected:
             state, detail = self.status
+            if state == "reconnecting":
+                detail = self.supervisor.reconnecting()  # the wait left, as of now
             reasons.append(f"stream: {scrub(detail)}" if detail else f"stream: {state}")
         for route in self.pipeline.routes:
             if route.stats.failing:
-                why = scrub(route.stats.last_error) if route.stats.last_error else "failing"
-                reasons.append(f"sink {route.name}: {why}")
+                # a SinkError names its sink already ("sink archive: disk full")
+                prefix = f"sink {route.name}: "
+                why = route.stats.last_error.removeprefix(prefix)
+                reasons.append(prefix + (scrub(why) if why else "failing"))
+        ledger = self.ledger
+        if ledger.last_error and time.monotonic() - ledger.failing_since >= LEDGER_UNREADY_AFTER:
+            reasons.append(f"ledger: writes failing for "
+                           f"{time.monotonic() - ledger.failing_since:.0f} s: "
+                           f"{scrub(ledger.last_error)}")
         reasons.extend(self._resync_reasons())
         return reasons
 
@@ -398,16 +423,14 @@ class Daemon:
         if not listen:
             return
         host, port = parse_listen(listen)
-        server = HttpServer(self.registry, self.not_ready_reasons, host=host, port=port)
+        server = HttpServer(self.registry, self.not_ready_reasons, host=host, port=port,
+                            extra=self.fleet.render if self.fleet is not None else None)
         try:
             await server.start()
         except OSError as exc:
-            if self._http_required:
-                raise ConfigError("http.listen", f"cannot listen on {listen}: "
-                                  f"{exc.strerror or exc}") from None
-            log.warning("metrics endpoint not started", listen=listen,
-                        error=exc.strerror or str(exc))
-            return
+            # a busy port is a configuration error (exit 2), for run and demo alike
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError("http.listen", f"cannot listen on {listen}: {why}") from None
         self.http = server
         log.info("http endpoints", url=server.url, paths="/metrics /healthz /readyz")
 
@@ -436,6 +459,8 @@ class Daemon:
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
         saver = asyncio.create_task(self._status_loop(), name="status")
         spooler = asyncio.create_task(self.ledger.run(), name="ledger")
+        if self.fleet is not None:
+            self.fleet.start()
         self.notifier.ready()
         code = EXIT_OK
         try:
@@ -478,6 +503,8 @@ class Daemon:
             self._report_left()
             self.tracker.drop_pending()
             self.lock.release()
+            if self.fleet is not None:
+                await self.fleet.aclose()
             await self.api.aclose()
             await self.tap.stop()
             if self.http is not None:

@@ -221,13 +221,15 @@ class Simulator:
         handshake_timeout: float = 10.0,
         record: bool = True,
         totp_required: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """Configure the server; raises ValueError for a bad TOTP secret, rate or limit.
 
         `session_keys` are accepted from the start (AuthType SessionKey), besides the keys that
         ``/api/v1/admin/account/session-start`` issues. With `totp_required` (needs
         `totp_secret`), AuthType Password is refused: ``ERR_TOTP_REQUIRED`` on the API,
-        ``403 Unauth`` on the stream.
+        ``403 Unauth`` on the stream. `clock` is the server's clock (the world's, the HELLO's
+        and meta/version's times).
         """
         if rate < 0:
             raise ValueError("rate must be >= 0")
@@ -241,9 +243,10 @@ class Simulator:
         self.queue_limit = queue_limit
         self.handshake_timeout = handshake_timeout
         self.record = record
-        self.world = World(seed, admin=username)
+        self.clock = clock
+        self.world = World(seed, admin=username, clock=clock)
         self.server_start_hash = str(uuid.uuid4())
-        self.server_start_time = int(time.time())
+        self.server_start_time = int(clock())
         self.handshakes: list[list[str]] = []
         self.sent: list[bytes] = []
         self.connections = 0
@@ -440,7 +443,7 @@ class Simulator:
         return server_meta_version_info(
             start_time=self.server_start_time,
             start_hash=self.server_start_hash,
-            now=int(time.time()),
+            now=int(self.clock()),
             configured_devices=self.world.device_count(),
         )
 
@@ -459,7 +462,7 @@ class Simulator:
         """
         await self.drop_clients()
         self.server_start_hash = str(uuid.uuid4())
-        self.server_start_time = int(time.time())
+        self.server_start_time = int(self.clock())
         log.info("simulator restarted", server_start_hash=self.server_start_hash)
 
     # ----------------------------------------------------------------- internals

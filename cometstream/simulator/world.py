@@ -15,6 +15,10 @@ Shapes follow Comet's SDK definitions (see ``comet-api.md``):
   Keys are in the SDK serializer's order, omitempty fields dropped when empty (``JOB_DETAIL_KEYS``).
 - Events are ``StreamableEvent`` dicts (``event()``), ``Data`` shared with the world's state:
   encode an event before the next call changes the world.
+- Vaults may have a quota (``StorageLimitEnabled``) a little above their size; devices report
+  a ``ClientVersion`` (one in five behind the server's), which their live connections report
+  as ``ReportedVersion``. These come from a second generator (``_aux``), so that a seed makes
+  the same users, jobs and events as before they existed.
 - A finished job updates its profile's statistics (``Sources[*].Statistics.LastBackupJob`` /
   ``LastSuccessfulBackupJob``, ``Destinations[*].Statistics.ClientProvidedSize``) without an
   account event, as Comet does; ``cancel_silently``/``abandon`` finish a job with no event at all.
@@ -51,6 +55,8 @@ __all__ = [
 
 SERVER_VERSION = "25.9.6"
 CLIENT_VERSION = "25.9.6"
+#: client versions of devices not yet upgraded, with their weights (the current one: 80)
+_OLD_CLIENT_VERSIONS = (("25.6.2", 15), ("24.12.3", 5))
 
 #: StreamableEvent keys in wire order (ResourceID and Data are omitted when absent).
 EVENT_KEYS = (
@@ -402,6 +408,9 @@ class World:
         self.target_users = users
         self.max_jobs = max_jobs
         self.rng = random.Random(seed)
+        #: the choices added after the first generator (devices' client versions, vault quotas):
+        #: a second generator, so that ``rng`` makes the same world and events as before
+        self._aux = random.Random(f"aux-{seed}") if seed is not None else random.Random()
         self._clock = clock
         self._name_counter = 0
         #: orgID -> Organization-like dict; "" (the top-level organization) is not listed.
@@ -557,7 +566,7 @@ class World:
             if source is not None:
                 stats = source["Statistics"]
                 stats["LastBackupJob"] = job
-                if final == _STATUS_SUCCESS:
+                if 5000 <= final <= 5999:
                     stats["LastSuccessfulBackupJob"] = job
             dest = profile["Destinations"].get(job["DestinationGUID"])
             if dest is not None:
@@ -939,13 +948,15 @@ class World:
                 self._weighted(tuple((i, v[2]) for i, v in enumerate(_VAULTS)))
             ]
             size = self._log_uniform(1e10, 2e12)
+            limited = self._aux.random() < 0.4  # a quota somewhat above today's size
             destinations[self._guid()] = {
                 "Description": ddesc,
                 "CreateTime": created,
                 "ModifyTime": created,
                 "DestinationType": dtype,
-                "StorageLimitEnabled": False,
-                "StorageLimitBytes": 0,
+                "StorageLimitEnabled": limited,
+                "StorageLimitBytes": -(-int(size * self._aux.uniform(1.05, 2.5)) // 10**9) * 10**9
+                if limited else 0,
                 "Statistics": {"ClientProvidedSize": _size(size, created, created)},
             }
         sources: dict[str, dict[str, Any]] = {}
@@ -1022,9 +1033,17 @@ class World:
             "RegistrationTime": registered,
             "PlatformVersion": platform,
             "DeviceTimezone": rng.choice(_TIMEZONES),
-            "ClientVersion": CLIENT_VERSION,
+            "ClientVersion": self._client_version(),
         }
         return device_id, device, os_name
+
+    def _client_version(self) -> str:
+        roll = self._aux.random() * 100
+        for version, weight in _OLD_CLIENT_VERSIONS:
+            if roll < weight:
+                return version
+            roll -= weight
+        return CLIENT_VERSION
 
     def _seed_history(self, now: int, days: int) -> None:
         """Finished jobs over the last `days` days, so date-range queries have data from the start."""
@@ -1068,7 +1087,7 @@ class World:
             "_ID": self._guid(),
             "Username": username,
             "DeviceID": device_id,
-            "ReportedVersion": CLIENT_VERSION,
+            "ReportedVersion": device.get("ClientVersion") or CLIENT_VERSION,
             "ReportedPlatform": f"{platform['os']}/{platform['arch']}",
             "ReportedPlatformVersion": platform,
             "DeviceTimeZone": device["DeviceTimezone"],

@@ -1,0 +1,403 @@
+"""The fleet kept current: seeded from the admin API, moved by the events, rendered at scrape.
+
+- **Seed**: after every HELLO (so at start and after every reconnect), and every
+  ``[fleet] reseed_interval`` while connected, :func:`~.seed.read_fleet` builds a new model;
+  failures are retried with backoff. Meanwhile the current model goes on taking the events,
+  and they are kept too: once the new model is in, they are applied to it again, in order (an
+  event the new model already reflects changes nothing: a profile replaces a profile, a job's
+  figures move only forward). The events kept are those of the connection the seed serves:
+  a new HELLO starts over, because what a gap hid is in the new seed, and an older event
+  replayed after it could undo it.
+- **Events** (:meth:`Fleet.observe`, called by the read loop before the gate, so a sink's filter
+  or the dedup window never hides one): job started and completed, account new, updated and
+  removed, device new and removed, device live connect and disconnect. Others are ignored,
+  unknown types included. A live connect or disconnect flips ``device_is_online`` at once and
+  asks ``dispatcher/list-active`` for that user's connections (one call at a time, bursts
+  merged), which is where the reported version comes from: the events carry none.
+- **Scrape** (:meth:`Fleet.render`): memory only, no API call.
+- **Age**: the figures are current while the stream is connected and the seed of this
+  connection is in; from a disconnect on, ``cometstream_fleet_data_age_seconds`` counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+import structlog
+
+from ..api import AdminClient
+from ..backoff import Backoff
+from ..config import FleetConfig
+from ..constants import SEVT
+from ..errors import ApiError
+from ..events import Event
+from .model import Model, label_value
+from .render import Family, render
+from .seed import read_fleet
+
+__all__ = ["Fleet"]
+
+log = structlog.get_logger("cometstream.fleet")
+
+_JOB_NEW: Final = SEVT["SEVT_JOB_NEW"]
+_JOB_COMPLETED: Final = SEVT["SEVT_JOB_COMPLETED"]
+_ACCOUNT_NEW: Final = SEVT["SEVT_ACCOUNT_NEW"]
+_ACCOUNT_UPDATED: Final = SEVT["SEVT_ACCOUNT_UPDATED"]
+_ACCOUNT_REMOVED: Final = SEVT["SEVT_ACCOUNT_REMOVED"]
+_DEVICE_NEW: Final = SEVT["SEVT_DEVICE_NEW"]
+_DEVICE_REMOVED: Final = SEVT["SEVT_DEVICE_REMOVED"]
+_LIVE_CONNECT: Final = SEVT["SEVT_DEVICE_LIVE_CONNECT"]
+_LIVE_DISCONNECT: Final = SEVT["SEVT_DEVICE_LIVE_DISCONNECT"]
+_HANDLED: Final = frozenset({_JOB_NEW, _JOB_COMPLETED, _ACCOUNT_NEW, _ACCOUNT_UPDATED,
+                             _ACCOUNT_REMOVED, _DEVICE_NEW, _DEVICE_REMOVED, _LIVE_CONNECT,
+                             _LIVE_DISCONNECT})
+#: events kept for the replay while a seed runs; beyond, the seed is read again once done
+HOLD_MAX: Final = 200_000
+#: more users than this waiting for a live-connections refresh: one call for everyone's
+FULL_REFRESH: Final = 20
+#: a failing refresh or a failed event is logged at most this often (seconds)
+_LOG_INTERVAL: Final = 60.0
+
+Publish = Callable[[Event], Awaitable[None] | None]
+
+
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+class Fleet:
+    """One server's fleet state. ``clock`` is the server's clock (the daemon's server_time)."""
+
+    def __init__(self, cfg: FleetConfig, api: AdminClient, *, server: str,
+                 clock: Callable[[], float] = time.time,
+                 retry: tuple[float, float] = (1.0, 60.0), timeout: float = 300.0) -> None:
+        self.cfg = cfg
+        self.api = api
+        self.server = server
+        self.clock = clock
+        self._retry = retry
+        #: the deadline of one whole seed (its calls and their retries)
+        self.timeout = timeout
+        self.model: Model | None = None
+        #: the server's version, from the HELLO ("" = ask meta/version)
+        self.version = ""
+        self._held: list[Event] | None = None
+        self._held_overflow = False
+        self._seed_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._refresh: dict[str, None] = {}
+        self._epochs: dict[str, int] = {}
+        self._generation = 0
+        self._wake: asyncio.Event | None = None
+        self.connected = False
+        #: the model is the server's present: connected, and seeded on this connection
+        self.current = False
+        #: when the figures were last known current (server clock; 0 = never)
+        self.confirmed_at = 0.0
+        self._seeded_mono = 0.0
+        self.seeds = {"ok": 0, "error": 0}
+        self.seed_duration = 0.0
+        self.refreshes = {"ok": 0, "error": 0}
+        self.refused_total = 0
+        self._refused_in_seed = 0
+        self._refusal_logged = False
+        self._logged_at: dict[str, float] = {}
+
+    # --- wiring ----------------------------------------------------------------------------------
+    def tap(self, publish: Publish) -> Publish:
+        """``publish`` (the gate's) with every live event seen here first."""
+        observe = self.observe
+
+        def tapped(ev: Event) -> Awaitable[None] | None:
+            observe(ev)
+            return publish(ev)
+
+        return tapped
+
+    def start(self) -> None:
+        """Start the background tasks (live-connection refreshes, periodic reseeds)."""
+        self._wake = asyncio.Event()
+        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="fleet-refresh"))
+        if self.cfg.reseed_interval > 0:
+            self._tasks.append(asyncio.create_task(self._reseed_loop(), name="fleet-reseed"))
+
+    async def aclose(self) -> None:
+        tasks = [t for t in (*self._tasks, self._seed_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        self._seed_task = None
+
+    def connection(self, up: bool) -> None:
+        """The stream's state: logged in, or lost (the figures stop being current)."""
+        if up == self.connected:
+            return
+        self.connected = up
+        if not up and self.current:
+            self.current = False
+            self.confirmed_at = self.clock()
+
+    def hello(self, data: dict[str, Any]) -> None:
+        """A new connection's HELLO: read the fleet again (a gap may have hidden anything)."""
+        version = data.get("Version")
+        self.version = version if isinstance(version, str) else ""
+        self._start_seed(fresh=True)
+
+    @property
+    def seeding(self) -> bool:
+        return self._seed_task is not None and not self._seed_task.done()
+
+    @property
+    def busy(self) -> bool:
+        """A seed or a live-connection refresh to come (for tests that wait for quiet)."""
+        return self.seeding or bool(self._refresh) or (
+            self._wake is not None and self._wake.is_set())
+
+    # --- events ----------------------------------------------------------------------------------
+    def observe(self, ev: Event) -> None:
+        """A live event, from the read loop: applied now, and kept for a seed running."""
+        if ev.type not in _HANDLED:
+            return
+        held = self._held
+        if held is not None:
+            if len(held) < HOLD_MAX:
+                held.append(ev)
+            else:
+                self._held_overflow = True
+        if self.model is not None:
+            self._apply(self.model, ev)
+
+    def _apply(self, model: Model, ev: Event) -> None:
+        try:
+            self._dispatch(model, ev)
+        except Exception as exc:  # a bug, not the server's doing: never the read loop's end
+            if self._may_log("event"):
+                log.exception("fleet: event not applied", type=ev.type_name, error=repr(exc))
+
+    def _dispatch(self, model: Model, ev: Event) -> None:
+        t = ev.type
+        doc = ev.doc
+        data = doc.get("Data")
+        if t == _JOB_COMPLETED:
+            if isinstance(data, dict):
+                model.job_completed(data)
+        elif t == _JOB_NEW:
+            if isinstance(data, dict):
+                model.recent_job(data)
+        elif t == _ACCOUNT_NEW or t == _ACCOUNT_UPDATED:
+            if isinstance(data, dict):
+                name = _str(data.get("Username")) or _str(doc.get("ResourceID"))
+                if name:
+                    model.put_user(name, data)
+        elif t == _ACCOUNT_REMOVED:
+            # Data: the username (a JSON string), or a profile; else the ResourceID
+            name = data if isinstance(data, str) else (
+                _str(data.get("Username")) if isinstance(data, dict) else "")
+            model.remove_user(name or _str(doc.get("ResourceID")))
+        elif t == _DEVICE_NEW:
+            device, actor = _str(doc.get("ResourceID")), _str(doc.get("Actor"))
+            if device and isinstance(data, dict):
+                model.add_device(actor, device, data)  # (an admin's doing: its account
+                # update, or the next seed, brings it)
+        elif t == _DEVICE_REMOVED:
+            device = _str(doc.get("ResourceID"))
+            owner = model.owner_of(device, _str(doc.get("Actor"))) if device else ""
+            if owner:
+                model.remove_device(owner, device)
+        else:  # a live connection
+            conn = data if isinstance(data, dict) else {}
+            device = _str(conn.get("DeviceID")) or _str(doc.get("ResourceID"))
+            named = _str(conn.get("Username")) or _str(doc.get("Actor"))
+            owner = (model.owner_of(device, named) or named) if device else ""
+            if not owner:
+                return
+            if t == _LIVE_CONNECT:
+                model.connect(owner, device, _str(conn.get("ReportedVersion")) or None)
+            else:
+                model.disconnect(owner, device)
+            self._want_refresh(owner)
+
+    # --- seeds -----------------------------------------------------------------------------------
+    def _start_seed(self, *, fresh: bool) -> None:
+        if self._seed_task is not None:
+            self._seed_task.cancel()
+        if fresh or self._held is None:
+            self._held = []
+        self._held_overflow = False
+        self._seed_task = asyncio.ensure_future(self._seed_loop())
+
+    async def _seed_loop(self) -> None:
+        backoff = Backoff(*self._retry)
+        while True:
+            t0 = time.monotonic()
+            at = self.clock()
+            self._refused_in_seed = 0
+            deadline = asyncio.timeout(self.timeout)
+            try:
+                async with deadline:
+                    model = await read_fleet(
+                        self.api, now=int(at), version=self.version,
+                        max_series=self.cfg.max_series, name_labels=self.cfg.name_labels,
+                        refused=self._refused)
+            except Exception as exc:
+                self.seeds["error"] += 1
+                delay = backoff.next_delay()
+                if isinstance(exc, TimeoutError) and deadline.expired():
+                    why = f"not finished within {self.timeout:g} s (resync.timeout)"
+                elif isinstance(exc, ApiError):
+                    why = str(exc)
+                else:
+                    log.exception("fleet seed failed unexpectedly", retry_in=round(delay, 1))
+                    why = ""
+                if why:
+                    log.warning("fleet seed failed", server=self.server, error=why,
+                                retry_in=round(delay, 1))
+                await asyncio.sleep(delay)
+                continue
+            self._swap(model, at)
+            self.seed_duration = time.monotonic() - t0
+            left_out = {"series_refused": self._refused_in_seed} if self._refused_in_seed else {}
+            log.info("fleet seeded", server=self.server, users=len(model.users),
+                     series=model.series, duration=round(self.seed_duration, 3), **left_out)
+            if not self._held_overflow:
+                return
+            log.warning("fleet: too many events during the seed to replay: reading again",
+                        server=self.server, events=HOLD_MAX)
+            self._held = []
+            self._held_overflow = False
+
+    def _swap(self, model: Model, at: float) -> None:
+        held, self._held = self._held or [], None
+        self.model = model
+        self._generation += 1  # a live-connections answer asked for before is older than this
+        for ev in held:
+            self._apply(model, ev)
+        self.seeds["ok"] += 1
+        self._seeded_mono = time.monotonic()
+        self.current = self.connected
+        if not self.current:
+            self.confirmed_at = at
+        if not self._refused_in_seed:
+            self._refusal_logged = False  # the next time the limit bites is news again
+
+    def _refused(self, n: int) -> None:
+        self.refused_total += n
+        self._refused_in_seed += n
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            log.warning("fleet: max_series reached, series refused (counted in "
+                        "cometstream_fleet_series_refused_total)", server=self.server,
+                        max_series=self.cfg.max_series)
+
+    async def _reseed_loop(self) -> None:
+        interval = self.cfg.reseed_interval
+        while True:
+            since = time.monotonic() - self._seeded_mono
+            await asyncio.sleep(max(1.0, interval - since) if self._seeded_mono else interval)
+            if self.current and not self.seeding \
+                    and time.monotonic() - self._seeded_mono >= interval:
+                self._start_seed(fresh=False)
+
+    # --- live connections ------------------------------------------------------------------------
+    def _want_refresh(self, user: str) -> None:
+        self._epochs[user] = self._epochs.get(user, 0) + 1
+        self._refresh[user] = None
+        if self._wake is not None:
+            self._wake.set()
+
+    async def _refresh_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._refresh and self.model is not None:
+                if len(self._refresh) > FULL_REFRESH:
+                    users, only = list(self._refresh), ""
+                    self._refresh.clear()
+                else:
+                    only = next(iter(self._refresh))
+                    del self._refresh[only]
+                    users = [only]
+                epochs = {u: self._epochs.get(u, 0) for u in users}
+                generation = self._generation
+                try:
+                    conns = await self.api.live_connections(only)
+                except Exception as exc:
+                    self.refreshes["error"] += 1
+                    if not self._may_log("refresh"):
+                        pass
+                    elif isinstance(exc, ApiError):
+                        log.warning("fleet: live connections not read (the next seed will)",
+                                    server=self.server, error=str(exc))
+                    else:
+                        log.exception("fleet: live connections not read", server=self.server)
+                    self._refresh.clear()
+                    break
+                self.refreshes["ok"] += 1
+                model = self.model
+                if generation != self._generation or model is None:
+                    continue  # a seed came in meanwhile: its answer is the newer
+                # a user with events since the question: their answer may be older than them
+                # (they are asked for again)
+                fresh = {u for u in users if self._epochs.get(u, 0) == epochs[u]}
+                model.replace_live(conns, users=fresh)
+                for u in fresh:
+                    if u not in self._refresh:
+                        self._epochs.pop(u, None)
+
+    def _may_log(self, what: str) -> bool:
+        now = time.monotonic()
+        if now - self._logged_at.get(what, -math.inf) < _LOG_INTERVAL:
+            return False
+        self._logged_at[what] = now
+        return True
+
+    # --- scrape ----------------------------------------------------------------------------------
+    def data_age(self, now: float) -> float:
+        if self.model is None:
+            return math.inf
+        if self.current:
+            return 0.0
+        return max(0.0, now - self.confirmed_at)
+
+    def render(self) -> bytes:
+        """The fleet's families and ours, from memory (no API call)."""
+        now = self.clock()
+        return render(self.model, now, self._own(now))
+
+    def _own(self, now: float) -> list[Family]:
+        srv = f'server="{label_value(self.server)}"'
+        model = self.model
+        by_result: list[tuple[str, float]] = [
+            (f'{srv},result="{r}"', n) for r, n in self.seeds.items()]
+        refreshes: list[tuple[str, float]] = [
+            (f'{srv},result="{r}"', n) for r, n in self.refreshes.items()]
+        return [
+            ("cometstream_fleet_data_age_seconds", "gauge",
+             ("Seconds since the fleet figures were last known current (0 while connected "
+              "and seeded; +Inf before the first seed)"), [(srv, self.data_age(now))]),
+            ("cometstream_fleet_series", "gauge",
+             "Series reserved by users' protected items, vaults and devices",
+             [(srv, model.series if model is not None else 0)]),
+            ("cometstream_fleet_series_limit", "gauge", "[fleet] max_series",
+             [(srv, self.cfg.max_series)]),
+            ("cometstream_fleet_series_refused_total", "counter",
+             ("Series not created because of max_series (counted at each seed or event that "
+              "would have made them)"), [(srv, self.refused_total)]),
+            ("cometstream_fleet_seeds_total", "counter",
+             "Reads of the whole fleet from the admin API, by result", by_result),
+            ("cometstream_fleet_seed_duration_seconds", "gauge",
+             "Duration of the last successful read of the whole fleet",
+             [(srv, self.seed_duration)]),
+            ("cometstream_fleet_live_refreshes_total", "counter",
+             ("Reads of a user's live connections after a connect or disconnect event, by "
+              "result"), refreshes),
+        ]

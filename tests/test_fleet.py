@@ -1,0 +1,660 @@
+"""The fleet on /metrics: the figures Comet's exporter would scrape, from memory, kept current by
+the stream; over real sockets against the simulator (its clock frozen and moved by the tests, so
+the 24-hour window has no race with the wall clock)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+
+from cometstream.cli import main
+from cometstream.config import FleetConfig
+from cometstream.daemon import Daemon
+from cometstream.errors import ConfigError
+from cometstream.fleet import Model
+from cometstream.fleet.render import render
+from cometstream.simulator import Simulator
+
+from .conftest import PASSWORD, USER, make_config, wait_until
+from .test_monitoring import _port
+
+ROOT = Path(__file__).resolve().parent.parent
+MON = ROOT / "docs" / "monitoring"
+T0 = 1_796_000_000
+CATEGORIES = ("success", "running", "warning", "quota_exceeded", "error")
+#: what Comet's exporter serves (and so what the comparison covers)
+EXPORTER = ("cometserver_users_total", "cometserver_storagevault_size_bytes",
+            "cometserver_storagevault_quota_bytes", "cometserver_lastbackup_start_time",
+            "cometserver_lastbackup_end_time", "cometserver_lastbackup_file_count",
+            "cometserver_lastbackup_file_size_bytes", "cometserver_lastbackup_upload_size_bytes",
+            "cometserver_lastbackup_download_size_bytes", "cometserver_lastbackup_status",
+            "cometserver_recentjobs_total", "cometserver_device_is_online",
+            "cometserver_device_is_current")
+
+Figures = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class Clock:
+    """The server's clock and the daemon's: frozen, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = float(T0)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def fsim(clock: Clock) -> AsyncIterator[Simulator]:
+    async with Simulator(username=USER, password=PASSWORD, rate=0, seed=11, clock=clock) as s:
+        yield s
+
+
+class Running:
+    def __init__(self, daemon: Daemon, url: str) -> None:
+        self.daemon = daemon
+        self.url = url
+
+    @property
+    def fleet(self) -> Any:
+        return self.daemon.fleet
+
+    async def scrape(self) -> str:
+        async with aiohttp.ClientSession() as http, http.get(self.url + "/metrics") as r:
+            assert r.status == 200
+            return await r.text()
+
+    async def figures(self, prefix: str = "cometserver_") -> Figures:
+        return parse(await self.scrape(), prefix)
+
+    async def quiet(self, received: int | None = None) -> None:
+        """Every event sent so far has arrived (``received``), the seed and the live
+        connection refreshes it caused are done."""
+        d = self.daemon
+        if received is not None:
+            await wait_until(lambda: d.metrics.stream.events_received >= received,
+                             what="the events")
+        await wait_until(lambda: d.fleet.model is not None and not d.fleet.busy, what="quiet")
+
+
+@asynccontextmanager
+async def fleet_daemon(sim: Simulator, tmp_path: Path, clock: Clock, *,
+                       fleet: dict[str, Any] | None = None,
+                       fleet_config: FleetConfig | None = None) -> AsyncIterator[Running]:
+    port = _port()
+    cfg = make_config(sim.url, tmp_path, http={"listen": f"127.0.0.1:{port}"},
+                      fleet={"enabled": True, **(fleet or {})})
+    if fleet_config is not None:
+        cfg = dataclasses.replace(cfg, fleet=fleet_config)
+    stop = asyncio.Event()
+    daemon = Daemon(cfg, rand=lambda: 1.0, resync_retry=(0.05, 0.3), clock=clock)
+    task = asyncio.create_task(daemon.run(stop))
+    try:
+        running = Running(daemon, f"http://127.0.0.1:{port}")
+        await wait_until(lambda: daemon.http is not None or task.done(), what="http")
+        yield running
+    finally:
+        stop.set()
+        assert await asyncio.wait_for(task, 15) == 0
+
+
+def parse(text: str, prefix: str = "cometserver_") -> Figures:
+    out: Figures = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith(prefix):
+                key = (s.name, frozenset(s.labels.items()))
+                assert key not in out, f"duplicate series {key}"
+                out[key] = s.value
+    return out
+
+
+# --- the exporter's rules, written from its source, independently of cometstream's ------------
+def categorise(status: Any) -> str:
+    if 5000 <= status <= 5999:
+        return "success"
+    if 6000 <= status <= 6999:
+        return "running"
+    return {7001: "warning", 7003: "quota_exceeded"}.get(status, "error")
+
+
+def exporter(users: dict[str, Any], live: dict[str, Any], jobs: list[Any], version: str,
+             names: bool) -> Figures:
+    """What the exporter computes from these answers (with ``names``: its v0.5.1+ labels)."""
+    out: Figures = {}
+
+    def put(name: str, labels: dict[str, Any], value: float) -> None:
+        out[(name, frozenset((k, str(v)) for k, v in labels.items()))] = value
+
+    put("cometserver_users_total", {}, len(users))
+    for user in users.values():
+        for vault_id, vault in user["Destinations"].items():
+            labels = {"username": user["Username"], "vault_id": vault_id,
+                      "vault_name": vault["Description"], "vault_type": vault["DestinationType"]}
+            put("cometserver_storagevault_size_bytes", labels,
+                vault["Statistics"]["ClientProvidedSize"]["Size"])
+            if vault["StorageLimitEnabled"]:
+                put("cometserver_storagevault_quota_bytes", labels, vault["StorageLimitBytes"])
+        for item_id, item in user["Sources"].items():
+            last = item["Statistics"].get("LastBackupJob", {})
+            if not last.get("StartTime", 0) > 0:
+                continue
+            labels = {"username": user["Username"], "protected_item_id": item_id}
+            if names:
+                labels.update(protected_item_name=item["Description"],
+                              device_id=item["OwnerDevice"],
+                              device_name=user["Devices"].get(item["OwnerDevice"], {}).get(
+                                  "FriendlyName", ""))
+            for metric, field in (("start_time", "StartTime"), ("end_time", "EndTime"),
+                                  ("file_count", "TotalFiles"), ("file_size_bytes", "TotalSize"),
+                                  ("upload_size_bytes", "UploadSize"),
+                                  ("download_size_bytes", "DownloadSize")):
+                put(f"cometserver_lastbackup_{metric}", labels, last[field])
+            for cat in CATEGORIES:
+                put("cometserver_lastbackup_status", {**labels, "status": cat},
+                    1 if cat == categorise(last["Status"]) else 0)
+    counts = dict.fromkeys(CATEGORIES, 0)
+    for job in jobs:
+        counts[categorise(job["Status"])] += 1
+    for cat, n in counts.items():
+        put("cometserver_recentjobs_total", {"status": cat}, n)
+    online = {(c["Username"], c["DeviceID"]) for c in live.values()}
+    for username, user in users.items():
+        for device_id, device in user["Devices"].items():
+            labels = {"username": username, "device_id": device_id}
+            if names:
+                labels["device_name"] = device["FriendlyName"]
+            put("cometserver_device_is_online", labels,
+                1 if (username, device_id) in online else 0)
+    for conn in live.values():
+        labels = {"username": conn["Username"], "device_id": conn["DeviceID"]}
+        if names:
+            labels["device_name"] = users.get(conn["Username"], {}).get("Devices", {}).get(
+                conn["DeviceID"], {}).get("FriendlyName", "")
+        put("cometserver_device_is_current", labels,
+            1 if conn["ReportedVersion"] == version else 0)
+    return out
+
+
+def extras(users: dict[str, Any]) -> Figures:
+    """The series the exporter lacks: last success, item and device info."""
+    out: Figures = {}
+    for username, user in users.items():
+        for item_id, item in user["Sources"].items():
+            base = {"username": username, "protected_item_id": item_id}
+            info = {**base, "description": item["Description"], "engine": item["Engine"],
+                    "device_id": item["OwnerDevice"]}
+            out[("cometserver_protected_item_info", frozenset(info.items()))] = 1
+            end = item["Statistics"].get("LastSuccessfulBackupJob", {}).get("EndTime", 0)
+            if end:
+                out[("cometserver_lastsuccessfulbackup_end_time", frozenset(base.items()))] = end
+        for device_id, device in user["Devices"].items():
+            osinfo = device["PlatformVersion"]
+            info = {"username": username, "device_id": device_id,
+                    "friendly_name": device["FriendlyName"],
+                    "platform": f"{osinfo['os']}/{osinfo['arch']}",
+                    "version": device["ClientVersion"]}
+            out[("cometserver_device_info", frozenset(info.items()))] = 1
+    return out
+
+
+async def api(sim: Simulator, path: str, **params: Any) -> Any:
+    form = {"Username": USER, "AuthType": "Password", "Password": PASSWORD,
+            **{k: str(v) for k, v in params.items()}}
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{sim.url}api/v1/admin/{path}", data=form) as r:
+        body = await r.read()
+    return orjson.loads(body) or ({} if path != "get-jobs-for-date-range" else [])
+
+
+async def expected(sim: Simulator, clock: Clock, names: bool) -> tuple[Figures, Figures]:
+    """The exporter's figures from the simulator's own answers, now, and the extras."""
+    users = await api(sim, "list-users-full")
+    live = await api(sim, "dispatcher/list-active")
+    now = int(clock())
+    jobs = await api(sim, "get-jobs-for-date-range", Start=now - 86400, End=now)
+    version = (await api(sim, "meta/version"))["Version"]
+    return exporter(users, live, jobs, version, names), extras(users)
+
+
+def same(actual: Figures, wanted: Figures) -> None:
+    missing = {k: v for k, v in wanted.items() if k not in actual}
+    extra = {k: v for k, v in actual.items() if k not in wanted}
+    differ = {k: (actual[k], v) for k, v in wanted.items() if k in actual and actual[k] != v}
+    assert not (missing or extra or differ), (
+        f"missing {list(missing.items())[:3]} ({len(missing)}), extra {list(extra.items())[:3]} "
+        f"({len(extra)}), differ {list(differ.items())[:3]} ({len(differ)})")
+
+
+async def compare(d: Running, sim: Simulator, clock: Clock, names: bool) -> Figures:
+    wanted, more = await expected(sim, clock, names)
+    actual = await d.figures()
+    same({k: v for k, v in actual.items() if k[0] in EXPORTER}, wanted)
+    if not names:
+        same({k: v for k, v in actual.items() if k[0] not in EXPORTER}, more)
+    return actual
+
+
+# --- tests ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("names", [False, True], ids=["issue-labels", "exporter-0.6-labels"])
+async def test_same_figures_as_the_exporter(fsim: Simulator, tmp_path: Path, clock: Clock,
+                                            names: bool) -> None:
+    """After the seed, live jobs, device connects and disconnects, account changes, a reconnect
+    gap with changes nobody was told of, and time passing, every cometserver_* value equals
+    what the exporter computes from the simulator's answers at that moment."""
+    world = fsim.world
+    async with fleet_daemon(fsim, tmp_path, clock, fleet={"name_labels": names}) as d:
+        await d.quiet()
+        first = await compare(d, fsim, clock, names)
+        assert sum(v for (n, _), v in first.items() if n == "cometserver_recentjobs_total") > 5
+        assert any(n == "cometserver_device_is_current" and v == 0 for (n, _), v in first.items())
+        assert any(n == "cometserver_storagevault_quota_bytes" for n, _ in first)
+
+        sent = d.daemon.metrics.stream.events_received
+        statuses = iter([5000, 7001, 7003, 7002, 7005, 5000])
+        for _ in range(6):
+            clock.now += 300
+            guid = orjson.loads(fsim.emit(world.start_job()))["ResourceID"]
+            clock.now += 600
+            fsim.emit(world.complete_job(guid, status=next(statuses)))
+            fsim.emit(world.toggle_device())
+            sent += 3
+        for _ in range(4):
+            clock.now += 60
+            fsim.emit(world.toggle_device())
+            sent += 1
+        user = next(iter(world.users))
+        for change in (lambda: world.update_account(), lambda: world.new_account(),
+                       lambda: world.add_device(user), lambda: world.update_account(user),
+                       lambda: world.remove_account(list(world.users)[-2])):
+            clock.now += 30
+            fsim.emit(change())
+            sent += 1
+        dev = next(iter(world.users[user]["Devices"]))
+        fsim.emit(world.remove_device(user, dev))
+        sent += 1
+        await d.quiet(sent)
+        await compare(d, fsim, clock, names)
+
+        # a gap: what happens meanwhile is told to nobody; the reconnect's seed reads it
+        fsim.faults.reject_logins = True
+        await fsim.drop_clients()
+        await wait_until(lambda: not d.daemon.supervisor.connected, what="disconnect")
+        clock.now += 3600
+        running = list(world.running)
+        world.complete_job(running[0], status=7003)
+        guid = world.start_job()["ResourceID"]
+        world.cancel_silently(guid)
+        world.update_account()
+        world.new_account()
+        world.remove_account(next(u for u in world.users if u != user))
+        for _ in range(5):
+            world.toggle_device()
+        seeds = d.fleet.seeds["ok"]
+        fsim.faults.reject_logins = False
+        await wait_until(lambda: d.fleet.seeds["ok"] > seeds, timeout=10, what="reseed")
+        await d.quiet()
+        await compare(d, fsim, clock, names)
+
+        # time alone moves the 24-hour window
+        clock.now += 20 * 3600
+        await compare(d, fsim, clock, names)
+
+
+async def test_events_during_a_seed_are_applied_to_its_result(
+        fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
+    """Events that arrive while the reconnect's seed is reading the API (slowly) are applied
+    to the seed's figures once they are in: nothing they said is lost."""
+    world = fsim.world
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        seeds = d.fleet.seeds["ok"]
+        fsim.faults.api_delay = 0.3
+        await fsim.drop_clients()
+        active = fsim.api_calls["/api/v1/admin/dispatcher/list-active"]
+        # its last call asked (and answered after api_delay): the profiles and jobs it read
+        # are older than what follows
+        await wait_until(lambda: fsim.api_calls["/api/v1/admin/dispatcher/list-active"] > active,
+                         what="the seed's last call")
+        received = d.daemon.metrics.stream.events_received
+        for status in (7002, 5000, 7003):
+            clock.now += 120
+            guid = orjson.loads(fsim.emit(world.start_job()))["ResourceID"]
+            fsim.emit(world.complete_job(guid, status=status))
+        fsim.emit(world.update_account())
+        fsim.emit(world.toggle_device())
+        await wait_until(lambda: d.daemon.metrics.stream.events_received >= received + 8,
+                         what="the events")
+        assert d.fleet.seeding  # (they came during the seed)
+        await wait_until(lambda: d.fleet.seeds["ok"] > seeds, timeout=10, what="the seed")
+        fsim.faults.api_delay = 0.0
+        await d.quiet()
+        await compare(d, fsim, clock, False)
+
+
+async def test_a_scrape_makes_no_api_call(fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
+    """10 scrapes, 0 admin API requests counted by the simulator."""
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        before = sum(fsim.api_calls.values())
+        for _ in range(10):
+            assert "cometserver_users_total 20" in await d.scrape()
+        assert sum(fsim.api_calls.values()) == before
+
+
+async def test_the_sync_and_the_seed_share_list_users_full(fsim: Simulator, tmp_path: Path,
+                                                           clock: Clock) -> None:
+    """At start and after a reconnect, one list-users-full request serves the remedial sync and
+    the fleet's seed."""
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="the sync")
+        assert fsim.api_calls["/api/v1/admin/list-users-full"] == 1
+        await fsim.drop_clients()
+        await wait_until(lambda: d.fleet.seeds["ok"] == 2 and d.daemon.resyncs_ok == 2,
+                         what="the second sync and seed")
+        assert fsim.api_calls["/api/v1/admin/list-users-full"] == 2
+
+
+async def test_a_completion_shows_within_a_second(fsim: Simulator, tmp_path: Path,
+                                                  clock: Clock) -> None:
+    """A job completion's figures are on /metrics within 1 s of the event being sent."""
+    world = fsim.world
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        guid = world.start_job()["ResourceID"]
+        clock.now += 1234
+        event = world.complete_job(guid, status=7001)
+        job = event["Data"]
+        key = ("cometserver_lastbackup_end_time",
+               frozenset({"username": job["Username"],
+                          "protected_item_id": job["SourceGUID"]}.items()))
+        sent = time.monotonic()
+        fsim.emit(event)
+        while (await d.figures()).get(key) != job["EndTime"]:
+            assert time.monotonic() - sent < 1.0, "not on /metrics within 1 s"
+        status = await d.figures()
+        assert status[("cometserver_lastbackup_status", frozenset(
+            {**dict(key[1]), "status": "warning"}.items()))] == 1
+
+
+async def test_data_age_counts_from_a_disconnect(fsim: Simulator, tmp_path: Path,
+                                                 clock: Clock) -> None:
+    """The data age is 0 while connected and seeded, counts from the disconnect while the
+    stream is down, and is 0 again once the reconnect's seed is in."""
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        age = ("cometstream_fleet_data_age_seconds", frozenset({("server", "sim")}))
+        await d.quiet()
+        assert (await d.figures("cometstream_fleet"))[age] == 0
+        fsim.faults.reject_logins = True
+        await fsim.drop_clients()
+        await wait_until(lambda: not d.fleet.connected, what="disconnect")
+        clock.now += 90
+        assert (await d.figures("cometstream_fleet"))[age] == 90
+        fsim.faults.reject_logins = False
+        await wait_until(lambda: d.fleet.current, timeout=10, what="reseed")
+        assert (await d.figures("cometstream_fleet"))[age] == 0
+
+
+async def test_max_series_refuses_and_says_so_once(fsim: Simulator, tmp_path: Path,
+                                                   clock: Clock) -> None:
+    """Beyond max_series entities are not created; a counter says how many series were
+    refused, and one log line says so, however many refusals follow."""
+    with structlog.testing.capture_logs() as logs:
+        async with fleet_daemon(fsim, tmp_path, clock, fleet={"max_series": 100}) as d:
+            await d.quiet()
+            for _ in range(3):
+                fsim.emit(fsim.world.new_account())
+            await d.quiet(4)
+            own = await d.figures("cometstream_fleet")
+            server = frozenset({("server", "sim")})
+            assert own[("cometstream_fleet_series", server)] <= 100
+            refused = own[("cometstream_fleet_series_refused_total", server)]
+            assert refused > 0
+            per_entity = sum(1 for (n, _) in await d.figures()
+                             if n not in ("cometserver_users_total",
+                                          "cometserver_recentjobs_total"))
+            assert per_entity <= 100
+    said = [e for e in logs if "max_series" in e["event"]]
+    assert len(said) == 1 and said[0]["log_level"] == "warning"
+
+
+async def test_server_quirks_are_taken_in_stride(fsim: Simulator, tmp_path: Path,
+                                                 clock: Clock) -> None:
+    """Errors as HTTP 200 bodies fail the seed (retried, counted), null lists are empty,
+    integers beyond 64 bits and odd label text come out right, unknown event types and
+    Data of the wrong shape are ignored."""
+    fsim.faults.api_reject = True  # {"Status":403,...} with HTTP 200
+    fsim.world.live.clear()  # list-active answers null
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await wait_until(lambda: d.fleet.seeds["error"] >= 1, what="a failed seed")
+        assert "cometserver_users_total" not in await d.scrape()  # nothing before a seed
+        fsim.faults.api_reject = False
+        await d.quiet()
+        world = fsim.world
+        user = next(iter(world.users))
+        profile = world.users[user]
+        item_id = next(iter(profile["Sources"]))
+        profile["Sources"][item_id]["Description"] = 'a "quoted" \\ back\nslash'
+        fsim.emit(orjson.dumps({"Type": 4999, "Data": [1, 2]}))
+        fsim.emit({"Type": 4201, "Data": "not a job"})
+        fsim.emit({"Type": 4102, "Data": None})
+        account = {"Actor": "admin", "OwnerOrganizationID": "", "ResourceID": user,
+                   "Type": 4102, "Timestamp": int(clock()), "TypeString": "SEVT_ACCOUNT_UPDATED",
+                   "Data": profile}
+        fsim.emit(account)
+        guid = world.start_job(username=user)["ResourceID"]
+        job = dict(world.complete_job(guid, status=5000)["Data"])
+        job["TotalSize"] = 2**70
+        fsim.emit(json.dumps({"Type": 4201, "Data": job}))
+        await d.quiet(6)
+        text = await d.scrape()
+        figures = parse(text)
+        size = [v for (n, lab), v in figures.items()
+                if n == "cometserver_lastbackup_file_size_bytes"
+                and ("protected_item_id", job["SourceGUID"]) in lab]
+        assert size == [float(2**70)]  # (a float64 in Prometheus, as in any exposition)
+        info = [dict(lab) for (n, lab) in figures
+                if n == "cometserver_protected_item_info" and ("protected_item_id", item_id) in lab]
+        assert info[0]["description"] == 'a "quoted" \\ back\nslash'
+
+
+def test_a_lone_surrogate_in_a_name_does_not_break_the_scrape() -> None:
+    """A profile read from the API (the standard library's JSON parser keeps a lone surrogate
+    that orjson refuses) renders as valid UTF-8, the surrogate as "?"."""
+    model = Model(max_series=100)
+    model.put_user("u\ud800", {"Sources": {"s": {"Description": "x\udfff", "Engine": "e"}}})
+    text = render(model, T0).decode("utf-8")
+    info = [dict(lab) for (n, lab) in parse(text) if n == "cometserver_protected_item_info"]
+    assert info == [{"username": "u?", "protected_item_id": "s", "description": "x?",
+                     "engine": "e", "device_id": ""}]
+
+
+async def test_seeds_again_every_reseed_interval(fsim: Simulator, tmp_path: Path,
+                                                 clock: Clock) -> None:
+    """While connected the fleet is read again every reseed_interval: a change no event told
+    of (a job cancelled from the web UI) is corrected."""
+    cfg = FleetConfig(enabled=True, reseed_interval=0.3)
+    async with fleet_daemon(fsim, tmp_path, clock, fleet_config=cfg) as d:
+        await d.quiet()
+        guid = next(iter(fsim.world.running))
+        fsim.world.cancel_silently(guid)  # no event
+        seeds = d.fleet.seeds["ok"]
+        await wait_until(lambda: d.fleet.seeds["ok"] > seeds, timeout=5, what="a reseed")
+        await d.quiet()
+        await compare(d, fsim, clock, False)
+
+
+def test_fleet_config_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """[fleet] is off by default; unknown keys and bad values are one-line errors naming the
+    key; enabling it without an HTTP endpoint is an error."""
+    assert make_config("http://127.0.0.1:1/", tmp_path).fleet == FleetConfig(enabled=False)
+    for fleet, http, key, words in (
+            ({"enabled": True, "max_seris": 5}, "127.0.0.1:0", "fleet.max_seris",
+             'did you mean "max_series"'),
+            ({"max_series": "lots"}, "127.0.0.1:0", "fleet.max_series", "expected an integer"),
+            ({"max_series": 0}, "127.0.0.1:0", "fleet.max_series", "between 1 and"),
+            ({"reseed_interval": 5}, "127.0.0.1:0", "fleet.reseed_interval", ">= 60"),
+            ({"enabled": True}, "", "fleet.enabled", "[http] listen")):
+        with pytest.raises(ConfigError) as err:
+            make_config("http://127.0.0.1:1/", tmp_path, http={"listen": http}, fleet=fleet)
+        assert err.value.key == key and words in str(err.value)
+    conf = tmp_path / "c.toml"
+    conf.write_text(f'[server]\nurl = "http://127.0.0.1:1/"\nusername = "u"\npassword = "p"\n'
+                    f'[state]\ndir = "{tmp_path}"\n[sinks.o]\ntype = "stdout"\n'
+                    '[fleet]\nenabled = "yes"\n')
+    assert main(["check", "-c", str(conf)]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "fleet.enabled" in err_lines[0]
+
+
+# --- the operator kit -------------------------------------------------------------------------
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None,
+                                    reason="promtool not installed (Debian package prometheus; "
+                                    ".ci/run installs it)")
+
+
+@needs_promtool
+@pytest.mark.parametrize("args", [["check", "rules", "fleet-alerts.yml"],
+                                  ["test", "rules", "fleet-alerts_test.yml"]])
+def test_promtool_accepts_the_fleet_rules(args: list[str]) -> None:
+    """promtool checks the fleet alert rules, and their unit tests pass."""
+    proc = subprocess.run(["promtool", *args], cwd=MON, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@needs_promtool
+def test_every_fleet_dashboard_query_parses(tmp_path: Path) -> None:
+    """Each query of the fleet dashboard is valid PromQL (promtool parses it as a rule)."""
+    dash = json.loads((MON / "fleet-dashboard.json").read_text())
+    exprs = [t["expr"].replace("$user", ".*") for p in dash["panels"] for t in p["targets"]]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    (tmp_path / "queries.yml").write_text(json.dumps(rules))
+    proc = subprocess.run(["promtool", "check", "rules", "queries.yml"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@needs_promtool
+async def test_promtool_lints_the_fleet_exposition(fsim: Simulator, tmp_path: Path,
+                                                   clock: Clock) -> None:
+    """promtool check metrics finds nothing in the fleet's exposition but three names Comet's
+    exporter chose (gauges ending in _total and _count, kept for compatibility)."""
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        text = await d.scrape()
+    proc = await asyncio.create_subprocess_exec(
+        "promtool", "check", "metrics", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    said, _ = await asyncio.wait_for(proc.communicate(text.encode()), 60)
+    problems = [ln for ln in said.decode().splitlines()
+                if ln.startswith(("cometserver_", "cometstream_fleet"))]
+    assert {p.split()[0] for p in problems} <= {"cometserver_users_total",
+                                                "cometserver_recentjobs_total",
+                                                "cometserver_lastbackup_file_count"}, problems
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None,
+                    reason="prometheus not installed (.ci/run installs it)")
+async def test_a_real_prometheus_scrapes_the_fleet_with_its_rules(
+        fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
+    """Prometheus itself scrapes the fleet from /metrics and loads the fleet rules healthy."""
+    prom_port = _port()
+    (tmp_path / "fleet-alerts.yml").write_text((MON / "fleet-alerts.yml").read_text())
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        (tmp_path / "prom.yml").write_text(f"""
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+rule_files: [fleet-alerts.yml]
+scrape_configs:
+  - job_name: comet
+    static_configs:
+      - targets: ["{d.url.removeprefix('http://')}"]
+""")
+        prom = await asyncio.create_subprocess_exec(
+            "prometheus", f"--config.file={tmp_path / 'prom.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            base = f"http://127.0.0.1:{prom_port}/api/v1"
+            async with aiohttp.ClientSession() as http:
+                async def query(q: str) -> list[Any]:
+                    try:
+                        async with http.get(f"{base}/query", params={"query": q}) as r:
+                            return (await r.json())["data"]["result"]  # type: ignore[no-any-return]
+                    except (aiohttp.ClientError, KeyError):
+                        return []
+
+                items, users = 0, []
+                for _ in range(300):
+                    users = await query("cometserver_users_total")
+                    found = await query("count(cometserver_lastbackup_status)")
+                    if users and found:
+                        items = int(found[0]["value"][1])
+                        break
+                    await asyncio.sleep(0.1)
+                assert users[0]["value"][1] == "20" and items > 0
+                async with http.get(f"{base}/rules") as r:
+                    groups = (await r.json())["data"]["groups"]
+            rules = [rule for g in groups for rule in g["rules"]]
+            defined = (MON / "fleet-alerts.yml").read_text().count("- alert:")
+            assert len(rules) == defined >= 8 and all(r["health"] == "ok" for r in rules)
+        finally:
+            prom.terminate()
+            await prom.wait()
+
+
+async def test_fleet_rules_and_dashboard_use_only_exported_metrics(
+        fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
+    """Every cometserver_* and cometstream_fleet_* name in the fleet rules and the fleet
+    dashboard is served by /metrics."""
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        text = await d.scrape()
+    exported = set(re.findall(r"^((?:cometserver|cometstream_fleet)_\w+?)(?:\{| )", text, re.MULTILINE))
+    pattern = r"(?:cometserver|cometstream_fleet)_\w+"
+    used = set(re.findall(pattern, (MON / "fleet-alerts.yml").read_text()))
+    dash = json.loads((MON / "fleet-dashboard.json").read_text())
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            used |= set(re.findall(pattern, target["expr"]))
+    missing = {u for u in used if u not in exported}
+    assert not missing, missing
+    assert len(dash["panels"]) >= 6
+
+
+def test_the_fleet_benchmark_runs_and_prints_its_table() -> None:
+    """A smoke run of benchmarks/fleet.py at a tiny size (its figures are not checked: timing
+    on a shared machine is noise)."""
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fleet.py"), "--users", "50",
+                          "--items", "150", "--scrapes", "2"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert re.search(r"^default labels +[\d.]+ +[\d.]+ +\d+ .* [\d.]+$", out, re.MULTILINE), out
+    assert re.search(r"^name_labels ", out, re.MULTILINE), out
