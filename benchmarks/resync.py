@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 USER, PASSWORD = "bench", "bench pass"
@@ -35,7 +36,9 @@ async def serve(n: int) -> None:
     await sim.start("127.0.0.1", 0)
     print(json.dumps({"url": sim.url}), flush=True)
     await sim.wait_for_clients(1, timeout=60)
-    await asyncio.sleep(1.0)  # the baseline
+    # The measuring side says when its baseline sync is done (a fixed sleep raced with a slow
+    # machine: the drop could come before the baseline ended, and the measure waited forever).
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     sim.faults.reject_logins = True
     await sim.drop_clients()
     t0 = time.perf_counter()
@@ -47,7 +50,7 @@ async def serve(n: int) -> None:
     await asyncio.sleep(3600)
 
 
-async def measure(url: str, n: int, out: Path) -> dict[str, float]:
+async def measure(url: str, n: int, out: Path, go: Callable[[], None]) -> dict[str, float]:
     from cometstream.config import parse_config
     from cometstream.daemon import Daemon
     from cometstream.sinks import resolve_sink_class
@@ -65,8 +68,7 @@ async def measure(url: str, n: int, out: Path) -> dict[str, float]:
     while d.resyncs_ok < 1:
         await asyncio.sleep(0.05)
     base = d.metrics.sinks["file"].delivered
-    while d.supervisor.connected:
-        await asyncio.sleep(0.01)
+    go()
     while d.metrics.stream.received.get(4000, 0) < 2:
         await asyncio.sleep(0.005)
     t0 = time.perf_counter()
@@ -95,7 +97,7 @@ def main() -> int:
         return 0
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     sender = subprocess.Popen([sys.executable, __file__, "--serve", "--jobs", str(args.jobs)],
-                              stdout=subprocess.PIPE, text=True, env=env)
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert sender.stdout is not None
         url = json.loads(sender.stdout.readline())["url"]
@@ -103,7 +105,12 @@ def main() -> int:
 
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
         with tempfile.TemporaryDirectory() as tmp:
-            res = asyncio.run(measure(url, args.jobs, Path(tmp) / "out.jsonl"))
+            def go() -> None:
+                assert sender.stdin is not None
+                sender.stdin.write("go\n")
+                sender.stdin.flush()
+
+            res = asyncio.run(measure(url, args.jobs, Path(tmp) / "out.jsonl", go))
     finally:
         sender.terminate()
         sender.wait(10)
