@@ -424,7 +424,9 @@ class Daemon:
             return
         host, port = parse_listen(listen)
         server = HttpServer(self.registry, self.not_ready_reasons, host=host, port=port,
-                            extra=self.fleet.render if self.fleet is not None else None)
+                            extra=self.fleet.render if self.fleet is not None else None,
+                            extra_gzip=(self.fleet.render_gzip if self.fleet is not None
+                                        else None))
         try:
             await server.start()
         except OSError as exc:

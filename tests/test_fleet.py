@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import time
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from cometstream.config import FleetConfig
 from cometstream.daemon import Daemon
 from cometstream.errors import ConfigError
 from cometstream.fleet import Model
+from cometstream.fleet.model import block_of
 from cometstream.fleet.render import render
 from cometstream.simulator import Simulator
 
@@ -658,3 +660,45 @@ def test_the_fleet_benchmark_runs_and_prints_its_table() -> None:
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert re.search(r"^default labels +[\d.]+ +[\d.]+ +\d+ .* [\d.]+$", out, re.MULTILINE), out
     assert re.search(r"^name_labels ", out, re.MULTILINE), out
+
+
+async def test_the_gzip_answer_is_one_member_kept_compressed_between_scrapes(
+        fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
+    """A scrape that asks for gzip (Prometheus always does) gets one gzip member (what every
+    client reads: curl stops after the first of several) with the same series as the plain
+    answer; after a job completion only that user's block is compressed again."""
+    world = fsim.world
+
+    async def raw(encoding: str) -> bytes:
+        async with aiohttp.ClientSession(auto_decompress=False) as http, \
+                http.get(d.url + "/metrics", headers={"Accept-Encoding": encoding}) as r:
+            assert r.status == 200
+            assert (r.headers.get("Content-Encoding") == "gzip") == (encoding == "gzip")
+            return await r.read()
+
+    def one_member(body: bytes) -> str:
+        inflate = zlib.decompressobj(31)
+        text = inflate.decompress(body) + inflate.flush()
+        assert inflate.eof and not inflate.unused_data  # a single, complete member
+        return text.decode()
+
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        first = one_member(await raw("gzip"))
+        assert parse(first) == parse((await raw("identity")).decode())
+        assert len(parse(first)) > 100
+        guid = world.start_job()["ResourceID"]
+        clock.now += 60
+        event = world.complete_job(guid, status=5000)
+        fsim.emit(event)
+        await d.quiet(d.daemon.metrics.stream.events_received + 1)
+        dirty = set(d.fleet.model.dirty)
+        assert dirty == {block_of(event["Data"]["Username"])}
+        second = one_member(await raw("gzip"))
+        assert parse(second) == parse((await raw("identity")).decode()) != parse(first)
+        if shutil.which("curl"):
+            curl = await asyncio.create_subprocess_exec(
+                "curl", "-s", "--compressed", d.url + "/metrics",
+                stdout=asyncio.subprocess.PIPE)
+            out, _ = await asyncio.wait_for(curl.communicate(), 30)
+            assert parse(out.decode()) == parse(second)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import sys
+import zlib
 from array import array
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
@@ -90,6 +91,15 @@ def num(value: object) -> int | float:
     if type(value) is float and math.isfinite(value):
         return value
     return 0
+
+
+#: users are rendered (and their compressed text cached) in this many blocks
+BLOCKS: Final = 256
+
+
+def block_of(name: str) -> int:
+    """The block of the user ``name`` (stable across seeds: a hash of the name)."""
+    return zlib.crc32(name.encode("utf-8", "surrogatepass")) & (BLOCKS - 1)
 
 
 def label_value(value: object) -> str:
@@ -242,6 +252,12 @@ class Model:
         self.series = 0
         #: (username, device ID) of the live connections of devices not in the model
         self.strays: set[tuple[str, str]] = set()
+        #: the blocks of users (:func:`block_of`) whose series changed since the compressed
+        #: scrape last looked (it takes and clears them)
+        self.dirty: set[int] = set()
+
+    def _touch(self, name: str) -> None:
+        self.dirty.add(block_of(name))
 
     # --- users -----------------------------------------------------------------------------------
     def put_user(self, name: str, profile: Mapping[str, Any]) -> None:
@@ -253,12 +269,14 @@ class Model:
         if old is not None:
             self.series -= old.series
         self.users[name] = self._build(name, profile, old)
+        self._touch(name)
 
     def remove_user(self, name: str) -> None:
         old = self.users.pop(name, None)
         if old is not None:
             self.series -= old.series
         self._drop_live(name)
+        self._touch(name)
 
     def _reserve(self, n: int) -> bool:
         if self.series + n > self.max_series:
@@ -365,6 +383,7 @@ class Model:
             device = self._device(label_value(name), device_id, dict(config))
             self.users[name] = User(name, user.items, user.vaults, (*user.devices, device),
                                     user.series + DEVICE_SERIES)
+            self._touch(name)
 
     def remove_device(self, name: str, device_id: str) -> None:
         """A device revoked (SEVT_DEVICE_REMOVED): it goes, with its protected items and its
@@ -379,11 +398,13 @@ class Model:
         self.series -= freed
         self.users[name] = User(name, kept_items, user.vaults, kept_devices, user.series - freed)
         self.disconnect(name, device_id)
+        self._touch(name)
 
     # --- live connections ------------------------------------------------------------------------
     def connect(self, name: str, device_id: str, version: str | None) -> None:
         """A live connection. One of a device no profile has here (not registered yet, or
         refused) reserves the one series it has (``device_is_current``), or is refused."""
+        self._touch(name)
         conns = self.live.get(name)
         if conns is not None and device_id in conns:
             conns[device_id] = version
@@ -398,11 +419,14 @@ class Model:
     def disconnect(self, name: str, device_id: str) -> None:
         conns = self.live.get(name)
         if conns is not None and conns.pop(device_id, self) is not self:
+            self._touch(name)
             self._unstray(name, device_id)
             if not conns:
                 del self.live[name]
 
     def _drop_live(self, name: str) -> None:
+        if name in self.live:
+            self._touch(name)
         for device_id in self.live.pop(name, {}):
             self._unstray(name, device_id)
 
@@ -444,6 +468,7 @@ class Model:
         user = self.users.get(_str(job.get("Username")))
         if user is None:
             return
+        self._touch(user.name)
         item = _find(user.items, _str(job.get("SourceGUID")))
         last = _last(job)
         if item is not None and last is not None:

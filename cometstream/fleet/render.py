@@ -14,12 +14,14 @@ same meaning (:mod:`.model`); ``cometstream_fleet_*`` describe the fleet state i
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Final
+import struct
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
-from .model import CATEGORIES, Model, label_value
+from .model import BLOCKS, CATEGORIES, Model, User, block_of, label_value
 
-__all__ = ["Family", "render"]
+__all__ = ["BLOCK_FAMILIES", "Family", "GzipCache", "edges", "render"]
 
 #: (name, type, help, [(label text without braces, value)]): a small family of our own
 Family = tuple[str, str, str, list[tuple[str, float]]]
@@ -94,70 +96,193 @@ def render(model: Model | None, now: float, own: Iterable[Family] = ()) -> bytes
     ``own`` families, at ``now`` (the server's clock, for the recent jobs)."""
     out: list[bytes] = []
     if model is not None:
-        _fleet(out, model, now)
-    for name, type_, help_, samples in own:
-        text = [_head(name, type_, help_)]
-        for labels, value in samples:
-            text.append(f"{name}{{{labels}}} {_value(value)}\n" if labels
-                        else f"{name} {_value(value)}\n")
-        out.append("".join(text).encode("utf-8"))
+        out.append(_small(model, now))
+        users = list(model.users.values())  # (in one go: the blocks are for GzipCache)
+        for index, name in enumerate(BLOCK_FAMILIES):
+            _family(out, name, _LINES[index](users, model.live))
+        _family(out, "cometserver_device_is_current", _current(model))
+    out.append(_own(own))
     return b"".join(out)
 
 
-def _fleet(out: list[bytes], model: Model, now: float) -> None:
-    users = model.users.values()
-    out.append((_head("cometserver_users_total")
-                + f"cometserver_users_total {len(model.users)}\n").encode())
+def _small(model: Model, now: float) -> bytes:
     counts = model.recent_counts(now)
-    out.append((_head("cometserver_recentjobs_total") + "".join(
-        f'cometserver_recentjobs_total{{status="{name}"}} {n}\n'
-        for name, n in zip(CATEGORIES, counts, strict=True))).encode())
+    return (_head("cometserver_users_total") + f"cometserver_users_total {len(model.users)}\n"
+            + _head("cometserver_recentjobs_total") + "".join(
+                f'cometserver_recentjobs_total{{status="{name}"}} {n}\n'
+                for name, n in zip(CATEGORIES, counts, strict=True))).encode()
 
-    sizes: list[str] = []
-    quotas: list[str] = []
-    for user in users:
-        for v in user.vaults:
-            sizes.append(f"{_SIZE}{v.labels}}} {v.size}\n")
-            if v.quota is not None:
-                quotas.append(f"{_QUOTA}{v.labels}}} {v.quota}\n")
-    _family(out, "cometserver_storagevault_size_bytes", sizes)
-    _family(out, "cometserver_storagevault_quota_bytes", quotas)
-    del sizes, quotas
 
-    # the protected items: the six figures of the last backup in one pass, then its status,
-    # the last success and the info (each family encoded before the next is built)
-    done = [item for user in users for item in user.items if item.fig[0] > 0]
-    for prefix, name, index in ((_START, "cometserver_lastbackup_start_time", 0),
-                                (_END, "cometserver_lastbackup_end_time", 1),
-                                (_FILES, "cometserver_lastbackup_file_count", 2),
-                                (_FSIZE, "cometserver_lastbackup_file_size_bytes", 3),
-                                (_UP, "cometserver_lastbackup_upload_size_bytes", 4),
-                                (_DOWN, "cometserver_lastbackup_download_size_bytes", 5)):
-        _family(out, name, [f"{prefix}{i.labels}}} {i.fig[index]}\n" for i in done])
+def _own(own: Iterable[Family]) -> bytes:
+    text: list[str] = []
+    for name, type_, help_, samples in own:
+        text.append(_head(name, type_, help_))
+        for labels, value in samples:
+            text.append(f"{name}{{{labels}}} {_value(value)}\n" if labels
+                        else f"{name} {_value(value)}\n")
+    return "".join(text).encode("utf-8")
+
+
+def _groups(model: Model) -> list[list[User]]:
+    """The users by block (:func:`~.model.block_of`)."""
+    groups: list[list[User]] = [[] for _ in range(BLOCKS)]
+    for name, user in model.users.items():
+        groups[block_of(name)].append(user)
+    return groups
+
+
+def edges(model: Model, now: float, own: Iterable[Family]) -> tuple[bytes, bytes]:
+    """The text before the blocks' families (users, recent jobs) and after them (devices'
+    versions, ``own``): small, built afresh at each scrape."""
+    tail: list[bytes] = []
+    _family(tail, "cometserver_device_is_current", _current(model))
+    tail.append(_own(own))
+    return _small(model, now), b"".join(tail)
+
+
+# --- the families of the users' entities, one block of users at a time ------------------------------
+Lines = Callable[[list[User], dict[str, dict[str, str | None]]], list[str]]
+
+
+def _figure(prefix: str, index: int) -> Lines:
+    def lines(users: list[User], live: Any) -> list[str]:
+        return [f"{prefix}{i.labels}}} {i.fig[index]}\n"
+                for u in users for i in u.items if i.fig[0] > 0]
+    return lines
+
+
+def _status(users: list[User], live: Any) -> list[str]:
     tails = _STATUS_TAILS
     p = _STATUS
-    _family(out, "cometserver_lastbackup_status", [
-        f"{p}{i.labels}{t[0]}{p}{i.labels}{t[1]}{p}{i.labels}{t[2]}{p}{i.labels}{t[3]}"
-        f"{p}{i.labels}{t[4]}"
-        for i in done for t in (tails[i.fig[6]],)])
-    del done
-    _family(out, "cometserver_lastsuccessfulbackup_end_time", [
-        f"{_SUCCESS}{i.labels}}} {i.fig[7]}\n"
-        for user in users for i in user.items if i.fig[7]])
-    _family(out, "cometserver_protected_item_info", [
-        f"{_ITEM_INFO}{i.labels},{i.info}}} 1\n" for user in users for i in user.items])
+    return [f"{p}{i.labels}{t[0]}{p}{i.labels}{t[1]}{p}{i.labels}{t[2]}{p}{i.labels}{t[3]}"
+            f"{p}{i.labels}{t[4]}"
+            for u in users for i in u.items if i.fig[0] > 0 for t in (tails[i.fig[6]],)]
 
-    live = model.live
-    online: list[str] = []
+
+def _online(users: list[User], live: dict[str, dict[str, str | None]]) -> list[str]:
+    out = []
     for user in users:
         conns = live.get(user.name)
         for d in user.devices:
-            online.append(f"{_ONLINE}{d.labels}}} {1 if conns and d.id in conns else 0}\n")
-    _family(out, "cometserver_device_is_online", online)
-    del online
-    _family(out, "cometserver_device_is_current", _current(model))
-    _family(out, "cometserver_device_info", [
-        f"{_DEVICE_INFO}{d.labels},{d.info}}} 1\n" for user in users for d in user.devices])
+            out.append(f"{_ONLINE}{d.labels}}} {1 if conns and d.id in conns else 0}\n")
+    return out
+
+
+#: the families rendered per block of users, in the order of the exposition
+BLOCK_FAMILIES: Final = (
+    "cometserver_storagevault_size_bytes", "cometserver_storagevault_quota_bytes",
+    "cometserver_lastbackup_start_time", "cometserver_lastbackup_end_time",
+    "cometserver_lastbackup_file_count", "cometserver_lastbackup_file_size_bytes",
+    "cometserver_lastbackup_upload_size_bytes", "cometserver_lastbackup_download_size_bytes",
+    "cometserver_lastbackup_status", "cometserver_lastsuccessfulbackup_end_time",
+    "cometserver_protected_item_info", "cometserver_device_is_online", "cometserver_device_info",
+)
+_LINES: Final[tuple[Lines, ...]] = (
+    lambda users, live: [f"{_SIZE}{v.labels}}} {v.size}\n" for u in users for v in u.vaults],
+    lambda users, live: [f"{_QUOTA}{v.labels}}} {v.quota}\n"
+                         for u in users for v in u.vaults if v.quota is not None],
+    _figure(_START, 0), _figure(_END, 1), _figure(_FILES, 2), _figure(_FSIZE, 3),
+    _figure(_UP, 4), _figure(_DOWN, 5),
+    _status,
+    lambda users, live: [f"{_SUCCESS}{i.labels}}} {i.fig[7]}\n"
+                         for u in users for i in u.items if i.fig[7]],
+    lambda users, live: [f"{_ITEM_INFO}{i.labels},{i.info}}} 1\n"
+                         for u in users for i in u.items],
+    _online,
+    lambda users, live: [f"{_DEVICE_INFO}{d.labels},{d.info}}} 1\n"
+                         for u in users for d in u.devices],
+)
+
+
+# --- gzip, kept compressed between scrapes -----------------------------------------------------------
+#: (raw deflate ending byte-aligned, CRC-32 of the text, its length, CRC-32 of as many zeros)
+Chunk = tuple[bytes, int, int, int]
+_GZIP_HEADER: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
+_ZEROS: Final = bytes(1 << 20)
+
+
+def _zeros_crc(n: int, crc: int) -> int:
+    view = memoryview(_ZEROS)
+    while n:
+        k = min(n, len(_ZEROS))
+        crc = zlib.crc32(view[:k], crc)
+        n -= k
+    return crc
+
+
+def _chunk(text: bytes, level: int) -> Chunk:
+    """``text`` as raw deflate blocks that end on a byte boundary without a final block: such
+    chunks, compressed apart, join into one deflate stream (as pigz does)."""
+    if not text:
+        return (b"", 0, 0, 0)
+    c = zlib.compressobj(level, zlib.DEFLATED, -15)
+    return (c.compress(text) + c.flush(zlib.Z_SYNC_FLUSH), zlib.crc32(text), len(text),
+            _zeros_crc(len(text), 0))
+
+
+def _gzip(chunks: Iterable[Chunk]) -> bytes:
+    """One gzip member (what every HTTP client reads, curl included) from the chunks: their
+    deflate joined, a final empty block, and the CRC-32 of the whole text combined from the
+    chunks' (crc(A+B) = crc(B) ^ crc(zeros, crc(A)) ^ crc(zeros): a pass over zeros, no text)."""
+    parts = [_GZIP_HEADER]
+    crc = total = 0
+    for data, c, n, z0 in chunks:
+        if not n:
+            continue
+        parts.append(data)
+        crc = c ^ _zeros_crc(n, crc) ^ z0
+        total += n
+    parts.append(b"\x03\x00")  # a final, empty, fixed-Huffman block
+    parts.append(struct.pack("<II", crc, total & 0xFFFFFFFF))
+    return b"".join(parts)
+
+
+class GzipCache:
+    """The exposition, gzip-compressed, for the scrapes that ask for it (Prometheus always
+    does). The families of each block of users are kept compressed: a scrape recompresses only
+    the blocks whose users changed since the last one (a job completion: one user's block),
+    then joins the rest as they were. Text is built on the event loop (it reads the model);
+    compressing runs on a thread."""
+
+    def __init__(self, level: int = 1) -> None:
+        self.level = level
+        self._model: Model | None = None
+        #: per block, per family of BLOCK_FAMILIES, its chunk
+        self._blocks: list[list[Chunk] | None] = [None] * BLOCKS
+        self._heads = [_chunk(_head(name).encode(), level) for name in BLOCK_FAMILIES]
+
+    def texts(self, model: Model) -> dict[int, list[bytes]]:
+        """The text of what changed: {block: [family text, ...]} (on the event loop)."""
+        if model is not self._model:
+            self._model = model
+            self._blocks = [None] * BLOCKS
+            model.dirty.clear()
+            todo = set(range(BLOCKS))
+        else:
+            todo = model.dirty | {b for b, c in enumerate(self._blocks) if c is None}
+            model.dirty = set()
+        if not todo:
+            return {}
+        groups = _groups(model)
+        live = model.live
+        return {b: ["".join(fn(groups[b], live)).encode("utf-8") for fn in _LINES] for b in todo}
+
+    def compress(self, changed: dict[int, list[bytes]], head: bytes, tail: bytes) -> bytes:
+        """The whole answer, gzipped: ``head`` (text before the blocks' families), the blocks'
+        families (``changed`` recompressed, the rest as kept) and ``tail``. Thread-safe with
+        respect to the event loop (touches only this cache)."""
+        level = self.level
+        for b, texts in changed.items():
+            self._blocks[b] = [_chunk(t, level) for t in texts]
+        blocks = self._blocks
+        chunks: list[Chunk] = [_chunk(head, level)]
+        for index, family_head in enumerate(self._heads):
+            family = [blk[index] for blk in blocks if blk is not None and blk[index][2]]
+            if family:
+                chunks.append(family_head)
+                chunks.extend(family)
+        chunks.append(_chunk(tail, level))
+        return _gzip(chunks)
 
 
 def _current(model: Model) -> list[str]:

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 import contextlib
 import math
 import time
@@ -37,7 +38,7 @@ from ..constants import SEVT
 from ..errors import ApiError
 from ..events import Event
 from .model import Model, label_value
-from .render import Family, render
+from .render import Family, GzipCache, edges, render
 from .seed import read_fleet
 
 __all__ = ["Fleet"]
@@ -84,6 +85,8 @@ class Fleet:
         #: the deadline of one whole seed (its calls and their retries)
         self.timeout = timeout
         self.model: Model | None = None
+        self._gzip = GzipCache()
+        self._gzip_lock = asyncio.Lock()
         #: the server's version, from the HELLO ("" = ask meta/version)
         self.version = ""
         self._held: list[Event] | None = None
@@ -372,6 +375,20 @@ class Fleet:
         """The fleet's families and ours, from memory (no API call)."""
         now = self.clock()
         return render(self.model, now, self._own(now))
+
+    async def render_gzip(self, prefix: bytes) -> bytes:
+        """``prefix`` (the registry's text) and :meth:`render`'s, as one gzip member, most of
+        it kept compressed from the last scrape (:class:`~.render.GzipCache`)."""
+        async with self._gzip_lock:  # (one scrape at a time uses the cache)
+            now = self.clock()
+            model = self.model
+            own = self._own(now)
+            if model is None:
+                return gzip.compress(prefix + render(None, now, own), compresslevel=1)
+            changed = self._gzip.texts(model)
+            head, tail = edges(model, now, own)
+            return await asyncio.get_running_loop().run_in_executor(
+                None, self._gzip.compress, changed, prefix + head, tail)
 
     def _own(self, now: float) -> list[Family]:
         srv = f'server="{label_value(self.server)}"'

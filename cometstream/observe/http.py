@@ -126,11 +126,15 @@ class HttpServer:
     def __init__(self, registry: CollectorRegistry, ready: ReadyCheck, *, host: str,
                  port: int, max_connections: int = MAX_CONNECTIONS,
                  header_timeout: float = HEADER_TIMEOUT,
-                 extra: Callable[[], bytes] | None = None) -> None:
+                 extra: Callable[[], bytes] | None = None,
+                 extra_gzip: Callable[[bytes], Awaitable[bytes]] | None = None) -> None:
         self.registry = registry
         self.ready = ready
         #: more exposition text after the registry's (the fleet's, rendered from memory)
         self.extra = extra
+        #: the same, gzipped with the registry's text (given) into one answer, by the owner of
+        #: the extra text (the fleet keeps most of it compressed between scrapes)
+        self.extra_gzip = extra_gzip
         self.host = host
         self.port = port
         self.max_connections = max_connections
@@ -201,10 +205,14 @@ class HttpServer:
 
     async def _metrics(self, request: web.BaseRequest) -> web.Response:
         body = generate_latest(self.registry)
+        headers = {"Content-Type": CONTENT_TYPE_LATEST}
+        gzipped = "gzip" in request.headers.get("Accept-Encoding", "")
+        if gzipped and self.extra_gzip is not None:
+            headers["Content-Encoding"] = "gzip"
+            return web.Response(body=await self.extra_gzip(body), headers=headers)
         if self.extra is not None:
             body += self.extra()
-        headers = {"Content-Type": CONTENT_TYPE_LATEST}
-        if "gzip" in request.headers.get("Accept-Encoding", ""):
+        if gzipped:
             if len(body) > _GZIP_ON_LOOP_MAX:  # (a fleet's tens of MB: zlib on a thread
                 # lets the loop go on reading the stream meanwhile; level 1 takes half the
                 # time of 5 for 9% more bytes)
