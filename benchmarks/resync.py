@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -31,6 +33,8 @@ async def serve(n: int) -> None:
     from cometstream.simulator import Simulator
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    # the daemon's refused logins during the gap end as reset connections: not news here
+    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     sim = Simulator(username=USER, password=PASSWORD, rate=0, seed=1, record=False)
     sim.world.max_jobs = 2 * n + 50_000  # keep every gap job in the world's history
     await sim.start("127.0.0.1", 0)
@@ -116,7 +120,8 @@ def main() -> int:
         sender.wait(10)
     print(f"resync of {args.jobs:,} job completions missed during a gap: "
           f"{res['seconds']:.2f} s from the HELLO to the last one written "
-          f"({res['rate']:,.0f} jobs/s; {res['synthesized']:,.0f} synthesized)")
+          f"({res['rate']:,.0f} jobs/s; {res['synthesized']:,.0f} synthesized; "
+          f"daemon peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB)")
     return 0
 
 

@@ -36,7 +36,7 @@ from .config import ServerConfig
 from .errors import ApiError
 from .observe.logging import register_secret
 
-__all__ = ["AdminClient", "ApiAuthError", "TotpRequired", "api_base_url"]
+__all__ = ["AdminClient", "ApiAuthError", "ResponseTooLarge", "TotpRequired", "api_base_url"]
 
 log = structlog.get_logger("cometstream.api")
 
@@ -44,6 +44,10 @@ TOTP_REQUIRED: Final = "ERR_TOTP_REQUIRED"
 #: the largest answer read (decompressed); the job list is asked for a day at a time (a day of
 #: 100,000 jobs is about 95 MB), the accounts' list cannot be paged
 MAX_RESPONSE_BYTES: Final = 256 * 1024 * 1024
+#: the largest job list read at once: the remedial sync asks for a shorter span of time when a
+#: span's answer is larger (its parsed form is a few times its bytes)
+MAX_JOBS_RESPONSE_BYTES: Final = 128 * 1024 * 1024
+_JOBS_PATH: Final = "admin/get-jobs-for-date-range"
 _PREFIX: Final = "/api/v1/"
 
 
@@ -52,6 +56,14 @@ class ApiAuthError(ApiError):
 
     def __init__(self, message: str, *, status: int = 403) -> None:
         super().__init__(message, status=status, retryable=False)
+
+
+class ResponseTooLarge(ApiError):
+    """An answer larger than the client reads (not retried: asking again gets the same)."""
+
+    def __init__(self, message: str, *, status: int, limit: int) -> None:
+        super().__init__(message, status=status, retryable=False)
+        self.limit = limit
 
 
 class TotpRequired(ApiAuthError):
@@ -98,6 +110,7 @@ class AdminClient:
         self.attempts = attempts
         #: the largest answer read, in bytes (after gzip): beyond, a clear error, not the memory
         self.max_response = MAX_RESPONSE_BYTES
+        self.max_jobs_response = MAX_JOBS_RESPONSE_BYTES
         self._retry = (retry_initial, retry_max, rand)
         self._http: aiohttp.ClientSession | None = None
         self._session_key: str | None = None
@@ -227,7 +240,10 @@ class AdminClient:
         try:
             async with deadline, http.post(url, data=form,
                                            headers={"Accept-Encoding": "gzip"}) as resp:
-                body = await _read_capped(resp, self.max_response, path)
+                limit = self.max_response
+                if path == _JOBS_PATH:
+                    limit = min(limit, self.max_jobs_response)
+                body = await _read_capped(resp, limit, path)
                 status = resp.status
                 ctype = resp.headers.get("Content-Type", "")
         except TimeoutError as exc:
@@ -293,7 +309,7 @@ class AdminClient:
 
     async def jobs_for_date_range(self, start: int, end: int) -> list[dict[str, Any]]:
         """Jobs that started or ended within [start, end]; (0, 0) = the incomplete jobs."""
-        data = await self.call("admin/get-jobs-for-date-range", {"Start": start, "End": end})
+        data = await self.call(_JOBS_PATH, {"Start": start, "End": end})
         return [j for j in _as_list(data) if isinstance(j, dict)]
 
     async def job_properties(self, guid: str) -> dict[str, Any]:
@@ -315,9 +331,9 @@ class AdminClient:
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int, path: str) -> bytes:
     """The answer's body (decompressed), or ApiError (not retried) once it passes ``limit``
     bytes: a server, or a gzip bomb, cannot make the client hold more."""
-    def too_large() -> ApiError:
-        return ApiError(f"{path}: the answer is larger than {limit / 2**20:g} MiB (the API "
-                        "cannot page it): not read", status=resp.status, retryable=False)
+    def too_large() -> ResponseTooLarge:
+        return ResponseTooLarge(f"{path}: the answer is larger than {limit / 2**20:g} MiB: "
+                                "not read", status=resp.status, limit=limit)
 
     if resp.content_length is not None and resp.content_length > limit:
         raise too_large()

@@ -133,7 +133,7 @@ def _positive_int(text: str) -> int:
 def _err(msg: str) -> None:
     from .observe.logging import scrub  # (a replay's failure may quote the receiver)
 
-    print(f"cometstream: dlq: {scrub(msg)}", file=sys.stderr, flush=True)
+    print(f"cometstream dlq: {scrub(msg)}", file=sys.stderr, flush=True)
 
 
 def run_dlq(args: argparse.Namespace) -> int:

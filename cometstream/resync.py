@@ -35,7 +35,7 @@ from typing import Any, Final
 import orjson
 import structlog
 
-from .api import AdminClient
+from .api import AdminClient, ResponseTooLarge
 from .constants import SEVT
 from .delivery.identity import (
     ACCOUNT_NEW,
@@ -63,6 +63,8 @@ log = structlog.get_logger("cometstream.resync")
 RESTART_WINDOW: Final = 3600.0
 #: the job window is read a day at a time
 CHUNK: Final = 86400
+#: the shortest span the job list is asked for when a longer one's answer is too large
+MIN_CHUNK: Final = 1
 ServerClock = Callable[[], float]
 
 
@@ -82,6 +84,8 @@ class ResyncResult:
         self.kinds: dict[str, int] = {}
         self.baseline = False
         self.window: tuple[int, int] = (0, 0)
+        #: how many times a span of the job window was asked for again in halves
+        self.split = 0
         #: jobs this sync reported completed, and accounts it reported (username -> digest):
         #: their held live events would repeat what it said
         self.completed: set[str] = set()
@@ -211,16 +215,28 @@ class Resyncer:
         end = now + 60
         res.window = (since, end)
         found: set[str] = set()
-        # a day at a time, oldest first: bounded responses, and events go out in time order
+        # a day at a time, oldest first: bounded responses, and events go out in time order;
+        # a span whose answer is too large is asked for again in halves (the rest of the sync
+        # keeps the shorter span): the job list is the one answer the API lets us page
+        span = CHUNK
         start = since
         while start < end:
-            stop = min(start + CHUNK, end)
+            stop = min(start + span, end)
             # the chunk's jobs and events are hundreds of thousands of objects that live until
             # it is done and are freed by reference counting: the cyclic collector, left on,
             # would walk them all again and again (a third of a large sync's time)
-            with _gc_paused():
-                await self._chunk(start, stop, stop >= end, incomplete, found, res, orgs,
-                                  emit_job)
+            try:
+                with _gc_paused():
+                    await self._chunk(start, stop, stop >= end, incomplete, found, res, orgs,
+                                      emit_job)
+            except ResponseTooLarge as exc:
+                if stop - start <= MIN_CHUNK:
+                    raise
+                span = max(MIN_CHUNK, (stop - start) // 2)
+                res.split += 1
+                log.warning("job list too large for one answer: asking for shorter spans",
+                            server=self.server, span=span, limit_mib=exc.limit / 2**20)
+                continue
             start = stop
 
     async def _chunk(self, start: int, stop: int, last: bool, incomplete: list[dict[str, Any]],

@@ -158,7 +158,7 @@ async def test_list_empty_missing_spool_and_unknown_sink(tmp_path: Path) -> None
     conf = write_config(tmp_path, URL, sinks_toml(tmp_path))
     code, out, err = await dlq(conf, "list")
     assert code == 1
-    assert err.strip() == (f"cometstream: dlq: no ledger at {spool_file(tmp_path)}: the daemon "
+    assert err.strip() == (f"cometstream dlq: no ledger at {spool_file(tmp_path)}: the daemon "
                            "has not run with this state.dir")
     assert not spool_file(tmp_path).exists()  # looking does not create one
 
@@ -170,7 +170,7 @@ async def test_list_empty_missing_spool_and_unknown_sink(tmp_path: Path) -> None
 
     code, out, err = await dlq(conf, "list", "--sink", "hoook")
     assert code == 2
-    assert err.strip() == ('cometstream: dlq: --sink: no sink named "hoook" '
+    assert err.strip() == ('cometstream dlq: --sink: no sink named "hoook" '
                            "(configured: archive, hook)")
     # a sink removed from the config keeps its dead letters: they can still be listed
     add(tmp_path, [dead("old", 1)])
@@ -220,11 +220,11 @@ async def test_replay_chosen_ids_and_usage_errors(tmp_path: Path) -> None:
     # an id of another sink, or none at all: nothing is sent
     code, _, err = await dlq(conf, "replay", "--sink", "archive", "--id", "3", "6", "40")
     assert code == 2
-    assert err.strip() == "cometstream: dlq: --id: sink archive has no dead letter 6, 40"
+    assert err.strip() == "cometstream dlq: --id: sink archive has no dead letter 6, 40"
     assert remaining(tmp_path, "archive") == [1, 3, 5]
     code, _, err = await dlq(conf, "replay", "--sink", "gone")
     assert code == 2
-    assert err.strip() == ('cometstream: dlq: --sink: no sink named "gone" (configured: '
+    assert err.strip() == ('cometstream dlq: --sink: no sink named "gone" (configured: '
                            "archive, hook; with dead letters but no longer configured: gone)")
     code, _, err = await dlq(conf, "replay")
     assert code == 2 and "--sink" in err
@@ -268,7 +268,7 @@ async def test_replay_into_a_webhook_that_refuses_then_accepts(
     code, _, err = await dlq(conf, "replay", "--sink", "hook")
     assert code == 1
     assert len(err.strip().splitlines()) == 1
-    assert err.startswith("cometstream: dlq: replay to sink hook stopped: sink hook: POST to "
+    assert err.startswith("cometstream dlq: replay to sink hook stopped: sink hook: POST to "
                           f"http://127.0.0.1:{receiver['url'].split(':')[2].split('/')[0]} "
                           "refused: HTTP 400: customer unknown; replayed 0, 3 remain")
     assert receiver["bodies"] == [RAW_JOB]
@@ -309,7 +309,7 @@ async def test_a_second_replay_at_the_same_time_is_refused(tmp_path: Path) -> No
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running replay holds it
         code, _, err = await dlq(conf, "replay", "--sink", "archive")
         assert code == 1
-        assert err.strip() == ("cometstream: dlq: another dlq replay is running on "
+        assert err.strip() == ("cometstream dlq: another dlq replay is running on "
                                f"{spool_file(tmp_path)}")
     finally:
         os.close(lock)
@@ -453,7 +453,7 @@ async def test_purge_asks_for_yes_and_filters(tmp_path: Path) -> None:
     assert (code, err.strip()) == (0, "no dead letters match")
     code, _, err = await dlq(conf, "purge", "--older-than", "a week")
     assert code == 2
-    assert err.strip() == ('cometstream: dlq: --older-than: expected a duration like 7d, 12h '
+    assert err.strip() == ('cometstream dlq: --older-than: expected a duration like 7d, 12h '
                            'or 30m, got "a week"')
     code, _, err = await dlq(conf, "purge", "--sink", "nope", "--yes")
     assert code == 2 and "configured: archive, hook" in err

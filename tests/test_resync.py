@@ -866,3 +866,46 @@ async def test_huge_integers_and_lone_surrogates_in_api_answers_are_synthesized(
                and user.encode() in line]
     assert b'"Big":18446744073709551621' in acct
     assert '"weird-\ufffd"'.encode() in acct and '"x\ufffd"'.encode() in acct
+
+
+async def test_a_job_list_too_large_for_one_answer_is_read_in_shorter_spans(
+        sim: Simulator, tmp_path: Path) -> None:
+    """A day of jobs whose answer passes the client's bound for a job list is asked for again in
+    halves, then quarters, ...: every completion of the window once, in time order, and no
+    answer read past the bound."""
+    from cometstream.api import AdminClient
+    from cometstream.delivery.tracker import Tracker
+    from cometstream.redact import Redactor
+    from cometstream.resync import Resyncer, ResyncResult
+
+    now = int(time.time())
+    since = now - 86_400
+    done = []
+    for i in range(600):  # spread over the day, 144 s apart
+        t = since + 60 + i * 144
+        guid = sim.world.start_job(now=t)["Data"]["GUID"]
+        sim.world.complete_job(guid, now=t + 30)
+        done.append(guid)
+    tr = Tracker()
+    tr.watermark = since
+    async with AdminClient(make_config(sim.url, tmp_path).server) as api:
+        day = len(await api.call("admin/get-jobs-for-date-range", {"Start": since, "End": now}))
+        assert day >= 600  # (and the world's own history)
+        whole = sim.api_calls["/api/v1/admin/get-jobs-for-date-range"]
+        api.max_jobs_response = 150 * 1024  # about 100 of these jobs
+        rs = Resyncer(api, tr, server="s", overlap=0, redactor=Redactor(),
+                      clock=lambda: float(now))
+        got: list[tuple[int, str]] = []
+
+        def emit_job(ev: Any, fp: int, ts: int, action: Any) -> None:
+            if ev.type == COMPLETED:
+                got.append((ts, ev.doc["Data"]["GUID"]))
+
+        res = ResyncResult()
+        await rs._jobs([], {}, res, now, False, emit_job)
+    guids = [g for _ts, g in got]
+    assert len(guids) == len(set(guids)) and [g for g in guids if g in set(done)] == done
+    assert [ts for ts, _g in got] == sorted(ts for ts, _g in got)
+    assert res.split >= 3  # a day > half > quarter > eighth (~80 jobs) fits
+    calls = sim.api_calls["/api/v1/admin/get-jobs-for-date-range"] - whole
+    assert res.split < calls <= res.split + 16
