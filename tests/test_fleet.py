@@ -662,6 +662,20 @@ def test_the_fleet_benchmark_runs_and_prints_its_table() -> None:
     assert re.search(r"^name_labels ", out, re.MULTILINE), out
 
 
+async def test_a_fresh_seed_is_compressed_before_the_first_gzip_scrape(
+        fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
+    """The first gzip scrape after a seed would otherwise compress the whole exposition: the
+    seed's text is compressed ahead, on a thread, and kept; a scrape finds nothing to redo."""
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        warm = d.fleet._warm_task
+        assert warm is not None
+        await asyncio.wait_for(warm, 30)
+        cache = d.fleet._gzip
+        assert all(block is not None for block in cache._blocks)
+        assert cache.texts(d.fleet.model) == {}  # nothing left for the scrape to compress
+
+
 async def test_the_gzip_answer_is_one_member_kept_compressed_between_scrapes(
         fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
     """A scrape that asks for gzip (Prometheus always does) gets one gzip member (what every

@@ -94,7 +94,7 @@ def num(value: object) -> int | float:
 
 
 #: users are rendered (and their compressed text cached) in this many blocks
-BLOCKS: Final = 256
+BLOCKS: Final = 1024
 
 
 def block_of(name: str) -> int:

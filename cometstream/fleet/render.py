@@ -267,14 +267,17 @@ class GzipCache:
         live = model.live
         return {b: ["".join(fn(groups[b], live)).encode("utf-8") for fn in _LINES] for b in todo}
 
-    def compress(self, changed: dict[int, list[bytes]], head: bytes, tail: bytes) -> bytes:
-        """The whole answer, gzipped: ``head`` (text before the blocks' families), the blocks'
-        families (``changed`` recompressed, the rest as kept) and ``tail``. Thread-safe with
-        respect to the event loop (touches only this cache)."""
+    def compress(self, changed: dict[int, list[bytes]], head: bytes | None = None,
+                 tail: bytes = b"") -> tuple[dict[int, list[Chunk]], bytes | None]:
+        """``changed`` (from :meth:`texts`) compressed, and the whole answer, gzipped: ``head``
+        (text before the blocks' families), the blocks' families (``changed`` as just
+        compressed, the rest as kept) and ``tail`` (no answer without a ``head``). Runs on a
+        thread: it only reads the cache; the event loop :meth:`keep` s what it returns."""
         level = self.level
-        for b, texts in changed.items():
-            self._blocks[b] = [_chunk(t, level) for t in texts]
-        blocks = self._blocks
+        fresh = {b: [_chunk(t, level) for t in texts] for b, texts in changed.items()}
+        if head is None:
+            return fresh, None
+        blocks = [fresh.get(b, blk) for b, blk in enumerate(self._blocks)]
         chunks: list[Chunk] = [_chunk(head, level)]
         for index, family_head in enumerate(self._heads):
             family = [blk[index] for blk in blocks if blk is not None and blk[index][2]]
@@ -282,7 +285,18 @@ class GzipCache:
                 chunks.append(family_head)
                 chunks.extend(family)
         chunks.append(_chunk(tail, level))
-        return _gzip(chunks)
+        return fresh, _gzip(chunks)
+
+    def keep(self, fresh: dict[int, list[Chunk]]) -> None:
+        """Keep what :meth:`compress` made (on the event loop)."""
+        for b, chunks in fresh.items():
+            self._blocks[b] = chunks
+
+    def forget(self, changed: dict[int, list[bytes]]) -> None:
+        """``changed`` was not compressed after all (a scrape gone): the next one makes it
+        again (on the event loop)."""
+        for b in changed:
+            self._blocks[b] = None
 
 
 def _current(model: Model) -> list[str]:

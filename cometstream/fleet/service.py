@@ -87,6 +87,7 @@ class Fleet:
         self.model: Model | None = None
         self._gzip = GzipCache()
         self._gzip_lock = asyncio.Lock()
+        self._warm_task: asyncio.Task[None] | None = None
         #: the server's version, from the HELLO ("" = ask meta/version)
         self.version = ""
         self._held: list[Event] | None = None
@@ -130,7 +131,7 @@ class Fleet:
             self._tasks.append(asyncio.create_task(self._reseed_loop(), name="fleet-reseed"))
 
     async def aclose(self) -> None:
-        tasks = [t for t in (*self._tasks, self._seed_task) if t is not None]
+        tasks = [t for t in (*self._tasks, self._seed_task, self._warm_task) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -267,6 +268,8 @@ class Fleet:
                 continue
             self._swap(model, at)
             self.seed_duration = time.monotonic() - t0
+            if self._warm_task is None or self._warm_task.done():
+                self._warm_task = asyncio.create_task(self._warm(), name="fleet-gzip-warm")
             left_out = {"series_refused": self._refused_in_seed} if self._refused_in_seed else {}
             log.info("fleet seeded", server=self.server, users=len(model.users),
                      series=model.series, duration=round(self.seed_duration, 3), **left_out)
@@ -385,10 +388,36 @@ class Fleet:
             own = self._own(now)
             if model is None:
                 return gzip.compress(prefix + render(None, now, own), compresslevel=1)
-            changed = self._gzip.texts(model)
             head, tail = edges(model, now, own)
-            return await asyncio.get_running_loop().run_in_executor(
-                None, self._gzip.compress, changed, prefix + head, tail)
+            body = await self._compress(model, prefix + head, tail)
+            assert body is not None
+            return body
+
+    async def _warm(self) -> None:
+        """Compress a freshly seeded model's text ahead of the next gzip scrape, which would
+        otherwise pay for all of it (about 0.5 s for 10,000 users, against 0.07 s for one that
+        finds most of it kept)."""
+        async with self._gzip_lock:
+            model = self.model
+            if model is None:
+                return
+            await self._compress(model, None, b"")
+
+    async def _compress(self, model: Model, head: bytes | None, tail: bytes) -> bytes | None:
+        """What changed in ``model`` compressed on a thread and kept; the whole answer gzipped
+        when ``head`` is given (under ``_gzip_lock``)."""
+        cache = self._gzip
+        changed = cache.texts(model)
+        if not changed and head is None:
+            return None
+        try:
+            fresh, body = await asyncio.get_running_loop().run_in_executor(
+                None, cache.compress, changed, head, tail)
+        except BaseException:
+            cache.forget(changed)  # (the thread's work, finished or not, is not kept)
+            raise
+        cache.keep(fresh)
+        return body
 
     def _own(self, now: float) -> list[Family]:
         srv = f'server="{label_value(self.server)}"'
