@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 import tempfile
@@ -112,7 +113,7 @@ def _parser() -> argparse.ArgumentParser:
                    "Start a simulated Comet Server and the daemon against it, with a stdout "
                    "sink and the metrics endpoint; runs until Ctrl-C, or until the program "
                    "reading its output exits (such as head).")
-    demo.add_argument("--rate", type=float, default=4.0,
+    demo.add_argument("--rate", type=_rate, default=4.0,
                       help="simulated events per second (default %(default)g)")
     demo.add_argument("--listen", default=DEMO_LISTEN, metavar="HOST:PORT",
                       help="/metrics, /healthz and /readyz (default %(default)s; port 0 picks "
@@ -128,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="the admin user it accepts (default %(default)s)")
     sim.add_argument("--password", default="admin",
                      help="that user's password (default %(default)s)")
-    sim.add_argument("--rate", type=float, default=5.0,
+    sim.add_argument("--rate", type=_rate, default=5.0,
                      help="events per second (default %(default)g)")
     sim.add_argument("--seed", type=int, default=None,
                      help="seed of the simulated world and its events (default: random)")
@@ -145,6 +146,18 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    """Events per second: a finite number from 0 (none) to 100,000."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 100_000:  # (NaN and infinities fail too)
+        raise argparse.ArgumentTypeError(
+            f"expected events per second from 0 to 100000, got {text!r}")
     return value
 
 
@@ -250,7 +263,7 @@ def _warn_exposed(cfg: Config, *, logged: bool) -> None:
             log.warning("secret readable by others", file=str(found.path),
                         mode=f"{found.mode:04o}", holds=list(found.keys), fix="chmod 600")
         else:
-            _err(f"config: {found}")
+            _err(f"warning: {found}")
 
 
 async def _serve(daemon: Daemon) -> int:
@@ -273,6 +286,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from .preflight import check_paths
 
     cfg = _load(args)
+    if args.log_level is None:  # (check prints its findings; the daemon's info lines would
+        configure_logging("warning", cfg.log.format)  # be mixed in with them)
     _warn_exposed(cfg, logged=False)
     problems = check_paths(cfg)  # what run will write: state.dir, file sinks
     if problems:
@@ -537,6 +552,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         def output_closed() -> None:
             log.info("stdout closed: stopping")
             _quiet_stdout()
+            daemon.stop_reason = "stdout closed"
             stop.set()
 
         sim = Simulator(username=DEMO_USER, password=DEMO_PASSWORD, rate=args.rate, record=False)
@@ -544,14 +560,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         try:
             with tempfile.TemporaryDirectory(prefix="cometstream-demo-") as state_dir:
                 cfg = _demo_config(sim.url, state_dir, args.listen)
-                print(f"demo: simulated Comet Server at {sim.url}, {args.rate:g} events/s, "
-                      f"{_demo_metrics(args.listen)}; events follow on stdout. Ctrl-C to stop.",
-                      file=sys.stderr, flush=True)
+
+                def started() -> None:
+                    print(f"demo: simulated Comet Server at {sim.url}, {args.rate:g} events/s, "
+                          f"{_demo_metrics(daemon)}; events follow on stdout. Ctrl-C to stop.",
+                          file=sys.stderr, flush=True)
+
                 daemon = Daemon(cfg, sinks={"console": StdoutSink("console",
                                                                   on_closed=output_closed)})
                 daemon.install_signal_handlers(stop)
                 try:
-                    return await daemon.run(stop)
+                    return await daemon.run(stop, started)
                 except ConfigError as exc:
                     if exc.key != "http.listen":
                         raise
@@ -575,12 +594,10 @@ def _demo_config(url: str, state_dir: str, listen: str) -> Config:
         resolve_sink=resolve_sink_class)
 
 
-def _demo_metrics(listen: str) -> str:
-    if not listen:
+def _demo_metrics(daemon: Daemon) -> str:
+    if daemon.http is None:
         return "no metrics endpoint"
-    if parse_listen(listen)[1] == 0:
-        return "metrics on a free port (logged below)"
-    return f"metrics on http://{listen}/metrics"
+    return f"metrics on {daemon.http.url}/metrics"
 
 
 def _quiet_stdout() -> None:

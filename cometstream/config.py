@@ -19,7 +19,7 @@ import dataclasses
 import os
 import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -494,22 +494,48 @@ def _parse_config(data: Mapping[str, Any], *, path: Path | None = None,
             errors.append(exc)
         return None
 
-    server = attempt(lambda: _parse_server(top.table("server"), env))
-    stream = attempt(lambda: _parse_stream(top.table("stream")))
-    resync = attempt(lambda: _parse_resync(top.table("resync")))
-    state = attempt(lambda: _parse_state(top.table("state")))
-    http = attempt(lambda: _parse_http(top.table("http")))
-    log = attempt(lambda: _parse_log(top.table("log")))
-    shutdown_timeout = attempt(lambda: _parse_shutdown(top.table("shutdown")))
-    redact = attempt(lambda: _parse_redact(top.table("redact")))
-    spool = attempt(lambda: _parse_spool(top.table("spool")))
-    fleet = attempt(lambda: _parse_fleet(top.table("fleet"), http))
+    def table(parent: Section, name: str, parse: Callable[[Section], Any]) -> Any:
+        """``parse`` the table ``name`` of ``parent``; at a problem with one of its keys, the
+        problem is noted and the table parsed again without that key, so that every problem of
+        a table is found in one go (not a consequence of a key taken out: "is required")."""
+        prefix = parent.key(name)
+        data = parent.raw(name, {})
+        if not isinstance(data, Mapping):
+            return attempt(lambda: Section(data, prefix))
+        data, removed = dict(data), set()
+        while True:
+            try:
+                return parse(Section(data, prefix, base_dir=parent.base_dir))
+            except ConfigErrors as exc:
+                errors.extend(exc.errors)
+                return None
+            except ConfigError as exc:
+                key = exc.key[len(prefix) + 1:].split(".")[0] \
+                    if exc.key.startswith(prefix + ".") else None
+                if key in removed:
+                    return None
+                errors.append(exc)
+                if key is None or key not in data:
+                    return None
+                removed.add(key)
+                del data[key]
+
+    server = table(top, "server", lambda t: _parse_server(t, env))
+    stream = table(top, "stream", _parse_stream)
+    resync = table(top, "resync", _parse_resync)
+    state = table(top, "state", _parse_state)
+    http = table(top, "http", _parse_http)
+    log = table(top, "log", _parse_log)
+    shutdown_timeout = table(top, "shutdown", _parse_shutdown)
+    redact = table(top, "redact", _parse_redact)
+    spool = table(top, "spool", _parse_spool)
+    fleet = table(top, "fleet", lambda t: _parse_fleet(t, http))
     sinks: list[SinkConfig] = []
     sinks_tbl = attempt(lambda: top.table("sinks"))
     if sinks_tbl is not None:
         for name in list(sinks_tbl._table):
-            sink = attempt(lambda name=name: _parse_sink(name, sinks_tbl.table(name),
-                                                     resolve_sink))
+            sink = table(sinks_tbl, name,
+                         lambda t, name=name: _parse_sink(name, t, resolve_sink))
             if sink is not None:
                 sinks.append(sink)
         attempt(sinks_tbl.done)

@@ -88,6 +88,8 @@ class Daemon:
         self.cfg = cfg
         self.clock = clock
         self.notifier = notifier if notifier is not None else Notifier()
+        #: why run() was asked to stop (logged): the signal's name, or what the caller says
+        self.stop_reason = "signal"
         if registry is None:
             # process_* from /proc/self: prometheus_client's needs /proc/stat (ProcSubset=pid)
             registry = standard_registry()
@@ -442,15 +444,39 @@ class Daemon:
         self.pipeline.reopen()
 
     def install_signal_handlers(self, stop: asyncio.Event) -> None:
+        """SIGTERM and SIGINT stop; SIGHUP reopens the files of file sinks, unless it says that
+        the terminal the daemon runs on (in the foreground) has gone: then it stops too, rather
+        than live on, orphaned, writing to a terminal that is no more."""
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self.reopen)
+        ttys = [fd for fd in (0, 1, 2) if os.isatty(fd)]
 
-    async def run(self, stop: asyncio.Event) -> int:
+        def stop_for(reason: str) -> None:
+            self.stop_reason = reason
+            stop.set()
+
+        def hangup() -> None:
+            if ttys and not any(os.isatty(fd) for fd in ttys):  # (a hung-up tty is none)
+                stop_for("terminal hung up")
+                devnull = os.open(os.devnull, os.O_RDWR)  # (writing there fails: EIO)
+                for fd in ttys:
+                    os.dup2(devnull, fd)
+                os.close(devnull)
+            else:
+                self.reopen()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_for, sig.name)
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+
+    async def run(self, stop: asyncio.Event,
+                  started: Callable[[], None] | None = None) -> int:
+        """Until ``stop`` is set (or the credentials are rejected); ``started`` is called once
+        the state is loaded and the HTTP endpoints listen."""
         cfg = self.cfg
         self._load_state()
         await self._start_http()
+        if started is not None:
+            started()
         log.info("starting", server=cfg.server.name, url=cfg.server.url,
                  sinks=[f"{sc.name}:{sc.type}" for sc in cfg.sinks],
                  resync=cfg.resync.enabled, state=str(self.ledger.path))
@@ -476,7 +502,7 @@ class Daemon:
                               exc_info=exc)
                     code = EXIT_FATAL
             else:
-                log.info("stopping", reason="signal")
+                log.info("stopping", reason=self.stop_reason)
         finally:
             self.notifier.stopping()
             self.notifier.status("stopping: draining sink queues")

@@ -138,7 +138,7 @@ async def test_demo_ends_quietly_when_its_output_is_closed() -> None:
             await proc.wait()
     assert proc.returncode == 0, err.decode()
     text = err.decode()
-    assert "stdout closed: stopping" in text
+    assert "stdout closed: stopping" in text and '"reason":"stdout closed"' in text
     assert "Traceback" not in text and "refused" not in text and "dead" not in text
 
 
@@ -157,6 +157,17 @@ async def test_a_busy_listen_port_is_exit_2_for_demo_and_simulate() -> None:
             assert len(lines) == 1 and lines[0].startswith(
                 f"cometstream: --listen: cannot listen on {listen}: Address already in use")
             assert "Traceback" not in err.decode()
+
+
+@pytest.mark.parametrize("rate", ["-1", "nan", "inf", "1e9", "often"])
+@pytest.mark.parametrize("command", ["demo", "simulate"])
+def test_a_rate_that_is_not_a_rate_is_a_usage_error(
+        command: str, rate: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """--rate takes 0 to 100,000 events per second; anything else is exit 2 naming the option
+    (not a traceback, nor a demo that runs on without events)."""
+    assert main([command, "--rate", rate]) == 2
+    err = capsys.readouterr().err
+    assert f"argument --rate: expected events per second from 0 to 100000, got '{rate}'" in err
 
 
 def test_every_command_has_a_description_and_shows_its_defaults(

@@ -289,6 +289,30 @@ type = "file"
         "stream.ping_timeout", "log.level", "sinks.f.path"]
 
 
+def test_every_problem_of_one_table_is_reported(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Several problems in one table (a sink's, the stream's) are all listed in one run of
+    check, each once; a key taken out for being wrong is not then reported as missing."""
+    conf = tmp_path / "c.toml"
+    conf.write_text(BASE.format(state=tmp_path) + """
+[stream]
+ping_interval = "often"
+ping_timeout = -1
+[sinks.con]
+type = "stdout"
+format = "xml"
+pretty = "maybe"
+bogus = 1
+[sinks.f]
+type = "file"
+path = ""
+""")
+    assert main(["check", "-c", str(conf)]) == 2
+    keys = [ln.split(":")[2].strip() for ln in capsys.readouterr().err.strip().splitlines()]
+    assert keys == ["stream.ping_interval", "stream.ping_timeout", "sinks.con.format",
+                    "sinks.con.pretty", "sinks.con.bogus", "sinks.f.path"]
+
+
 async def test_file_sink_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
     """A relative sink path is resolved next to the config file, whatever the working dir."""
     from cometstream.daemon import build_sink

@@ -229,6 +229,53 @@ async def test_sighup_reopens_the_file_for_logrotate(sim: Simulator, tmp_path: P
     assert path.read_bytes().splitlines() == second
 
 
+async def test_run_on_a_terminal_stops_when_the_terminal_hangs_up(
+        sim: Simulator, tmp_path: Path) -> None:
+    """`cometstream run` in the foreground of a terminal: SIGHUP while the terminal is there
+    reopens the files (logrotate, `kill -HUP`); SIGHUP once the terminal has hung up (its
+    window closed, the ssh connection gone) stops the daemon, exit 0, rather than leave it
+    running orphaned, holding the state lock."""
+    import os
+    import pty
+    import sys
+
+    path = tmp_path / "out.jsonl"
+    conf = _conf(tmp_path, sim, path)
+    master, slave = pty.openpty()
+    shown = bytearray()
+    loop = asyncio.get_running_loop()
+
+    def drain() -> None:
+        try:
+            shown.extend(os.read(master, 65536))
+        except OSError:
+            loop.remove_reader(master)
+
+    loop.add_reader(master, drain)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "cometstream", "run", "-c", str(conf),
+        stdin=slave, stdout=slave, stderr=slave, env=cli_env(), start_new_session=True)
+    os.close(slave)
+    try:
+        await sim.wait_for_clients(1, timeout=10)
+        proc.send_signal(signal.SIGHUP)  # the terminal is there: reopen
+        await wait_until(lambda: b"reopening files" in shown, what="reopened")
+        assert proc.returncode is None
+        loop.remove_reader(master)
+        os.close(master)  # the terminal goes: its side of the pty hangs up
+        master = -1
+        proc.send_signal(signal.SIGHUP)  # (what the kernel sends the terminal's session)
+        await asyncio.wait_for(proc.wait(), 20)
+    finally:
+        if master >= 0:
+            loop.remove_reader(master)
+            os.close(master)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0
+
+
 async def test_stop_drains_what_is_queued_before_closing(sim: Simulator, tmp_path: Path) -> None:
     """Events still queued for a slow sink at stop are delivered (within shutdown.timeout)."""
     cfg = make_config(sim.url, tmp_path, exact=True, shutdown={"timeout": 10.0},

@@ -420,7 +420,7 @@ def test_check_warns_once_about_secret_files_others_can_read(
     assert main(["check", "-c", str(conf)]) == 0
     out, err = capsys.readouterr()
     assert out.strip() == "ok"
-    assert err.strip() == (f"cometstream: config: {conf.resolve()} is readable by others "
+    assert err.strip() == (f"cometstream: warning: {conf.resolve()} is readable by others "
                            "(mode 0644) and holds the password: chmod 600")
     conf.chmod(0o600)
     assert main(["check", "-c", str(conf)]) == 0
@@ -434,7 +434,7 @@ def test_check_warns_once_about_secret_files_others_can_read(
     conf.chmod(0o644)
     assert main(["check", "-c", str(conf)]) == 0
     err = capsys.readouterr().err.strip()
-    assert err == (f"cometstream: config: {pw.resolve()} is readable by its group (mode 0640) and holds "
+    assert err == (f"cometstream: warning: {pw.resolve()} is readable by its group (mode 0640) and holds "
                    "the password: chmod 600")
 
 
@@ -452,7 +452,7 @@ def test_a_webhook_url_holding_a_token_counts_as_a_secret_in_the_config(
                                              'password_file = "pw"'))
     assert main(["check", "-c", str(conf)]) == 0
     err = capsys.readouterr().err.strip()
-    assert err == (f"cometstream: config: {conf.resolve()} is readable by others (mode 0644) "
+    assert err == (f"cometstream: warning: {conf.resolve()} is readable by others (mode 0644) "
                    "and holds secrets (sinks.hook.url): chmod 600")
     conf.write_text(conf.read_text().replace(hook, "https://receiver.example.com/comet"))
     assert main(["check", "-c", str(conf)]) == 0
