@@ -102,6 +102,9 @@ class Route:
         self.pause_until = 0.0
         #: sends of the window that failed and are being retried
         self.retrying = 0
+        #: sends of the window accepted so far (a failure counts toward ``max_retries`` only
+        #: if this moved since the send's previous failure)
+        self.accepted_sends = 0
         self.dead_letter = DeadLetters(cfg.name, cfg.dead_letter) if cfg.dead_letter else None
         self.last_warned = 0.0
         #: a failure was logged at warning level since the sink last recovered, and which
@@ -680,13 +683,21 @@ class Pipeline:
         """One unit of a window, retried on its own (with its own backoff: a send that keeps
         failing waits longer and longer, whatever the others do) until accepted or refused for
         good; a ``Retry-After`` pauses every send of the sink. While any unit is retrying, the
-        sink reports itself failing."""
+        sink reports itself failing.
+
+        ``max_retries`` bounds the failures of a send that the receiver demonstrably does not
+        take while it takes others: a failure counts only if another send was accepted since
+        this one's previous failure (its first failure counts if one was accepted since it
+        started). A receiver down, or refusing every POST (an expired token), dead-letters
+        nothing: the events wait (in the ledger) and the sink reports failing until it is back.
+        """
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         stats = route.stats
         max_retries = route.max_retries
         backoff = Backoff(self.retry_initial, self.retry_max, rand=self.rand)
-        attempts = 0
+        attempts = counted = 0
+        seen = route.accepted_sends
         try:
             while True:
                 wait = route.pause_until - loop.time()
@@ -696,10 +707,8 @@ class Pipeline:
                 try:
                     await route.sink.send(unit.events)
                 except SinkError as exc:
-                    exhausted = max_retries is not None and attempts >= max_retries
-                    if not exc.retryable or exhausted:
-                        unit.error = (str(exc) if not exhausted
-                                      else f"{exc} (gave up after {attempts} retries)")
+                    if not exc.retryable:
+                        unit.error = str(exc)
                         unit.state = False
                         return
                     if exc.retry_after:
@@ -711,14 +720,19 @@ class Pipeline:
                             task is None or task.cancelling()):
                         raise  # the window (or the loop) stops this send
                     # anything else a sink lets out, even a CancelledError of its own
-                    if max_retries is not None and attempts >= max_retries:
-                        unit.error = f"{_describe(exc)} (gave up after {attempts} retries)"
-                        unit.state = False
-                        return
                     error, unexpected = exc, True
                 else:
                     unit.state = True
+                    route.accepted_sends += 1
                     return
+                if route.accepted_sends != seen:  # the receiver takes others, not this one
+                    seen = route.accepted_sends
+                    counted += 1
+                    if max_retries is not None and counted > max_retries:
+                        unit.error = (f"{_describe(error)} (gave up after {attempts} retries, "
+                                      f"{max_retries} of them while the sink accepted others)")
+                        unit.state = False
+                        return
                 if not attempts:
                     route.retrying += 1
                 attempts += 1

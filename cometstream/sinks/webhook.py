@@ -57,12 +57,17 @@ Outcomes of a POST (redirects are not followed):
 
 =================================  ===========================================================
 2xx                                accepted
-408, 429, 5xx, timeout,            retried by the pipeline with backoff; ``Retry-After`` (seconds
+408, 409, 425, 429, 5xx, timeout,  retried by the pipeline with backoff; ``Retry-After`` (seconds
 connection or TLS failure          or an HTTP date, capped at 10 minutes) is honoured
-3xx                                refused for good (set ``url`` to the final address)
+3xx, 401, 403, 404, 405, 407, 410  about the sink, not the event (a wrong ``url``, an expired
+                                   credential): retried the same way, the sink failing
 other 4xx                          that POST's event(s) refused for good (dead-lettered); the
                                    message has the status and a short excerpt of the reply
 =================================  ===========================================================
+
+``max_retries`` counts only the failures of a POST while the receiver takes other POSTs: a
+receiver that is down, or refuses every POST, dead-letters nothing (with ``concurrency = 1``
+every failure counts, as there are no other POSTs to tell an outage by).
 
 Concurrency: the pipeline calls ``send`` up to ``concurrency`` times at once, each with at most
 ``batch`` events (one POST), never two events with the same ``ResourceID`` (or job GUID) at
@@ -130,9 +135,14 @@ _RESERVED: Final = frozenset({
     "idempotency-key", "cometstream-origin", "cometstream-server", "cometstream-received-at",
 })
 #: configured headers whose values are masked in logs even when written inline in the config
-_SENSITIVE = re.compile(r"auth|token|key|secret|cookie|session|password|signature",
-                        re.IGNORECASE)
-_RETRYABLE_4XX: Final = frozenset({408, 429})
+_SENSITIVE = re.compile(r"auth|token|key|secret|cookie|session|pass|signature|sig|cred|api|"
+                        r"private|jwt|bearer", re.IGNORECASE)
+#: the receiver may take it later: 408 Request Timeout, 409 Conflict (an Idempotency-Key whose
+#: first attempt is still being processed), 425 Too Early, 429 Too Many Requests
+_RETRYABLE_4XX: Final = frozenset({408, 409, 425, 429})
+#: answers about the sink, not the event (a wrong url, an expired or missing credential): the
+#: sink is failing; its events wait for it to be fixed
+_SINK_WIDE_4XX: Final = frozenset({401, 403, 404, 405, 407, 410})
 
 
 def idempotency_key(ev: Event) -> str:
@@ -209,7 +219,7 @@ class WebhookSink(Sink):
         timeout: float = DEFAULT_TIMEOUT,
         max_retries: int | None = DEFAULT_MAX_RETRIES,
         batch: int = 1,
-        concurrency: int = 1,
+        concurrency: int = DEFAULT_CONCURRENCY,
         secret: bytes | None = None,
         tls_verify: bool = True,
         ca_file: Path | None = None,
@@ -394,8 +404,12 @@ class WebhookSink(Sink):
         reply = f": {text}" if text else ""
         if 300 <= status < 400:
             return SinkError(self.name, f"POST to {self.where}: HTTP {status} (redirects are not "
-                             "followed; set url to the final address)", retryable=False,
+                             "followed; set url to the final address)", retryable=True,
                              accepted=accepted, failed=n)
+        if status in _SINK_WIDE_4XX:
+            return SinkError(self.name, f"POST to {self.where}: HTTP {status}{reply} (check the "
+                             "sink's url and headers)", retryable=True, accepted=accepted,
+                             failed=n, retry_after=retry_after)
         if 400 <= status < 500 and status not in _RETRYABLE_4XX:
             return SinkError(self.name, f"POST to {self.where} refused: HTTP {status}{reply}",
                              retryable=False, accepted=accepted, failed=n)
@@ -404,6 +418,8 @@ class WebhookSink(Sink):
                          accepted=accepted, failed=n, retry_after=retry_after)
 
     def _describe(self, exc: BaseException) -> str:
+        if isinstance(exc, aiohttp.ServerDisconnectedError):  # (its text: the raw reply head)
+            return "the receiver closed the connection before its reply was complete"
         text = str(exc).replace(self.url, self.where)
         return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
