@@ -110,13 +110,18 @@ class SinkError(CometStreamError):
     - ``failed``: with ``retryable=False``, how many events after those the refusal concerns
       (0 = all the rest); the pipeline goes on with the events after them;
     - ``retry_after``: the receiver's requested wait in seconds (HTTP ``Retry-After``), honoured
-      on top of the backoff.
+      on top of the backoff;
+    - ``sink_wide``: the failure is about the sink, not these events (the receiver cannot be
+      reached, or refuses the sink's credentials or url): retried without counting toward
+      ``max_retries``, so that an outage or an expired token dead-letters nothing.
     """
 
     def __init__(self, sink: str, message: str, *, retryable: bool = True, accepted: int = 0,
-                 failed: int = 0, retry_after: float | None = None) -> None:
+                 failed: int = 0, retry_after: float | None = None,
+                 sink_wide: bool = False) -> None:
         self.sink = sink
         self.accepted = accepted
         self.failed = failed
         self.retry_after = retry_after
+        self.sink_wide = sink_wide
         super().__init__(f"sink {sink}: {message}", retryable=retryable)

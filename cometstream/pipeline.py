@@ -715,6 +715,8 @@ class Pipeline:
                         route.pause_until = max(route.pause_until, loop.time() + exc.retry_after)
                     error: BaseException = exc
                     unexpected = False
+                    if exc.sink_wide:
+                        seen = route.accepted_sends  # (not about this send: never counted)
                 except (Exception, asyncio.CancelledError) as exc:
                     if isinstance(exc, asyncio.CancelledError) and (
                             task is None or task.cancelling()):
@@ -811,7 +813,8 @@ class Pipeline:
                     backoff.reset()  # the sink works: the next failure starts small again
                     if not batch:
                         break
-                exhausted = max_retries is not None and attempts >= max_retries
+                exhausted = (max_retries is not None and attempts >= max_retries
+                             and not exc.sink_wide)
                 if not exc.retryable or exhausted:
                     # only the events the sink names (a webhook's one POST), else all the rest
                     n = exc.failed if exc.failed > 0 else len(batch)
@@ -822,7 +825,8 @@ class Pipeline:
                     route.inflight_first = batch[0].seq if batch else 0
                     attempts = 0
                     continue
-                attempts += 1
+                if not exc.sink_wide:  # (an outage, a refused credential: not these events)
+                    attempts += 1
                 retry_after = exc.retry_after or 0.0
                 self._failed(route, exc, "sink write failed", backoff)
             except Exception as exc:

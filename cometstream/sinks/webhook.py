@@ -66,8 +66,10 @@ other 4xx                          that POST's event(s) refused for good (dead-l
 =================================  ===========================================================
 
 ``max_retries`` counts only the failures of a POST while the receiver takes other POSTs: a
-receiver that is down, or refuses every POST, dead-letters nothing (with ``concurrency = 1``
-every failure counts, as there are no other POSTs to tell an outage by).
+receiver that is down, or refuses every POST, dead-letters nothing. Failures about the sink
+(3xx and the sink-wide 4xx above, a receiver that cannot be reached) never count; with
+``concurrency = 1`` the other failures (timeouts, 5xx) all count, as there are no other POSTs
+to tell an outage by.
 
 Concurrency: the pipeline calls ``send`` up to ``concurrency`` times at once, each with at most
 ``batch`` events (one POST), never two events with the same ``ResourceID`` (or job GUID) at
@@ -391,7 +393,8 @@ class WebhookSink(Sink):
         except aiohttp.ClientConnectorError as exc:
             why = exc.os_error.strerror or str(exc.os_error) or exc.__class__.__name__
             raise SinkError(self.name, f"cannot connect to {self.where}: {why}",
-                            retryable=True, accepted=accepted, failed=len(events)) from exc
+                            retryable=True, accepted=accepted, failed=len(events),
+                            sink_wide=True) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise SinkError(self.name, f"POST to {self.where} failed: {self._describe(exc)}",
                             retryable=True, accepted=accepted, failed=len(events)) from exc
@@ -405,11 +408,11 @@ class WebhookSink(Sink):
         if 300 <= status < 400:
             return SinkError(self.name, f"POST to {self.where}: HTTP {status} (redirects are not "
                              "followed; set url to the final address)", retryable=True,
-                             accepted=accepted, failed=n)
+                             accepted=accepted, failed=n, sink_wide=True)
         if status in _SINK_WIDE_4XX:
             return SinkError(self.name, f"POST to {self.where}: HTTP {status}{reply} (check the "
                              "sink's url and headers)", retryable=True, accepted=accepted,
-                             failed=n, retry_after=retry_after)
+                             failed=n, retry_after=retry_after, sink_wide=True)
         if 400 <= status < 500 and status not in _RETRYABLE_4XX:
             return SinkError(self.name, f"POST to {self.where} refused: HTTP {status}{reply}",
                              retryable=False, accepted=accepted, failed=n)
