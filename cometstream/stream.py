@@ -257,6 +257,8 @@ class Session:
             tasks.append(asyncio.create_task(self._keepalive(ws), name="stream-keepalive"))
         if self.cfg.idle_timeout > 0:
             tasks.append(asyncio.create_task(self._idle_watch(), name="stream-idle"))
+        if self.hello is None:
+            tasks.append(asyncio.create_task(self._hello_watch(), name="stream-hello"))
         try:
             done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -386,6 +388,20 @@ class Session:
                         continue
                     raise StreamError(f"no pong within {timeout:g} s: the server is not "
                                       "responding", reason="ping_timeout") from None
+
+    async def _hello_watch(self) -> None:
+        """A server that accepted the login but sends no SEVT_META_HELLO (nor any event) within
+        ``connect_timeout`` is stuck: the connection is replaced (the HELLO is what starts the
+        remedial sync; without it the daemon would look connected and catch up on nothing)."""
+        timeout = self.cfg.connect_timeout
+        await asyncio.sleep(timeout)
+        while self.hello is None:
+            if not self.blocked:
+                raise StreamError(f"logged in, but no SEVT_META_HELLO within {timeout:g} s: "
+                                  "replacing the connection", reason="no_hello")
+            await asyncio.sleep(timeout)
+        # (then done: this task ends quietly)
+        await asyncio.Event().wait()
 
     async def _idle_watch(self) -> None:
         idle = self.cfg.idle_timeout

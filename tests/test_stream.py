@@ -245,6 +245,24 @@ async def test_hung_login_hits_the_connect_timeout(sim: Simulator, tmp_path: Pat
         await wait_until(lambda: d.daemon.supervisor.connected, timeout=5, what="login")
 
 
+async def test_a_login_with_no_hello_after_it_is_replaced(sim: Simulator, tmp_path: Path) -> None:
+    """A server that answers the login 200 OK and then sends nothing (no SEVT_META_HELLO, no
+    event; pings answered): the connection is replaced after connect_timeout, counted as
+    no_hello, rather than look connected forever with no remedial sync."""
+    sim.faults.no_hello = True
+    cfg = make_config(sim.url, tmp_path, stream={"connect_timeout": 0.3})
+    async with running(cfg) as d:
+        await wait_until(lambda: d.stats.disconnects["no_hello"] >= 2, timeout=10,
+                         what="replaced")
+        assert "no SEVT_META_HELLO within 0.3 s" in d.daemon.supervisor.last_error
+        assert d.daemon.resyncs_ok == 0
+        sim.faults.no_hello = False
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, timeout=10, what="HELLO and sync")
+        n = d.stats.disconnects["no_hello"]
+        await asyncio.sleep(0.6)  # (past connect_timeout: a session with its HELLO stays)
+        assert d.stats.disconnects["no_hello"] == n and d.daemon.supervisor.connected
+
+
 async def test_slow_sink_with_block_keeps_order(sim: Simulator, tmp_path: Path) -> None:
     """A block-policy sink slower than the stream loses nothing and keeps the server's order."""
     cfg = make_config(sim.url, tmp_path, exact=True,

@@ -31,7 +31,7 @@ __all__ = ["LATENCY_BUCKETS", "Histogram", "Metrics", "SinkStats", "StreamStats"
 PREFIX: Final = "cometstream_"
 #: label values exported from the start (at 0), so that rules and dashboards see the series
 DISCONNECT_REASONS: Final = frozenset({"closed", "error", "ping_timeout", "idle_timeout",
-                                       "oversized"})
+                                       "no_hello", "oversized"})
 RESYNC_RESULTS: Final = frozenset({"ok", "baseline", "error"})
 RESYNC_KINDS: Final = frozenset({"job_completed", "job_new", "account_new", "account_updated",
                                  "account_removed", "device_new", "device_removed"})

@@ -66,6 +66,8 @@ class Faults:
       (so websocket pings get no pong); TCP stays open. Clearing it resumes reading and sending;
       events broadcast meanwhile are lost for those clients.
     - ``hang_handshake``: new connections are upgraded but the five frames are never answered.
+    - ``no_hello``: logins are answered ``200 OK``, then nothing is sent on those connections
+      (no SEVT_META_HELLO, no events); pings are still answered.
 
     Admin HTTP API (applied in this order, before routing and authentication):
 
@@ -85,6 +87,7 @@ class Faults:
     reject_next: int = 0
     silent: bool = False
     hang_handshake: bool = False
+    no_hello: bool = False
     api_down: bool = False
     api_reject: bool = False
     api_delay: float = 0.0
@@ -611,6 +614,10 @@ class Simulator:
             self.logins_ok += 1
             log.info("login ok", peer=conn.peer, username=frames[0], auth_type=frames[1])
             conn.enqueue(WSMsgType.TEXT, _OK)
+            if self._faults.no_hello:
+                conn.start_writer()
+                await self._discard_until_closed(ws)
+                return ws
             conn.enqueue(WSMsgType.TEXT, self._hello())
             conn.start_writer()
             if not conn.dropped:
