@@ -68,6 +68,18 @@ MIN_CHUNK: Final = 1
 ServerClock = Callable[[], float]
 
 
+def _ended(status: object) -> bool:
+    """A job Status of a finished job (5xxx success, 7xxx warning, quota or error), whatever its
+    EndTime says; 6xxx is running, 0 or a non-number unknown."""
+    return type(status) is int and status >= 5000 and not 6000 <= status <= 6999
+
+
+def _start_or(job: dict[str, Any], clock: Callable[[], float]) -> int:
+    """A job's StartTime when it is a plausible one, else now (a timestamp to sort by)."""
+    start = job.get("StartTime")
+    return start if type(start) is int and 0 < start < 1 << 62 else int(clock())
+
+
 def _devices_of(users: dict[str, dict[str, Any]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for name, profile in users.items():
@@ -308,11 +320,15 @@ class Resyncer:
             if not isinstance(user, str):
                 user = ""
             end = job.get("EndTime")
-            if type(end) is int and end > 0:
-                key = f"{JOB_COMPLETED}:{guid}:{end}"  # completion_key(guid, end)
+            if (type(end) is int and end > 0) or _ended(job.get("Status")):
+                # (an EndTime that is not a plain positive integer — a float, beyond 64 bits,
+                # negative — keys as the live path keys it: completion_key)
+                key = completion_key(guid, end)
                 fp = fingerprint(key)
                 if fp not in delivered and fp not in inflight and not held(key):
-                    out.append((end, JOB_COMPLETED, job, user, orgs.get(user, ""), guid, key,
+                    ts = end if type(end) is int and 0 < end < 1 << 62 else _start_or(
+                        job, self.clock)
+                    out.append((ts, JOB_COMPLETED, job, user, orgs.get(user, ""), guid, key,
                                 fp, ("job_done", guid)))
                     if not n_completed:
                         res.kinds.setdefault("job_completed", 0)  # (the kinds' order as found)

@@ -80,6 +80,30 @@ async def test_jobs_completed_during_a_drop_are_delivered_once_before_newer_live
     assert d.stats.resync_runs["ok"] == 1 and d.stats.resync_runs["baseline"] == 1
 
 
+async def test_a_finished_job_with_an_odd_end_time_is_reported_completed(
+        sim: Simulator, tmp_path: Path) -> None:
+    """Jobs that finished in a gap (Status 5000, 7001) but whose EndTime is not a plain positive
+    integer (a float, -1, beyond 64 bits): the status says they are done, so the sync reports
+    each as a completion (not as a start) and does not believe them running."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        await _open_gap(sim, d)
+        gap = _gap_jobs(sim, 3)
+        for guid, end in zip(gap, [float(sim.world.jobs[gap[0]]["EndTime"]), -1, 2**64 + 1],
+                             strict=True):
+            sim.world.jobs[guid]["EndTime"] = end
+        sim.world.jobs[gap[1]]["Status"] = 7001
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
+        await wait_until(lambda: len(_completions(path)) == 3, what="delivery")
+        assert not set(gap) & set(d.daemon.tracker.running_jobs)
+    assert sorted(g for g, o in _completions(path) if o == "resync") == sorted(gap)
+    starts = [e for e in _lines(path) if e["event"]["Type"] == 4200
+              and e["event"]["Data"]["GUID"] in gap]
+    assert starts == []
+
+
 async def test_silent_peer_is_replaced_and_resynced(sim: Simulator, tmp_path: Path) -> None:
     """Jobs that complete while the server is silent arrive through the resync that follows."""
     path = tmp_path / "events.jsonl"
