@@ -479,6 +479,13 @@ async def test_server_quirks_are_taken_in_stride(fsim: Simulator, tmp_path: Path
         info = [dict(lab) for (n, lab) in figures
                 if n == "cometserver_protected_item_info" and ("protected_item_id", item_id) in lab]
         assert info[0]["description"] == 'a "quoted" \\ back\nslash'
+        # an account change whose Data is an empty map (a Go zero value) is not a profile: the
+        # user's series stay
+        mine = {k for k in figures if ("username", user) in k[1]}
+        assert mine
+        fsim.emit({**account, "Data": {}})
+        await d.quiet(7)
+        assert {k for k in parse(await d.scrape()) if ("username", user) in k[1]} == mine
 
 
 def test_a_lone_surrogate_in_a_name_does_not_break_the_scrape() -> None:

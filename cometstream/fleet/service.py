@@ -54,6 +54,7 @@ _DEVICE_NEW: Final = SEVT["SEVT_DEVICE_NEW"]
 _DEVICE_REMOVED: Final = SEVT["SEVT_DEVICE_REMOVED"]
 _LIVE_CONNECT: Final = SEVT["SEVT_DEVICE_LIVE_CONNECT"]
 _LIVE_DISCONNECT: Final = SEVT["SEVT_DEVICE_LIVE_DISCONNECT"]
+_PROFILE_KEYS: Final = frozenset({"Username", "Sources", "Destinations", "Devices"})
 _HANDLED: Final = frozenset({_JOB_NEW, _JOB_COMPLETED, _ACCOUNT_NEW, _ACCOUNT_UPDATED,
                              _ACCOUNT_REMOVED, _DEVICE_NEW, _DEVICE_REMOVED, _LIVE_CONNECT,
                              _LIVE_DISCONNECT})
@@ -197,7 +198,9 @@ class Fleet:
             if isinstance(data, dict):
                 model.recent_job(data)
         elif t == _ACCOUNT_NEW or t == _ACCOUNT_UPDATED:
-            if isinstance(data, dict):
+            # a profile: a map with at least one of what a profile has (an empty map, a Go
+            # zero value, would otherwise wipe the user's series until the next read)
+            if isinstance(data, dict) and not _PROFILE_KEYS.isdisjoint(data):
                 name = _str(data.get("Username")) or _str(doc.get("ResourceID"))
                 if name:
                     model.put_user(name, data)
