@@ -20,6 +20,7 @@ levels) costs no recursion.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import orjson
@@ -54,6 +55,8 @@ SAFE_KEYS: Final = frozenset({
 #: them (a regex is a hundred times slower)
 _ZERO_DIGITS: Final = bytes.maketrans(b"123456789", b"000000000")
 _LONG_RUN: Final = b"0" * 19
+#: a number with an exponent, or a negative zero (possibly inside a string: then only slower)
+_FLOAT_TEXT: Final = re.compile(rb"\d[eE][+-]?\d|[:\[,]\s*-0(?:\.0*)?\s*[,}\]]")
 #: substrings of every name above: a name with none of them (most names, and ids used as keys)
 #: is judged without the regex
 _NEEDLES: Final = ("pass", "secret", "key", "token", "credential", "recovery", "serialnumber",
@@ -159,21 +162,40 @@ class Redactor:
         try:
             out = orjson.dumps(doc)
             inexact = out.find(b"e+") >= 0 and ev.raw.translate(_ZERO_DIGITS).find(_LONG_RUN) >= 0
+            if not inexact and _FLOAT_TEXT.search(ev.raw) is not None:
+                inexact = True  # a number a double would rewrite (1e400, 1e-400, 1E5, -0)
         except TypeError:  # integers beyond a double (the stdlib parsed this frame, exactly),
             inexact = True  # a lone surrogate, or nesting deeper than orjson writes
         if inexact:
-            exact = json.loads(ev.raw)  # (keeps the last of duplicate keys, as orjson does)
-            data = exact.get("Data")
-            if type(data) is dict or type(data) is list:
-                self._walk(data)
-            text = json.dumps(exact, ensure_ascii=False, separators=(",", ":"))
-            try:
-                out = text.encode()
-            except UnicodeEncodeError:  # a lone surrogate: written as the escape it came as
-                out = json.dumps(exact, separators=(",", ":")).encode()
+            out = self._exact(ev.raw)
         ev.raw = out
         self.redacted_events += 1
         return ev
+
+    def _exact(self, raw: bytes) -> bytes:
+        """``raw`` redacted from an exact parse: every number as the very text it came as
+        (``1e400``, ``1E5``, ``-0``, an integer beyond 64 bits), never through a float."""
+        nonce = os.urandom(6).hex()
+        numbers: list[str] = []
+
+        def keep(text: str) -> str:
+            numbers.append(text)
+            return f"\x00{nonce}:{len(numbers) - 1}\x00"
+
+        exact = json.loads(raw, parse_float=keep,  # (the last of duplicate keys, as orjson)
+                           parse_int=lambda t: keep(t) if t == "-0" else int(t))
+        data = exact.get("Data")
+        if type(data) is dict or type(data) is list:
+            self._walk(data)
+        text = json.dumps(exact, ensure_ascii=False, separators=(",", ":"))
+        try:
+            out = text.encode()
+        except UnicodeEncodeError:  # a lone surrogate: written as the escape it came as
+            out = json.dumps(exact, separators=(",", ":")).encode()
+        if numbers:  # each number's placeholder string back to its text
+            mark = re.compile(rb'"\\u0000' + nonce.encode() + rb':(\d+)\\u0000"')
+            out = mark.sub(lambda m: numbers[int(m.group(1))].encode(), out)
+        return out
 
     def _hides_something(self, raw: bytes) -> bool:
         """Whether the bytes of an event in which the parsed document showed nothing to redact

@@ -180,6 +180,24 @@ def test_redaction_keeps_integers_beyond_64_bits_wherever_they_are() -> None:
         assert b"e+" not in out and b"E+" not in out, out
 
 
+def test_redaction_keeps_every_number_as_it_came() -> None:
+    """A redacted event is re-encoded; its numbers are not rewritten through a double: 1e400
+    stays 1e400 (not Infinity, which is not JSON, nor null), 1e-400 is not 0.0, 1E5 is not
+    100000.0, -0 is not 0; the result is valid JSON."""
+    import json
+
+    from cometstream.redact import Redactor
+
+    numbers = b'"Inf":1e400,"NegInf":-1e400,"Tiny":1e-400,"E":1E5,"Z":-0,"Zf":-0.0,"F":0.5'
+    for raw in (b'{"Type":4102,"Data":{"PasswordHash":"S",' + numbers + b"}}",
+                b'{"Type":4403,"Data":{' + numbers + b',"SMTPPassword":"hunter2"}}'):
+        ev = decode_frame(raw, received_at=0.0, server="s")
+        Redactor().apply(ev)  # type: ignore[arg-type]
+        out = ev.raw  # type: ignore[union-attr]
+        assert numbers in out and b'"[REDACTED]"' in out, out
+        json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in {out!r}"))
+
+
 def test_redaction_keeps_a_big_integer_inside_statistics_which_are_not_walked() -> None:
     from cometstream.redact import NO_SECRETS, Redactor
 
