@@ -74,10 +74,10 @@ def _ended(status: object) -> bool:
     return type(status) is int and status >= 5000 and not 6000 <= status <= 6999
 
 
-def _start_or(job: dict[str, Any], clock: Callable[[], float]) -> int:
-    """A job's StartTime when it is a plausible one, else now (a timestamp to sort by)."""
-    start = job.get("StartTime")
-    return start if type(start) is int and 0 < start < 1 << 62 else int(clock())
+def _time(value: object) -> int:
+    """A job's StartTime or EndTime as a synthesized event's timestamp: a positive integer
+    within 64 bits (what the ledger can keep; as the live path's rule), else 0."""
+    return value if type(value) is int and 0 < value < 1 << 63 else 0
 
 
 def _devices_of(users: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -326,8 +326,7 @@ class Resyncer:
                 key = completion_key(guid, end)
                 fp = fingerprint(key)
                 if fp not in delivered and fp not in inflight and not held(key):
-                    ts = end if type(end) is int and 0 < end < 1 << 62 else _start_or(
-                        job, self.clock)
+                    ts = _time(end) or _time(job.get("StartTime")) or int(self.clock())
                     out.append((ts, JOB_COMPLETED, job, user, orgs.get(user, ""), guid, key,
                                 fp, ("job_done", guid)))
                     if not n_completed:
@@ -342,9 +341,9 @@ class Resyncer:
                 key = f"{JOB_NEW}:{guid}"
                 fp = fingerprint(key)
                 if fp not in delivered and fp not in inflight and not held(key):
-                    start = job.get("StartTime")
-                    start = start if type(start) is int else 0
-                    ts = start if start > 0 else int(self.clock())
+                    start = job.get("StartTime")  # (kept as the live path keeps it)
+                    start = start if type(start) is int and -(1 << 63) <= start < 1 << 63 else 0
+                    ts = _time(start) or int(self.clock())
                     out.append((ts, JOB_NEW, job, user, orgs.get(user, ""), guid, key, fp,
                                 ("job_new", guid, user, start)))
                     if not n_new:

@@ -104,6 +104,29 @@ async def test_a_finished_job_with_an_odd_end_time_is_reported_completed(
     assert starts == []
 
 
+async def test_a_job_time_beyond_64_bits_is_not_a_sync_s_timestamp(
+        sim: Simulator, tmp_path: Path) -> None:
+    """A gap job started at 2^63 + 5 (and one ended then): the sync still reports both, with a
+    timestamp the ledger can keep, and the next sync succeeds too."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        await _open_gap(sim, d)
+        running_guid = sim.world.start_job()["Data"]["GUID"]
+        (done_guid,) = _gap_jobs(sim, 1)
+        sim.world.jobs[running_guid]["StartTime"] = 2**63 + 5  # (an integer to orjson too)
+        sim.world.jobs[done_guid]["EndTime"] = 2**63 + 5
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
+        await wait_until(lambda: len(_lines(path)) >= 3, what="delivery")
+        got = {e["event"]["Data"]["GUID"]: e["event"] for e in _lines(path)
+               if e["event"]["Type"] in (4200, 4201)}
+        assert set(got) == {running_guid, done_guid}
+        assert all(0 < ev["Timestamp"] < 2**63 for ev in got.values())
+        await sim.drop_clients()
+        await wait_until(lambda: d.daemon.resyncs_ok == 3, timeout=10, what="next resync")
+
+
 async def test_silent_peer_is_replaced_and_resynced(sim: Simulator, tmp_path: Path) -> None:
     """Jobs that complete while the server is silent arrive through the resync that follows."""
     path = tmp_path / "events.jsonl"
