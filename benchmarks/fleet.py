@@ -143,16 +143,9 @@ async def http_scrape(model: Model, repeat: int) -> dict[str, Any]:
 
     cache = GzipCache()
 
-    async def compress(head: bytes | None, tail: bytes = b"") -> bytes | None:
-        changed = cache.texts(model)
-        fresh, body = await asyncio.get_running_loop().run_in_executor(
-            None, cache.compress, changed, head, tail)
-        cache.keep(fresh)
-        return body
-
     async def gzipped(prefix: bytes) -> bytes:
         head, tail = edges(model, NOW, ())
-        body = await compress(prefix + head, tail)
+        body = await cache.update(model, prefix + head, tail)
         assert body is not None
         return body
 
@@ -194,7 +187,7 @@ async def http_scrape(model: Model, repeat: int) -> dict[str, Any]:
         # after a (re)seed the daemon compresses the new model's text ahead, on a thread
         cache = GzipCache()
         t0 = time.perf_counter()
-        await compress(None)
+        await cache.update(model)
         out["warm"] = time.perf_counter() - t0
         out["gzip_warm"] = (await fetch("gzip"))[0]
     finally:

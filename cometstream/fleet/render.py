@@ -13,6 +13,7 @@ same meaning (:mod:`.model`); ``cometstream_fleet_*`` describe the fleet state i
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
 import zlib
@@ -286,6 +287,23 @@ class GzipCache:
                 chunks.extend(family)
         chunks.append(_chunk(tail, level))
         return fresh, _gzip(chunks)
+
+    async def update(self, model: Model, head: bytes | None = None,
+                     tail: bytes = b"") -> bytes | None:
+        """What changed in ``model`` compressed on a thread and kept (forgotten if this is
+        cancelled); the whole answer, gzipped, when ``head`` is given. One at a time (the
+        caller holds a lock)."""
+        changed = self.texts(model)
+        if not changed and head is None:
+            return None
+        try:
+            fresh, body = await asyncio.get_running_loop().run_in_executor(
+                None, self.compress, changed, head, tail)
+        except BaseException:
+            self.forget(changed)  # (the thread's work, finished or not, is not kept)
+            raise
+        self.keep(fresh)
+        return body
 
     def keep(self, fresh: dict[int, list[Chunk]]) -> None:
         """Keep what :meth:`compress` made (on the event loop)."""

@@ -392,7 +392,7 @@ class Fleet:
             if model is None:
                 return gzip.compress(prefix + render(None, now, own), compresslevel=1)
             head, tail = edges(model, now, own)
-            body = await self._compress(model, prefix + head, tail)
+            body = await self._gzip.update(model, prefix + head, tail)
             assert body is not None
             return body
 
@@ -404,23 +404,7 @@ class Fleet:
             model = self.model
             if model is None:
                 return
-            await self._compress(model, None, b"")
-
-    async def _compress(self, model: Model, head: bytes | None, tail: bytes) -> bytes | None:
-        """What changed in ``model`` compressed on a thread and kept; the whole answer gzipped
-        when ``head`` is given (under ``_gzip_lock``)."""
-        cache = self._gzip
-        changed = cache.texts(model)
-        if not changed and head is None:
-            return None
-        try:
-            fresh, body = await asyncio.get_running_loop().run_in_executor(
-                None, cache.compress, changed, head, tail)
-        except BaseException:
-            cache.forget(changed)  # (the thread's work, finished or not, is not kept)
-            raise
-        cache.keep(fresh)
-        return body
+            await self._gzip.update(model)
 
     def _own(self, now: float) -> list[Family]:
         srv = f'server="{label_value(self.server)}"'
