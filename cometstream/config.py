@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import binascii
 import dataclasses
+import functools
 import os
 import re
 import tomllib
@@ -534,8 +535,8 @@ def _parse_config(data: Mapping[str, Any], *, path: Path | None = None,
     sinks_tbl = attempt(lambda: top.table("sinks"))
     if sinks_tbl is not None:
         for name in list(sinks_tbl._table):
-            sink = table(sinks_tbl, name,
-                         lambda t, name=name: _parse_sink(name, t, resolve_sink))
+            sink = table(sinks_tbl, name, functools.partial(_parse_sink, name,
+                                                            resolve_sink=resolve_sink))
             if sink is not None:
                 sinks.append(sink)
         attempt(sinks_tbl.done)
