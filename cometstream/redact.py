@@ -29,7 +29,7 @@ from typing import Any, Final
 
 from .events import JOB_TYPES, Event
 
-__all__ = ["MARK", "NO_SECRETS", "SECRET_KEY_PATTERN", "SAFE_KEYS", "Redactor"]
+__all__ = ["MARK", "NO_SECRETS", "SAFE_KEYS", "SECRET_KEY_PATTERN", "Redactor", "rewrites_numbers"]
 
 MARK: Final = "[REDACTED]"
 #: key names (case-insensitive, anywhere in the name) whose values are secrets
@@ -50,13 +50,32 @@ SAFE_KEYS: Final = frozenset({
 })
 
 
+def _number_shapes() -> bytes:
+    table = bytearray(b"x" * 256)  # most bytes: "something else"
+    for c in b"123456789":
+        table[c] = ord("1")
+    for c, to in zip(b"0.-eE:[,}]", b"0.-ee:::]]", strict=True):
+        table[c] = to
+    return bytes(table)
+
+
+#: the shape of a JSON text as far as its numbers go: 0 itself, the other digits as 1, e and E
+#: as e, what comes before a value (``:``, ``[``, ``,``) as ``:``, what closes one (``}``,
+#: ``]``) as ``]``, ``.`` and ``-`` themselves, whitespace gone (``_BLANK``), anything else
+#: ``x``. Inside strings the shape means nothing: a string shaped like a number only costs
+#: the slow path.
+_SHAPES: Final = _number_shapes()
+_BLANK: Final = b" \t\r\n"
+#: in that shape, a number a double would rewrite: one with an exponent (``1e400``, ``1E5``,
+#: ``-2.5e-3``), or a negative zero integer (``-0``: read as ``0``). Hex digits in strings
+#: (``"78e51061"``) are preceded by ``x``, not ``:``. (The regex starts with a literal, so
+#: it runs in C: about 15 µs with the translation for a 6 KB profile.)
+_REWRITTEN: Final = re.compile(rb":-?[01.]+e|:-0[:\]]")
 #: a number of 19+ digits may not fit 64 bits (orjson reads those as floats): 20 digits above
 #: 2**64 - 1, and 19 below -2**63; found by mapping every digit to 0 and looking for nineteen of
 #: them (a regex is a hundred times slower)
 _ZERO_DIGITS: Final = bytes.maketrans(b"123456789", b"000000000")
 _LONG_RUN: Final = b"0" * 19
-#: a number with an exponent, or a negative zero (possibly inside a string: then only slower)
-_FLOAT_TEXT: Final = re.compile(rb"\d[eE][+-]?\d|[:\[,]\s*-0(?:\.0*)?\s*[,}\]]")
 #: substrings of every name above: a name with none of them (most names, and ids used as keys)
 #: is judged without the regex
 _NEEDLES: Final = ("pass", "secret", "key", "token", "credential", "recovery", "serialnumber",
@@ -76,6 +95,8 @@ class Redactor:
         self.enabled = enabled
         self.extra = frozenset(k.lower() for k in extra_keys)
         self.redacted_events = 0
+        #: redacted events re-encoded through the exact (standard library, slow) path
+        self.exact_events = 0
         # Key names repeat across events (every profile has the same few hundred): each is
         # judged once, and a dict's keys are then matched with set operations, in C.
         self._known: set[str] = set()
@@ -161,13 +182,12 @@ class Redactor:
             return ev
         try:
             out = orjson.dumps(doc)
-            inexact = out.find(b"e+") >= 0 and ev.raw.translate(_ZERO_DIGITS).find(_LONG_RUN) >= 0
-            if not inexact and _FLOAT_TEXT.search(ev.raw) is not None:
-                inexact = True  # a number a double would rewrite (1e400, 1e-400, 1E5, -0)
+            inexact = rewrites_numbers(ev.raw, out)
         except TypeError:  # integers beyond a double (the stdlib parsed this frame, exactly),
             inexact = True  # a lone surrogate, or nesting deeper than orjson writes
         if inexact:
             out = self._exact(ev.raw)
+            self.exact_events += 1
         ev.raw = out
         self.redacted_events += 1
         return ev
@@ -217,6 +237,20 @@ class Redactor:
         if self.enabled:
             self._walk(out)
         return out
+
+
+def rewrites_numbers(raw: bytes, out: bytes) -> bool:
+    """Whether ``out``, orjson's encoding of the parsed ``raw``, may have changed the text of a
+    number: one with an exponent (``1e400``, ``1E5``: read as a double), a negative zero integer
+    (``-0``: read as ``0``), or an integer beyond 64 bits (read as a double, written with
+    ``e+``; a decimal beyond a double, read as infinity, written as ``null``).
+
+    Never wrong for a number; a string shaped like one after a ``:`` or ``,`` (``"a:1e5"``)
+    only costs the slow path. Strings of hex digits (``"78e51061"``) do not."""
+    if ((out.find(b"e+") >= 0 or out.find(b"null") >= 0)
+            and raw.translate(_ZERO_DIGITS).find(_LONG_RUN) >= 0):
+        return True
+    return _REWRITTEN.search(raw.translate(_SHAPES, _BLANK)) is not None
 
 
 def _mentions_secret(lowered: str) -> bool:

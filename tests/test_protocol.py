@@ -254,3 +254,53 @@ def test_a_bad_frame_that_looks_like_an_event_has_no_sample(frame: bytes) -> Non
     assert isinstance(m, Malformed)
     assert m.sample == "" and "LEAK" not in m.detail
     assert _decode(b"not json at all").sample == "not json at all"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"Type":4102,"Data":{"A":1e5}}', b'{"Type":4102,"Data":{"A":-2.5E-3}}',
+    b'{"Type":4102,"Data":[0, 1E+400]}', b'{"Type":4102,"Data":{"A": -0 }}',
+    b'{"Type":4102,"Data":[1,-0]}', b'{"Type":4102,"Data":{"A":18446744073709551616}}',
+    b'{"Type":4102,"Data":{"A":-9223372036854775809}}',
+])
+def test_a_number_a_double_would_rewrite_is_found(raw: bytes) -> None:
+    from cometstream.events import dump_json, parse_raw
+    from cometstream.redact import rewrites_numbers
+
+    assert rewrites_numbers(raw, dump_json(parse_raw(raw)))
+
+
+@pytest.mark.parametrize("raw", [
+    # hex GUIDs (digit, e, digit), dates and ids with "-0", decimals, -0.0 (kept by orjson)
+    b'{"Type":4102,"Data":{"GUID":"78e51061-0b2c-4e5f-9e0e-12e4a5b6c7d8","D":"2024-01-05"}}',
+    b'{"Type":4102,"Data":{"A":1.5,"B":-0.0,"C":-12,"D":[0,-1,2.25],"E":"x-0,"}}',
+    b'{"Type":4102,"Data":{"Size":9223372036854775807,"T":1733400000}}',
+])
+def test_text_that_only_looks_like_such_a_number_is_not(raw: bytes) -> None:
+    from cometstream.events import dump_json, parse_raw
+    from cometstream.redact import rewrites_numbers
+
+    assert not rewrites_numbers(raw, dump_json(parse_raw(raw)))
+
+
+def test_a_stream_without_such_numbers_never_takes_the_slow_path() -> None:
+    """The simulator's mix (account events carry whole profiles, full of hex GUIDs such as
+    ``"78e51061"``): every account event is redacted and re-encoded by orjson, none through
+    the exact (standard library) path; one number that needs it takes it, and only that."""
+    import orjson
+
+    from cometstream.redact import Redactor
+    from cometstream.simulator.world import World
+
+    world = World(seed=7)
+    redactor = Redactor()
+    events = [_decode(orjson.dumps(world.next_event())) for _ in range(5000)]
+    for ev in events:
+        assert isinstance(ev, Event)
+        redactor.apply(ev)
+        orjson.loads(ev.raw)
+    assert redactor.redacted_events >= 50, redactor.redacted_events
+    assert redactor.exact_events == 0
+    odd = _decode(b'{"Type":4102,"Data":{"PasswordHash":"S","GUID":"78e51061","N":1E5}}')
+    assert isinstance(odd, Event)
+    redactor.apply(odd)
+    assert redactor.exact_events == 1 and b'"N":1E5' in odd.raw
