@@ -1,11 +1,15 @@
-"""How long a remedial sync takes to deliver N job completions missed during a gap.
+"""How long a remedial sync takes to deliver N job completions missed during a gap, and the
+memory it takes.
 
-    .venv/bin/python benchmarks/resync.py [--jobs 100000]
+    .venv/bin/python benchmarks/resync.py [--jobs 100000] [--hours 2]
 
 The simulator runs in a separate process: it builds a world, lets a daemon (this process, file
-sink, format event) connect once for its baseline, then completes N jobs while refusing logins
-(the gap), then lets it back in. Printed: the time from the reconnect's HELLO to the last
-synthesized completion written, the rate, and the API response sizes involved.
+sink, format event) connect once for its baseline, then, while refusing logins (the gap),
+completes N jobs spread evenly over ``--hours`` of the server's clock (which then moves on by as
+much: the gap lasted that long), then lets it back in. Printed: the time from the reconnect's
+HELLO to the last synthesized completion written, the rate, the job-list calls and the largest
+answer, the daemon's resident memory before the gap, at its peak during the sync (sampled every
+20 ms from /proc), and a few seconds after it; and its peak RSS over the whole run.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ USER, PASSWORD = "bench", "bench pass"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def serve(n: int) -> None:
+async def serve(n: int, hours: float) -> None:
     import structlog
 
     from cometstream.simulator import Simulator
@@ -35,7 +39,12 @@ async def serve(n: int) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     # the daemon's refused logins during the gap end as reset connections: not news here
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    sim = Simulator(username=USER, password=PASSWORD, rate=0, seed=1, record=False)
+    offset = [0.0]  # the server's clock runs ahead by the gap once it is over
+
+    def clock() -> float:
+        return time.time() + offset[0]
+
+    sim = Simulator(username=USER, password=PASSWORD, rate=0, seed=1, record=False, clock=clock)
     sim.world.max_jobs = 2 * n + 50_000  # keep every gap job in the world's history
     await sim.start("127.0.0.1", 0)
     print(json.dumps({"url": sim.url}), flush=True)
@@ -46,12 +55,21 @@ async def serve(n: int) -> None:
     sim.faults.reject_logins = True
     await sim.drop_clients()
     t0 = time.perf_counter()
-    for _ in range(n):
-        guid = sim.world.start_job()["Data"]["GUID"]
-        sim.world.complete_job(guid)
+    gap = hours * 3600
+    begin = clock() + 1
+    for i in range(n):
+        started = int(begin + gap * i / n)
+        guid = sim.world.start_job(now=started)["Data"]["GUID"]
+        sim.world.complete_job(guid, now=started + i % 600)
+    offset[0] = gap + 600
     print(json.dumps({"gap_jobs": n, "built_in": time.perf_counter() - t0}), flush=True)
     sim.faults.reject_logins = False
     await asyncio.sleep(3600)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 async def measure(url: str, n: int, out: Path, go: Callable[[], None]) -> dict[str, float]:
@@ -64,7 +82,8 @@ async def measure(url: str, n: int, out: Path, go: Callable[[], None]) -> dict[s
         "stream": {"backoff_initial": 0.05, "backoff_max": 0.2},
         "http": {"listen": ""},
         "state": {"dir": str(out.parent / "state")},
-        "sinks": {"file": {"type": "file", "path": str(out), "format": "event", "buffer": 200000}},
+        "resync": {"timeout": 3600, "call_timeout": 600},
+        "sinks": {"file": {"type": "file", "path": str(out), "format": "event"}},
     }, env={}, resolve_sink=resolve_sink_class)
     d = Daemon(cfg, resync_retry=(0.05, 0.2))
     stop = asyncio.Event()
@@ -72,35 +91,54 @@ async def measure(url: str, n: int, out: Path, go: Callable[[], None]) -> dict[s
     while d.resyncs_ok < 1:
         await asyncio.sleep(0.05)
     base = d.metrics.sinks["file"].delivered
+    before = _rss_mb()
+    peak = [before]
+
+    async def sample() -> None:
+        while True:
+            peak[0] = max(peak[0], _rss_mb())
+            await asyncio.sleep(0.02)
+
     go()
     while d.metrics.stream.received.get(4000, 0) < 2:
         await asyncio.sleep(0.005)
+    sampler = asyncio.create_task(sample())
     t0 = time.perf_counter()
-    deadline = t0 + 600
-    while d.metrics.sinks["file"].delivered - base < n + 1:
+    deadline = t0 + 3600
+    while d.metrics.sinks["file"].delivered - base < n + 1 or d.resyncs_ok < 2:
         if time.perf_counter() > deadline:
             raise SystemExit(f"only {d.metrics.sinks['file'].delivered - base - 1} of {n} "
-                             "delivered after 600 s")
+                             "delivered after 3600 s")
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - t0
     res = d.last_resync
+    await asyncio.sleep(5)
+    sampler.cancel()
+    after = _rss_mb()
     stop.set()
     await task
     return {"seconds": elapsed, "rate": n / elapsed,
-            "synthesized": float(res.count if res else 0)}
+            "synthesized": float(res.count if res else 0),
+            "spans": float(res.spans if res else 0),
+            "largest": float(res.largest_answer if res else 0),
+            "split": float(res.split if res else 0),
+            "before": before, "peak": peak[0], "after": after}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=100_000)
+    ap.add_argument("--hours", type=float, default=2.0,
+                    help="the gap's length on the server's clock, the jobs spread over it")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        asyncio.run(serve(args.jobs))
+        asyncio.run(serve(args.jobs, args.hours))
         return 0
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    sender = subprocess.Popen([sys.executable, __file__, "--serve", "--jobs", str(args.jobs)],
+    sender = subprocess.Popen([sys.executable, __file__, "--serve", "--jobs", str(args.jobs),
+                               "--hours", str(args.hours)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert sender.stdout is not None
@@ -118,10 +156,14 @@ def main() -> int:
     finally:
         sender.terminate()
         sender.wait(10)
-    print(f"resync of {args.jobs:,} job completions missed during a gap: "
+    print(f"resync of {args.jobs:,} job completions missed during a {args.hours:g} h gap: "
           f"{res['seconds']:.2f} s from the HELLO to the last one written "
           f"({res['rate']:,.0f} jobs/s; {res['synthesized']:,.0f} synthesized; "
-          f"daemon peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB)")
+          f"{res['spans']:.0f} job-list calls, largest answer {res['largest'] / 2**20:.1f} MiB, "
+          f"{res['split']:.0f} refused)\n"
+          f"daemon RSS: {res['before']:.0f} MB before the gap, peak {res['peak']:.0f} MB during "
+          f"the sync, {res['after']:.0f} MB 5 s after; peak over the run "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
     return 0
 
 

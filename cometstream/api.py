@@ -36,7 +36,8 @@ from .config import ServerConfig
 from .errors import ApiError
 from .observe.logging import register_secret
 
-__all__ = ["AdminClient", "ApiAuthError", "ResponseTooLarge", "TotpRequired", "api_base_url"]
+__all__ = ["JOBS_PATH", "AdminClient", "ApiAuthError", "ResponseTooLarge", "TotpRequired",
+           "api_base_url"]
 
 log = structlog.get_logger("cometstream.api")
 
@@ -47,7 +48,7 @@ MAX_RESPONSE_BYTES: Final = 256 * 1024 * 1024
 #: the largest job list read at once: the remedial sync asks for a shorter span of time when a
 #: span's answer is larger (its parsed form is a few times its bytes)
 MAX_JOBS_RESPONSE_BYTES: Final = 128 * 1024 * 1024
-_JOBS_PATH: Final = "admin/get-jobs-for-date-range"
+JOBS_PATH: Final = "admin/get-jobs-for-date-range"
 _PREFIX: Final = "/api/v1/"
 
 
@@ -115,6 +116,9 @@ class AdminClient:
         self._http: aiohttp.ClientSession | None = None
         self._session_key: str | None = None
         self.calls = 0
+        #: the size of the latest answer per path, in bytes (after gzip): what the remedial
+        #: sync sizes its next span of the job list by
+        self.answer_bytes: dict[str, int] = {}
         #: the calls in flight, by path and parameters: an identical call made meanwhile waits
         #: for the same answer (see :meth:`call`)
         self._inflight: dict[tuple[str, tuple[tuple[str, str], ...]], asyncio.Future[Any]] = {}
@@ -168,7 +172,8 @@ class AdminClient:
         log.debug("api session started", server=self.server.name)
 
     # --- calls -----------------------------------------------------------------------------------
-    async def call(self, path: str, params: Mapping[str, Any] | None = None) -> Any:
+    async def call(self, path: str, params: Mapping[str, Any] | None = None, *,
+                   limit: int | None = None) -> Any:
         """POST ``/api/v1/<path>`` with auth + params; returns the decoded JSON (retries per policy).
 
         Every call here only reads. One made while an identical one (same path and parameters)
@@ -180,7 +185,7 @@ class AdminClient:
         key = (path, tuple(sorted((k, _form_value(v)) for k, v in (params or {}).items())))
         shared = self._inflight.get(key)
         if shared is None:
-            shared = asyncio.ensure_future(self._call(path, params or {}))
+            shared = asyncio.ensure_future(self._call(path, params or {}, limit))
             self._inflight[key] = shared
             self._running.add(shared)
             shared.add_done_callback(lambda done: self._landed(key, done))
@@ -199,26 +204,26 @@ class AdminClient:
         if not done.cancelled():
             done.exception()  # retrieved: every caller may have gone
 
-    async def _call(self, path: str, params: Mapping[str, Any]) -> Any:
+    async def _call(self, path: str, params: Mapping[str, Any], limit: int | None = None) -> Any:
         await self._ensure_session()
         try:
-            return await self._post(path, params or {})
+            return await self._post(path, params or {}, limit)
         except ApiAuthError:
             if self.server.auth_type == "PasswordTOTP" and self._session_key:
                 # the session may have expired: log in again once
                 self._session_key = None
                 await self._ensure_session()
-                return await self._post(path, params or {})
+                return await self._post(path, params or {}, limit)
             raise
 
-    async def _post(self, path: str, params: Mapping[str, Any]) -> Any:
+    async def _post(self, path: str, params: Mapping[str, Any], limit: int | None = None) -> Any:
         initial, cap, rand = self._retry
         backoff = Backoff(initial, cap, rand=rand)
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await self._post_once(path, params)
+                return await self._post_once(path, params, limit)
             except ApiError as exc:
                 if not exc.retryable or attempt >= self.attempts:
                     raise
@@ -227,7 +232,8 @@ class AdminClient:
                          attempt=attempt, retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
 
-    async def _post_once(self, path: str, params: Mapping[str, Any]) -> Any:
+    async def _post_once(self, path: str, params: Mapping[str, Any],
+                         limit: int | None = None) -> Any:
         form = self._auth_fields()
         for k, v in params.items():
             form[k] = _form_value(v)
@@ -240,10 +246,13 @@ class AdminClient:
         try:
             async with deadline, http.post(url, data=form,
                                            headers={"Accept-Encoding": "gzip"}) as resp:
-                limit = self.max_response
-                if path == _JOBS_PATH:
-                    limit = min(limit, self.max_jobs_response)
-                body = await _read_capped(resp, limit, path)
+                cap = self.max_response
+                if path == JOBS_PATH:
+                    cap = min(cap, self.max_jobs_response)
+                if limit is not None:
+                    cap = min(cap, limit)
+                body = await _read_capped(resp, cap, path)
+                self.answer_bytes[path] = len(body)
                 status = resp.status
                 ctype = resp.headers.get("Content-Type", "")
         except TimeoutError as exc:
@@ -307,9 +316,12 @@ class AdminClient:
     async def meta_version(self) -> dict[str, Any]:
         return _as_map(await self.call("admin/meta/version"))
 
-    async def jobs_for_date_range(self, start: int, end: int) -> list[dict[str, Any]]:
-        """Jobs that started or ended within [start, end]; (0, 0) = the incomplete jobs."""
-        data = await self.call(_JOBS_PATH, {"Start": start, "End": end})
+    async def jobs_for_date_range(self, start: int, end: int, *,
+                                  limit: int | None = None) -> list[dict[str, Any]]:
+        """Jobs that started or ended within [start, end]; (0, 0) = the incomplete jobs.
+        ``limit``: refuse (ResponseTooLarge) an answer larger than that many bytes, below the
+        client's own bound for a job list."""
+        data = await self.call(JOBS_PATH, {"Start": start, "End": end}, limit=limit)
         return [j for j in _as_list(data) if isinstance(j, dict)]
 
     async def job_properties(self, guid: str) -> dict[str, Any]:
@@ -339,9 +351,13 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int, path: str) -> b
         raise too_large()
     body = bytearray()
     async for chunk in resp.content.iter_chunked(1 << 20):
-        body += chunk
-        if len(body) > limit:
+        if len(body) + len(chunk) > limit:
+            # freed now: the exception's traceback keeps this frame, and what it holds,
+            # until the cyclic collector runs (which a large sync pauses)
+            body.clear()
+            del chunk
             raise too_large()
+        body += chunk
     return body  # type: ignore[return-value]  # (bytes-like: not copied again)
 
 

@@ -137,7 +137,9 @@ class Daemon:
                                call_timeout=cfg.resync.call_timeout)
         self.resyncer = Resyncer(self.api, self.tracker, server=s.name,
                                  overlap=cfg.resync.overlap, redactor=self.redactor,
-                                 clock=self.server_time, held=self.gate.is_held)
+                                 clock=self.server_time, held=self.gate.is_held,
+                                 on_progress=self._resync_progress)
+        self.metrics.stream.resync_progress = self._resync_share
         #: ``[fleet]``: the Comet fleet's cometserver_* metrics; it sees every live event first
         self.fleet = Fleet(cfg.fleet, self.api, server=s.name, clock=self.server_time,
                            retry=resync_retry, timeout=cfg.resync.timeout) \
@@ -159,6 +161,34 @@ class Daemon:
     def server_time(self) -> float:
         """The server's clock: ours plus the offset its HELLO's CurrentTime showed."""
         return self.clock() + self._skew
+
+    # --- a long remedial sync, seen from outside -------------------------------------------------
+    def _resync_share(self) -> tuple[float, int]:
+        res = self.resyncer.current
+        return (res.progress(), res.count) if res is not None else (0.0, 0)
+
+    def _resync_progress(self, res: ResyncResult) -> None:
+        """Every few seconds of a long sync: a log line and systemd's STATUS."""
+        started = self.metrics.stream.resync_started
+        elapsed = time.monotonic() - started if started else 0.0
+        pct = res.progress() * 100
+        log.info("resync progress", server=self.cfg.server.name, progress_pct=round(pct, 1),
+                 events=res.count, read_until=res.position, seconds=round(elapsed, 1),
+                 events_per_second=round(res.count / elapsed) if elapsed > 0 else None)
+        self.notifier.status(f"catching up: {pct:.0f}% of the job window read, "
+                             f"{res.count:,} events synthesized")
+
+    def ready_info(self) -> dict[str, Any]:
+        """/readyz's body beside the reasons: a sync catching up (not a reason to be unready:
+        the stream is live and the sinks are writing)."""
+        res = self.resyncer.current
+        if res is None or not res.window[1]:
+            return {}
+        started = self.metrics.stream.resync_started
+        return {"catching_up": {
+            "progress": round(res.progress(), 4), "events": res.count,
+            "read_until": res.position, "window": list(res.window),
+            "seconds": round(time.monotonic() - started, 1) if started else 0.0}}
 
     # --- stream callbacks ------------------------------------------------------------------------
     def _on_status(self, state: str, detail: str) -> None:
@@ -428,7 +458,7 @@ class Daemon:
         server = HttpServer(self.registry, self.not_ready_reasons, host=host, port=port,
                             extra=self.fleet.render if self.fleet is not None else None,
                             extra_gzip=(self.fleet.render_gzip if self.fleet is not None
-                                        else None))
+                                        else None), info=self.ready_info)
         try:
             await server.start()
         except OSError as exc:

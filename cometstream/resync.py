@@ -35,7 +35,7 @@ from typing import Any, Final
 import orjson
 import structlog
 
-from .api import AdminClient, ResponseTooLarge
+from .api import JOBS_PATH, AdminClient, ResponseTooLarge
 from .constants import SEVT
 from .delivery.identity import (
     ACCOUNT_NEW,
@@ -61,10 +61,20 @@ log = structlog.get_logger("cometstream.resync")
 
 #: after a server restart the job window reaches back at least this far
 RESTART_WINDOW: Final = 3600.0
-#: the job window is read a day at a time
+#: the longest span of the job window asked for in one call
 CHUNK: Final = 86400
 #: the shortest span the job list is asked for when a longer one's answer is too large
 MIN_CHUNK: Final = 1
+#: the first span asked for; the next ones are sized by what the previous answers held
+FIRST_SPAN: Final = 300
+#: the size of job-list answer the spans aim at: a span's jobs are parsed, planned and handed
+#: over before the next is asked for, so the sync's memory follows this, not the gap
+SPAN_BYTES: Final = 4 * 1024 * 1024
+#: a span grows at most this many times over the previous one (a sparse stretch may be
+#: followed by a dense one)
+SPAN_GROWTH: Final = 4
+#: a long sync says how far it is at most this often (log line, systemd STATUS)
+PROGRESS_INTERVAL: Final = 5.0
 ServerClock = Callable[[], float]
 
 
@@ -103,6 +113,19 @@ class ResyncResult:
         self.completed: set[str] = set()
         self.accounts: dict[str, str] = {}
         self.staged: tuple[dict[str, list[Any]], dict[str, str]] | None = None
+        #: how far the job window has been read (server time): ``window[0]`` until the first
+        #: span is in, ``window[1]`` at the end
+        self.position = 0
+        #: job-list calls made, and the largest answer among them (bytes)
+        self.spans = 0
+        self.largest_answer = 0
+
+    def progress(self) -> float:
+        """The share of the job window read so far, 0 to 1."""
+        since, end = self.window
+        if end <= since:
+            return 0.0
+        return min(1.0, max(0.0, (self.position - since) / (end - since)))
 
 
 #: hands one synthesized event to the daemon (dedup, tracking, redaction, pipeline); returns
@@ -123,8 +146,16 @@ class Resyncer:
 
     def __init__(self, api: AdminClient, tracker: Tracker, *, server: str, overlap: float,
                  redactor: Redactor, clock: ServerClock = time.time,
-                 held: Callable[[str], bool] = lambda key: False) -> None:
+                 held: Callable[[str], bool] = lambda key: False,
+                 on_progress: Callable[[ResyncResult], None] | None = None) -> None:
         self.api = api
+        #: called every ``progress_interval`` seconds while a long sync reads its job window
+        self.on_progress = on_progress
+        self.progress_interval = PROGRESS_INTERVAL
+        #: the size of job-list answer the spans aim at (SPAN_BYTES)
+        self.span_bytes = SPAN_BYTES
+        #: the sync running now (None between syncs): its progress, for /readyz and metrics
+        self.current: ResyncResult | None = None
         #: whether a live event with this dedup key is held behind the sync: it is the better
         #: copy (the server's own bytes), so the sync leaves that job to it
         self.held = held
@@ -170,8 +201,17 @@ class Resyncer:
         return Event(raw, doc, type_, "resync", time.time(), self.server)
 
     async def run(self, hello: dict[str, Any], emit: Emit, emit_job: EmitJob) -> ResyncResult:
-        tr = self.tracker
         res = ResyncResult()
+        self.current = res
+        try:
+            return await self._run(res, hello, emit, emit_job)
+        finally:
+            if self.current is res:
+                self.current = None
+
+    async def _run(self, res: ResyncResult, hello: dict[str, Any], emit: Emit,
+                   emit_job: EmitJob) -> ResyncResult:
+        tr = self.tracker
         now = int(self.clock())
         start_hash = hello.get("ServerStartHash") if isinstance(hello.get("ServerStartHash"), str) else ""
         restarted = bool(tr.server_start_hash and start_hash and start_hash != tr.server_start_hash)
@@ -226,38 +266,63 @@ class Resyncer:
         since = max(0, tr.watermark - int(window))
         end = now + 60
         res.window = (since, end)
+        res.position = since
+        # the GUIDs of the spans before that a later span may list again: jobs not yet ended
+        # (or with odd times), and those the last span looks at anyway (the running ones);
+        # not every job of the gap, which would grow with it
         found: set[str] = set()
-        # a day at a time, oldest first: bounded responses, and events go out in time order;
-        # a span whose answer is too large is asked for again in halves (the rest of the sync
-        # keeps the shorter span): the job list is the one answer the API lets us page
-        span = CHUNK
+        watch = {g for j in incomplete if isinstance(g := j.get("GUID"), str)}
+        watch.update(tr.running_jobs)
+        # a span at a time, oldest first: the events go out in time order, and each span's
+        # jobs are parsed, planned and handed over before the next is asked for. A span is
+        # sized by what the previous answers held (aiming at SPAN_BYTES), so memory follows
+        # the span, not the gap; an answer past the client's bound is refused (and freed) and
+        # the span asked for again shorter. The job list is the one answer the API lets us page.
+        span = FIRST_SPAN
         start = since
+        reported = time.monotonic()
         while start < end:
             stop = min(start + span, end)
-            # the chunk's jobs and events are hundreds of thousands of objects that live until
-            # it is done and are freed by reference counting: the cyclic collector, left on,
-            # would walk them all again and again (a third of a large sync's time)
+            # the span's jobs and events are many objects that live until it is done and are
+            # freed by reference counting: the cyclic collector, left on, would walk them all
+            # again and again (a third of a large sync's time)
             try:
                 with _gc_paused():
-                    await self._chunk(start, stop, stop >= end, incomplete, found, res, orgs,
-                                      emit_job)
+                    size = await self._chunk(start, stop, stop >= end, incomplete, found, res,
+                                             orgs, emit_job, watch)
             except ResponseTooLarge as exc:
                 if stop - start <= MIN_CHUNK:
                     raise
-                span = max(MIN_CHUNK, (stop - start) // 2)
+                # the span holds more than ``exc.limit`` bytes: at that density at least, the
+                # target fits in this much
+                span = max(MIN_CHUNK, min((stop - start) // SPAN_GROWTH,
+                                          (stop - start) * self.span_bytes // exc.limit))
                 res.split += 1
-                log.warning("job list too large for one answer: asking for shorter spans",
-                            server=self.server, span=span, limit_mib=exc.limit / 2**20)
+                if exc.limit >= self.api.max_jobs_response:  # (not just past the target)
+                    log.warning("job list too large for one answer: asking for shorter spans",
+                                server=self.server, span=span, limit_mib=exc.limit / 2**20)
                 continue
-            start = stop
+            res.spans += 1
+            res.largest_answer = max(res.largest_answer, size)
+            span = _next_span(stop - start, size, self.span_bytes)
+            start = res.position = stop
+            if self.on_progress is not None and \
+                    time.monotonic() - reported >= self.progress_interval:
+                reported = time.monotonic()
+                self.on_progress(res)
 
     async def _chunk(self, start: int, stop: int, last: bool, incomplete: list[dict[str, Any]],
                      found: set[str], res: ResyncResult, orgs: dict[str, str],
-                     emit_job: EmitJob) -> None:
-        """One chunk of the job window: its completions, and in the ``last`` one the running
-        jobs too. ``found``: the GUIDs of the chunks before."""
+                     emit_job: EmitJob, watch: set[str] | None = None) -> int:
+        """One span of the job window: its completions, and in the ``last`` one the running
+        jobs too. ``found``: the GUIDs of the spans before. Returns the size of the answer
+        (bytes)."""
         tr = self.tracker
-        chunk = await self.api.jobs_for_date_range(start, stop)
+        # an answer far beyond the target (a dense stretch after a sparse one) is refused and
+        # the span asked for again shorter, while it can be shorter
+        limit = self.span_bytes * SPAN_GROWTH if stop - start > MIN_CHUNK else None
+        chunk = await self.api.jobs_for_date_range(start, stop, limit=limit)
+        size = self.api.answer_bytes.get(JOBS_PATH, 0)
         if last:
             chunk = [*chunk, *incomplete]
         jobs: dict[str, dict[str, Any]] = {}
@@ -275,8 +340,13 @@ class Resyncer:
                 rechecked = await self._recheck(guid)
                 if rechecked is not None:
                     jobs[guid] = rechecked
-        found.update(jobs)
+        if watch is None:
+            found.update(jobs)
+        elif not last:
+            found.update(g for g, job in jobs.items() if g in watch or not _settled(job, start, stop))
+        del chunk  # (the plans keep the jobs they report; the rest goes now)
         await self._emit_jobs(self._job_plans(jobs.values(), res, orgs), emit_job)
+        return size
 
     async def _emit_jobs(self, plans: list[_Plan], emit_job: EmitJob) -> None:
         """Synthesize and hand over the chunk's job events, oldest first, each as it is made
@@ -468,6 +538,22 @@ async def _wait_for_room(waiting: Awaitable[None]) -> None:
 
 def _first(plan: _Plan) -> int:
     return plan[0]
+
+
+def _settled(job: dict[str, Any], start: int, stop: int) -> bool:
+    """Whether no later span lists ``job`` again: it started, then ended, before ``stop``."""
+    ended, started = job.get("EndTime"), job.get("StartTime")
+    return (type(ended) is int and start <= ended < stop and type(started) is int
+            and started <= ended)
+
+
+def _next_span(span: int, size: int, target: int) -> int:
+    """The span to ask for after one of ``span`` seconds whose answer was ``size`` bytes: sized
+    to hold about ``target`` bytes at the same density, growing at most SPAN_GROWTH times."""
+    grown = span * SPAN_GROWTH
+    if size > 0:
+        grown = min(grown, span * target // size)
+    return max(MIN_CHUNK, min(CHUNK, grown))
 
 
 def orgs_of(users: dict[str, dict[str, Any]], name: str) -> str:

@@ -127,9 +127,12 @@ class HttpServer:
                  port: int, max_connections: int = MAX_CONNECTIONS,
                  header_timeout: float = HEADER_TIMEOUT,
                  extra: Callable[[], bytes] | None = None,
-                 extra_gzip: Callable[[bytes], Awaitable[bytes]] | None = None) -> None:
+                 extra_gzip: Callable[[bytes], Awaitable[bytes]] | None = None,
+                 info: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = registry
         self.ready = ready
+        #: more of the state for /readyz's body, whatever its status (e.g. a sync catching up)
+        self.info = info
         #: more exposition text after the registry's (the fleet's, rendered from memory)
         self.extra = extra
         #: the same, gzipped with the registry's text (given) into one answer, by the owner of
@@ -228,10 +231,13 @@ class HttpServer:
 
     async def _readyz(self, request: web.BaseRequest) -> web.Response:
         reasons = self.ready()
+        doc: dict[str, Any] = {"ready": not reasons, "reasons": reasons}
+        if self.info is not None:
+            doc.update(self.info())
         try:
-            body = orjson.dumps({"ready": not reasons, "reasons": reasons})
+            body = orjson.dumps(doc)
         except TypeError:  # (a lone surrogate the scrubber missed: escaped, not a crash)
-            body = json.dumps({"ready": not reasons, "reasons": reasons}).encode()
+            body = json.dumps(doc).encode()
         return web.Response(body=body, status=503 if reasons else 200,
                             content_type="application/json")
 

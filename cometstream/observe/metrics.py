@@ -104,6 +104,9 @@ class StreamStats:
         self.resync_started = 0.0
         #: failed syncs since the last good one
         self.resync_failures = 0
+        #: the running sync's progress: the share of its job window read (0 to 1) and the
+        #: events it synthesized so far (0, 0 while none runs)
+        self.resync_progress: Callable[[], tuple[float, int]] = lambda: (0.0, 0)
 
     @property
     def events_received(self) -> int:
@@ -230,6 +233,16 @@ class Metrics(Collector):
         g = GaugeMetricFamily(PREFIX + "resync_consecutive_failures", "Remedial syncs failed "
                               "since the last good one", labels=["server"])
         g.add_metric([srv], s.resync_failures)
+        yield g
+        share, made = s.resync_progress()
+        g = GaugeMetricFamily(PREFIX + "resync_progress_ratio", "Share of the running remedial "
+                              "sync's job window read so far (0 when none runs)",
+                              labels=["server"])
+        g.add_metric([srv], share)
+        yield g
+        g = GaugeMetricFamily(PREFIX + "resync_progress_events", "Events the running remedial "
+                              "sync has synthesized so far (0 when none runs)", labels=["server"])
+        g.add_metric([srv], made)
         yield g
 
         delivered = CounterMetricFamily(PREFIX + "events_delivered", "Events acknowledged by "
