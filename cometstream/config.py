@@ -213,7 +213,9 @@ class SinkConfig:
     format: str
     buffer: int
     when_full: str
-    options: Mapping[str, Any]  # passed to the sink class's from_config, "format" included
+    #: passed to the sink class's from_config, "format" included; not in the repr: they may
+    #: hold secrets (a Kafka password, a webhook's signing key or header values)
+    options: Mapping[str, Any] = field(repr=False)
     base_dir: Path | None = None  # relative paths in options are relative to this folder
     dead_letter: Path | None = None  # JSON Lines of the events this sink refused for good
 

@@ -38,6 +38,7 @@ from aiohttp import WSMsgType
 
 from .backoff import Backoff
 from .config import ServerConfig, StreamConfig
+from .constants import SEVT_NAMES
 from .errors import CredentialsRejected, StreamError
 from .events import JOB_COMPLETED, Event
 from .observe.metrics import StreamStats
@@ -66,7 +67,8 @@ StatusCallback = Callable[[str, str], None]  # (state, human-readable detail)
 
 _CLOSE_TIMEOUT: Final = 1.0
 _MALFORMED_LOG_INTERVAL: Final = 60.0
-#: distinct event types counted one by one; beyond, under one key (a server may send any)
+#: distinct event types counted one by one; beyond, unknown ones under one key (a server may
+#: send any); a known type always gets its own (there are few of them)
 _TYPES_COUNTED: Final = 1024
 _OTHER_TYPE: Final = -1
 
@@ -342,8 +344,8 @@ class Session:
         assert isinstance(ev, Event)
         stats = self.stats
         received = stats.received
-        if ev.type in received or len(received) < _TYPES_COUNTED:
-            received[ev.type] += 1
+        if ev.type in received or len(received) < _TYPES_COUNTED or ev.type in SEVT_NAMES:
+            received[ev.type] += 1  # (a known type keeps its name on /metrics, even late)
         else:  # bounded: the types are the server's to choose (the metric says "other" anyway)
             received[_OTHER_TYPE] += 1
         stats.last_event_time = now
