@@ -31,7 +31,7 @@ USER, PASSWORD = "bench", "bench pass"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-async def serve(n: int, hours: float) -> None:
+async def serve(n: int, hours: float, users: int) -> None:
     import structlog
 
     from cometstream.simulator import Simulator
@@ -45,6 +45,10 @@ async def serve(n: int, hours: float) -> None:
         return time.time() + offset[0]
 
     sim = Simulator(username=USER, password=PASSWORD, rate=0, seed=1, record=False, clock=clock)
+    if users != 20:  # (the simulator's own world has 20)
+        from cometstream.simulator.world import World
+
+        sim.world = World(1, admin=USER, clock=clock, users=users, history_days=1)
     sim.world.max_jobs = 2 * n + 50_000  # keep every gap job in the world's history
     await sim.start("127.0.0.1", 0)
     print(json.dumps({"url": sim.url}), flush=True)
@@ -131,14 +135,16 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=100_000)
     ap.add_argument("--hours", type=float, default=2.0,
                     help="the gap's length on the server's clock, the jobs spread over it")
+    ap.add_argument("--users", type=int, default=20,
+                    help="users in the world (each sync reads all their profiles)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        asyncio.run(serve(args.jobs, args.hours))
+        asyncio.run(serve(args.jobs, args.hours, args.users))
         return 0
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     sender = subprocess.Popen([sys.executable, __file__, "--serve", "--jobs", str(args.jobs),
-                               "--hours", str(args.hours)],
+                               "--hours", str(args.hours), "--users", str(args.users)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert sender.stdout is not None

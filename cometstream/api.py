@@ -36,7 +36,7 @@ from .config import ServerConfig
 from .errors import ApiError
 from .observe.logging import register_secret
 
-__all__ = ["JOBS_PATH", "AdminClient", "ApiAuthError", "ResponseTooLarge", "TotpRequired",
+__all__ = ["JOBS_PATH", "USERS_PATH", "AdminClient", "ApiAuthError", "ResponseTooLarge", "TotpRequired",
            "api_base_url"]
 
 log = structlog.get_logger("cometstream.api")
@@ -49,6 +49,7 @@ MAX_RESPONSE_BYTES: Final = 256 * 1024 * 1024
 #: span's answer is larger (its parsed form is a few times its bytes)
 MAX_JOBS_RESPONSE_BYTES: Final = 128 * 1024 * 1024
 JOBS_PATH: Final = "admin/get-jobs-for-date-range"
+USERS_PATH: Final = "admin/list-users-full"
 _PREFIX: Final = "/api/v1/"
 
 
@@ -328,7 +329,7 @@ class AdminClient:
         return _as_map(await self.call("admin/get-job-properties", {"JobID": guid}))
 
     async def list_users_full(self) -> dict[str, dict[str, Any]]:
-        data = _as_map(await self.call("admin/list-users-full"))
+        data = _as_map(await self.call(USERS_PATH))
         return {k: v for k, v in data.items() if isinstance(v, dict)}
 
     async def live_connections(self, username: str = "") -> dict[str, dict[str, Any]]:

@@ -27,15 +27,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import orjson
 import structlog
 
-from .api import JOBS_PATH, AdminClient, ResponseTooLarge
+from .api import JOBS_PATH, USERS_PATH, AdminClient, ResponseTooLarge
 from .constants import SEVT
 from .delivery.identity import (
     ACCOUNT_NEW,
@@ -76,6 +77,9 @@ SPAN_GROWTH: Final = 4
 #: a long sync says how far it is at most this often (log line, systemd STATUS)
 PROGRESS_INTERVAL: Final = 5.0
 ServerClock = Callable[[], float]
+_T = TypeVar("_T")
+#: a sync that read more than this (bytes of answers) gives the freed memory back at its end
+TRIM_AFTER_BYTES: Final = 16 * 1024 * 1024
 
 
 def _ended(status: object) -> bool:
@@ -119,6 +123,8 @@ class ResyncResult:
         #: job-list calls made, and the largest answer among them (bytes)
         self.spans = 0
         self.largest_answer = 0
+        #: bytes of answers read (the account list and the job spans)
+        self.read_bytes = 0
 
     def progress(self) -> float:
         """The share of the job window read so far, 0 to 1."""
@@ -208,6 +214,8 @@ class Resyncer:
         finally:
             if self.current is res:
                 self.current = None
+            if res.read_bytes > TRIM_AFTER_BYTES:  # (the answers are freed by now)
+                trim_heap()
 
     async def _run(self, res: ResyncResult, hello: dict[str, Any], emit: Emit,
                    emit_job: EmitJob) -> ResyncResult:
@@ -217,7 +225,8 @@ class Resyncer:
         restarted = bool(tr.server_start_hash and start_hash and start_hash != tr.server_start_hash)
 
         users = await self.api.list_users_full()
-        orgs = {name: p.get("OrganizationID", "") or "" for name, p in users.items()}
+        res.read_bytes += self.api.answer_bytes.get(USERS_PATH, 0)
+        orgs = _fresh({name: p.get("OrganizationID", "") or "" for name, p in users.items()})
         incomplete = await self.api.jobs_for_date_range(0, 0)
         if not tr.has_checkpoint:
             await self._baseline(incomplete, res, now)
@@ -303,6 +312,7 @@ class Resyncer:
                                 server=self.server, span=span, limit_mib=exc.limit / 2**20)
                 continue
             res.spans += 1
+            res.read_bytes += size
             res.largest_answer = max(res.largest_answer, size)
             span = _next_span(stop - start, size, self.span_bytes)
             start = res.position = stop
@@ -431,8 +441,11 @@ class Resyncer:
                         emit: Emit) -> None:
         tr = self.tracker
         now = int(self.clock())
-        current = {name: account_entry(p) for name, p in users.items()}
-        devices = _devices_of(users)
+        # what is kept past this sync, in objects of its own: names and IDs taken from the
+        # parsed answer would pin the memory of the whole answer (scattered among it, a few
+        # strings keep hundreds of MB of freed objects' arenas from being given back)
+        current = _fresh({name: account_entry(p) for name, p in users.items()})
+        devices = _fresh(_devices_of(users))
         if not tr.accounts_baseline:
             tr.replace_accounts(current, devices)
             tr.accounts_baseline = True
@@ -538,6 +551,30 @@ async def _wait_for_room(waiting: Awaitable[None]) -> None:
 
 def _first(plan: _Plan) -> int:
     return plan[0]
+
+
+def _fresh(value: _T) -> _T:
+    """A deep copy of a JSON-like value in new objects (see Resyncer._accounts)."""
+    try:
+        return orjson.loads(orjson.dumps(value))  # type: ignore[no-any-return]
+    except TypeError:  # (not JSON: kept as it is)
+        return value
+
+
+def trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's ``malloc_trim``): after a
+    large answer is freed, most of it stays in the process otherwise. Nothing elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim: Any = None
 
 
 def _settled(job: dict[str, Any], start: int, stop: int) -> bool:
