@@ -547,7 +547,9 @@ def migrate(directory: Path, server: str) -> bool:
         os.replace(tmp, target)
         _fsync(directory)
         _remove_private_dir(tmp_dir)
-    except (OSError, sqlite3.Error, LedgerCorrupt) as exc:
+    except (OSError, sqlite3.Error, LedgerCorrupt, LedgerError) as exc:
+        # (LedgerError: connect() on a file that is not damaged but cannot be opened, e.g. a
+        # full disk that has no room for the WAL: the same failure, the same cleanup)
         if tmp_dir is not None:
             _remove_private_dir(tmp_dir)
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
