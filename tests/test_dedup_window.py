@@ -1,0 +1,136 @@
+"""The de-duplication window's 24-hour bound (docs/guarantees.md): a job event's key is kept
+for 24 hours of server time, then leaves the window, in memory and in the ledger, however few
+keys the window holds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+from cometstream.delivery.identity import job_event
+from cometstream.delivery.ledger import Ledger, StateDiff
+from cometstream.delivery.tracker import Tracker
+from cometstream.events import Event
+from cometstream.protocol import decode_frame
+
+DAY = 86400
+T0 = 1733400000  # server time of the first completion
+
+
+def _completion(guid: str, end: int) -> Event:
+    doc = {"Actor": "u", "Type": 4201, "Timestamp": end, "TypeString": "SEVT_JOB_COMPLETED",
+           "Data": {"GUID": guid, "EndTime": end, "Username": "u", "Status": 5000}}
+    ev = decode_frame(orjson.dumps(doc), received_at=time.time(), server="s")
+    assert isinstance(ev, Event)
+    return ev
+
+
+def _keep(tr: Tracker, seq: int, ev: Event) -> str:
+    """Publish a job event and keep it (as a commit does); returns its dedup key."""
+    fp, ts, act = job_event(ev)
+    assert fp is not None
+    tr.published_job(seq, fp, ts, act)
+    tr.settle(seq, live_until=None)
+    key = ev.dedup_key()
+    assert key is not None
+    return key
+
+
+def _ledger(state: Path) -> Ledger:
+    return Ledger(state, ["f"], server="s", max_bytes=1 << 30, max_age=7 * DAY,
+                  fsync_interval=1.0, events=False)
+
+
+def _bind(lg: Ledger, tr: Tracker, through: Callable[[], int]) -> None:
+    """The daemon's wiring of a ledger (memory buffer) and its tracker: every event up to
+    ``through()`` is kept at the next commit."""
+    def diff(upto: int) -> StateDiff:
+        tr.settle(upto, live_until=None)
+        return tr.diff()
+
+    lg.bind(lambda: {"f": through()}, dict, lambda s, n: None, through=through)
+    lg.bind_state(diff, tr.restore)
+
+
+async def test_a_key_leaves_the_window_after_24_hours_in_memory_and_in_the_ledger(
+        tmp_path: Path) -> None:
+    """Three completions kept at T0, T0 + 2 h and T0 + 24 h (one commit each), in a window far
+    below its size bound. When the watermark reaches T0 + 25 h, the first has left the window
+    (a replay of it would be delivered again) and the second has not; the next commit deletes
+    its row, and a restart does not bring it back."""
+    state = tmp_path / "state"
+    lg = _ledger(state)
+    lg.open()
+    clock = [float(T0)]
+    tr = Tracker(lg.state, clock=lambda: clock[0])
+    tr.frozen = False
+    seq = [0]
+    _bind(lg, tr, lambda: seq[0])
+
+    keys = []
+    for guid, end in (("old", T0), ("recent", T0 + 2 * 3600), ("new", T0 + DAY)):
+        clock[0] = end
+        seq[0] += 1
+        keys.append(_keep(tr, seq[0], _completion(guid, end)))
+        await lg.commit()
+    old, recent, new = keys
+    assert tr.watermark == T0 + DAY and len(tr.dedup) == 3
+    assert tr.dedup.seen(old)  # exactly 24 h old: still in the window
+
+    clock[0] = T0 + DAY + 3600
+    seq[0] += 1
+    _keep(tr, seq[0], _completion("later", T0 + DAY + 3600))
+    assert tr.watermark == T0 + DAY + 3600
+    assert not tr.dedup.seen(old), "a key 25 h old is still in the window"
+    assert tr.dedup.seen(recent) and tr.dedup.seen(new)
+    await lg.commit()
+    await lg.close()
+
+    lg = _ledger(state)
+    lg.open()
+    assert len(lg.state.dedup) == 3  # the row of the first is gone
+    back = Tracker(lg.state, clock=lambda: clock[0])
+    await lg.close()
+    assert back.watermark == T0 + DAY + 3600
+    assert not back.dedup.seen(old)
+    assert back.dedup.seen(recent) and back.dedup.seen(new) and len(back.dedup) == 3
+
+
+async def test_keys_of_a_kept_ledger_row_older_than_24_hours_are_not_loaded_back(
+        tmp_path: Path) -> None:
+    """The ledger keeps the window as one row per commit and deletes a row once its newest key
+    is 24 h old: a row's older keys outlive their 24 h in it. At the next start they are not
+    loaded back into the window; the row's younger keys are."""
+    state = tmp_path / "state"
+    lg = _ledger(state)
+    lg.open()
+    clock = [float(T0)]
+    tr = Tracker(lg.state, clock=lambda: clock[0])
+    tr.frozen = False
+    seq = [0]
+    _bind(lg, tr, lambda: seq[0])
+    keys = []
+    for guid, end in (("old", T0), ("recent", T0 + 2 * 3600)):  # one commit: one row
+        clock[0] = end
+        seq[0] += 1
+        keys.append(_keep(tr, seq[0], _completion(guid, end)))
+    old, recent = keys
+    await lg.commit()
+    clock[0] = T0 + DAY + 1800
+    seq[0] += 1
+    _keep(tr, seq[0], _completion("later", T0 + DAY + 1800))
+    await lg.commit()
+    await lg.close()
+
+    lg = _ledger(state)
+    lg.open()
+    st = lg.state
+    await lg.close()
+    assert st.watermark == T0 + DAY + 1800
+    assert len(st.dedup) == 3  # the first row stays: its newest key is 22.5 h old
+    back = Tracker(st, clock=lambda: clock[0])
+    assert not back.dedup.seen(old), "a key 24.5 h old was loaded back into the window"
+    assert back.dedup.seen(recent) and len(back.dedup) == 2
