@@ -41,8 +41,11 @@ def test_credentials_repr_hides_secrets() -> None:
 
 @pytest.mark.parametrize("reply", ["200 OK", "200 OK\n", b"200 OK", " 200 OK "])
 def test_ok_reply_accepted(reply: str | bytes) -> None:
-    """Only 200 OK (whitespace tolerated) is a successful login."""
-    check_reply(reply)
+    """Only 200 OK (whitespace tolerated) is a successful login: neither verdict is raised."""
+    try:
+        check_reply(reply)
+    except (CredentialsRejected, StreamError) as exc:
+        pytest.fail(f"{reply!r} not taken for a successful login: {exc!r}")
 
 
 @pytest.mark.parametrize("reply", ["403 Unauth", "403 Unauth\n", b"403 Unauth", "403",

@@ -51,6 +51,20 @@ def _fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+async def _until_closed(r: asyncio.StreamReader, timeout: float = 10) -> bytes:
+    """What the server sent on a connection until it closed it; ``b"reset"`` if it reset it
+    (the peer had sent something it did not read). Fails the test if it stays open."""
+    try:
+        return await asyncio.wait_for(r.read(), timeout)
+    except ConnectionResetError:
+        return b"reset"
+
+
+def _resync_reasons(d: Any) -> list[str]:
+    """The /readyz reasons about the remedial sync."""
+    return [r for r in d.not_ready_reasons() if r.startswith("resync: ")]
+
+
 # --------------------------------------------------------------------------- the API client
 
 
@@ -62,10 +76,12 @@ async def test_an_api_call_that_dribbles_is_cut_off_at_its_deadline(sim: Simulat
     cfg = make_config(sim.url, tmp_path)
     async with AdminClient(cfg.server, read_timeout=30.0, call_timeout=0.5, attempts=1) as api:
         t0 = time.monotonic()
+        # (the outer deadline only stops a hang: without call_timeout this takes minutes)
         with pytest.raises(ApiError, match=r"call_timeout") as info:
-            await api.list_users_full()
+            async with asyncio.timeout(20):
+                await api.list_users_full()
         elapsed = time.monotonic() - t0
-    assert 0.45 < elapsed < 2.0, elapsed
+    assert elapsed > 0.45, elapsed  # ended by its deadline, not before
     assert info.value.retryable
     sim.faults.api_dribble = 0.0
     async with AdminClient(cfg.server, call_timeout=5.0) as api:  # an honest server: answered
@@ -83,8 +99,9 @@ async def test_a_dribbling_resync_is_cancelled_at_its_deadline_and_readyz_says_w
     503 with the reason; once the API answers again a sync succeeds and /readyz is 200."""
     sim.faults.api_dribble = 0.05
     cfg = make_config(sim.url, tmp_path, http={"listen": "127.0.0.1:0"},
-                      resync={"call_timeout": 1.0, "timeout": 1.0, "hold_timeout": 0.3,
+                      resync={"call_timeout": 1.0, "timeout": 1.0, "hold_timeout": 0.5,
                               "unready_after_failures": 2, "unready_after_seconds": 600.0})
+    started = time.monotonic()
     with structlog.testing.capture_logs() as logs:
         async with running(cfg) as d:
             stats = d.stats
@@ -93,21 +110,22 @@ async def test_a_dribbling_resync_is_cancelled_at_its_deadline_and_readyz_says_w
             assert d.daemon.http is not None
             base = d.daemon.http.url
             live = sim.emit(sim.world.login())
-            # released by hold_timeout (0.3 s), not by the sync's end or failure (1 s)
+            # released by hold_timeout (0.5 s), not by the sync's end or failure (1 s): the
+            # order of the log lines, below
             await wait_until(lambda: any(ev.raw == live for ev in d.sink("mem").events),
-                             timeout=0.9, what="the held live event delivered")
-            assert stats.resync_runs["error"] == 0 and stats.resync_started > 0
+                             what="the held live event delivered")
 
             async def running_age() -> float:
                 _s, body = await _get(base + "/metrics")
                 return _gauge(body.decode(), "cometstream_resync_running_seconds") or 0.0
 
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 10
             age = await running_age()
             while age <= 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
                 age = await running_age()
-            assert 0 < age < 2.0
+            # seconds since a sync started: no older than the daemon (not a timestamp)
+            assert 0 < age <= time.monotonic() - started
 
             await wait_until(lambda: stats.resync_runs["error"] >= 2, timeout=10,
                              what="two syncs cancelled at their deadline")
@@ -129,6 +147,10 @@ async def test_a_dribbling_resync_is_cancelled_at_its_deadline_and_readyz_says_w
     failed = [e for e in logs if e.get("event") == "resync failed"]
     assert failed and all("resync.timeout" in e["error"] for e in failed), failed
     assert all(e["log_level"] == "warning" and e.get("retry_in") is not None for e in failed)
+    said = [e["event"] for e in logs]
+    released = said.index("resync still running: releasing the held live events")
+    assert logs[released]["held"] == 1
+    assert released < said.index("resync failed"), said  # before the first sync's deadline
 
 
 # --------------------------------------------------------------------------- SIGKILL
@@ -217,7 +239,10 @@ format = "event"
         await wait_until(lambda: sim.clients >= 1 and sum(sim.api_calls.values()) > calls,
                          timeout=10, what="reconnected, the dribbling sync started")
         logins = [sim.emit(sim.world.login()) for _ in range(3)]
-        await asyncio.sleep(1.0)  # hold_timeout 0.3 s + a commit every 0.05 s, with room
+        # released after hold_timeout into the pipeline, and so the ledger: the file has them
+        await wait_until(lambda: path.exists()
+                         and set(logins) <= set(path.read_bytes().splitlines()),
+                         timeout=10, what="the held logins released")
         assert daemon.events().count("resync done") == 1, daemon.tail()  # still dribbling
         await daemon.kill()
 
@@ -243,33 +268,40 @@ async def test_slow_connections_to_the_metrics_port_are_capped_and_timed_out() -
                         header_timeout=1.0)
     await server.start()
     conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    ends: list[asyncio.Future[bytes]] = []
     try:
         before = _fds()
         for _ in range(300):
             r, w = await asyncio.open_connection("127.0.0.1", server.port)
             w.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # the headers never end
             conns.append((r, w))
-        await wait_until(lambda: server.connections == 64, what="64 connections served")
-        await asyncio.sleep(0.2)
+        ends.extend(asyncio.ensure_future(_until_closed(r, timeout=30)) for r, _w in conns)
+        # the 236 beyond the cap: answered 503 and closed at once (or reset: they sent data)
+        await wait_until(lambda: sum(e.done() for e in ends) >= 300 - 64, what="236 refused")
+        refused_ends = [e for e in ends if e.done()]
+        refused = [e.result() for e in refused_ends]
+        assert len(refused) == 300 - 64
+        assert all(x.startswith(b"HTTP/1.1 503 ") or x == b"reset" for x in refused), refused
         assert server.connections == 64
         # ours are 300 (the client ends); the server's: 64 and no more
         assert _fds() - before <= 300 + 64 + 10, _fds() - before
         # one more, which sends nothing (a refused one that did may see a reset instead)
         r, w = await asyncio.open_connection("127.0.0.1", server.port)
         conns.append((r, w))
-        refused = await asyncio.wait_for(r.read(), 5)
-        assert refused.startswith(b"HTTP/1.1 503 "), refused
+        refused_now = await asyncio.wait_for(r.read(), 5)
+        assert refused_now.startswith(b"HTTP/1.1 503 "), refused_now
 
-        # header_timeout: the slow ones are closed by the server
-        await wait_until(lambda: server.connections == 0, timeout=3, what="slow ones closed")
-        for r, _w in conns[:64]:
-            with contextlib.suppress(ConnectionResetError):
-                assert await asyncio.wait_for(r.read(), 2) == b""
+        # header_timeout: the slow ones are closed by the server, having been sent nothing
+        await wait_until(lambda: server.connections == 0, timeout=10, what="slow ones closed")
+        served = await asyncio.gather(*(e for e in ends if e not in refused_ends))
+        assert len(served) == 64 and set(served) <= {b"", b"reset"}, served
         status, _body = await _get(server.url + "/metrics")
         assert status == 200
         status, body = await _get(server.url + "/readyz")
         assert (status, orjson.loads(body)) == (200, {"ready": True, "reasons": []})
     finally:
+        for e in ends:
+            e.cancel()
         for _r, w in conns:
             w.close()
         await server.stop()
@@ -290,8 +322,7 @@ async def test_a_keepalive_scraper_is_served_and_an_idle_connection_closed() -> 
             assert await asyncio.wait_for(r.readexactly(3), 2) == b"ok\n"
             await asyncio.sleep(0.2)
         assert server.connections == 1
-        with contextlib.suppress(ConnectionResetError):
-            assert await asyncio.wait_for(r.read(), 3) == b""
+        assert await _until_closed(r) in (b"", b"reset")  # closed by the server, idle
         await wait_until(lambda: server.connections == 0, what="the idle one closed")
         w.close()
         status, _b = await _get(server.url + "/nope")
@@ -363,14 +394,19 @@ async def test_a_sync_past_its_deadline_is_a_readyz_reason_and_its_age_a_metric(
     cfg = make_config("http://127.0.0.1:1/", tmp_path,
                       resync={"call_timeout": 1.0, "timeout": 5.0})
     d = Daemon(cfg, registry=CollectorRegistry())
-    assert d._resync_reasons() == []
-    d.metrics.stream.resync_started = time.monotonic() - 3
-    assert d._resync_reasons() == []
+    assert _resync_reasons(d) == []
+    t = time.monotonic()
+    d.metrics.stream.resync_started = t - 3
+    assert _resync_reasons(d) == []
     age = _gauge(generate_latest(d.registry).decode(), "cometstream_resync_running_seconds")
-    assert age is not None and 3 <= age < 4
-    d.metrics.stream.resync_started = time.monotonic() - 7
-    assert d._resync_reasons() == [
-        "resync: running for 7 s, past its deadline (resync.timeout = 5 s)"]
+    assert age is not None and 3 <= age <= 3 + (time.monotonic() - t)
+    t = time.monotonic()
+    d.metrics.stream.resync_started = t - 7
+    (why,) = _resync_reasons(d)
+    said = re.fullmatch(r"resync: running for (\d+) s, past its deadline "
+                        r"\(resync\.timeout = 5 s\)", why)
+    assert said is not None, why
+    assert 7 <= int(said.group(1)) <= 8 + (time.monotonic() - t), why  # (rounded)
 
 
 async def test_held_live_events_are_released_at_a_byte_bound(

@@ -30,7 +30,8 @@ PROCESS_FAMILIES = {"process_cpu_seconds", "process_open_fds", "process_max_fds"
                     "process_virtual_memory_bytes", "process_resident_memory_bytes",
                     "process_start_time_seconds"}
 #: runs ARGS as pid 1 of a new pid namespace whose /proc is mounted as the units mount it
-UNDER_PROC_SUBSET = ["unshare", "--map-root-user", "--mount", "--pid", "--fork", "sh", "-c",
+#: (killed with unshare, should a failed test kill that)
+UNDER_PROC_SUBSET = ["unshare", "--map-root-user", "--mount", "--pid", "--kill-child", "sh", "-c",
                      "mount -t proc -o subset=pid,hidepid=invisible proc /proc && exec \"$@\"",
                      "sh"]
 
@@ -92,10 +93,19 @@ async def _scrape(http: aiohttp.ClientSession, port: int) -> dict[str, list[floa
     return out
 
 
-async def test_the_example_starts_like_the_unit_starts_it(sim: Simulator, tmp_path: Path) -> None:
+@pytest.mark.parametrize("proc_mount", ["host", "subset=pid"])
+async def test_the_example_starts_like_the_unit_starts_it(sim: Simulator, tmp_path: Path,
+                                                          proc_mount: str) -> None:
     """The example, edited as documented, with the password only as a credential: READY=1,
     STATUS=connected to comet1, N events (exactly), no event on stdout (the journal), the six
-    process_* families on /metrics under a subset=pid /proc, and SIGTERM exits 0."""
+    process_* families on /metrics (on the host's /proc, and on a subset=pid /proc like the
+    units'), and SIGTERM exits 0."""
+    prefix: list[str] = []
+    if proc_mount == "subset=pid":
+        why_not = _proc_subset_available()
+        if why_not is not None:
+            pytest.skip(f"a subset=pid /proc: {why_not}")
+        prefix = UNDER_PROC_SUBSET
     http_port = _port()
     conf = _example_as_documented(tmp_path, sim.url, http_port)
     creds = tmp_path / "credentials"
@@ -106,8 +116,6 @@ async def test_the_example_starts_like_the_unit_starts_it(sim: Simulator, tmp_pa
     notify.bind("\0" + name)
     notify.setblocking(False)
     env = cli_env(CREDENTIALS_DIRECTORY=str(creds), NOTIFY_SOCKET="@" + name)
-    why_not = _proc_subset_available()
-    prefix = UNDER_PROC_SUBSET if why_not is None else []
     proc = await asyncio.create_subprocess_exec(
         *prefix, sys.executable, "-m", "cometstream", "run", "-c", str(conf),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
@@ -152,5 +160,3 @@ async def test_the_example_starts_like_the_unit_starts_it(sim: Simulator, tmp_pa
     assert proc.returncode == 0, err.decode()
     assert out == b""  # stdout is the journal under the unit: log lines only, on stderr
     assert PASSWORD.encode() not in err
-    if why_not is not None:
-        pytest.skip(f"checked with the host's /proc only: {why_not}")
