@@ -262,9 +262,11 @@ class AdminClient:
                                "(resync.call_timeout)", status=0) from exc
             raise ApiError(f"{path}: timed out", status=0) from exc
         except aiohttp.ClientConnectorError as exc:
+            from .stream import plain_http_hint
+
             why = exc.os_error.strerror or str(exc.os_error)
-            raise ApiError(f"{path}: cannot connect to {exc.host}:{exc.port}: {why}",
-                           status=0) from exc
+            raise ApiError(f"{path}: cannot connect to {exc.host}:{exc.port}: {why}"
+                           f"{plain_http_hint(exc)}", status=0) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise ApiError(f"{path}: {exc.__class__.__name__}: {exc}", status=0) from exc
         return self._decode(path, status, ctype, body)

@@ -44,8 +44,8 @@ def parse_when(text: str, *, option: str) -> int:
     try:
         return int(datetime.fromisoformat(t).timestamp())
     except ValueError:
-        raise UsageError(option, f'expected a date like 2026-11-01 or 2026-11-01T12:30, got '
-                         f'"{text}"') from None
+        raise UsageError(option, f'expected a date like 2026-11-01 or 2026-11-01T12:30, or Unix '
+                         f'seconds like 1733400000, got "{text}"') from None
 
 
 class _Progress:

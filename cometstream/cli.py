@@ -246,8 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return EXIT_USAGE
 
 
-def _load(args: argparse.Namespace) -> Config:
-    cfg = load_config(args.config, resolve_sink=resolve_sink_class)
+def _load(args: argparse.Namespace, *, credentials_later: bool = False) -> Config:
+    cfg = load_config(args.config, resolve_sink=resolve_sink_class,
+                      credentials_later=credentials_later)
     register_secret(*cfg.server.secret_values())
     level = args.log_level or cfg.log.level
     configure_logging(level, cfg.log.format)
@@ -278,22 +279,44 @@ def _cmd_run(args: argparse.Namespace) -> int:
     code = _run_async(_serve(Daemon(cfg)))
     if code == EXIT_CREDENTIALS:
         _err(f"login rejected by {cfg.server.name} for user {cfg.server.username!r} "
-             f"({cfg.server.auth_type}): check the credentials")
+             f"({_login_what(cfg)}): check them")
     return code
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    from .preflight import check_paths
+def _login_what(cfg: Config) -> str:
+    """The auth type and where each secret of the login came from (never a value)."""
+    sources = cfg.server.login_sources()
+    return f"{cfg.server.auth_type}, {sources}" if sources else cfg.server.auth_type
 
-    cfg = _load(args)
+
+#: check's note for a secret set nowhere, which run takes from the units' credential
+_PENDING_NOTE = ("server.{key}: set nowhere here; run takes it from the systemd credential "
+                 "\"{key}\" the units load: to log in with it, run check --connect as the unit "
+                 "runs (docs/operations.md)")
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from .preflight import check_listen, check_paths
+
+    # offline, a secret set nowhere is the systemd credential run will be given (said below);
+    # --connect needs it here
+    cfg = _load(args, credentials_later=not args.connect)
     if args.log_level is None:  # (check prints its findings; the daemon's info lines would
         configure_logging("warning", cfg.log.format)  # be mixed in with them)
     _warn_exposed(cfg, logged=False)
     problems = check_paths(cfg)  # what run will write: state.dir, file sinks
+    listen_problem, listen_note = check_listen(cfg)  # the port run will listen on
+    if listen_problem is not None:
+        problems.append(listen_problem)
     if problems:
         raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
+    notes = [_PENDING_NOTE.format(key=key) for key in cfg.server.pending]
+    notes += [listen_note] if listen_note else []
     if not args.connect:
         print("ok")
+    for note in notes:
+        print(f"note: {note}")
+    if not args.connect:
         return EXIT_OK
     return _run_async(_check_connect(cfg))
 
@@ -325,7 +348,7 @@ async def _check_connect(cfg: Config) -> int:
         if task in done:
             exc = task.exception()
             if isinstance(exc, CredentialsRejected):
-                _err(f"{exc} (user {cfg.server.username!r}, {cfg.server.auth_type})")
+                _err(f"{exc} (user {cfg.server.username!r}, {_login_what(cfg)})")
                 return EXIT_CREDENTIALS
             _err(f"stream: {exc}" if isinstance(exc, StreamError) else f"stream: {exc!r}")
             return EXIT_FATAL
@@ -369,8 +392,11 @@ async def _check_api(cfg: Config) -> int:
         try:
             info = await api.meta_version()
         except ApiError as exc:
+            if isinstance(exc, ApiAuthError):
+                _err(f"api: {exc} (user {cfg.server.username!r}, {_login_what(cfg)})")
+                return EXIT_CREDENTIALS
             _err(f"api: {exc}")
-            return EXIT_CREDENTIALS if isinstance(exc, ApiAuthError) else EXIT_FATAL
+            return EXIT_FATAL
     roles = "" if info.get("AuthenticationRole", True) else \
         " (warning: AuthenticationRole is off: job and account APIs are unavailable)"
     print(f"ok: admin API at {api.base} answers (Comet {info.get('Version', '?')}){roles}")

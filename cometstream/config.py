@@ -75,12 +75,14 @@ class Secret:
     """A secret string. ``repr``/``str`` are masked; ``reveal()`` gives the value to the one place
     that sends it."""
 
-    __slots__ = ("_value", "source")
+    __slots__ = ("_value", "source", "where")
 
-    def __init__(self, value: str, source: str = "config") -> None:
+    def __init__(self, value: str, source: str = "config", where: str = "") -> None:
         self._value = value
         #: where it came from (``config``, ``file``, ``env``, ``credential``), for diagnostics
         self.source = source
+        #: the same for a person: ``the environment variable COMETSTREAM_PASSWORD``, ...
+        self.where = where or source
 
     def reveal(self) -> str:
         return self._value
@@ -110,6 +112,18 @@ class ServerConfig:
     session_key: Secret | None = field(default=None, repr=False)
     tls_verify: bool = True
     ca_file: Path | None = None
+    #: the secrets set nowhere here that ``run`` is to take from a systemd credential: only
+    #: from ``load_config(..., credentials_later=True)`` (``check`` without ``--connect``)
+    pending: tuple[str, ...] = ()
+
+    def login_sources(self) -> str:
+        """Where the secrets a login sends come from, for a rejected login's message
+        (``password from the environment variable COMETSTREAM_PASSWORD``); never a value."""
+        used = {"Password": [("password", self.password)],
+                "PasswordTOTP": [("password", self.password), ("TOTP secret", self.totp_secret)],
+                "SessionKey": [("session key", self.session_key)]}.get(self.auth_type, [])
+        return ", ".join(f"{what} from {secret.where}" for what, secret in used
+                         if secret is not None)
 
     def secret_values(self) -> list[str]:
         """The configured secrets' values (for the log redaction), none of them empty."""
@@ -288,42 +302,83 @@ def _without_final_newline(text: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-def _credential(name: str, env: Mapping[str, str]) -> Secret | None:
+#: how each secret is called in messages
+_SECRET_WORDS: Final = {"password": "the password", "totp_secret": "the base32 TOTP secret",
+                        "session_key": "the session key"}
+
+
+def _credential(sect: Section, key: str, env: Mapping[str, str]) -> Secret | None:
+    """The systemd credential ``key`` ($CREDENTIALS_DIRECTORY/KEY), or None when none is loaded
+    (no such directory, no such file). One that is there but cannot be read is an error."""
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if not cred_dir:
         return None
-    path = Path(cred_dir) / name
+    path = Path(cred_dir) / key
+    where = f'the systemd credential "{key}" ({path})'
     try:
         text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
+    except FileNotFoundError:
         return None
-    return Secret(_without_final_newline(text), "credential")
+    except OSError as exc:
+        raise sect.error(key, f"cannot read {where}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise sect.error(key, f"{where} is not UTF-8 text: encrypt {_SECRET_WORDS[key]} "
+                         f"again (docs/operations.md)") from None
+    return Secret(_without_final_newline(text), "credential", where)
 
 
-def _secret(sect: Section, key: str, env_var: str, env: Mapping[str, str]) -> Secret | None:
+def _secret(sect: Section, key: str, env_var: str, env: Mapping[str, str], *,
+            used: bool = True) -> Secret | None:
     """The first source that is set: env var, inline key, KEY_file, systemd credential KEY.
 
     A KEY_file that is set is read (a missing file is an error, never skipped for the
-    credential: the error says when a credential is there to use instead)."""
+    credential: the error says when a credential is there to use instead). An empty secret that
+    the login would send (``used``) is an error naming its source, whichever it is: the server
+    would only reject it, and an empty variable would hide a credential that is loaded. One the
+    auth type does not send is ignored when empty."""
     inline = sect.opt_str(key, secret=True)
     file_key = f"{key}_file"
+    what = _SECRET_WORDS[key]
+
+    def empty(name: str, problem: str) -> None:
+        if used:
+            raise sect.error(name, problem)
+
     if inline is not None and sect.raw(file_key) is not None:
         raise sect.error(file_key, f"set either {key} or {key}_file, not both")
     if env_var in env:
         sect.path(file_key)  # still type-checked, but not read: the environment wins
-        return Secret(env[env_var], "env")
+        if not env[env_var]:
+            empty(key, f"the environment variable {env_var} is set but empty: it comes before "
+                  f"every other source; unset {env_var}, or put {what} in it")
+            return None
+        where = f"the environment variable {env_var}"
+        if env.get("CREDENTIALS_DIRECTORY") and (Path(env["CREDENTIALS_DIRECTORY"]) / key).exists():
+            where += f' (before the systemd credential "{key}", also loaded)'
+        return Secret(env[env_var], "env", where)
     try:
         from_file = read_secret_file(sect, file_key)
     except ConfigError as exc:
-        if _credential(key, env) is None:
+        if _credential(sect, key, env) is None:
             raise
         raise sect.error(file_key, f"{exc.problem}; a systemd credential {key!r} is loaded: "
                          f"remove {file_key} to use it") from None
     if inline is not None:
-        return Secret(inline, "config")
+        if not inline:
+            empty(key, f"empty: put {what} in it, or remove the line to use the next source")
+            return None
+        return Secret(inline, "config", f"{sect.key(key)} in the config file")
     if from_file is not None:
-        return from_file
-    return _credential(key, env)
+        path = sect.path(file_key)
+        if from_file.source == "file" and not from_file.reveal():
+            empty(file_key, f"{path} is empty: put {what} in it")
+            return None
+        return Secret(from_file.reveal(), from_file.source, f"{sect.key(file_key)} ({path})")
+    secret = _credential(sect, key, env)
+    if secret is not None and not secret.reveal():
+        empty(key, f"{secret.where} is empty: encrypt {what} into it again (docs/operations.md)")
+        return None
+    return secret
 
 
 def hide_userinfo(url: str) -> str:
@@ -337,7 +392,10 @@ def hide_userinfo(url: str) -> str:
     return f"{scheme}{sep}******@{rest.rpartition('@')[2]}"
 
 
-def _parse_server(sect: Section, env: Mapping[str, str]) -> ServerConfig:
+def _parse_server(sect: Section, env: Mapping[str, str], *,
+                  credentials_later: bool = False) -> ServerConfig:
+    """``credentials_later``: a secret set nowhere is no error but noted in ``pending``: the
+    systemd credential ``run`` will be given (``check`` without ``--connect``)."""
     url = sect.str("url", required=True, allow_empty=False)
     try:
         parts = urlsplit(url)
@@ -359,32 +417,51 @@ def _parse_server(sect: Section, env: Mapping[str, str]) -> ServerConfig:
     name = sect.str("name", parts.hostname or "", allow_empty=False)
     username = sect.str("username", required=True, allow_empty=False)
     auth_type = sect.str("auth_type", "Password", choices=AUTH_TYPES)
-    password = _secret(sect, "password", "COMETSTREAM_PASSWORD", env)
-    totp_secret = _secret(sect, "totp_secret", "COMETSTREAM_TOTP_SECRET", env)
-    session_key = _secret(sect, "session_key", "COMETSTREAM_SESSION_KEY", env)
+    password = _secret(sect, "password", "COMETSTREAM_PASSWORD", env,
+                       used=auth_type in ("Password", "PasswordTOTP"))
+    totp_secret = _secret(sect, "totp_secret", "COMETSTREAM_TOTP_SECRET", env,
+                          used=auth_type == "PasswordTOTP")
+    session_key = _secret(sect, "session_key", "COMETSTREAM_SESSION_KEY", env,
+                          used=auth_type == "SessionKey")
     tls_verify = sect.bool("tls_verify", True)
     ca_file = sect.path("ca_file")
     if ca_file is not None and not ca_file.is_file():
         raise sect.error("ca_file", f"file not found: {ca_file}")
     sect.done()
 
-    if auth_type in ("Password", "PasswordTOTP") and password is None:
-        raise sect.error("password", f"required for auth_type {auth_type}: set password or "
-                         "password_file, COMETSTREAM_PASSWORD, or a 'password' systemd credential")
-    if auth_type == "PasswordTOTP":
+    wanted = {"password": auth_type in ("Password", "PasswordTOTP"),
+              "totp_secret": auth_type == "PasswordTOTP", "session_key": auth_type == "SessionKey"}
+    found = {"password": password, "totp_secret": totp_secret, "session_key": session_key}
+    pending = tuple(k for k, want in wanted.items() if want and found[k] is None) \
+        if credentials_later else ()
+    if wanted["password"] and password is None and not pending:
+        raise sect.error("password", f"required for auth_type {auth_type}, and set nowhere here: "
+                         "COMETSTREAM_PASSWORD, password, password_file, or a systemd credential "
+                         "'password' (what the units load; check --connect with it: "
+                         "docs/operations.md)" + _sudo_hint("COMETSTREAM_PASSWORD", env))
+    if auth_type == "PasswordTOTP" and "totp_secret" not in pending:
         if totp_secret is None:
             raise sect.error("totp_secret_file", "required for auth_type PasswordTOTP (the base32 "
-                             "TOTP secret), or COMETSTREAM_TOTP_SECRET")
+                             "TOTP secret), or COMETSTREAM_TOTP_SECRET, or a systemd credential "
+                             "'totp_secret'" + _sudo_hint("COMETSTREAM_TOTP_SECRET", env))
         try:
             totp_code(totp_secret.reveal())
         except (binascii.Error, ValueError):
             raise sect.error("totp_secret_file", "the TOTP secret is not valid base32") from None
-    if auth_type == "SessionKey" and session_key is None:
+    if auth_type == "SessionKey" and session_key is None and not pending:
         raise sect.error("session_key_file", "required for auth_type SessionKey, or "
-                         "COMETSTREAM_SESSION_KEY")
+                         "COMETSTREAM_SESSION_KEY, or a systemd credential 'session_key'"
+                         + _sudo_hint("COMETSTREAM_SESSION_KEY", env))
     return ServerConfig(url=url, ws_url=ws_url, name=name, username=username, auth_type=auth_type,
                         password=password, totp_secret=totp_secret, session_key=session_key,
-                        tls_verify=tls_verify, ca_file=ca_file)
+                        tls_verify=tls_verify, ca_file=ca_file, pending=pending)
+
+
+def _sudo_hint(env_var: str, env: Mapping[str, str]) -> str:
+    """Under sudo, which drops the caller's environment: how to keep the variable."""
+    if "SUDO_USER" not in env:
+        return ""
+    return f" (sudo does not pass {env_var} on: sudo --preserve-env={env_var})"
 
 
 def _parse_stream(sect: Section) -> StreamConfig:
@@ -468,15 +545,22 @@ def _parse_sink(name: str, sect: Section, resolve_sink: SinkResolver) -> SinkCon
 
 
 def parse_config(data: Mapping[str, Any], *, path: Path | None = None,
-                 env: Mapping[str, str] | None = None, resolve_sink: SinkResolver) -> Config:
-    """See :func:`_parse_config`; the result also lists the options that hold secrets."""
+                 env: Mapping[str, str] | None = None, resolve_sink: SinkResolver,
+                 credentials_later: bool = False) -> Config:
+    """See :func:`_parse_config`; the result also lists the options that hold secrets.
+
+    ``credentials_later``: a server secret set nowhere is not an error but listed in
+    ``server.pending``, to come from a systemd credential when ``run`` runs under a unit
+    (``check`` without ``--connect``)."""
     with collecting_secrets() as sources:
-        cfg = _parse_config(data, path=path, env=env, resolve_sink=resolve_sink)
+        cfg = _parse_config(data, path=path, env=env, resolve_sink=resolve_sink,
+                            credentials_later=credentials_later)
     return dataclasses.replace(cfg, secrets=tuple(dict.fromkeys(sources)))
 
 
 def _parse_config(data: Mapping[str, Any], *, path: Path | None = None,
-                  env: Mapping[str, str] | None = None, resolve_sink: SinkResolver) -> Config:
+                  env: Mapping[str, str] | None = None, resolve_sink: SinkResolver,
+                  credentials_later: bool = False) -> Config:
     """Validate a parsed TOML document into a :class:`Config`; ``resolve_sink`` finds the sink
     classes (``cometstream.sinks.resolve_sink_class``), which check their own options.
 
@@ -498,32 +582,24 @@ def _parse_config(data: Mapping[str, Any], *, path: Path | None = None,
         return None
 
     def table(parent: Section, name: str, parse: Callable[[Section], Any]) -> Any:
-        """``parse`` the table ``name`` of ``parent``; at a problem with one of its keys, the
-        problem is noted and the table parsed again without that key, so that every problem of
-        a table is found in one go (not a consequence of a key taken out: "is required")."""
+        """``parse`` the table ``name`` of ``parent``, noting every problem of it: see
+        :func:`_parse_table`."""
         prefix = parent.key(name)
         data = parent.raw(name, {})
         if not isinstance(data, Mapping):
             return attempt(lambda: Section(data, prefix))
-        data, removed = dict(data), set()
+        not_typos: set[str] = set()
         while True:
             try:
-                return parse(Section(data, prefix, base_dir=parent.base_dir))
-            except ConfigErrors as exc:
-                errors.extend(exc.errors)
-                return None
-            except ConfigError as exc:
-                key = exc.key[len(prefix) + 1:].split(".")[0] \
-                    if exc.key.startswith(prefix + ".") else None
-                if key in removed:
-                    return None
-                errors.append(exc)
-                if key is None or key not in data:
-                    return None
-                removed.add(key)
-                del data[key]
+                result, found = _parse_table(data, prefix, parent.base_dir, parse, not_typos)
+            except _NotATypo as exc:  # a guess at a misspelt key was wrong: again without it
+                not_typos.add(exc.key)
+                continue
+            errors.extend(found)
+            return result
 
-    server = table(top, "server", lambda t: _parse_server(t, env))
+    server = table(top, "server",
+                   lambda t: _parse_server(t, env, credentials_later=credentials_later))
     stream = table(top, "stream", _parse_stream)
     resync = table(top, "resync", _parse_resync)
     state = table(top, "state", _parse_state)
@@ -551,6 +627,78 @@ def _parse_config(data: Mapping[str, Any], *, path: Path | None = None,
     return Config(server=server, stream=stream, resync=resync, state=state, http=http, log=log,
                   shutdown_timeout=shutdown_timeout, sinks=tuple(sinks), redact=redact, path=path,
                   spool=spool, fleet=fleet)
+
+
+class _NotATypo(Exception):
+    """The key taken for a misspelling of a missing required key is not one."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _parse_table(data: Mapping[str, Any], prefix: str, base_dir: Path | None,
+                 parse: Callable[[Section], Any], not_typos: set[str]
+                 ) -> tuple[Any, list[ConfigError]]:
+    """``parse`` one table, and every problem in it: the parsed value (None if it failed) and
+    the problems, each once.
+
+    At a problem with one of its keys, the problem is noted and the table parsed again without
+    that key, so that every problem of a table is found in one go; what only follows from a key
+    taken out is not reported ("is required", or "password: required" after a
+    ``password_file`` that is not there). A required key that is missing while an unknown key
+    looks like it (``usrname`` for ``username``) is one problem, the unknown key: its value is
+    used as the required key's to go on checking the rest. Raises :class:`_NotATypo` when that
+    guess proves wrong (the key is read for itself, or its value fails as the other key's)."""
+    data = dict(data)
+    removed: set[str] = set()
+    typos: dict[str, str] = {}  # the required key -> the unknown key taken for it
+    known: set[str] = set()  # the keys the parse reads (the table's own keys)
+    found: list[ConfigError] = []
+    while True:
+        sect = Section(data, prefix, base_dir=base_dir)
+        try:
+            result = parse(sect)
+        except ConfigErrors as exc:
+            found.extend(exc.errors)
+            result = None
+        except ConfigError as exc:
+            known |= sect._seen
+            key = exc.key[len(prefix) + 1:].split(".")[0].split("[")[0] \
+                if exc.key.startswith(prefix + ".") else None
+            if key in typos:  # the misspelt key's value fails as the key it was taken for
+                raise _NotATypo(typos[key]) from None
+            if key is None or key in removed or _follows_from(key, removed):
+                if key is None:
+                    found.append(exc)
+                return None, found
+            if key not in data:
+                unknown = [k for k in data if k not in known and k not in not_typos
+                           and k not in typos.values()]
+                hint = close_matches(key, unknown, n=1)
+                if not hint:
+                    found.append(exc)
+                    return None, found
+                typos[key] = hint[0]
+                found.append(ConfigError(f"{prefix}.{hint[0]}",
+                                         f'unknown key (did you mean "{key}"?)'))
+                data[key] = data.pop(hint[0])
+                continue
+            found.append(exc)
+            removed.add(key)
+            del data[key]
+            continue
+        known |= sect._seen
+        wrong = [k for k in typos.values() if k in known]
+        if wrong:
+            raise _NotATypo(wrong[0])
+        return result, found
+
+
+def _follows_from(key: str, removed: set[str]) -> bool:
+    """Whether a problem with ``key`` only follows from the keys taken out: a secret is
+    "required" once its ``*_file`` went for not being there, and the other way round."""
+    return f"{key}_file" in removed or (key.endswith("_file") and key[:-5] in removed)
 
 
 def _parse_resync(rs: Section) -> ResyncConfig:
@@ -691,8 +839,9 @@ def exposed_secrets(cfg: Config) -> list[ExposedSecret]:
 
 
 def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None,
-                resolve_sink: SinkResolver) -> Config:
-    """Read and validate a TOML file (raises ConfigError with a one-line reason)."""
+                resolve_sink: SinkResolver, credentials_later: bool = False) -> Config:
+    """Read and validate a TOML file (raises ConfigError with a one-line reason);
+    ``credentials_later``: see :func:`parse_config`."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
@@ -702,10 +851,43 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
     except IsADirectoryError:
         raise ConfigError("", f"{p}: is a directory") from None
     except PermissionError:
-        raise ConfigError("", f"{p}: permission denied") from None
+        raise ConfigError("", f"{p}: permission denied{_why_unreadable(p)}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{p}: invalid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise ConfigError("", f"{p}: not UTF-8 text") from None
-    return parse_config(data, path=p.resolve(), env=env, resolve_sink=resolve_sink)
+    return parse_config(data, path=p.resolve(), env=env, resolve_sink=resolve_sink,
+                        credentials_later=credentials_later)
+
+
+def _why_unreadable(path: Path) -> str:
+    """Why this process may not read ``path`` (the folder it cannot enter, or the file's mode),
+    and the fix: the units run as a dynamic user, for whom only the "others" bits count."""
+    import grp
+    import pwd
+    import stat as st
+
+    def owner(s: os.stat_result) -> str:
+        try:
+            user = pwd.getpwuid(s.st_uid).pw_name
+        except KeyError:
+            user = str(s.st_uid)
+        try:
+            group = grp.getgrgid(s.st_gid).gr_name
+        except KeyError:
+            group = str(s.st_gid)
+        return f"mode {st.S_IMODE(s.st_mode):04o}, {user}:{group}"
+
+    p = path.absolute()
+    blocker, fix = p, f"chmod 0644 {p}"
+    for folder in reversed(p.parents):
+        if not os.access(folder, os.X_OK):
+            blocker, fix = folder, f"chmod 0755 {folder}"
+            break
+    try:
+        shown = f"{blocker} is {owner(blocker.stat())}"
+    except OSError:
+        shown = f"{blocker} cannot be reached"
+    return (f" for uid {os.getuid()}: {shown}; the units' dynamic user must be able to read it "
+            f"as \"others\": {fix} (keep secrets out of it: they are credentials)")
 

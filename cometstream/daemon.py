@@ -24,7 +24,7 @@ import random
 import signal
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Final
 
 import structlog
@@ -90,6 +90,9 @@ class Daemon:
         self.notifier = notifier if notifier is not None else Notifier()
         #: why run() was asked to stop (logged): the signal's name, or what the caller says
         self.stop_reason = "signal"
+        #: a second SIGTERM/SIGINT came while stopping: stop without waiting for the sinks
+        self.hurried = False
+        self._hurry_targets: set[asyncio.Future[Any]] = set()
         if registry is None:
             # process_* from /proc/self: prometheus_client's needs /proc/stat (ProcSubset=pid)
             registry = standard_registry()
@@ -484,8 +487,16 @@ class Daemon:
             self.stop_reason = reason
             stop.set()
 
+        def signalled(name: str) -> None:
+            if stop.is_set():  # already stopping: a second signal means "now"
+                self.hurry(name)
+            else:
+                stop_for(name)
+
         def hangup() -> None:
             if ttys and not any(os.isatty(fd) for fd in ttys):  # (a hung-up tty is none)
+                if stop.is_set():
+                    return
                 stop_for("terminal hung up")
                 devnull = os.open(os.devnull, os.O_RDWR)  # (writing there fails: EIO)
                 for fd in ttys:
@@ -495,8 +506,42 @@ class Daemon:
                 self.reopen()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_for, sig.name)
+            loop.add_signal_handler(sig, signalled, sig.name)
         loop.add_signal_handler(signal.SIGHUP, hangup)
+
+    def hurry(self, reason: str) -> None:
+        """A second SIGTERM/SIGINT while stopping: stop waiting for the sinks at once, as when
+        ``shutdown.timeout`` runs out (what they have not got stays in the ledger, with the disk
+        buffer; the ledger is still committed and closed)."""
+        if self.hurried:
+            return
+        self.hurried = True
+        left = ("stays in the ledger for the next start" if self.cfg.spool.disk
+                else "is dropped (buffer = \"memory\")")
+        log.warning("second signal: stopping now, without waiting for the sinks", signal=reason,
+                    undelivered=left)
+        for task in self._hurry_targets:
+            task.cancel()
+        for route in self.pipeline.routes:  # (the drain then ends as at its timeout)
+            if route.task is not None and not route.task.done():
+                route.task.cancel()
+
+    async def _unless_hurried(self, aw: Coroutine[Any, Any, Any], timeout: float) -> None:
+        """``aw`` within ``timeout`` seconds, cut short by :meth:`hurry` (either way, silently)."""
+        if self.hurried:
+            aw.close()
+            return
+        task = asyncio.ensure_future(aw)
+        self._hurry_targets.add(task)
+        try:
+            await asyncio.wait({task}, timeout=timeout)
+        finally:
+            self._hurry_targets.discard(task)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        elif not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
     async def run(self, stop: asyncio.Event,
                   started: Callable[[], None] | None = None) -> int:
@@ -532,7 +577,8 @@ class Daemon:
                               exc_info=exc)
                     code = EXIT_FATAL
             else:
-                log.info("stopping", reason=self.stop_reason)
+                log.info("stopping", reason=self.stop_reason, drain_timeout=cfg.shutdown_timeout,
+                         hint="a second SIGTERM or Ctrl-C stops without waiting for the sinks")
         finally:
             self.notifier.stopping()
             self.notifier.status("stopping: draining sink queues")
@@ -545,9 +591,8 @@ class Daemon:
                         await task
             self.metrics.stream.connection_up = 0
             if self.gate.holding:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.gate.release(), cfg.shutdown_timeout)
-            complete = await self.pipeline.drain(cfg.shutdown_timeout)
+                await self._unless_hurried(self.gate.release(), cfg.shutdown_timeout)
+            complete = await self.pipeline.drain(0.0 if self.hurried else cfg.shutdown_timeout)
             self.ledger.stop()  # after the commit in progress, if any
             try:
                 await asyncio.wait_for(asyncio.shield(spooler), max(cfg.shutdown_timeout, 5.0))

@@ -1,9 +1,11 @@
 """What ``cometstream check`` verifies beyond the configuration's syntax: that the places
-``run`` writes to can be created and written.
+``run`` writes to can be created and written, and that its port can be bound.
 
 - ``state.dir``: a directory (created with its parents if missing) the daemon can write in;
 - each file sink's ``path`` and each sink's ``dead_letter``: a file that can be created (its
-  folder too) or appended to.
+  folder too) or appended to;
+- ``[http] listen``: an address this machine has and a port nobody else holds (the running
+  daemon of the same ``state.dir`` may: that is fine, and said).
 
 The answer is for the user running ``check`` (the units run the daemon as their own dynamic
 user: as root, ``check`` cannot see what that user may write). ``run`` uses the same words when
@@ -13,14 +15,17 @@ user: as root, ``check`` cannot see what that user may write). ``run`` uses the 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
+import socket
 import stat
 from pathlib import Path
 
-from .config import Config
+from .config import Config, parse_listen
+from .delivery.ledger import LOCK_FILE
 from .errors import ConfigError
 
-__all__ = ["check_paths", "dir_problem", "file_problem"]
+__all__ = ["check_listen", "check_paths", "dir_problem", "file_problem", "running_daemon"]
 
 
 def _existing(path: Path) -> tuple[Path, os.stat_result]:
@@ -84,12 +89,24 @@ def file_problem(path: Path) -> str | None:
     return None
 
 
+def _not_writable_fix(problem: str, *, sink: bool) -> str:
+    """What to do about a place this user may not write, and (a sink) why run starts anyway."""
+    if not problem.endswith("is not writable"):
+        return problem
+    problem += f" by uid {os.getuid()}: give the user cometstream runs as write access, or " \
+        "choose another path"
+    if sink:  # (run waits for a sink to come back, rather than refuse to start)
+        problem += "; run would start anyway and keep this sink's events in the ledger, with " \
+            "/readyz 503, until it can write"
+    return problem
+
+
 def check_paths(cfg: Config) -> list[ConfigError]:
     """One error per place ``run`` could not write, naming its key."""
     errors = []
     problem = dir_problem(cfg.state.dir)
     if problem is not None:
-        errors.append(ConfigError("state.dir", problem))
+        errors.append(ConfigError("state.dir", _not_writable_fix(problem, sink=False)))
     for sc in cfg.sinks:
         paths = []
         if sc.type == "file":
@@ -100,5 +117,74 @@ def check_paths(cfg: Config) -> list[ConfigError]:
                 continue
             problem = file_problem(path)
             if problem is not None:
-                errors.append(ConfigError(f"sinks.{sc.name}.{key}", problem))
+                errors.append(ConfigError(f"sinks.{sc.name}.{key}",
+                                          _not_writable_fix(problem, sink=True)))
     return errors
+
+
+def running_daemon(state_dir: Path) -> str | None:
+    """The PID of the daemon that holds ``state.dir`` (its ``daemon.lock``), or None when no
+    daemon runs there. Creates nothing."""
+    try:
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _listen_problem(listen: str) -> tuple[int, str] | None:
+    """Why ``run`` could not listen on ``listen`` (bound as the daemon binds it: every address
+    the host has, SO_REUSEADDR, IPv6 only on IPv6), as (errno, phrase); None if it could."""
+    host, port = parse_listen(listen)
+    if port == 0:
+        return None
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return 0, f"cannot listen on {listen}: {exc.strerror}: give an address of this machine"
+    for family, type_, proto, _name, addr in infos:
+        with socket.socket(family, type_, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                why = os.strerror(exc.errno) if exc.errno else str(exc)
+                return exc.errno or 0, f"cannot listen on {listen}: {why}"
+    return None
+
+
+def check_listen(cfg: Config) -> tuple[ConfigError | None, str | None]:
+    """``[http] listen``, bound and let go: (the problem, a note). A port held by the daemon
+    that runs on this ``state.dir`` is no problem (note: it is in use by that daemon)."""
+    listen = cfg.http.listen
+    if not listen:
+        return None, None
+    found = _listen_problem(listen)
+    if found is None:
+        return None, None
+    code, problem = found
+    if code == errno.EADDRINUSE:
+        pid = running_daemon(cfg.state.dir)
+        if pid is not None:
+            return None, (f"http.listen: {listen} is in use by the daemon running on this "
+                          f"state.dir (pid {pid})")
+        port = listen.rpartition(":")[2]
+        problem += (f": another program listens there (ss -ltnp 'sport = :{port}' names it); "
+                    "stop it or choose another port")
+    elif code == errno.EADDRNOTAVAIL:
+        problem += ": that address is not one of this machine's"
+    elif code == errno.EACCES:
+        problem += ": a port below 1024 needs a privilege the units do not give; choose another"
+    return ConfigError("http.listen", problem), None

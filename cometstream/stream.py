@@ -53,7 +53,7 @@ from .protocol import (
 )
 
 __all__ = ["STABLE_SESSION", "Publish", "RateLimitedLog", "Session", "Supervisor", "classify",
-           "count_malformed", "make_ssl_context"]
+           "count_malformed", "make_ssl_context", "plain_http_hint"]
 
 #: frames read in a row before the read loop lets other tasks (the sink workers) run
 YIELD_EVERY: Final = 256
@@ -84,6 +84,21 @@ def make_ssl_context(server: ServerConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+#: what OpenSSL says when the other end answers a TLS handshake in plain HTTP
+_PLAIN_ANSWER: Final = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE",
+                                  "PACKET_LENGTH_TOO_LONG"})
+
+
+def plain_http_hint(exc: BaseException) -> str:
+    """For a TLS handshake that the server answered in plain HTTP (``https://`` in
+    ``server.url`` for a port that serves ``http``): what to do, else ""."""
+    err = getattr(exc, "os_error", None) or exc  # (aiohttp's connector error wraps the SSLError)
+    if isinstance(err, ssl.SSLError) and err.reason in _PLAIN_ANSWER:
+        return (": the server answered in plain HTTP, not TLS: use http:// in server.url for "
+                "this port, or the port where it serves https")
+    return ""
+
+
 def classify(exc: BaseException, *, phase: str, timeout: float = 0.0) -> StreamError | CredentialsRejected:
     """Translate anything a session can raise into our error tree (one place, one decision)."""
     if isinstance(exc, (StreamError, CredentialsRejected)):
@@ -96,7 +111,7 @@ def classify(exc: BaseException, *, phase: str, timeout: float = 0.0) -> StreamE
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         return StreamError(f"TLS certificate not trusted: {exc.certificate_error}", reason="tls")
     if isinstance(exc, aiohttp.ClientSSLError):
-        return StreamError(f"TLS failed: {exc}", reason="tls")
+        return StreamError(f"TLS failed: {exc}{plain_http_hint(exc)}", reason="tls")
     if isinstance(exc, aiohttp.ClientConnectorError):
         why = exc.os_error.strerror or str(exc.os_error) or exc.os_error.__class__.__name__
         return StreamError(f"cannot connect to {exc.host}:{exc.port}: {why}", reason="refused")
