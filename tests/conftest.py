@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,114 @@ dir = "{tmp_path / 'state'}"
 def toml_str(value: str) -> str:
     """A TOML basic string literal for any text (quotes, backslashes, unicode)."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# --- CI refuses skips ----------------------------------------------------------------------------
+# Under CI=true (.ci/run exports it) a skipped test counts as a failure unless
+# tests/allowed_skips.txt lists it with its reason: a missing peer (promtool, systemd-analyze,
+# openssl, root, user namespaces...) must never let CI pass by skipping what the tests promise.
+
+ALLOWED_SKIPS = Path(__file__).with_name("allowed_skips.txt")
+_REFUSED_SKIPS = pytest.StashKey[list[tuple[str, str]]]()
+
+
+def in_ci() -> bool:
+    """True when the run is CI's (``CI=true``, as .ci/run exports it, or 1/yes)."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def allowed_skips() -> list[tuple[str, str]]:
+    """(pattern, reason) for each entry of tests/allowed_skips.txt: one ``PATTERN REASON`` a
+    line, PATTERN a test id where ``*`` stands for any text (``tests/test_x.py::test_y[*]``);
+    blank lines and ``#`` comments are ignored. An entry without a reason is refused."""
+    if not ALLOWED_SKIPS.exists():
+        return []
+    entries: list[tuple[str, str]] = []
+    for n, line in enumerate(ALLOWED_SKIPS.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) < 2:
+            raise pytest.UsageError(f"{ALLOWED_SKIPS.name}:{n}: {line.strip()!r} has no reason; "
+                                    "each entry is a test id or pattern, then why CI may skip it")
+        entries.append((parts[0], parts[1].strip()))
+    return entries
+
+
+def _skip_reason(config: pytest.Config, longrepr: Any) -> str:
+    """'message (path:line)' of a skip report's (path, line, 'Skipped: message')."""
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        path, line, message = longrepr
+        where = Path(path)
+        if where.is_relative_to(config.rootpath):
+            where = where.relative_to(config.rootpath)
+        return f"{str(message).removeprefix('Skipped: ')} ({where}:{line})"
+    return str(longrepr)
+
+
+def _refused(config: pytest.Config, nodeid: str, longrepr: Any) -> str | None:
+    """Under CI, the reason of a skip that the allow-list does not excuse (recorded for the
+    summary); None if the skip is allowed or the run is not CI's."""
+    if not in_ci():
+        return None
+    for pattern, _ in allowed_skips():  # "*" stands for any text; "[...]" is a literal id
+        if re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), nodeid):
+            return None
+    reason = _skip_reason(config, longrepr)
+    config.stash.setdefault(_REFUSED_SKIPS, []).append((nodeid or "(collection)", reason))
+    return reason
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if in_ci():
+        allowed_skips()  # a malformed allow-list stops the run before any test
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]
+                              ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Under CI, a skip (a skipif mark, pytest.skip in a fixture or the test) that the
+    allow-list does not excuse becomes this test's failure, with the skip's reason."""
+    report = yield
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = _refused(item.config, report.nodeid, report.longrepr)
+        if reason is not None:
+            report.outcome = "failed"
+            report.longrepr = (
+                f"CI=true refuses this skip: {reason}\n"
+                "Make the peer it needs available on CI (.ci/run installs what Debian has), or, "
+                "if no CI machine can ever have it, list the test in "
+                f"tests/{ALLOWED_SKIPS.name} with the reason.")
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector
+                               ) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+    """A whole module skipped at collection (pytest.skip(allow_module_level=True),
+    importorskip): under CI, refused at the end of the run."""
+    report = yield
+    if report.skipped:
+        _refused(collector.config, report.nodeid, report.longrepr)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int,
+                            config: pytest.Config) -> None:
+    refused = config.stash.get(_REFUSED_SKIPS, [])
+    if not refused:
+        return
+    tr = terminalreporter
+    tr.section("skips CI refuses", sep="=", red=True, bold=True)
+    tr.line(f"CI=true: {len(refused)} skip(s) not in tests/{ALLOWED_SKIPS.name}; "
+            "each fails the run:", red=True)
+    for nodeid, reason in refused:
+        tr.line(f"  {nodeid}: {reason}")
+    tr.line("Install the missing peer (.ci/run installs what Debian has), or, if no CI machine can "
+            f"ever have it, list the test in tests/{ALLOWED_SKIPS.name} with the reason.")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under CI, the run fails if anything was skipped that the allow-list does not excuse."""
+    if session.config.stash.get(_REFUSED_SKIPS, []) and session.exitstatus in (0, 5):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
