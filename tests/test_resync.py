@@ -16,14 +16,16 @@ import orjson
 from cometstream.simulator import Simulator
 
 from .conftest import PASSWORD, USER, make_config, run_cli, running, toml_str, wait_until, write_config
+from .peers import read_log
 
 COMPLETED, NEW = 4201, 4200
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
+    """The file's complete lines (not one the sink is writing meanwhile), parsed."""
     if not path.exists():
         return []
-    return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
+    return [orjson.loads(x) for x in path.read_bytes().split(b"\n")[:-1] if x.strip()]
 
 
 def _completions(path: Path) -> list[tuple[str, str]]:
@@ -232,8 +234,10 @@ async def test_sigkill_then_jobs_while_down_then_restart_loses_and_repeats_nothi
         down = _gap_jobs(sim, 10)
         sim.world.complete_job(rj)
         proc = await _start(conf)
+        # every synthesized event is published once the sync says it is done: a repeat would
+        # be among them (the drain at SIGTERM writes whatever is still queued)
+        assert (await read_log(proc.stderr, "resync done"))["events"] >= 11
         await wait_until(lambda: len(_completions(path)) == 21, timeout=15, what="catch-up")
-        await asyncio.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 15)
     finally:
@@ -259,19 +263,27 @@ async def test_sigterm_during_a_burst_and_restart_loses_and_repeats_nothing(
         await _checkpointed(tmp_path, lambda c: c["watermark"] > 0)
         t0 = int(time.time())
         sim.set_rate(400)
-        await asyncio.sleep(1.5)
+        await wait_until(lambda: len(_completions(path)) >= 30, timeout=15,
+                         what="the burst streaming in")
         proc.send_signal(signal.SIGTERM)
         _o, err = await asyncio.wait_for(proc.communicate(), 15)
         assert proc.returncode == 0, err.decode()[-2000:]
-        await asyncio.sleep(1.0)  # the world goes on without us
+
+        def ended() -> int:  # (what the end counts: completions after the first start's second)
+            return sum(1 for j in sim.world.jobs.values() if j["EndTime"] > t0)
+
+        down = ended()
+        await wait_until(lambda: ended() >= down + 30, timeout=15,
+                         what="jobs ending while it is down")
         proc = await _start(conf)
-        await sim.wait_for_clients(1, timeout=10)
-        await asyncio.sleep(1.0)
+        await read_log(proc.stderr, "resync done")
+        live = sum(1 for _g, o in _completions(path) if o == "stream")
+        await wait_until(lambda: sum(1 for _g, o in _completions(path) if o == "stream")
+                         >= live + 30, timeout=15, what="live completions after the restart")
         sim.set_rate(0)
         expected = {g for g, j in sim.world.jobs.items() if j["EndTime"] > t0}
         await wait_until(lambda: {g for g, _o in _completions(path)} >= expected, timeout=15,
                          what="all completions")
-        await asyncio.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.communicate(), 15)
     finally:
@@ -372,7 +384,8 @@ async def test_a_failing_api_is_retried_while_live_events_flow(sim: Simulator,
         await _open_gap(sim, d)
         await d.daemon.ledger.commit()
         before = d.daemon.tracker.watermark
-        await asyncio.sleep(1.1)  # the gap's jobs end in a later second than the watermark
+        # the gap's jobs end in a later second than the watermark
+        await wait_until(lambda: time.time() >= before + 2, what="a later second")
         gap = _gap_jobs(sim, 5)
         sim.faults.api_down = True
         sim.faults.reject_logins = False
@@ -381,7 +394,8 @@ async def test_a_failing_api_is_retried_while_live_events_flow(sim: Simulator,
         sim.emit(live)
         await wait_until(lambda: any(e["event"].get("ResourceID") == live["Data"]["GUID"]
                                      for e in _lines(path)), what="live event during outage")
-        await asyncio.sleep(1.2)
+        pipeline = d.daemon.pipeline
+        await wait_until(lambda: pipeline.delivered_through() == pipeline.seq, what="its ack")
         await d.daemon.ledger.commit()
         assert d.daemon.tracker.watermark == before
         sim.faults.api_down = False
@@ -389,7 +403,6 @@ async def test_a_failing_api_is_retried_while_live_events_flow(sim: Simulator,
         await wait_until(lambda: len(_completions(path)) == 5, what="gap filled")
         # written is not yet acknowledged (the sink's ack follows its write by a loop turn or
         # two): until it is, the watermark waits before the oldest unacknowledged event
-        pipeline = d.daemon.pipeline
         await wait_until(lambda: pipeline.delivered_through() == pipeline.seq, what="acks")
         await d.daemon.ledger.commit()
         assert d.daemon.tracker.watermark > before
@@ -567,7 +580,7 @@ async def test_a_cancelled_blocked_publish_still_delivers_and_holds_the_watermar
     p.start()
     evs = [_job_ev(COMPLETED, f"j{i}", 1733400000 + i) for i in range(3)]
     assert p.publish(evs[0]) is None
-    await aio.sleep(0)  # the worker takes j0 (in flight, hanging)
+    await wait_until(lambda: p.routes[0].inflight == 1, what="j0 in flight, hanging")
     assert p.publish(evs[1]) is None
     waiting = p.publish(evs[2])
     assert waiting is not None
@@ -754,7 +767,10 @@ async def test_a_failed_first_sync_does_not_turn_the_gap_into_history(
     sim.faults.api_down = True
     async with running(_file_cfg(sim, tmp_path, path)) as d:
         await wait_until(lambda: d.stats.resync_runs["error"] >= 1, timeout=10, what="failure")
-        await asyncio.sleep(1.1)  # the gap happens in a later second than the first HELLO
+        first_hello = d.daemon.tracker.baseline_before
+        assert first_hello > 0
+        # the gap happens in a later second than the first HELLO
+        await wait_until(lambda: int(time.time()) > first_hello, what="a later second")
         await _open_gap(sim, d)
         gap = _gap_jobs(sim, 4)
         sim.faults.api_down = False
@@ -777,109 +793,192 @@ async def test_a_checkpoint_with_wrong_entries_is_moved_aside(sim: Simulator,
     assert len(list(state.glob("checkpoint.json.corrupt-*"))) == 1
 
 
-def test_the_collector_paused_for_a_sync_chunk_comes_back_as_it_was() -> None:
-    """Overlapping pauses (a cancelled sync ending while the next one runs) turn the cyclic
-    collector back on only when the last ends, and never turn on one that was off."""
-    import gc
-
-    from cometstream.resync import _gc_paused, _gc_resumed
-
-    assert gc.isenabled()
-    with _gc_paused():
-        with _gc_resumed():
-            assert gc.isenabled()
-        assert not gc.isenabled()
-    assert gc.isenabled()
-    with _gc_resumed():
-        assert gc.isenabled()
-    assert gc.isenabled()
-    first, second = _gc_paused(), _gc_paused()
-    first.__enter__()
-    second.__enter__()
-    first.__exit__(None, None, None)
-    assert not gc.isenabled()
-    second.__exit__(None, None, None)
-    assert gc.isenabled()
-    gc.disable()
-    try:
-        with _gc_paused():
-            with _gc_resumed():
-                assert not gc.isenabled()
-            assert not gc.isenabled()
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
-
-
-def test_synthesized_job_events_are_the_documents_orjson_would_encode() -> None:
-    """The job events a sync assembles around the job's encoding are byte for byte
-    ``orjson.dumps`` of the event document (unicode, escapes, large integers, odd names)."""
-    from cometstream.redact import Redactor
+async def _syncer(sim: Simulator, tmp_path: Path, *, watermark: int) -> Any:
+    """A Resyncer on the simulator's admin API, as the daemon builds one, after a checkpoint
+    at ``watermark`` (a sync, not a baseline); the caller closes its ``api``."""
+    from cometstream.api import AdminClient
     from cometstream.delivery.tracker import Tracker
+    from cometstream.redact import Redactor
     from cometstream.resync import Resyncer
 
-    rs = Resyncer(None, Tracker(), server="s", overlap=120,  # type: ignore[arg-type]
-                  redactor=Redactor())
-    job = {"GUID": "g-1", "Username": "zoë \"q\" \u2028 😀", "StartTime": 1733400000,
-           "EndTime": 1733400100, "TotalSize": 18446744073709551615, "Tags": "<&>\\",
-           "Progress": {"BytesDone": -1, "Ratio": 0.5}, "Nothing": None, "Empty": []}
-    for type_, ts in ((COMPLETED, 1733400100), (NEW, 1733400000)):
-        for user, org in ((job["Username"], "org-1"), ("", ""), ("u", "ørg")):
-            for _ in range(2):  # the second time from the cached head
-                ev = rs._job_event(type_, ts, job, user, org, "g-1")
-                ref = rs._event(type_, ts, job, actor=user, org=org, resource="g-1")
-                assert ev.raw == ref.raw == orjson.dumps(ref.doc)
-                assert ev.doc == ref.doc and list(ev.doc) == list(ref.doc)
-                assert (ev.type, ev.origin, ev.server) == (ref.type, ref.origin, ref.server)
-    odd = rs._job_event(COMPLETED, 1733400100, job, "u", 7, "g-1")  # type: ignore[arg-type]
-    assert odd.raw == orjson.dumps(odd.doc) and odd.doc["OwnerOrganizationID"] == 7
+    tr = Tracker()
+    tr.has_checkpoint, tr.watermark = True, watermark
+    api = AdminClient(make_config(sim.url, tmp_path).server)
+    await api.__aenter__()
+    return Resyncer(api, tr, server="s", overlap=0, redactor=Redactor())
 
 
-async def test_synthesized_job_events_keep_their_dedup_key_without_their_document() -> None:
-    """A sink that reads only the dedup key (webhook) gets it from a synthesized job event whose
-    parsed document was released, without parsing its bytes again."""
-    from cometstream.redact import Redactor
-    from cometstream.delivery.tracker import Tracker
-    from cometstream.resync import Resyncer, ResyncResult
+def _hello(sim: Simulator) -> dict[str, Any]:
+    return {"ServerStartHash": sim.server_start_hash}
 
-    rs = Resyncer(None, Tracker(), server="s", overlap=120,  # type: ignore[arg-type]
-                  redactor=Redactor())
-    jobs = [{"GUID": "done", "Username": "u", "StartTime": 1733400000, "EndTime": 1733400100},
-            {"GUID": "running", "Username": "u", "StartTime": 1733400050, "EndTime": 0}]
+
+def _no_emit(_ev: Any) -> None:
+    return None
+
+
+async def test_the_collector_paused_for_a_sync_chunk_comes_back_as_it_was(
+        sim: Simulator, tmp_path: Path) -> None:
+    """Overlapping syncs (one cancelled by the next HELLO, ending while the next one runs)
+    turn the cyclic collector back on only when the last ends, and never turn on one that
+    was off."""
+    import gc
+
+    now = int(time.time())
+    _gap_jobs(sim, 3)
+    rs = await _syncer(sim, tmp_path, watermark=now - 5)
+    try:
+        assert gc.isenabled()
+        first_waits, first_waiting = asyncio.Event(), asyncio.Event()
+
+        def first_emit(_ev: Any, _fp: int, _ts: int, _action: Any) -> Any:
+            first_waiting.set()
+            return first_waits.wait()  # a full queue that never gets room
+
+        first = asyncio.ensure_future(rs.run(_hello(sim), _no_emit, first_emit))
+        await asyncio.wait_for(first_waiting.wait(), 20)
+        calls: list[None] = []
+        seen: list[bool] = []
+
+        def second_emit(_ev: Any, _fp: int, _ts: int, _action: Any) -> Any:
+            calls.append(None)
+            if len(calls) == 1:  # the next HELLO's sync cancels the first, and waits for its end
+                first.cancel()
+                return asyncio.wait((first,))
+            seen.append(gc.isenabled())  # the first has ended, this one runs on
+            return None
+
+        await asyncio.wait_for(rs.run(_hello(sim), _no_emit, second_emit), 20)
+        assert first.cancelled()
+        assert len(seen) >= 2 and not any(seen)  # off until the last sync ended
+        assert gc.isenabled()
+
+        gc.disable()
+        try:
+            off: list[bool] = []
+
+            def off_emit(_ev: Any, _fp: int, _ts: int, _action: Any) -> Any:
+                off.append(gc.isenabled())
+                return asyncio.sleep(0.01) if len(off) == 1 else None  # (a wait for room)
+
+            await asyncio.wait_for(rs.run(_hello(sim), _no_emit, off_emit), 20)
+            assert len(off) >= 3 and not any(off) and not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        await rs.api.__aexit__(None, None, None)
+
+
+async def test_synthesized_job_events_are_the_documents_orjson_would_encode(
+        sim: Simulator, tmp_path: Path) -> None:
+    """The job events a sync assembles around the job's encoding are byte for byte
+    ``orjson.dumps`` of the event document (unicode, escapes, large integers, odd names and
+    organizations), started and completed, the second of a kind from the cached head too."""
+    now = int(time.time())
+    odd_user = "zoë \"q\" \u2028 😀"
+    sim.world.users[odd_user] = {"Username": odd_user, "OrganizationID": "org-1"}
+    sim.world.users["u"] = {"Username": "u", "OrganizationID": "ørg"}
+    sim.world.users["n"] = {"Username": "n", "OrganizationID": 7}  # (a server's odd ID)
+    extra = {"TotalSize": 18446744073709551615, "Tags": "<&>\\",
+             "Progress": {"BytesDone": -1, "Ratio": 0.5}, "Nothing": None, "Empty": []}
+    want: dict[str, tuple[str, Any]] = {}  # GUID -> (user, organization)
+    for user, org in ((odd_user, "org-1"), ("", ""), ("u", "ørg"), ("n", 7)):
+        for done in (True, True, False, False):  # twice each: the second from the cached head
+            guid = sim.world.start_job()["Data"]["GUID"]
+            if done:
+                sim.world.complete_job(guid)
+            sim.world.jobs[guid].update(extra, Username=user)
+            want[guid] = (user, org)
+    rs = await _syncer(sim, tmp_path, watermark=now - 5)
     got: list[Any] = []
 
-    def emit_job(ev: Any, fp: int, ts: int, action: Any) -> None:
+    def emit_job(ev: Any, _fp: int, _ts: int, _action: Any) -> None:
+        got.append(ev)
+
+    try:
+        await rs.run(_hello(sim), _no_emit, emit_job)
+    finally:
+        await rs.api.__aexit__(None, None, None)
+    mine = {ev.doc["ResourceID"]: ev for ev in got if ev.doc["ResourceID"] in want}
+    assert set(mine) == set(want)
+    for guid, ev in mine.items():
+        user, org = want[guid]
+        job = orjson.loads(orjson.dumps(sim.world.jobs[guid]))
+        type_ = COMPLETED if job["EndTime"] else NEW
+        ts = job["EndTime"] or job["StartTime"]
+        ref = {"Actor": user, "OwnerOrganizationID": org, "ResourceID": guid, "Type": type_,
+               "Timestamp": ts, "TypeString": "SEVT_JOB_COMPLETED" if type_ == COMPLETED
+               else "SEVT_JOB_NEW", "Data": job}
+        assert ev.raw == orjson.dumps(ref) == orjson.dumps(ev.doc)
+        assert ev.doc == ref and list(ev.doc) == list(ref)
+        assert (ev.type, ev.origin, ev.server) == (type_, "resync", "s")
+    assert all(ev.raw == orjson.dumps(ev.doc) for ev in got)  # the world's own jobs too
+
+
+async def test_synthesized_job_events_keep_their_dedup_key_without_their_document(
+        sim: Simulator, tmp_path: Path) -> None:
+    """A sink that reads only the dedup key (webhook) gets it from a synthesized job event whose
+    parsed document was released, without parsing its bytes again."""
+    now = int(time.time())
+    (done,) = _gap_jobs(sim, 1)
+    running = sim.world.start_job()["Data"]["GUID"]
+    end = sim.world.jobs[done]["EndTime"]
+    rs = await _syncer(sim, tmp_path, watermark=now - 5)
+    got: list[Any] = []
+
+    def emit_job(ev: Any, _fp: int, _ts: int, _action: Any) -> None:
         ev.release_doc()
         got.append(ev)
 
-    await rs._emit_jobs(rs._job_plans(jobs, ResyncResult(), {}), emit_job)
-    assert [ev.dedup_key() for ev in got] == [f"{NEW}:running", f"{COMPLETED}:done:1733400100"]
-    assert all(ev._doc is None for ev in got)  # not parsed again
+    try:
+        await rs.run(_hello(sim), _no_emit, emit_job)
+    finally:
+        await rs.api.__aexit__(None, None, None)
+    keys = [ev.dedup_key() for ev in got]
+    assert f"{NEW}:{running}" in keys and f"{COMPLETED}:{done}:{end}" in keys
+    assert all(k is not None and k.startswith(f"{ev.type}:") for k, ev in zip(keys, got,
+                                                                             strict=True))
+    # not parsed again (no public view tells whether an Event holds its parsed document)
+    assert all(ev._doc is None for ev in got)
 
 
-async def test_a_long_wait_for_queue_room_resumes_the_collector_a_short_one_does_not() -> None:
+async def test_a_long_wait_for_queue_room_resumes_the_collector_a_short_one_does_not(
+        sim: Simulator, tmp_path: Path) -> None:
     """Within a sync's collector pause, a short wait for room in a full queue (a sink catching
-    up) keeps the pause; one longer than a second (a sink down) turns the collector back on."""
+    up) keeps the pause; one longer than a second (a sink down) turns the collector back on,
+    and off again after it; a sync cancelled while it waits leaves the collector on."""
     import gc
 
-    from cometstream import resync
-
+    now = int(time.time())
+    _gap_jobs(sim, 4)
+    rs = await _syncer(sim, tmp_path, watermark=now - 5)
     seen: list[bool] = []
+    between: list[bool] = []
+    third = asyncio.Event()
 
-    async def wait(seconds: float) -> None:
+    async def wait(seconds: float) -> None:  # a sink's queue getting room after ``seconds``
         await asyncio.sleep(seconds)
         seen.append(gc.isenabled())
 
-    with resync._gc_paused():
-        await resync._wait_for_room(wait(0.01))
-        await resync._wait_for_room(wait(1.3))
-        assert not gc.isenabled()
-        task = asyncio.ensure_future(resync._wait_for_room(wait(5)))
-        await asyncio.sleep(0.01)
+    def emit_job(_ev: Any, _fp: int, _ts: int, _action: Any) -> Any:
+        between.append(gc.isenabled())
+        if len(between) == 1:
+            return wait(0.01)
+        if len(between) == 2:
+            return wait(1.3)
+        if len(between) == 3:
+            third.set()
+            return wait(30)  # a sink down: the sync is cancelled meanwhile
+        return None
+
+    try:
+        task = asyncio.ensure_future(rs.run(_hello(sim), _no_emit, emit_job))
+        await asyncio.wait_for(third.wait(), 20)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    assert seen == [False, True] and gc.isenabled()
+    finally:
+        await rs.api.__aexit__(None, None, None)
+    assert seen == [False, True] and between == [False, False, False] and gc.isenabled()
 
 
 async def test_huge_integers_and_lone_surrogates_in_api_answers_are_synthesized(
@@ -923,7 +1022,7 @@ async def test_a_job_list_too_large_for_one_answer_is_read_in_shorter_spans(
     from cometstream.api import AdminClient
     from cometstream.delivery.tracker import Tracker
     from cometstream.redact import Redactor
-    from cometstream.resync import Resyncer, ResyncResult
+    from cometstream.resync import Resyncer
 
     now = int(time.time())
     since = now - 86_400
@@ -934,7 +1033,7 @@ async def test_a_job_list_too_large_for_one_answer_is_read_in_shorter_spans(
         sim.world.complete_job(guid, now=t + 30)
         done.append(guid)
     tr = Tracker()
-    tr.watermark = since
+    tr.has_checkpoint, tr.watermark = True, since
     async with AdminClient(make_config(sim.url, tmp_path).server) as api:
         day = len(await api.call("admin/get-jobs-for-date-range", {"Start": since, "End": now}))
         assert day >= 600  # (and the world's own history)
@@ -948,11 +1047,11 @@ async def test_a_job_list_too_large_for_one_answer_is_read_in_shorter_spans(
             if ev.type == COMPLETED:
                 got.append((ts, ev.doc["Data"]["GUID"]))
 
-        res = ResyncResult()
-        await rs._jobs([], {}, res, now, False, emit_job)
+        res = await rs.run(_hello(sim), _no_emit, emit_job)
     guids = [g for _ts, g in got]
     assert len(guids) == len(set(guids)) and [g for g in guids if g in set(done)] == done
     assert [ts for ts, _g in got] == sorted(ts for ts, _g in got)
     assert res.split >= 3  # a day > half > quarter > eighth (~80 jobs) fits
-    calls = sim.api_calls["/api/v1/admin/get-jobs-for-date-range"] - whole
+    # (one more call: the incomplete jobs)
+    calls = sim.api_calls["/api/v1/admin/get-jobs-for-date-range"] - whole - 1
     assert res.split < calls <= res.split + 16

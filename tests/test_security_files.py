@@ -33,7 +33,6 @@ import structlog
 from aiohttp import web
 
 from cometstream import daemon as daemon_mod
-from cometstream import dlq
 from cometstream.api import AdminClient
 from cometstream.delivery import ledger as ledger_mod
 from cometstream.delivery.ledger import Ledger, StateLock
@@ -45,8 +44,10 @@ from cometstream.simulator import Simulator
 from cometstream.sinks.file import FileSink
 from cometstream.tap import TapServer, socket_path
 
-from .conftest import make_config, running, wait_until
+from .conftest import make_config, running, wait_until, write_config
 from .peers import serve_app
+from .test_dlq import URL, add, dead, sinks_toml
+from .test_dlq import dlq as run_dlq
 from .test_spool import Hook, _fast
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,9 +173,13 @@ async def test_a_full_disk_keeps_memory_bounded_and_the_shutdown_figures_true(
                     if i % 20 == 0:
                         await asyncio.sleep(0.02)
                         peak = max(peak, lg.pending_bytes)
-                await asyncio.sleep(1.0)
+                # the commits fail on the full disk, and the read loop waits for room
+                await wait_until(lambda: lg.write_errors > 0 and "full" in lg.last_error,
+                                 what="a commit failing")
+                sup = d.daemon.supervisor
+                await wait_until(lambda: sup.session is not None and sup.session.blocked,
+                                 timeout=10, what="the read loop waiting")
                 peak = max(peak, lg.pending_bytes)
-                assert lg.write_errors > 0 and "full" in lg.last_error, lg.last_error
                 # the read loop waited: memory stopped at the bound, not at 300 events
                 assert peak <= 1 * MIB + 2 * big, peak
                 received = d.stats.events_received
@@ -233,8 +238,12 @@ async def test_chunks_and_reads_from_disk_are_bounded_in_bytes(
     for i in range(1, 101):
         lg.append(_event(i, 256 * KIB))
     await lg.commit()
-    rows = [r[0] for r in lg._db.execute("SELECT bytes FROM chunks")]  # type: ignore[union-attr]
-    assert sum(lg._db.execute("SELECT sum(count) FROM chunks").fetchone()) == 100  # type: ignore
+    db = sqlite3.connect(f"file:{lg.path}?mode=ro", uri=True)  # what the commit wrote
+    try:
+        rows = [r[0] for r in db.execute("SELECT bytes FROM chunks")]
+        assert db.execute("SELECT sum(count) FROM chunks").fetchone()[0] == 100
+    finally:
+        db.close()
     assert max(rows) <= 4 * MIB, rows
     monkeypatch.setattr(ledger_mod, "READ_MAX_BYTES", 1 * MIB)
     got = await lg.read(1, 1024, "s", "a")
@@ -313,8 +322,12 @@ async def test_every_state_file_is_private_whatever_the_umask(tmp_path: Path) ->
         await lg.commit()
         for name in ("ledger.db", "ledger.db-wal", "ledger.db-shm", "daemon.lock"):
             assert _mode(state / name) == 0o600, name
-        fd = dlq._lock(state / "ledger.db")
-        os.close(fd)
+        # `dlq replay` (a process of its own, with this umask) takes the replay lock
+        await lg.add_dead_letters("a", [_event(2, 100)], "refused")
+        conf = write_config(tmp_path, URL, f'[sinks.a]\ntype = "file"\n'
+                                           f'path = "{tmp_path / "a.jsonl"}"\n')
+        code, _out, err = await run_dlq(conf, "replay", "--sink", "a")
+        assert code == 0, err
         assert _mode(state / "ledger.db.replay-lock") == 0o600
         tap = TapServer(socket_path(state), SimpleNamespace(taps=[]),  # type: ignore[arg-type]
                         server="s")
@@ -359,23 +372,22 @@ def test_a_state_dir_others_can_write_to_is_reported_at_start(tmp_path: Path) ->
 
 
 # --- 4. no write through a planted symbolic link ----------------------------------------------------
-def test_a_link_planted_at_the_replay_lock_is_not_followed(tmp_path: Path) -> None:
+async def test_a_link_planted_at_the_replay_lock_is_not_followed(tmp_path: Path) -> None:
     """``dlq replay`` (run as root) would create the link's target and give it the ledger's
-    owner: it refuses instead, and the target is untouched."""
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "ledger.db").write_bytes(b"")
+    owner: it refuses instead, sends nothing, and the target is untouched."""
+    conf = write_config(tmp_path, URL, sinks_toml(tmp_path))
+    add(tmp_path, [dead("archive", 1)])
     victim = tmp_path / "victim"
-    os.symlink(victim, state / "ledger.db.replay-lock")
-    with pytest.raises(dlq.DlqError) as info:
-        dlq._lock(state / "ledger.db")
-    assert "symbolic link" in str(info.value)
+    os.symlink(victim, tmp_path / "state" / "ledger.db.replay-lock")
+    code, _out, err = await run_dlq(conf, "replay", "--sink", "archive")
+    assert code != 0 and "symbolic link" in err, err
     assert not victim.exists()
     victim.write_bytes(b"precious")
     os.chmod(victim, 0o600)
-    with pytest.raises(dlq.DlqError):
-        dlq._lock(state / "ledger.db")
+    code, _out, err = await run_dlq(conf, "replay", "--sink", "archive")
+    assert code != 0 and "symbolic link" in err, err
     assert victim.read_bytes() == b"precious" and _mode(victim) == 0o600
+    assert not (tmp_path / "archive.jsonl").exists()  # nothing replayed
 
 
 async def test_a_link_planted_at_a_file_sink_path_is_not_followed(tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ from cometstream.simulator import (
     totp_matches,
 )
 
+from .conftest import wait_until
+
 GOOD = ["admin", "Password", "admin", "", ""]
 CLOSED_TYPES = (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
 FIXED_NOW = 1733400000
@@ -351,8 +353,7 @@ async def test_generator_follows_rate_pause_and_resume() -> None:
         await asyncio.sleep(0.15)
         assert len(server.sent) == count
         server.resume()
-        await asyncio.sleep(0.15)
-        assert len(server.sent) > count
+        await wait_until(lambda: len(server.sent) > count, what="events again")
         server.set_rate(0)
         count = len(server.sent)
         await asyncio.sleep(0.1)

@@ -16,6 +16,8 @@ import pytest
 
 from cometstream.simulator import JOB_DETAIL_KEYS, STREAM_PATH, Simulator, totp_code
 
+from .conftest import wait_until
+
 AUTH = {"Username": "admin", "AuthType": "Password", "Password": "admin"}
 UNAUTHORISED = {"Status": 403, "Message": "Unauthorised"}
 TOTP_REQUIRED = {"Status": 403, "Message": "ERR_TOTP_REQUIRED"}
@@ -453,7 +455,12 @@ async def test_jobs_of_the_generator_while_no_client_listens_are_in_the_api(
     assert sim.clients == 0
     start = int(time.time())
     sim.set_rate(400)
-    await asyncio.sleep(0.25)
+
+    def generated(type_name: str) -> int:
+        return sum(1 for raw in sim.sent if type_name.encode() in raw)
+
+    await wait_until(lambda: generated("SEVT_JOB_COMPLETED") >= 3 and generated("SEVT_JOB_NEW"),
+                     what="jobs started and completed")
     sim.set_rate(0)
     events = [orjson.loads(raw) for raw in sim.sent]
     completed = {

@@ -38,6 +38,7 @@ from .conftest import (
     wait_until,
     write_config,
 )
+from .peers import run_cli_with_stdout
 
 ALL: dict[str, Any] = {"sink": None, "types": None, "format": "envelope"}
 
@@ -361,14 +362,13 @@ async def test_cli_tap_ends_quietly_when_its_output_is_closed(sim: Simulator,
                                    sinks={"mem": {"type": "memory"}, "jobs": {"type": "memory"}}
                                    )) as d:
         await _ready(d)
-        proc = await run_cli("tap", "-c", str(conf))
+        proc, stdout, hang_up = await run_cli_with_stdout("tap", "-c", str(conf))
         await wait_until(lambda: d.daemon.tap.clients or proc.returncode is not None,
                          timeout=15, what="the tap connected")
         sim.emit_many(1)
-        assert proc.stdout is not None
-        first = await asyncio.wait_for(proc.stdout.readline(), 5)
+        first = await asyncio.wait_for(stdout.readline(), 5)
         assert orjson.loads(first)["server"] == "sim"
-        proc._transport.get_pipe_transport(1).close()  # type: ignore[attr-defined]  # head exits
+        hang_up.close()  # head exits
         async with asyncio.timeout(15):
             while proc.returncode is None:  # the tap notices at its next write
                 sim.emit_many(1)
