@@ -87,6 +87,13 @@ def comet_mix(world: Any) -> dict[str, Any]:
     return world.update_account()  # type: ignore[no-any-return]
 
 
+def completion(world: Any) -> dict[str, Any]:
+    """A job completion (its start happened, unseen)."""
+    if not world.running or world._can_start():
+        world.start_job()
+    return world.complete_job()  # type: ignore[no-any-return]
+
+
 async def serve(n: int, rate: float, mix: str) -> None:
     """Serve ``n`` events to each client in turn; after each, print when its first frame was
     written (and, paced, when each was)."""
@@ -96,7 +103,8 @@ async def serve(n: int, rate: float, mix: str) -> None:
     sim = Simulator(username=USER, password=PASSWORD, rate=0, seed=1, record=False,
                     queue_limit=n + 1000)
     world = sim.world
-    make = (lambda: comet_mix(world)) if mix == "comet" else world.next_event
+    make = {"comet": lambda: comet_mix(world),
+            "completions": lambda: completion(world)}.get(mix, world.next_event)
     frames = [orjson.dumps(make()) for _ in range(n)]
     await sim.start("127.0.0.1", 0)
     print(json.dumps({"url": sim.url, "bytes": sum(map(len, frames)) / n}), flush=True)
@@ -299,7 +307,14 @@ def receive(kind: str, url: str, n: int, result: Path, extra: dict[str, str]) ->
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "out.jsonl").touch()
         cpu0 = time.process_time()
-        if fn is daemon:
+        if fn is daemon and os.environ.get("BENCH_PROFILE"):
+            # BENCH_PROFILE=FILE: the daemon's run under cProfile, its statistics in FILE
+            import cProfile
+
+            with cProfile.Profile() as prof:
+                res = _run(daemon(url, n, Path(tmp), variant, extra))
+            prof.dump_stats(os.environ["BENCH_PROFILE"])
+        elif fn is daemon:
             res = _run(daemon(url, n, Path(tmp), variant, extra))
         else:
             res = _run(fn(url, n, Path(tmp), variant))
@@ -458,10 +473,10 @@ def main() -> int:
                     help="events of the paced latency run, at 1,000/s (0: skip)")
     ap.add_argument("--only", help="comma-separated receivers to run (default: all)")
     ap.add_argument("--mix-events", type=int, default=None,
-                    help="events of a second burst, of a Comet-like mix (60%% job completions, "
-                         "10%% job starts, 20%% logins, 10%% account changes with their "
-                         "profile), into naive aiohttp and the daemon with and without "
-                         "redaction (default: --events; 0: skip)")
+                    help="events of two more bursts, of job completions only and of a "
+                         "Comet-like mix (60%% job completions, 10%% job starts, 20%% logins, "
+                         "10%% account changes with their profile), into naive aiohttp and the "
+                         "daemon with and without redaction (default: --events; 0: skip)")
     ap.add_argument("--mix", default="simulator", help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, default=0, help=argparse.SUPPRESS)
@@ -510,12 +525,16 @@ def main() -> int:
         print(f"  {peers.note}")
 
     m = n if args.mix_events is None else args.mix_events
-    if m > 0:
-        sender = Sender(m, 0, env, mix="comet")
+    mixes = {
+        "completions": "only job completions (the bulk of a Comet Server's stream)",
+        "comet": "60% job completions, 10% job starts, 20% logins, 10% account changes with "
+                 "their profile",
+    }
+    for mix, what in mixes.items() if m > 0 else ():
+        sender = Sender(m, 0, env, mix=mix)
         try:
-            print(f"\nmix: {m:,} events of {sender.bytes:.0f} bytes on average: 60% job "
-                  f"completions, 10% job starts, 20% logins, 10% account changes with their "
-                  f"profile; best of {args.repeat}", flush=True)
+            print(f"\n{mix}: {m:,} events of {sender.bytes:.0f} bytes on average: {what}; "
+                  f"best of {args.repeat}", flush=True)
             mixed = _burst(["naive-aiohttp", "daemon", "daemon-noredact"], sender, m,
                            args.repeat, env, {})
         finally:
