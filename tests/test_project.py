@@ -116,3 +116,19 @@ def test_every_built_in_sink_type_is_named_where_an_operator_looks() -> None:
             assert re.search(rf"\b{sink}", intro.replace("json lines files", "file")), sink
         assert f'"{sink}"' in type_line.group(1), sink
     assert "(soon)" not in intro
+
+
+def test_the_declared_aiohttp_floor_has_decode_text() -> None:
+    """The session passes ``decode_text=False`` to ``ws_connect``, which aiohttp 3.14 added:
+    the dependency floor must be at least that, or an install that pip finds valid retries a
+    ``TypeError`` as a connection failure forever."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    assert "decode_text=False" in (ROOT / "cometstream" / "stream.py").read_text()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (aiohttp,) = [r for r in map(Requirement, deps) if r.name == "aiohttp"]
+    floors = [Version(s.version) for s in aiohttp.specifier if s.operator == ">="]
+    assert floors and min(floors) >= Version("3.14"), aiohttp
