@@ -62,9 +62,9 @@ def test_the_benchmarks_run_and_print_their_tables() -> None:
         [sys.executable, str(root / "benchmarks" / "throughput.py"), "--events", "300",
          "--repeat", "1", "--paced", "200", "--only", "naive-aiohttp,daemon,daemon-filter"],
         capture_output=True, text=True, timeout=120, check=True).stdout
-    assert re.search(r"^naive aiohttp +[\d,]+ ", out, re.M), out
-    assert re.search(r"^daemon, 1 file sink +[\d,]+ .* +[\d.]+x$", out, re.M), out
-    assert re.search(r"^daemon, filter 10% ", out, re.M), out
+    assert re.search(r"^naive aiohttp +[\d,]+ ", out, re.MULTILINE), out
+    assert re.search(r"^daemon, 1 file sink +[\d,]+ .* +[\d.]+x$", out, re.MULTILINE), out
+    assert re.search(r"^daemon, filter 10% ", out, re.MULTILINE), out
     assert re.search(r"paced: 200 events .* p99 [\d.]+ ms", out), out
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "resync.py"), "--jobs", "300"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
