@@ -12,11 +12,13 @@ default ``[spool]``, default ``[resync]``), and this driver, which reads the dae
 ``/proc/PID/io`` and log lines and the sizes of its files.
 
 The dedup window is pre-seeded: a ``checkpoint.json`` of format 2 (the state file of versions
-before the ledger, which the daemon migrates into ``ledger.db`` at its first start) in state.dir, with N random 64-bit fingerprints whose timestamps are spread over the last 23 hours
-(so nothing leaves the 24-hour window during the run), the watermark a minute ago and no
-accounts baseline (the first sync takes it). The window then grows by every job event delivered (half the mix: ~1,500 keys/s at 3,000
-events/s), so the table shows its size, estimated, at the start and at the end of the
-measured interval: seeded + the job events in the sink's file by then.
+before the ledger, which the daemon migrates into ``ledger.db`` at its first start) in
+state.dir, with N random 64-bit fingerprints whose timestamps are spread over the last 23
+hours (so nothing leaves the 24-hour window during the run), the watermark a minute ago and no
+accounts baseline (the first sync takes it). The window then grows by every job event
+delivered (half the mix: ~1,500 keys/s at 3,000 events/s), so the table shows its size,
+estimated, at the start and at the end of the measured interval: seeded + the job events in the
+sink's file by then.
 
 1. **Disk writes per byte delivered**: for each ``--windows`` size, a fresh state dir, simulator
    and daemon; after the first sync and a warm-up, over ``--seconds``: the daemon's
@@ -32,10 +34,11 @@ measured interval: seeded + the job events in the sink's file by then.
    before it was flushed).
 2. **Start time with a full window**: a state dir seeded with ``--start-window`` keys, the
    simulator idle; the time from the process's spawn to its ``starting`` and ``logged in`` log
-   lines (``logged in``: the stream's status becomes "connected"; then ``resync done``), then SIGTERM and the time to exit; three starts on the same
-   state dir: the first loads (or migrates) the seed, the next two read the state as the
-   daemon left it. A start with an empty state dir is shown first for reference (interpreter
-   start and imports are in every figure).
+   lines (``logged in``: the stream's status becomes "connected"; then ``resync done``), then
+   SIGTERM and the time to exit; three starts on the same state dir: the first loads (or
+   migrates) the seed, the next two read the state as the daemon left it. A start with an
+   empty state dir is shown first for reference (interpreter start and imports are in every
+   figure).
 
 ``--code DIR`` runs another tree's cometstream package (daemon and simulator), e.g. a commit
 exported with ``git archive COMMIT cometstream | tar -x -C DIR``: the same figures before and

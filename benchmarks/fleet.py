@@ -7,10 +7,11 @@ items in all (each with its last and last successful job), two devices and one o
 a user (a third of them with a quota), half the devices live-connected, and a day of jobs (one
 per item); encodes them as JSON, then, under tracemalloc, parses them and seeds the fleet
 state from them as the daemon does (the answers freed afterwards: what stays is the state).
-Printed: the seed's time (parsing the answers and building the state), the state's memory, a scrape's time (rendering the exposition from
-memory, the median of ``--scrapes``) with the default labels and with ``name_labels``, the same
-scrape through the daemon's HTTP endpoint on 127.0.0.1 (plain and gzip), the exposition's size,
-and the cost of applying one job completion. Nothing is asserted.
+Printed: the seed's time (parsing the answers and building the state), the state's memory, a
+scrape's time (rendering the exposition from memory, the median of ``--scrapes``) with the
+default labels and with ``name_labels``, the same scrape through the daemon's HTTP endpoint
+on 127.0.0.1 (plain and gzip), the exposition's size, and the cost of applying one job
+completion. Nothing is asserted.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import json
 import subprocess
 import sys
 import tempfile
@@ -40,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # --- the receiver (its own process) --------------------------------------------------------------
 def receiver_main(port_file: str, latency: float, mode: str) -> None:
-    from aiohttp import web
     import orjson
+    from aiohttp import web
 
     seen: dict[str, int] = {}  # Idempotency-Key -> attempts
     accepted: dict[str, int] = {}  # Idempotency-Key -> accepted POSTs
@@ -68,9 +67,9 @@ def receiver_main(port_file: str, latency: float, mode: str) -> None:
         if isinstance(data, dict) and data.get("GUID"):
             if doc.get("Type") == 4200:
                 started.add(data["GUID"])
-            elif doc.get("Type") == 4201 and data.get("StartTime") and data["GUID"] in jobs_started:
-                if data["GUID"] not in started:
-                    state["order_violations"] += 1
+            elif (doc.get("Type") == 4201 and data.get("StartTime")
+                  and data["GUID"] in jobs_started and data["GUID"] not in started):
+                state["order_violations"] += 1
         accepted[key] = accepted.get(key, 0) + 1
         return web.Response(status=200)
 

@@ -37,7 +37,7 @@ class WriterThread:
             loop, fut, fn, args = job
             try:
                 result = fn(*args)
-            except BaseException as exc:  # handed to the awaiting coroutine
+            except BaseException as exc:  # noqa: BLE001 (whatever fn raises is its caller's)
                 loop.call_soon_threadsafe(_set_exception, fut, exc)
             else:
                 loop.call_soon_threadsafe(_set_result, fut, result)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["SEVT", "SEVT_NAMES", "sevt_name", "JOB_STATUS_NAMES", "job_status_name"]
+__all__ = ["JOB_STATUS_NAMES", "SEVT", "SEVT_NAMES", "job_status_name", "sevt_name"]
 
 #: name -> number for every known StreamableEvent type (the range markers excluded).
 SEVT: dict[str, int] = {

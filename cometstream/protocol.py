@@ -12,9 +12,9 @@ and no websocket library, and is tested with plain lists of frames.
 from __future__ import annotations
 
 import base64
-import json
 import hashlib
 import hmac
+import json
 import re
 import struct
 import time

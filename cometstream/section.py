@@ -31,7 +31,7 @@ _read_secret_files: ContextVar[bool] = ContextVar("cometstream_read_secret_files
 def note_secret(key: str, path: Path | None = None) -> None:
     """Record that the option ``key`` holds a secret: read from the file ``path``, or written in
     the config file itself (``path=None``). For sinks whose secrets are not read through
-    ``Section.str(..., secret=True)`` or ``cometstream.config.read_secret_file``."""
+    ``Section.string(..., secret=True)`` or ``cometstream.config.read_secret_file``."""
     sources = _secret_sources.get()
     if sources is not None:
         sources.append((key, path))
@@ -79,8 +79,11 @@ class Section:
     Public so that third-party sinks validate their options with the same clear errors::
 
         opts = Section(options, f"sinks.{name}")
-        url = opts.str("url", required=True)
+        url = opts.string("url", required=True)
         opts.done()
+
+    ``str`` and ``bool`` are the older names of ``string`` and ``boolean``, kept for the sinks
+    that use them.
     """
 
     def __init__(self, table: Mapping[str, Any], prefix: str, *, base_dir: Path | None = None) -> None:
@@ -104,7 +107,7 @@ class Section:
         self._seen.add(name)
         return self._table.get(name, default)
 
-    def str(self, name: str, default: str | None = None, *, required: bool = False,
+    def string(self, name: str, default: str | None = None, *, required: bool = False,
             choices: tuple[str, ...] | None = None, allow_empty: bool = True,
             secret: bool = False) -> str:
         """A string; ``secret=True`` keeps the value out of error messages."""
@@ -130,7 +133,7 @@ class Section:
     def opt_str(self, name: str, *, secret: bool = False) -> str | None:
         if self.raw(name) is None:
             return None
-        return self.str(name, secret=secret)
+        return self.string(name, secret=secret)
 
     def path(self, name: str, default: str | None = None) -> Path | None:
         value = self.opt_str(name)
@@ -145,7 +148,7 @@ class Section:
             p = self.base_dir / p
         return p
 
-    def bool(self, name: str, default: bool) -> bool:
+    def boolean(self, name: str, default: bool) -> bool:
         value = self.raw(name, default)
         if not isinstance(value, bool):
             raise self.error(name, f"expected true or false, got {show_value(value)}")
@@ -184,6 +187,11 @@ class Section:
             hint = close_matches(name, known, n=1)
             extra = f' (did you mean "{hint[0]}"?)' if hint else ""
             raise self.error(name, f"unknown key{extra}")
+
+    # The older names, for third-party sinks written against them. Last in the class, so
+    # that the annotations above still mean the builtins.
+    str = string
+    bool = boolean
 
 
 def close_matches(word: str, choices: Any, n: int = 1) -> list[str]:

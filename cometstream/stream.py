@@ -30,11 +30,12 @@ import random
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import aiohttp
 import structlog
 from aiohttp import WSMsgType
+from aiohttp.http import WSMessageNoDecodeText
 
 from .backoff import Backoff
 from .config import ServerConfig, StreamConfig
@@ -63,6 +64,9 @@ STABLE_SESSION = 30.0
 log = structlog.get_logger("cometstream.stream")
 
 Publish = Callable[[Event], Awaitable[None] | None]
+#: the connection as ``ws_connect(decode_text=False)`` returns it: a text frame's data is the
+#: frame's bytes, handed to orjson without a decode to ``str`` first
+WebSocket = aiohttp.ClientWebSocketResponse[Literal[False]]
 StatusCallback = Callable[[str, str], None]  # (state, human-readable detail)
 
 _CLOSE_TIMEOUT: Final = 1.0
@@ -186,7 +190,7 @@ class Session:
         self._blocked_epochs = 0
         self._clock = clock
         self._pong: asyncio.Future[None] | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: WebSocket | None = None
 
     # --- connect and log in ------------------------------------------------------------------
     def credentials(self) -> Credentials:
@@ -208,7 +212,7 @@ class Session:
                                          trust_env=True) as http:
             # closed however the session ends: a stop (cancellation) during the login too,
             # or its connection is left open
-            ws: aiohttp.ClientWebSocketResponse | None = None
+            ws: WebSocket | None = None
             try:
                 phase = "connecting"
                 try:
@@ -249,7 +253,7 @@ class Session:
                 if ws is not None:
                     await self._close(ws)
 
-    def _check_reply(self, reply: aiohttp.WSMessage) -> None:
+    def _check_reply(self, reply: WSMessageNoDecodeText) -> None:
         if reply.type in (WSMsgType.TEXT, WSMsgType.BINARY):
             check_reply(reply.data)
             return
@@ -259,7 +263,7 @@ class Session:
         raise StreamError("server closed the connection without answering the login",
                           reason="login_closed")
 
-    async def _close(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _close(self, ws: WebSocket) -> None:
         try:
             async with asyncio.timeout(_CLOSE_TIMEOUT * 2):
                 await ws.close()
@@ -267,7 +271,7 @@ class Session:
             pass
 
     # --- the connected phase ----------------------------------------------------------------------
-    async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _serve(self, ws: WebSocket) -> None:
         self.last_frame = time.monotonic()
         tasks = [asyncio.create_task(self._read(ws), name="stream-read")]
         if self.cfg.ping_interval > 0:
@@ -288,7 +292,7 @@ class Session:
                 raise classify(exc, phase="reading")
         raise StreamError("stream ended", reason="closed")
 
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _read(self, ws: WebSocket) -> None:
         receive = ws.receive
         on_frame = self._on_frame
         TEXT = WSMsgType.TEXT
@@ -323,14 +327,14 @@ class Session:
                 self._malformed(Malformed("binary", "binary frame (events are text frames)",
                                           repr(bytes(msg.data[:40]))[2:-1], len(msg.data)))
             elif kind is WSMsgType.ERROR:
-                exc = msg.data
-                if isinstance(exc, aiohttp.WebSocketError) and \
-                        exc.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
-                    self._malformed(Malformed("oversized", str(exc), "", 0))
+                err = msg.data
+                if isinstance(err, aiohttp.WebSocketError) and \
+                        err.code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG:
+                    self._malformed(Malformed("oversized", str(err), "", 0))
                     raise StreamError(f"message larger than max_message_bytes "
                                       f"({self.cfg.max_message_bytes}): connection reset",
-                                      reason="oversized") from exc
-                raise classify(exc, phase="reading") if isinstance(exc, BaseException) else \
+                                      reason="oversized") from err
+                raise classify(err, phase="reading") if isinstance(err, BaseException) else \
                     StreamError("connection error", reason="error")
             else:  # CLOSE, CLOSING, CLOSED
                 code = ws.close_code
@@ -354,7 +358,7 @@ class Session:
         self.last_frame = time.monotonic()
         ev = decode_frame(data, received_at=now, server=self.server.name)
         if ev.__class__ is Malformed:
-            self._malformed(ev)  # type: ignore[arg-type]
+            self._malformed(ev)
             return None
         assert isinstance(ev, Event)
         stats = self.stats
@@ -385,7 +389,7 @@ class Session:
     def _malformed(self, m: Malformed) -> None:
         count_malformed(self.stats, self.malformed_log, m, self.server.name)
 
-    async def _keepalive(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    async def _keepalive(self, ws: WebSocket) -> None:
         loop = asyncio.get_running_loop()
         interval, timeout = self.cfg.ping_interval, self.cfg.ping_timeout
         while True:

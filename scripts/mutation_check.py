@@ -130,8 +130,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         file="cometstream/redact.py",
         old='"HasPassword", "PasswordLastChanged",',
         new='"HasPassword", "PasswordLastChanged", "PasswordHash",',
-        tests=("tests/test_security_frames.py::"
-               "test_a_password_hash_in_an_account_event_never_reaches_a_sink",),
+        tests=(("tests/test_security_frames.py::"
+                "test_a_password_hash_in_an_account_event_never_reaches_a_sink"),),
     ),
     Mutation(
         name="redact-totp-key",

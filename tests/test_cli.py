@@ -197,8 +197,8 @@ def test_every_command_has_a_description_and_shows_its_defaults(
 
 @pytest.mark.parametrize(("args", "line"), [
     (["--since", "yesterday"],
-     'cometstream: --since: expected a date like 2026-11-01 or 2026-11-01T12:30, '
-     'or Unix seconds like 1733400000, got "yesterday"'),
+     ('cometstream: --since: expected a date like 2026-11-01 or 2026-11-01T12:30, '
+      'or Unix seconds like 1733400000, got "yesterday"')),
     (["--since", "2999-01-01"],
      'cometstream: --since: "2999-01-01" is in the future: nothing to backfill'),
     (["--since", "2020-01-02", "--until", "2020-01-01"],

@@ -363,3 +363,17 @@ def test_run_words_a_state_dir_that_is_a_file_like_check(tmp_path: Path,
     conf.chmod(0o600)
     assert main(["run", "-c", str(conf)]) == 2
     assert capsys.readouterr().err == f"cometstream: config: state.dir: {f} is not a directory\n"
+
+
+def test_section_older_names_str_and_bool_still_read_options() -> None:
+    """A third-party sink written against ``Section.str``/``Section.bool`` keeps working."""
+    from cometstream.config import Section
+
+    opts = Section({"url": "https://x.example/", "tls_verify": False}, "sinks.old")
+    assert opts.str("url", required=True) == "https://x.example/"
+    assert opts.bool("tls_verify", True) is False
+    opts.done()
+    new = Section({"url": 1}, "sinks.new")
+    with pytest.raises(ConfigError, match=r"sinks\.new\.url: expected a string"):
+        new.string("url")
+    assert Section({}, "s").boolean("flag", True) is True

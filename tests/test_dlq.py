@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from cometstream.delivery.ledger import FILENAME, add_dead_letters_sync, connect
 from cometstream.dlq import DlqError, parse_duration
 from cometstream.simulator import Simulator
-from cometstream.delivery.ledger import FILENAME, add_dead_letters_sync, connect
 
 from .conftest import cli_env, make_config, run_cli, running, wait_until, write_config
 

@@ -285,7 +285,7 @@ async def test_same_figures_as_the_exporter(fsim: Simulator, tmp_path: Path, clo
             fsim.emit(world.toggle_device())
             sent += 1
         user = next(iter(world.users))
-        for change in (lambda: world.update_account(), lambda: world.new_account(),
+        for change in (world.update_account, world.new_account,
                        lambda: world.add_device(user), lambda: world.update_account(user),
                        lambda: world.remove_account(list(world.users)[-2])):
             clock.now += 30

@@ -10,7 +10,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-
 import orjson
 
 from cometstream.delivery.identity import job_event
@@ -112,7 +111,7 @@ async def test_recovery_follows_a_rotation_after_the_commit(tmp_path: Path) -> N
     sink = FileSink("f", path, format="event", rotate_bytes=4096, keep=3)
     sink.recover(committed)
     await sink.open()
-    await sink.send(events[10:] + [_job("new", 5000)])
+    await sink.send([*events[10:], _job("new", 5000)])
     assert sink.recognised == 50
     await sink.aclose()
     written = []
@@ -183,7 +182,7 @@ path = "{tmp_path / 'f.jsonl'}"
     first = await run_cli("run", "-c", str(conf))
     try:
         await sim.wait_for_clients(1, timeout=10)
-        await wait_until(lambda: (tmp_path / "state" / "ledger.db").exists(), what="ledger")
+        await wait_until((tmp_path / "state" / "ledger.db").exists, what="ledger")
         second = await run_cli("run", "-c", str(conf))
         _out, err = await asyncio.wait_for(second.communicate(), 20)
         assert second.returncode == 2

@@ -366,7 +366,7 @@ async def test_refused_events_go_to_the_dead_letter_file(sim: Simulator, tmp_pat
         mem = d.sink("mem")
         mem.fail_next, mem.fail_permanently = 1, True
         lost = sim.emit({"Type": 4201, "Data": {"GUID": "refused"}})
-        await wait_until(lambda: dlq.exists(), what="dead letter")
+        await wait_until(dlq.exists, what="dead letter")
         sim.emit({"Type": 4201, "Data": {"GUID": "kept"}})
         await wait_until(lambda: d.sink_stats("mem").delivered == 2, what="next event")
     rec = orjson.loads(dlq.read_bytes().splitlines()[0])

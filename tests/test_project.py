@@ -62,9 +62,9 @@ def test_the_benchmarks_run_and_print_their_tables() -> None:
         [sys.executable, str(root / "benchmarks" / "throughput.py"), "--events", "300",
          "--repeat", "1", "--paced", "200", "--only", "naive-aiohttp,daemon,daemon-filter"],
         capture_output=True, text=True, timeout=120, check=True).stdout
-    assert re.search(r"^naive aiohttp +[\d,]+ ", out, re.M), out
-    assert re.search(r"^daemon, 1 file sink +[\d,]+ .* +[\d.]+x$", out, re.M), out
-    assert re.search(r"^daemon, filter 10% ", out, re.M), out
+    assert re.search(r"^naive aiohttp +[\d,]+ ", out, re.MULTILINE), out
+    assert re.search(r"^daemon, 1 file sink +[\d,]+ .* +[\d.]+x$", out, re.MULTILINE), out
+    assert re.search(r"^daemon, filter 10% ", out, re.MULTILINE), out
     assert re.search(r"paced: 200 events .* p99 [\d.]+ ms", out), out
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "resync.py"), "--jobs", "300"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
@@ -116,3 +116,19 @@ def test_every_built_in_sink_type_is_named_where_an_operator_looks() -> None:
             assert re.search(rf"\b{sink}", intro.replace("json lines files", "file")), sink
         assert f'"{sink}"' in type_line.group(1), sink
     assert "(soon)" not in intro
+
+
+def test_the_declared_aiohttp_floor_has_decode_text() -> None:
+    """The session passes ``decode_text=False`` to ``ws_connect``, which aiohttp 3.14 added:
+    the dependency floor must be at least that, or an install that pip finds valid retries a
+    ``TypeError`` as a connection failure forever."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    assert "decode_text=False" in (ROOT / "cometstream" / "stream.py").read_text()
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (aiohttp,) = [r for r in map(Requirement, deps) if r.name == "aiohttp"]
+    floors = [Version(s.version) for s in aiohttp.specifier if s.operator == ">="]
+    assert floors and min(floors) >= Version("3.14"), aiohttp

@@ -198,7 +198,7 @@ def test_redaction_keeps_every_number_as_it_came() -> None:
         Redactor().apply(ev)  # type: ignore[arg-type]
         out = ev.raw  # type: ignore[union-attr]
         assert numbers in out and b'"[REDACTED]"' in out, out
-        json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in {out!r}"))
+        json.loads(out, parse_constant=lambda name, out=out: pytest.fail(f"{name} in {out!r}"))
 
 
 def test_redaction_keeps_a_big_integer_inside_statistics_which_are_not_walked() -> None:

@@ -15,7 +15,16 @@ import orjson
 
 from cometstream.simulator import Simulator
 
-from .conftest import PASSWORD, USER, make_config, run_cli, running, toml_str, wait_until, write_config
+from .conftest import (
+    PASSWORD,
+    USER,
+    make_config,
+    run_cli,
+    running,
+    toml_str,
+    wait_until,
+    write_config,
+)
 from .peers import read_log
 
 COMPLETED, NEW = 4201, 4200
@@ -76,7 +85,7 @@ async def test_jobs_completed_during_a_drop_are_delivered_once_before_newer_live
     done = _completions(path)
     resynced = [g for g, origin in done if origin == "resync"]
     assert sorted(resynced) == sorted(gap)
-    assert len(done) == len(set(g for g, _o in done)) == 31
+    assert len(done) == len({g for g, _o in done}) == 31
     assert done[-1] == (live["Data"]["GUID"], "stream")
     assert d.stats.resync_events["job_completed"] == 30
     assert d.stats.resync_runs["ok"] == 1 and d.stats.resync_runs["baseline"] == 1
@@ -313,7 +322,7 @@ async def test_account_changes_during_a_gap_become_the_right_events(
         sim.world.remove_account(users[1])
         dev_new = sim.world.add_device(users[2])["ResourceID"]
         victim = users[3]
-        dev_gone = sorted(sim.world.users[victim]["Devices"])[0]
+        dev_gone = min(sim.world.users[victim]["Devices"])
         sim.world.remove_device(victim, dev_gone)
         stats_only = {sim.world.jobs[g]["Username"] for g in _gap_jobs(sim, 10)}
         sim.faults.reject_logins = False
@@ -342,7 +351,7 @@ async def test_secrets_in_account_and_server_events_never_reach_a_sink(
     path = tmp_path / "events.jsonl"
     async with running(_file_cfg(sim, tmp_path, path)) as d:
         await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
-        user = sorted(sim.world.users)[0]
+        user = min(sim.world.users)
         sim.world.users[user]["PasswordHash"] = "LIVE-HASH-SECRET"
         sim.world.users[user]["TOTPKey"] = "LIVE-TOTP-SECRET"
         sim.emit(sim.world.update_account(user))
@@ -631,10 +640,10 @@ def test_an_account_is_digested_from_its_last_delivered_unredacted_profile() -> 
     """The stream's account events reach the checkpoint as the digest of the newest delivered
     profile, as the server sent it (a password change is a change, though sinks see it
     redacted), however many updates came between two checkpoints."""
-    from cometstream.protocol import decode_frame
-    from cometstream.redact import Redactor
     from cometstream.delivery.identity import account_entry, action
     from cometstream.delivery.tracker import Tracker
+    from cometstream.protocol import decode_frame
+    from cometstream.redact import Redactor
 
     tr = Tracker()
     redactor = Redactor()
@@ -996,7 +1005,7 @@ async def test_huge_integers_and_lone_surrogates_in_api_answers_are_synthesized(
         job = sim.world.jobs[guid]
         job["TotalSize"] = 2**64 + 1  # (orjson takes up to 2**64 - 1)
         job["Tags"] = "nightly-\ud800"
-        user = sorted(sim.world.users)[0]
+        user = min(sim.world.users)
         sim.world.users[user]["Sources"]["weird-\udc00"] = {"Description": "x\ud801",
                                                              "Big": 2**64 + 5}
         sim.world.update_account(user)

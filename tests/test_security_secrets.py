@@ -473,7 +473,7 @@ async def test_run_warns_once_in_its_log(tmp_path: Path) -> None:
                 assert raw, "the daemon ended"
                 lines.append(orjson.loads(raw))
         proc.send_signal(signal.SIGTERM)
-        rest, _ = await _communicate(proc, 15)
+        _rest, _ = await _communicate(proc, 15)
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -121,7 +121,8 @@ async def test_meta_version_matches_the_stream_hello(
 
 
 async def test_jobs_for_date_range_rules(sim: Simulator, http: aiohttp.ClientSession) -> None:
-    """Started-or-ended within [Start, End], Start/End swapped, (0,0) = incomplete jobs only, null when empty."""
+    """Started-or-ended within [Start, End], Start/End swapped, (0,0) = incomplete jobs only,
+    null when empty."""
     world = sim.world
     t0 = int(time.time()) + 10 * 86400  # clear of the generated history
     done = world.start_job(t0)["Data"]["GUID"]
@@ -556,7 +557,7 @@ async def test_add_and_remove_device(sim: Simulator, http: aiohttp.ClientSession
 
 
 async def test_api_down_and_fail_next(sim: Simulator, http: aiohttp.ClientSession) -> None:
-    """api_down: HTTP 503 plain text; api_fail_next=N: N × HTTP 500, then normal."""
+    """api_down: HTTP 503 plain text; api_fail_next=N: N times HTTP 500, then normal."""
     url = sim.url + "api/v1/admin/meta/version"
     sim.faults.api_down = True
     async with http.post(url, data=AUTH) as resp:

@@ -3,7 +3,6 @@ cursor, SIGKILL loses nothing the remedial sync cannot bring back, damage is qua
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -55,8 +54,8 @@ def _lines(path: Path) -> list[bytes]:
 
 def _metrics(d: Any) -> dict[tuple[str, str], float]:
     """The daemon's exposition, as Prometheus would scrape it: (name, sink or server) -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
     from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
     out = {}
     for fam in text_string_to_metric_families(generate_latest(d.daemon.registry).decode()):

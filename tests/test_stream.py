@@ -81,7 +81,7 @@ dir = "{tmp_path}"
 type = "stdout"
 """)
     proc = await run_cli("run", "-c", str(conf))
-    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    _out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 3, err.decode()
     text = err.decode()
     assert "login rejected" in text and "403 Unauth" in text
@@ -211,7 +211,7 @@ async def test_unknown_types_and_fields_reach_the_file_byte_for_byte(sim: Simula
     cfg = make_config(sim.url, tmp_path, sinks={"f": {"type": "file", "path": str(path),
                                                       "format": "event"}})
     frames = [
-        '{"Type":4990,"TypeString":"SEVT_FROM_THE_FUTURE","Brand":"new","Data":null}'.encode(),
+        b'{"Type":4990,"TypeString":"SEVT_FROM_THE_FUTURE","Brand":"new","Data":null}',
         '{"Actor":"zoë 👩‍💻","Type":4201,"Data":{"GUID":"g","TotalSize":18446744073709551616,'
         '"Neg":-9223372036854775809,"F":1.0e400}}'.encode(),
         b'{"Type":4101,"Data":"removed-user"}',

@@ -52,7 +52,7 @@ def fingerprint(key: str | int) -> int:
     """What the dedup window keeps of a key: a stable signed 64-bit BLAKE2b fingerprint (8 bytes
     in the ledger, where the key itself takes 60). A collision between two of 200,000 keys has a
     chance of about one in 10^9."""
-    if type(key) is int:
+    if isinstance(key, int):
         return key
     return int.from_bytes(_blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
                           "little", signed=True)
@@ -166,7 +166,7 @@ def action(ev: Event) -> Action:
         return None
     t = ev.type
     data = ev.data
-    if t == ACCOUNT_NEW or t == ACCOUNT_UPDATED:
+    if t in (ACCOUNT_NEW, ACCOUNT_UPDATED):
         if isinstance(data, dict) and isinstance(data.get("Username"), str):
             # the server's bytes, not yet redacted: digested only when the ledger or a resync
             # needs it (Tracker.account_entries)
@@ -177,7 +177,7 @@ def action(ev: Event) -> Action:
         name = name or ev.doc.get("ResourceID")
         if isinstance(name, str) and name:
             return ("account_removed", name)
-    elif t == DEVICE_NEW or t == DEVICE_REMOVED:
+    elif t in (DEVICE_NEW, DEVICE_REMOVED):
         dev = ev.doc.get("ResourceID")
         if isinstance(dev, str) and dev:
             actor = ev.doc.get("Actor")

@@ -22,8 +22,8 @@
 from __future__ import annotations
 
 import asyncio
-import gzip
 import contextlib
+import gzip
 import math
 import time
 from collections.abc import Awaitable, Callable
@@ -197,7 +197,7 @@ class Fleet:
         elif t == _JOB_NEW:
             if isinstance(data, dict):
                 model.recent_job(data)
-        elif t == _ACCOUNT_NEW or t == _ACCOUNT_UPDATED:
+        elif t in (_ACCOUNT_NEW, _ACCOUNT_UPDATED):
             # a profile: a map with at least one of what a profile has (an empty map, a Go
             # zero value, would otherwise wipe the user's series until the next read)
             if isinstance(data, dict) and not _PROFILE_KEYS.isdisjoint(data):

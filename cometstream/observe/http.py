@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 import ipaddress
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -164,9 +164,8 @@ class HttpServer:
             raise
         self._runner = runner
         self._server = server
-        listening = site._server
-        if self.port == 0 and listening is not None and listening.sockets:  # type: ignore[union-attr,attr-defined]
-            self.port = listening.sockets[0].getsockname()[1]  # type: ignore[union-attr,attr-defined]
+        if self.port == 0 and runner.addresses:  # port 0: the one the kernel chose
+            self.port = runner.addresses[0][1]
         if not is_loopback(self.host):
             log.warning("http: listening on a non-loopback address: anyone who can reach it "
                         "reads the metrics and the /readyz reasons; restrict it with a "

@@ -24,7 +24,7 @@ import logging
 import re
 import sys
 from collections.abc import MutableMapping
-from typing import IO, Any, Final
+from typing import IO, Any, Final, TextIO
 from urllib.parse import quote, quote_plus
 
 import orjson
@@ -168,7 +168,7 @@ def _scrub_value(value: Any) -> Any:
     # an exception or another object: rendered as its repr anyway (JSON default, console)
     try:
         text = repr(value)
-    except Exception:  # (a broken repr is the renderer's problem, as before)
+    except Exception:  # noqa: BLE001 (a broken repr is the renderer's problem, as before)
         return value
     masked = scrub(text)
     return value if masked == text else masked
@@ -228,7 +228,7 @@ def _encodable(value: Any, depth: int = 0) -> Any:
     return value
 
 
-def configure_logging(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None) -> None:
+def configure_logging(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Set up structlog (and the stdlib logging of libraries) on ``stream`` (stderr)."""
     out = stream if stream is not None else sys.stderr
     tty = False

@@ -725,7 +725,8 @@ class World:
         return self.cancel_silently(guid, _STATUS_ABANDONED, now)
 
     def add_device(self, username: str, now: int | None = None) -> dict[str, Any]:
-        """Register a new device for `username`; SEVT_DEVICE_NEW (ResourceID = device ID, Data = DeviceConfig).
+        """Register a new device for `username`; SEVT_DEVICE_NEW (ResourceID = device ID,
+        Data = DeviceConfig).
 
         The device joins the profile's ``Devices`` (without Protected Items and not live-connected).
         Raises LookupError for an unknown user.
@@ -947,7 +948,8 @@ class World:
 
     def _account_name(self, organization: str) -> str:
         if organization:
-            return f"{self.organizations[organization]['Name']} - {self.rng.choice(('Office', 'Finance', 'IT', 'Front desk'))}"
+            site = self.rng.choice(("Office", "Finance", "IT", "Front desk"))
+            return f"{self.organizations[organization]['Name']} - {site}"
         return self.rng.choice(_COMPANIES)
 
     def _new_username(self) -> str:

@@ -30,7 +30,7 @@ class ExampleSink(Sink):
         self.format = fmt
 
     @classmethod
-    def from_config(cls, name: str, options: Section) -> "ExampleSink":
+    def from_config(cls, name: str, options: Section) -> ExampleSink:
         path = options.path("path")
         if path is None:
             raise options.error("path", "is required")
