@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from cometstream.simulator import Simulator
+from cometstream.sinks import Sink
 
 from .conftest import (
     MEMORY,
@@ -374,7 +375,7 @@ async def test_refused_events_go_to_the_dead_letter_file(sim: Simulator, tmp_pat
     assert orjson.dumps(rec["event"]) == lost and rec["failed_at"] > 1.7e9
 
 
-class _HalfSink:
+class _HalfSink(Sink):
     """A sink that accepts the first two events of each batch, then fails (retryable) once."""
 
     default_format = "event"
@@ -383,6 +384,10 @@ class _HalfSink:
         self.name = "half"
         self.got: list[bytes] = []
         self.calls = 0
+
+    @classmethod
+    def from_config(cls, name: str, options: Any) -> Any:
+        raise NotImplementedError
 
     async def open(self) -> None: ...
 
