@@ -125,12 +125,12 @@ class Daemon:
         self.redactor = Redactor(enabled=cfg.redact.enabled, extra_keys=cfg.redact.extra_keys)
         self.tracker = Tracker(clock=self.server_time)
         filters = [sc.types for sc in cfg.sinks]
-        self.gate = Gate(self.pipeline, self.tracker, self.redactor, self.metrics.stream,
+        self.gate = Gate(self.pipeline.publish, self.tracker, self.redactor, self.metrics.stream,
                          routed_types=None if any(f is None for f in filters)
                          else frozenset().union(*filters),
-                         keep_doc=any(getattr(sk, "uses_doc", True)
+                         keep_doc=any(sk.uses_doc
                                       for sk in self.sinks.values()),
-                         hold_timeout=cfg.resync.hold_timeout)
+                         hold_timeout=cfg.resync.hold_timeout, tapped=self.pipeline.tapped)
         self.supervisor = Supervisor(s, cfg.stream, self.gate.publish, self.metrics.stream,
                                      rand=rand, on_status=self._on_status,
                                      on_hello=self._on_hello)

@@ -108,7 +108,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="cursor-resume",
         what="after a restart a sink behind in the spool resumes one event past its cursor",
-        file="cometstream/pipeline.py",
+        file="cometstream/pipeline/pipeline.py",
         old="                route.next_seq = cursor + 1",
         new="                route.next_seq = cursor + 2",
         tests=("tests/test_spool.py::test_a_restart_resumes_a_lagging_sink_from_its_cursor",),
@@ -117,8 +117,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="backoff-reset-on-progress",
         what="a partly accepted batch does not reset the backoff",
-        file="cometstream/pipeline.py",
-        old="                    backoff.reset()  # the sink works: the next failure starts small "
+        file="cometstream/pipeline/retry.py",
+        old="                self.backoff.reset()  # the sink works: the next failure starts small "
             "again",
         new="                    pass",
         tests=("tests/test_pipeline.py::test_progress_resets_the_backoff",),
