@@ -51,7 +51,7 @@ class _Unit:
         #: None: not finished; True: accepted; False: refused for good (``error`` says why)
         self.state: bool | None = None
         self.error = ""
-        #: what the send died of, if it let out something no retry covers
+        #: what the send (or its acknowledgement) died of, if nothing retries it
         self.crash: BaseException | None = None
 
 
@@ -139,8 +139,10 @@ class Delivery:
                     busy[k] = left
                 else:
                     del busy[k]
+            if unit.crash is not None:
+                raise unit.crash
             if unit.state is None:
-                raise unit.crash or RuntimeError("sink send ended without an outcome")
+                raise RuntimeError("sink send ended without an outcome")
 
     async def _settle_head(self) -> bool:
         """Acknowledge (or dead-letter) the finished head of the window, in order."""
@@ -309,7 +311,10 @@ class Delivery:
                     error: BaseException = exc
                 else:
                     route.accepted_sends += 1
-                    break
+                    unit.state = True
+                    if self.window[0] is unit:  # the head: acknowledged now, as it returns
+                        self._acked_head(unit)
+                    return
                 verdict = policy.decide(error, len(unit.events))
                 if verdict.accepted:
                     self._acked_part(unit, verdict.accepted)
@@ -330,7 +335,7 @@ class Delivery:
                 report_failure(route, error, "sink write failed", policy.backoff,
                                unexpected=verdict.unexpected)
                 await self.pause(policy.backoff.next_delay())
-            unit.state = True
+            unit.state = True  # (the accepted head was the last of it)
         except BaseException as exc:
             if cancelled_by_us(exc) or isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -351,6 +356,16 @@ class Delivery:
         while wait > 0:
             await asyncio.sleep(wait)
             wait = route.pause_until - loop.time()
+
+    def _acked_head(self, unit: _Unit) -> None:
+        """The unit at the head of the window was accepted: it leaves the window."""
+        self.window.popleft()
+        if unit.events:
+            self.acks.acked(self.route, unit.events)
+        self.held -= unit.size
+        self.held_bytes -= unit.nbytes
+        self._mark_inflight()
+        self.release()
 
     def _split_head(self, unit: _Unit, n: int) -> list[Event]:
         """The first ``n`` events of the unit at the head of the window (one send at a time),
