@@ -140,6 +140,8 @@ class TapServer:
         self._inode: tuple[int, int] | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._tap: Callable[[Event], None] = self._on_event  # one bound method, to remove it
+        #: whether ``_tap`` is registered with the pipeline
+        self._tapping = False
         self._warned = False
 
     @property
@@ -400,7 +402,9 @@ class TapServer:
     # --- registration: the callback exists only while someone taps ----------------------------------
     def _register(self, c: _Client) -> None:
         self.clients.append(c)
-        self.pipeline.add_tap(self._tap)
+        if not self._tapping:
+            self._tapping = True
+            self.pipeline.add_tap(self._tap)
 
     def _unregister(self, c: _Client) -> None:
         with contextlib.suppress(ValueError):
@@ -410,7 +414,9 @@ class TapServer:
 
     def _unregister_all(self) -> None:
         self.clients.clear()
-        self.pipeline.remove_tap(self._tap)
+        if self._tapping:
+            self._tapping = False
+            self.pipeline.remove_tap(self._tap)
 
 
 # --- the client side (cometstream tap) ----------------------------------------------------------------
