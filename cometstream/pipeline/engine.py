@@ -4,8 +4,10 @@ concurrency 1.
 Per route, :class:`Delivery` opens the sink (retried with backoff), then loops: free what the
 sends that ended held, acknowledge (or dead-letter) the finished head of the window in order,
 take new events (from the memory queue, else from the store for a sink that is behind), start
-the sends that may start, and wait. Each send is its own task, retried on its own as
+the sends that may start, and wait. Each send is retried on its own as
 :class:`~.retry.RetryPolicy` decides; while any is retrying the sink reports itself failing.
+With several in flight each send is a task of its own; with one at a time the engine's task
+sends it itself.
 
 New events are taken only when a send could start: with concurrency 1 a batch is everything
 queued meanwhile (up to ``batch_max``), and ``publish`` does not wake the engine per event
@@ -38,7 +40,7 @@ log = structlog.get_logger("cometstream.pipeline")
 class _Unit:
     """Events one ``send`` gets, and how that send ended."""
 
-    __slots__ = ("crash", "error", "events", "keys", "nbytes", "size", "state", "task")
+    __slots__ = ("crash", "error", "events", "keys", "nbytes", "size", "started", "state", "task")
 
     def __init__(self, events: list[Event], nbytes: int, keyed: bool) -> None:
         self.events = events
@@ -47,6 +49,8 @@ class _Unit:
         #: what it holds of the window, in events and bytes
         self.size = len(events)
         self.nbytes = nbytes
+        self.started = False
+        #: the send's own task (None: not started, or sent by the engine's task itself)
         self.task: asyncio.Task[None] | None = None
         #: None: not finished; True: accepted; False: refused for good (``error`` says why)
         self.state: bool | None = None
@@ -94,7 +98,10 @@ class Delivery:
                 self._mark_inflight()
                 if moved:
                     self.release()
-                self._start_sends()
+                alone = self._start_sends()
+                if alone is not None:
+                    await self._send(alone)  # (one send at a time: no task of its own)
+                    continue
                 if not self.window and self.closing():
                     return  # delivered what was queued (what is behind stays in the store)
                 if self.ended or (self.window and self.window[0].state is not None):
@@ -232,17 +239,25 @@ class Delivery:
         else:
             route.inflight_first = 0
 
-    def _start_sends(self) -> None:
+    def _start_sends(self) -> _Unit | None:
         """Start what may start: in order, skipping (and holding back the resources of) the
-        units whose resource is being sent."""
+        units whose resource is being sent. With one send at a time, returns the unit for the
+        engine to send itself (a task per batch would only cost time)."""
         route = self.route
         if self.running >= route.concurrency:
-            return
+            return None
+        if route.concurrency == 1:
+            for unit in self.window:
+                if not unit.started:
+                    unit.started = True
+                    self.running += 1
+                    return unit
+            return None
         busy = self.busy
         blocked: set[str] = set()
         loop = asyncio.get_running_loop()
         for unit in self.window:
-            if unit.task is not None:
+            if unit.started:
                 continue
             keys = unit.keys
             if keys and any(k in busy or k in blocked for k in keys):
@@ -250,10 +265,12 @@ class Delivery:
                 continue
             for k in keys:
                 busy[k] = busy.get(k, 0) + 1
+            unit.started = True
             unit.task = loop.create_task(self._send(unit))
             self.running += 1
             if self.running >= route.concurrency:
                 break
+        return None
 
     async def _read_behind(self, limit: int) -> list[Event]:
         """Up to ``limit`` of the events a sink that is behind needs next, from the store (the
@@ -316,6 +333,9 @@ class Delivery:
                         self._acked_head(unit)
                     return
                 verdict = policy.decide(error, len(unit.events))
+                if verdict.pause:
+                    now = asyncio.get_running_loop().time()
+                    route.pause_until = max(route.pause_until, now + verdict.pause)
                 if verdict.accepted:
                     self._acked_part(unit, verdict.accepted)
                 if verdict.refused:
@@ -326,9 +346,6 @@ class Delivery:
                     await self._refused_part(unit, verdict.refused, verdict.why)
                 if not verdict.retry:
                     continue
-                if verdict.pause:
-                    now = asyncio.get_running_loop().time()
-                    route.pause_until = max(route.pause_until, now + verdict.pause)
                 if not retrying:
                     retrying = True
                     route.retrying += 1

@@ -43,10 +43,10 @@ log = structlog.get_logger("cometstream.pipeline")
 
 
 class Verdict(NamedTuple):
-    """What to do about a failed send of ``size`` events, in this order: acknowledge the first
-    ``accepted``; refuse the next ``refused`` for good (dead-letter them, ``why``); then, if
-    ``retry``, send the rest again after the backoff (every send of the sink waiting ``pause``
-    seconds at least), else go on with the rest at once."""
+    """What to do about a failed send of ``size`` events, in this order: pause every send of
+    the sink for ``pause`` seconds (0: no pause); acknowledge the first ``accepted``; refuse
+    the next ``refused`` for good (dead-letter them, ``why``); then, if ``retry``, send the
+    rest again after the backoff, else go on with the rest at once."""
 
     accepted: int
     refused: int
@@ -86,11 +86,12 @@ class RetryPolicy:
             if not exc.retryable:
                 self.counted = 0
                 return Verdict(accepted, part, str(exc), retry=False)
+            pause = exc.retry_after or 0.0  # (the receiver asked: even if these give up)
             if self._counts(sink_wide=exc.sink_wide) and self._exhausted():
                 self.counted = 0
-                return Verdict(accepted, part, self._gave_up(exc), retry=False)
+                return Verdict(accepted, part, self._gave_up(exc), retry=False, pause=pause)
             self.retries += 1
-            return Verdict(accepted, 0, "", retry=True, pause=exc.retry_after or 0.0)
+            return Verdict(accepted, 0, "", retry=True, pause=pause)
         # anything else a sink lets out (even a CancelledError of its own): retried the same way
         if self._counts(sink_wide=False) and self._exhausted():
             self.counted = 0
