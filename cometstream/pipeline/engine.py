@@ -55,7 +55,7 @@ class _Unit:
         #: None: not finished; True: accepted; False: refused for good (``error`` says why)
         self.state: bool | None = None
         self.error = ""
-        #: what the send (or its acknowledgement) died of, if nothing retries it
+        #: what the send died of, if nothing retries it
         self.crash: BaseException | None = None
 
 
@@ -329,8 +329,6 @@ class Delivery:
                 else:
                     route.accepted_sends += 1
                     unit.state = True
-                    if self.window[0] is unit:  # the head: acknowledged now, as it returns
-                        self._acked_head(unit)
                     return
                 verdict = policy.decide(error, len(unit.events))
                 if verdict.pause:
@@ -373,16 +371,6 @@ class Delivery:
         while wait > 0:
             await asyncio.sleep(wait)
             wait = route.pause_until - loop.time()
-
-    def _acked_head(self, unit: _Unit) -> None:
-        """The unit at the head of the window was accepted: it leaves the window."""
-        self.window.popleft()
-        if unit.events:
-            self.acks.acked(self.route, unit.events)
-        self.held -= unit.size
-        self.held_bytes -= unit.nbytes
-        self._mark_inflight()
-        self.release()
 
     def _split_head(self, unit: _Unit, n: int) -> list[Event]:
         """The first ``n`` events of the unit at the head of the window (one send at a time),

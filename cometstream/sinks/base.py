@@ -104,11 +104,11 @@ class Sink(ABC):
         Called on the event loop after each acknowledgement: cheap, no I/O."""
         return None
 
-    def recover(self, position: Position) -> None:
+    def recover(self, position: Position) -> None:  # noqa: B027 - optional hook
         """Once, before :meth:`open`: the position committed with the sink's cursor (None:
         unknown). Recognise what was written after it; do not write it again."""
 
-    def end_recovery(self) -> None:
+    def end_recovery(self) -> None:  # noqa: B027 - optional hook
         """Once, when every event that could repeat after a crash has been sent again."""
 
     @property
