@@ -125,12 +125,14 @@ class Daemon:
         self.redactor = Redactor(enabled=cfg.redact.enabled, extra_keys=cfg.redact.extra_keys)
         self.tracker = Tracker(clock=self.server_time)
         filters = [sc.types for sc in cfg.sinks]
-        self.gate = Gate(self.pipeline, self.tracker, self.redactor, self.metrics.stream,
-                         routed_types=None if any(f is None for f in filters)
-                         else frozenset().union(*filters),
-                         keep_doc=any(getattr(sk, "uses_doc", True)
-                                      for sk in self.sinks.values()),
-                         hold_timeout=cfg.resync.hold_timeout)
+        routed = [f for f in filters if f is not None]
+        #: the gate hands events to the pipeline through its publish callable, and asks it
+        #: whether anyone taps (then every event is redacted): it holds nothing else of it
+        self.gate = Gate(self.pipeline.publish, self.tracker, self.redactor, self.metrics.stream,
+                         routed_types=None if len(routed) < len(filters)
+                         else frozenset[int]().union(*routed),
+                         keep_doc=any(sk.uses_doc for sk in self.sinks.values()),
+                         hold_timeout=cfg.resync.hold_timeout, tapped=self.pipeline.tapped)
         self.supervisor = Supervisor(s, cfg.stream, self.gate.publish, self.metrics.stream,
                                      rand=rand, on_status=self._on_status,
                                      on_hello=self._on_hello)

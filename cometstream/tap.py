@@ -12,7 +12,7 @@ for the daemon's user and root only, never on the metrics port). The protocol is
 
 A client that reads too slowly loses events, never the daemon its pace: each client has a bounded
 queue (events and bytes); what does not fit is counted, and the client is told in-band, at the
-place of the gap, with a line ``{"tap_dropped": N}``. The callback in ``Pipeline.taps`` only
+place of the gap, with a line ``{"tap_dropped": N}``. The callback (``Pipeline.add_tap``) only
 filters, appends the event's bytes to those queues and wakes the writers; it is registered only
 while at least one client is connected. Closing the connection (or its write side) ends the tap.
 """
@@ -140,13 +140,15 @@ class TapServer:
         self._inode: tuple[int, int] | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._tap: Callable[[Event], None] = self._on_event  # one bound method, to remove it
+        #: whether ``_tap`` is registered with the pipeline
+        self._tapping = False
         self._warned = False
 
     @property
     def serving(self) -> bool:
         return self._server is not None
 
-    # --- the per-event callback (Pipeline.taps) ---------------------------------------------------
+    # --- the per-event callback (Pipeline.add_tap) ------------------------------------------------
     def _on_event(self, ev: Event) -> None:
         try:
             envelope: bytes | None = None
@@ -400,9 +402,9 @@ class TapServer:
     # --- registration: the callback exists only while someone taps ----------------------------------
     def _register(self, c: _Client) -> None:
         self.clients.append(c)
-        taps = self.pipeline.taps
-        if self._tap not in taps:
-            taps.append(self._tap)
+        if not self._tapping:
+            self._tapping = True
+            self.pipeline.add_tap(self._tap)
 
     def _unregister(self, c: _Client) -> None:
         with contextlib.suppress(ValueError):
@@ -412,8 +414,9 @@ class TapServer:
 
     def _unregister_all(self) -> None:
         self.clients.clear()
-        with contextlib.suppress(ValueError):
-            self.pipeline.taps.remove(self._tap)
+        if self._tapping:
+            self._tapping = False
+            self.pipeline.remove_tap(self._tap)
 
 
 # --- the client side (cometstream tap) ----------------------------------------------------------------

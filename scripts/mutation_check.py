@@ -108,7 +108,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="cursor-resume",
         what="after a restart a sink behind in the spool resumes one event past its cursor",
-        file="cometstream/pipeline.py",
+        file="cometstream/pipeline/pipeline.py",
         old="                route.next_seq = cursor + 1",
         new="                route.next_seq = cursor + 2",
         tests=("tests/test_spool.py::test_a_restart_resumes_a_lagging_sink_from_its_cursor",),
@@ -117,11 +117,36 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="backoff-reset-on-progress",
         what="a partly accepted batch does not reset the backoff",
-        file="cometstream/pipeline.py",
-        old="                    backoff.reset()  # the sink works: the next failure starts small "
+        file="cometstream/pipeline/retry.py",
+        old="                self.backoff.reset()  # the sink works: the next failure starts small "
             "again",
-        new="                    pass",
+        new="                pass",
         tests=("tests/test_pipeline.py::test_progress_resets_the_backoff",),
+    ),
+    # --- the one retry policy, and a worker's death
+    Mutation(
+        name="retry-outage-counts",
+        what="with several sends in flight, a receiver that refuses every POST (down) spends "
+             "max_retries and dead-letters events",
+        file="cometstream/pipeline/retry.py",
+        old="            counts = route.accepted_sends != self._seen  # the receiver takes others, "
+            "not this",
+        new="            counts = True",
+        tests=(("tests/test_webhook.py::"
+                "test_a_receiver_refusing_every_post_dead_letters_nothing"),
+               "tests/test_retry.py"),
+    ),
+    Mutation(
+        name="worker-death-silent",
+        what="a sink worker that dies is not noticed: no log, the sink not failing, producers "
+             "left waiting",
+        file="cometstream/pipeline/pipeline.py",
+        old="            route.task.add_done_callback(partial(self._worker_done, route))",
+        new="            route.task.add_done_callback(lambda _task: None)",
+        tests=(("tests/test_pipeline.py::"
+                "test_a_sink_worker_that_dies_is_logged_marked_failing_and_blocks_nobody"),
+               ("tests/test_pipeline.py::"
+                "test_an_ack_listener_that_raises_fails_the_sink_instead_of_hanging")),
     ),
     # --- redaction
     Mutation(

@@ -9,8 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
+from cometstream.errors import SinkError
 from cometstream.simulator import Simulator
+from cometstream.sinks import Sink
+from cometstream.sinks.memory import MemorySink
 
 from .conftest import (
     MEMORY,
@@ -374,7 +378,7 @@ async def test_refused_events_go_to_the_dead_letter_file(sim: Simulator, tmp_pat
     assert orjson.dumps(rec["event"]) == lost and rec["failed_at"] > 1.7e9
 
 
-class _HalfSink:
+class _HalfSink(Sink):
     """A sink that accepts the first two events of each batch, then fails (retryable) once."""
 
     default_format = "event"
@@ -383,6 +387,10 @@ class _HalfSink:
         self.name = "half"
         self.got: list[bytes] = []
         self.calls = 0
+
+    @classmethod
+    def from_config(cls, name: str, options: Any) -> Any:
+        raise NotImplementedError
 
     async def open(self) -> None: ...
 
@@ -545,3 +553,118 @@ async def test_a_send_that_lets_a_cancellation_out_is_retried_not_stuck() -> Non
     await wait_until(lambda: p.routes[0].acked_seq == 20, what="all acknowledged")
     assert sorted(sink.got) == sorted(frames) and len(pauses) == 1
     assert await p.drain(1.0)
+
+
+class _Fatal(BaseException):
+    """What no retry covers: a plugin's own exception type outside ``Exception``."""
+
+
+class _DyingSink(MemorySink):
+    """A plugin sink that hangs until released, then lets out an exception of its own type."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.die = False
+
+    async def send(self, batch: Any) -> None:
+        await self.hang.wait()
+        if self.die:
+            raise _Fatal("the plugin gave up")
+        await super().send(batch)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def _http_get(url: str) -> tuple[int, str]:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        return r.status, await r.text()
+
+
+async def test_a_sink_worker_that_dies_is_logged_marked_failing_and_blocks_nobody(
+        sim: Simulator, tmp_path: Path) -> None:
+    """A plugin sink raising an exception no retry covers, while the read loop waits for room
+    in its full ``block`` queue: the death is logged once with its traceback, the sink shows
+    failing in /readyz and cometstream_sink_failing, the waiting read loop is released and the
+    file sink beside it gets every event."""
+    from structlog.testing import capture_logs
+
+    path = tmp_path / "ev.jsonl"
+    port = _free_port()
+    cfg = make_config(sim.url, tmp_path, exact=True, spool=MEMORY,
+                      http={"listen": f"127.0.0.1:{port}"}, sinks={
+        "dies": {"type": "memory", "buffer": 5, "when_full": "block"},
+        "file": {"type": "file", "path": str(path), "format": "event"},
+    })
+    dying = _DyingSink("dies")
+    with capture_logs() as logs:
+        async with running(cfg, sinks={"dies": dying}) as d:
+            dying.hang.clear()
+            await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+            sent = sim.emit_many(50)
+            route = d.daemon.pipeline.routes[0]
+            # (beyond its bound: a producer queued its event and waits for room)
+            await wait_until(lambda: len(route.queue) > 5, what="a producer waiting")
+            dying.die = True
+            dying.hang.set()
+            await wait_until(lambda: d.sink_stats("file").delivered == 51, what="file delivery")
+            assert path.read_bytes().splitlines()[1:] == sent
+            st = d.sink_stats("dies")
+            assert st.failing and "worker stopped" in st.last_error
+            status, body = await _http_get(f"http://127.0.0.1:{port}/readyz")
+            assert status == 503 and "sink dies: worker stopped: _Fatal" in body
+            _status, text = await _http_get(f"http://127.0.0.1:{port}/metrics")
+            assert 'cometstream_sink_failing{sink="dies"} 1.0' in text
+            more = sim.emit_many(20)  # a dead sink's full queue holds up nothing
+            await wait_until(lambda: d.sink_stats("file").delivered == 71, what="more")
+            assert path.read_bytes().splitlines()[51:] == more
+            assert await d.stopped() == 0
+    deaths = [e for e in logs if e["event"].startswith("sink worker stopped")]
+    assert len(deaths) == 1 and isinstance(deaths[0]["exc_info"], _Fatal)
+    assert deaths[0]["log_level"] == "error" and deaths[0]["sink"] == "dies"
+
+
+async def test_an_ack_listener_that_raises_fails_the_sink_instead_of_hanging() -> None:
+    """An acknowledgement listener that raises ends the worker: the sink is failing, the
+    producer waiting for room in its full queue is released, and drain does not hang."""
+    from cometstream.config import SinkConfig
+    from cometstream.observe.metrics import Metrics
+    from cometstream.pipeline import Pipeline
+    from cometstream.protocol import decode_frame
+
+    sink = MemorySink("m")
+    sink.hang.clear()
+    cfg = SinkConfig(name="m", type="memory", types=None, format="event", buffer=3,
+                     when_full="block", options={})
+    p = Pipeline([(cfg, sink)], Metrics("s"))
+
+    def boom(route: Any, batch: Any) -> None:
+        raise RuntimeError("listener bug")
+
+    p.add_ack_listener(boom)
+    p.start()
+    route = p.routes[0]
+    p.publish(decode_frame(b'{"Type": 4103}', received_at=0.0, server="s"))  # type: ignore[arg-type]
+    await wait_until(lambda: route.inflight == 1, what="the first send hanging")
+    waiting = None
+    for i in range(10):
+        waiting = p.publish(decode_frame(orjson.dumps({"Type": 4103, "N": i}),
+                                         received_at=0.0, server="s"))  # type: ignore[arg-type]
+        if waiting is not None:
+            break
+    assert waiting is not None  # the queue is full: the producer waits for room
+    sink.hang.set()
+    await asyncio.wait_for(waiting, 5)  # released, not left waiting for ever
+    with pytest.raises(SinkError, match="worker stopped"):
+        await route.wait_for_space()  # (the route's error, which the read loop goes past)
+    assert route.stats.failing and "RuntimeError: listener bug" in route.stats.last_error
+    assert p.publish(decode_frame(b'{"Type": 4103}', received_at=0.0,  # type: ignore[arg-type]
+                                  server="s")) is None  # no longer blocks
+    assert not await asyncio.wait_for(p.drain(1.0), 5)

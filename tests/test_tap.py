@@ -258,10 +258,18 @@ async def test_clients_leaving_at_any_moment_log_no_traceback(
 
 async def test_tap_socket_is_private_replaces_a_stale_one_and_never_steals_a_live_one(
         tmp_path: Path) -> None:
-    class Pipe:  # what TapServer reads of a Pipeline
+    class Pipe:  # what TapServer uses of a Pipeline
         def __init__(self) -> None:
             self.routes: list[Any] = []
             self.taps: list[Any] = []
+
+        def add_tap(self, tap: Any) -> None:
+            if tap not in self.taps:
+                self.taps.append(tap)
+
+        def remove_tap(self, tap: Any) -> None:
+            if tap in self.taps:
+                self.taps.remove(tap)
 
     path = tmp_path / "tap.sock"
     stale = socket.socket(socket.AF_UNIX)

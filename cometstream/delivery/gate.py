@@ -37,10 +37,9 @@ from .tracker import Tracker
 
 if TYPE_CHECKING:
     from ..observe.metrics import StreamStats
-    from ..pipeline import Pipeline
     from ..redact import Redactor
 
-__all__ = ["HOLD_MAX", "Gate"]
+__all__ = ["HOLD_MAX", "Gate", "Publish"]
 
 #: live events held during a resync beyond this many, or this many bytes (each keeps its
 #: parsed document: a few times its bytes), are released before it finishes
@@ -50,11 +49,21 @@ HOLD_MAX_BYTES: Final = 64 * 1024 * 1024
 log = structlog.get_logger("cometstream.delivery")
 
 
+#: hands an event on (the pipeline's ``publish``): assigns ``ev.seq``; an awaitable if the
+#: caller must wait for room
+Publish = Callable[[Event], "Awaitable[None] | None"]
+
+
 class Gate:
-    def __init__(self, pipeline: Pipeline, tracker: Tracker, redactor: Redactor,
+    """``publish``: where released events go (the pipeline's); ``tapped``: whether someone
+    taps the published events (they are then redacted whatever the sinks take)."""
+
+    def __init__(self, publish: Publish, tracker: Tracker, redactor: Redactor,
                  stats: StreamStats, *, routed_types: frozenset[int] | None,
-                 keep_doc: bool, hold_timeout: float | None = None) -> None:
-        self.pipeline = pipeline
+                 keep_doc: bool, hold_timeout: float | None = None,
+                 tapped: Callable[[], bool] = lambda: False) -> None:
+        self._publish = publish
+        self._tapped = tapped
         self.tracker = tracker
         self.redactor = redactor
         self.stats = stats
@@ -104,9 +113,9 @@ class Gate:
             act = action(ev)  # before redaction: digests are of the full profile
             wanted = self.routed_types
             # (no sink takes it and nobody taps: it only passes through the private ledger)
-            if wanted is None or ev.type in wanted or self.pipeline.taps:
+            if wanted is None or ev.type in wanted or self._tapped():
                 self.redactor.apply(ev)
-        waiting = self.pipeline.publish(ev)  # assigns ev.seq
+        waiting = self._publish(ev)  # assigns ev.seq
         self.tracker.published(ev, act)
         if not self.keep_doc:
             ev.release_doc()  # queued events hold only their bytes
@@ -121,7 +130,7 @@ class Gate:
             dedup.duplicates += 1
             self.stats.duplicates += 1
             return None
-        waiting = self.pipeline.publish(ev)  # assigns ev.seq
+        waiting = self._publish(ev)  # assigns ev.seq
         self.tracker.published_job(ev.seq, fp, ts, act)
         if not self.keep_doc:
             ev.release_doc()

@@ -237,11 +237,12 @@ class WebhookSink(Sink):
         self.headers: dict[str, str] = dict(headers or {})
         self.format = format
         self.timeout = timeout
-        #: read by the pipeline: retries of one batch before it is dead-lettered (None = forever)
+        #: the Sink capabilities: retries of one POST before it is dead-lettered (None =
+        #: forever), POSTs in flight at once, each of at most ``max_batch`` events
         self.max_retries = max_retries
-        self.batch = batch
-        #: read by the pipeline: POSTs in flight at once, each of at most ``max_batch`` events
         self.concurrency = concurrency
+        self.max_batch = batch
+        self.batch = batch
         self._secret = secret
         self.tls_verify = tls_verify
         self.ca_file = ca_file
@@ -249,12 +250,6 @@ class WebhookSink(Sink):
         self._session: aiohttp.ClientSession | None = None
         #: POSTs made (every attempt), for tests and debugging
         self.requests = 0
-
-    @property
-    def max_batch(self) -> int:
-        """Read by the pipeline: the most events one ``send`` gets when several are in flight
-        (one POST each)."""
-        return self.batch
 
     def __repr__(self) -> str:  # no URL: its path may be a secret
         return f"WebhookSink({self.name!r}, {self.where!r})"
