@@ -165,7 +165,7 @@ def _pack(events: Sequence[Event]) -> tuple[Any, ...]:
     raws = b"\n".join([ev.raw for ev in events])
     # the dedup keys the pipeline computed (a sink that reads the chunk back, e.g. the webhook's
     # Idempotency-Key, then need not parse every job event again)
-    keys = [ev._key for ev in events]
+    keys = [ev.key for ev in events]
     try:
         keys_b = orjson.dumps(keys) if any(keys) else None
     except TypeError:  # a GUID with a lone surrogate (from the stdlib parser): not kept
@@ -1092,7 +1092,7 @@ class Ledger:
         for seq, received_at, type_, origin, raw, key in rows:
             ev = Event(raw, None, type_, origin, received_at, server)  # type: ignore[arg-type]
             ev.seq = seq
-            ev._key = key
+            ev.key = key
             events.append(ev)
         return events
 
