@@ -22,6 +22,7 @@ from cometstream.simulator import Simulator
 from cometstream.sinks.file import FileSink
 
 from .conftest import run_cli, wait_until, write_config
+from .ledger_client import Client
 
 
 def _job(guid: str, end: int, *, extra: str = "") -> Event:
@@ -127,11 +128,12 @@ async def test_a_commit_writes_what_changed_not_the_window(tmp_path: Path) -> No
     to the WAL, not the window; the window, jobs and watermark read back at the next open."""
     state = tmp_path / "state"
 
-    def ledger() -> Ledger:
+    def ledger(client: Client | None = None) -> Ledger:
         return Ledger(state, ["f"], server="s", max_bytes=1 << 30, max_age=86400,
-                      fsync_interval=1.0)
+                      fsync_interval=1.0, client=client)
 
-    lg = ledger()
+    client = Client({"f": 0}, through=0)
+    lg = ledger(client)
     lg.open()
     tr = Tracker(lg.state)
     tr.frozen = False
@@ -139,8 +141,7 @@ async def test_a_commit_writes_what_changed_not_the_window(tmp_path: Path) -> No
     for i in range(200_000):
         tr.dedup.acked(f"4201:old{i}:{now - 3600}", now - 3600)
     tr.set_running("r1", "u", now - 10)
-    lg.bind(lambda: {"f": 0}, dict, lambda s, n: None, through=lambda: 0)
-    lg.bind_state(lambda upto: (tr.settle(upto, live_until=None), tr.diff())[1], tr.restore)
+    client.tracker = tr
     await lg.commit()
     wal = Path(f"{lg.path}-wal")
     db = sqlite3.connect(lg.path)
@@ -152,7 +153,7 @@ async def test_a_commit_writes_what_changed_not_the_window(tmp_path: Path) -> No
         ev = _job(f"new{i}", now)
         fp, ts, act = job_event(ev)
         tr.published_job(seq, fp, ts, act)  # type: ignore[arg-type]
-    lg.bind(lambda: {"f": seq}, dict, lambda s, n: None, through=lambda: seq)
+    client.cursor_values, client.through = {"f": seq}, seq
     await lg.commit()
     frames = (wal.stat().st_size - 32) // (4096 + 24)
     assert 0 < frames <= 24, frames  # the window is 200,000 rows in ~1,000 pages
@@ -273,12 +274,12 @@ async def test_recovery_keeps_its_start_position_and_idle_commits_write_nothing(
     assert sink.position()[1] == path.stat().st_size
     await sink.aclose()
 
+    client = Client({"f": 0}, through=0)
     lg = Ledger(tmp_path / "state", ["f"], server="s", max_bytes=1 << 20, max_age=3600,
-                fsync_interval=1.0)
+                fsync_interval=1.0, client=client)
     lg.open()
     tr = Tracker(lg.state)
-    lg.bind(lambda: {"f": 0}, dict, lambda s, n: None, through=lambda: 0)
-    lg.bind_state(lambda upto: (tr.settle(upto, live_until=None), tr.diff())[1], tr.restore)
+    client.tracker = tr
     await lg.commit()
     first = lg.commits
     for _ in range(3):
@@ -288,3 +289,4 @@ async def test_recovery_keeps_its_start_position_and_idle_commits_write_nothing(
     await lg.commit()
     assert lg.commits == first + 1
     await lg.close()
+
