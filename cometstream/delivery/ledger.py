@@ -20,6 +20,11 @@ itself is planned by pure functions (:mod:`cometstream.store.plan`) and applied 
 Limits: beyond ``max_bytes`` (the events' bytes) or ``max_age`` the oldest events are deleted
 even if a sink has not read them; each lagging sink's loss is counted (reason ``spool_limit``)
 and logged.
+
+A commit that fails on the disk (SQLite, OSError: a full disk) is retried, its events staying in
+memory, and the read loop waits for room rather than memory growing without bound. Any other
+failure is a bug: it is logged once with its traceback, and whatever waits for room gets the
+error instead of waiting for a commit that may never come.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Final, Protocol
 import structlog
 
 from .._thread import WriterThread
+from ..errors import LedgerError
 from ..events import Event
 from ..store import FILENAME, CommitPlan, Position, Store
 from ..store.plan import cap_cursors, head, is_idle, lost_to_limits, trim_point
@@ -134,6 +140,8 @@ class Ledger:
         self._committed: asyncio.Future[None] | None = None
         self._kicked: asyncio.Future[None] | None = None
         self._stopping = False
+        #: set once :meth:`run` is gone for good: nothing makes room any more
+        self._dead: LedgerError | None = None
 
     # --- lifecycle -------------------------------------------------------------------------------
     def open(self) -> int:
@@ -244,17 +252,23 @@ class Ledger:
     async def wait_for_room(self) -> None:
         """Until what waits in memory for the disk is below ``PENDING_MAX`` events and
         ``PENDING_MAX_BYTES`` again (a disk slower than the stream, or one that is full, makes
-        the read loop wait rather than memory grow without bound)."""
+        the read loop wait rather than memory grow without bound). LedgerError if the commits
+        fail for another reason, or the commit loop is gone: no commit would make room."""
         while self.full:
+            if self._dead is not None:
+                raise self._dead
             self.kick()
             if self._committed is None or self._committed.done():
                 self._committed = asyncio.get_running_loop().create_future()
             await self._committed
 
-    def _wake_waiters(self) -> None:
+    def _wake_waiters(self, error: BaseException | None = None) -> None:
         c = self._committed
         if c is not None and not c.done():
-            c.set_result(None)
+            if error is None:
+                c.set_result(None)
+            else:
+                c.set_exception(error)
 
     # --- the commit loop ----------------------------------------------------------------------------
     def kick(self) -> None:
@@ -271,29 +285,51 @@ class Ledger:
     async def run(self) -> None:
         """Commit every ``fsync_interval`` (sooner when kicked) until :meth:`stop`."""
         loop = asyncio.get_running_loop()
-        while not self._stopping:
-            self._kicked = loop.create_future()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kicked, self.fsync_interval)
-            if self._stopping:
-                return  # (close() makes the last commit)
-            try:
-                await self.commit()
-            except Exception as exc:  # (anything: the committing task must go on)
-                self.write_errors += 1
-                msg = (str(exc) if isinstance(exc, (sqlite3.Error, OSError))
-                       else f"{exc.__class__.__name__}: {exc}")
-                if not self.last_error:
-                    self.failing_since = time.monotonic()
-                if msg != self.last_error:
-                    log.error("ledger write failed (retrying; events stay in memory)",
-                              error=msg, pending=len(self.pending))
-                self.last_error = msg
+        try:
+            while not self._stopping:
+                self._kicked = loop.create_future()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kicked, self.fsync_interval)
+                if self._stopping:
+                    return  # (close() makes the last commit)
+                try:
+                    await self.commit()
+                except (sqlite3.Error, OSError) as exc:  # the disk: retried, waiters wait
+                    self._failed(str(exc))
+                except Exception as exc:  # a bug: said once, with its traceback
+                    self._failed(f"{exc.__class__.__name__}: {exc}", exc)
+                else:
+                    if self.last_error:
+                        log.info("ledger writes recovered")
+                    self.last_error = ""
+                    self.failing_since = 0.0
+        except BaseException as exc:
+            # the loop itself is gone (cancelled, or a bug outside a commit): whatever waits for
+            # room would wait for ever
+            self._dead = LedgerError("the ledger's commit loop stopped")
+            if not isinstance(exc, asyncio.CancelledError):
+                self._failed(f"{exc.__class__.__name__}: {exc}", exc)
+            self._wake_waiters(self._dead)
+            raise
+
+    def _failed(self, msg: str, unexpected: BaseException | None = None) -> None:
+        """A commit failed: counted, logged when the error changes, and (``unexpected``: not the
+        disk) handed to whatever waits for room."""
+        self.write_errors += 1
+        if not self.last_error:
+            self.failing_since = time.monotonic()
+        if msg != self.last_error:
+            if unexpected is None:
+                log.error("ledger write failed (retrying; events stay in memory)",
+                          error=msg, pending=len(self.pending))
             else:
-                if self.last_error:
-                    log.info("ledger writes recovered")
-                self.last_error = ""
-                self.failing_since = 0.0
+                log.error("ledger commit failed unexpectedly (retrying; events stay in memory)",
+                          error=msg, pending=len(self.pending), exc_info=unexpected)
+        self.last_error = msg
+        if unexpected is not None:
+            error = LedgerError(f"ledger commit failed: {msg}")
+            error.__cause__ = unexpected
+            self._wake_waiters(error)
 
     async def commit(self) -> None:
         """Write what is pending in transactions of at most ``COMMIT_MAX`` events, with the
