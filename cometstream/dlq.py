@@ -421,7 +421,7 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
 
 
 async def _replay(cfg: Config, sc: SinkConfig, sink: Any, letters: DeadLetters,
-                  ids: Sequence[int], max_id: int, state: _Replay) -> str | None:
+                  ids: Sequence[int], max_id: int | None, state: _Replay) -> str | None:
     """Send the rows, deleting each batch once accepted; the error that stopped it, or None."""
     from .errors import SinkError
     from .events import Event

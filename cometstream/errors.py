@@ -24,10 +24,10 @@ from __future__ import annotations
 
 __all__ = [
     "ApiError",
+    "CheckpointUnreadable",
     "CometStreamError",
     "ConfigError",
     "ConfigErrors",
-    "CheckpointUnreadable",
     "CredentialsRejected",
     "LedgerCorrupt",
     "LedgerError",

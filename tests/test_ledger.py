@@ -10,7 +10,6 @@ import sqlite3
 import time
 from pathlib import Path
 
-
 import orjson
 import pytest
 import structlog

@@ -284,8 +284,8 @@ async def test_events_read_back_from_disk_keep_their_dedup_keys_and_a_format_1_s
 
     from cometstream.delivery.identity import job_event
     from cometstream.delivery.ledger import Ledger
-    from cometstream.store.schema import connect, transaction, upgrade
     from cometstream.protocol import decode_frame
+    from cometstream.store.schema import connect, transaction, upgrade
 
     def job(i: int) -> Any:
         ev = decode_frame(orjson.dumps({"Type": 4201, "Data": {"GUID": f"g{i}", "EndTime": i}}),

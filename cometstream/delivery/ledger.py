@@ -296,7 +296,7 @@ class Ledger:
                     await self.commit()
                 except (sqlite3.Error, OSError) as exc:  # the disk: retried, waiters wait
                     self._failed(str(exc))
-                except Exception as exc:  # a bug: said once, with its traceback
+                except Exception as exc:  # noqa: BLE001 - a bug: said once, with its traceback
                     self._failed(f"{exc.__class__.__name__}: {exc}", exc)
                 else:
                     if self.last_error:

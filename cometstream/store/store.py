@@ -10,14 +10,23 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
 from ..delivery.state import State
 from ..errors import LedgerCorrupt, LedgerForeign
-from .codec import (RANGE, Position, Row, column, decode_position, encode_position, pack, split,
-                    unpack)
+from .codec import (
+    RANGE,
+    Position,
+    Row,
+    column,
+    decode_position,
+    encode_position,
+    pack,
+    split,
+    unpack,
+)
 from .deadletters import DeadLetters
 from .migrate import migrate
 from .plan import ChunkMeta, CommitPlan
