@@ -5,8 +5,8 @@ in the ledger's ``dead_letters`` table (``ledger.db`` in ``state.dir``, see
 :mod:`cometstream.store.deadletters`): one row per event per sink, with the error and the event's
 bytes.
 These commands read and change it through the same interface as the daemon, with SQLite's own
-locking, so they work while the daemon runs (WAL: readers never wait; a delete waits up to :data:`BUSY_TIMEOUT_MS` for
-the daemon's commit) and while it is stopped.
+locking, so they work while the daemon runs (WAL: readers never wait; a delete waits up to
+:data:`BUSY_TIMEOUT_MS` for the daemon's commit) and while it is stopped.
 
 - ``list``: a table (or JSON Lines with each event's bytes spliced in unchanged) and a summary
   per sink;

@@ -270,7 +270,7 @@ class Ledger:
             else:
                 c.set_exception(error)
 
-    # --- the commit loop ----------------------------------------------------------------------------
+    # --- the commit loop -------------------------------------------------------------------------
     def kick(self) -> None:
         """Commit now rather than at the end of the interval (a burst: memory stays small)."""
         if self._kicked is not None and not self._kicked.done():
@@ -442,7 +442,7 @@ class Ledger:
         if self._store is not None:
             self._store.serve(sink, seq)
 
-    # --- dead letters ------------------------------------------------------------------------------
+    # --- dead letters ----------------------------------------------------------------------------
     async def add_dead_letters(self, sink: str, events: Iterable[Event], error: str) -> int:
         store, thread = self._store, self._thread
         if store is None or thread is None:
