@@ -35,9 +35,10 @@ from .backoff import Backoff
 from .config import Config, SinkConfig
 from .config import parse_listen
 from .delivery.gate import Gate
-from .delivery.ledger import Ledger, LedgerError, StateDiff, StateLock
+from .delivery.ledger import Ledger, Position
+from .delivery.state import StateDiff
 from .delivery.tracker import Tracker
-from .errors import ApiError, ConfigError, CredentialsRejected
+from .errors import ApiError, ConfigError, CredentialsRejected, LedgerError
 from .events import Event
 from .fleet import Fleet
 from .observe.http import HttpServer
@@ -50,6 +51,7 @@ from .preflight import dir_problem
 from .redact import Redactor
 from .resync import ResyncResult, Resyncer
 from .sinks import Sink, resolve_sink_class
+from .store import StateLock
 from .stream import Supervisor, make_ssl_context
 from .tap import TapServer, socket_path
 
@@ -69,6 +71,38 @@ log = structlog.get_logger("cometstream.daemon")
 def build_sink(cfg: SinkConfig) -> Sink:
     cls = resolve_sink_class(cfg.type, key=f"sinks.{cfg.name}.type")
     return cls.from_config(cfg.name, cfg.section())
+
+
+class _LedgerSide:
+    """The daemon as the ledger's :class:`~.delivery.ledger.LedgerClient`: the pipeline's
+    cursors, positions and lagging sinks, and the tracker's delivery state. The ledger is built
+    before the pipeline (whose buffer is the ledger) and the tracker is replaced once the state
+    is loaded: both are looked up when the ledger asks."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def cursors(self) -> dict[str, int]:
+        return self._daemon.pipeline.cursors()
+
+    def positions(self, cursors: dict[str, int]) -> dict[str, Position]:
+        return self._daemon.pipeline.positions(cursors)
+
+    def lagging(self) -> dict[str, tuple[int, frozenset[int] | None]]:
+        return self._daemon.pipeline.lagging()
+
+    def spool_dropped(self, sink: str, count: int) -> None:
+        self._daemon.pipeline.spool_dropped(sink, count)
+
+    def delivered_through(self) -> int | None:
+        d = self._daemon
+        return None if d.cfg.spool.disk else d.pipeline.delivered_through()
+
+    def settle(self, through: int) -> StateDiff:
+        return self._daemon._settle(through)
+
+    def unsettle(self, diff: StateDiff) -> None:
+        self._daemon.tracker.restore(diff)
 
 
 class Daemon:
@@ -107,15 +141,12 @@ class Daemon:
         #: the spooled events, in one store; opened by run()
         self.ledger = Ledger(cfg.state.dir, [sc.name for sc in cfg.sinks], server=s.name,
                              max_bytes=cfg.spool.max_bytes, max_age=cfg.spool.max_age,
-                             fsync_interval=cfg.spool.fsync_interval, events=cfg.spool.disk)
+                             fsync_interval=cfg.spool.fsync_interval, events=cfg.spool.disk,
+                             client=_LedgerSide(self))
         self.lock = StateLock(cfg.state.dir)
         self.pipeline = Pipeline([(sc, self.sinks[sc.name]) for sc in cfg.sinks], self.metrics,
                                  buffer=DiskBuffer(self.ledger) if cfg.spool.disk
                                  else MemoryBuffer(self.ledger), server=s.name)
-        self.ledger.bind(self.pipeline.cursors, self.pipeline.lagging, self.pipeline.spool_dropped,
-                         positions=self.pipeline.positions,
-                         through=None if cfg.spool.disk else self.pipeline.delivered_through)
-        self.ledger.bind_state(self._settle, self._unsettle)
         self.pipeline.add_ack_listener(self._on_ack)
         self._settled_through = 0
         self.metrics.spool = self._spool_figures if cfg.spool.disk else None
@@ -344,9 +375,6 @@ class Daemon:
             if lost:
                 log.error("events lost for this sink: the ledger's last commit failed",
                           sink=name, events=lost, error=self.ledger.last_error or None)
-
-    def _unsettle(self, diff: StateDiff) -> None:
-        self.tracker.restore(diff)
 
     def _lag_figures(self) -> dict[str, tuple[int, float]]:
         """Per sink: the events received that it has not got yet, and the age of the oldest

@@ -2,11 +2,11 @@
 
 A sink that refuses an event for good (a webhook answering 400, a retry budget spent) leaves it
 in the ledger's ``dead_letters`` table (``ledger.db`` in ``state.dir``, see
-:mod:`cometstream.delivery.ledger`): one row per event per sink, with the error and the event's
+:mod:`cometstream.store.deadletters`): one row per event per sink, with the error and the event's
 bytes.
-These commands read and change that table directly, with SQLite's own locking, so they work
-while the daemon runs (WAL: readers never wait; a delete waits up to :data:`BUSY_TIMEOUT_MS` for
-the daemon's commit) and while it is stopped.
+These commands read and change it through the same interface as the daemon, with SQLite's own
+locking, so they work while the daemon runs (WAL: readers never wait; a delete waits up to
+:data:`BUSY_TIMEOUT_MS` for the daemon's commit) and while it is stopped.
 
 - ``list``: a table (or JSON Lines with each event's bytes spliced in unchanged) and a summary
   per sink;
@@ -33,7 +33,7 @@ import sqlite3
 import stat
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
@@ -43,7 +43,7 @@ import orjson
 
 if TYPE_CHECKING:
     from .config import Config, SinkConfig
-    from .delivery.ledger import DeadLetter
+    from .store import DeadLetter, DeadLetters
 
 __all__ = ["BATCH", "DlqError", "add_parser", "parse_duration", "run_dlq"]
 
@@ -168,91 +168,46 @@ def run_dlq(args: argparse.Namespace) -> int:
 
 # --- the spool ----------------------------------------------------------------------------------
 def spool_path(cfg: Config) -> Path:
-    from .delivery.ledger import FILENAME
+    from .store import FILENAME
 
     return cfg.state.dir / FILENAME
 
 
-def open_spool(cfg: Config) -> sqlite3.Connection:
-    """The daemon's ledger (never created here); a busy timeout for writes beside the daemon."""
-    from .delivery.ledger import LedgerCorrupt, LedgerError, connect
+def open_spool(cfg: Config) -> DeadLetters:
+    """The daemon's ledger's dead letters (never created here); a busy timeout for writes beside
+    the daemon."""
+    from .errors import LedgerCorrupt, LedgerError
+    from .store import DeadLetters
 
     path = spool_path(cfg)
     if not path.is_file():
         raise DlqError(f"no ledger at {path}: the daemon has not run with this state.dir")
     try:
-        db = connect(path)
+        return DeadLetters.open(path, busy_timeout_ms=BUSY_TIMEOUT_MS)
     except (LedgerCorrupt, LedgerError) as exc:
         raise DlqError(f"cannot open the ledger {path}: {exc}") from None
-    db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    return db
 
 
-def _where(sink: str | None = None, ids: Sequence[int] = (), older_than: float | None = None,
-           max_id: int | None = None) -> tuple[str, list[Any]]:
-    conds: list[str] = []
-    params: list[Any] = []
-    if sink is not None:
-        conds.append("sink = ?")
-        params.append(sink)
-    if ids:
-        conds.append(f"id IN ({','.join('?' * len(ids))})")
-        params.extend(ids)
-    if older_than is not None:
-        conds.append("failed_at < ?")
-        params.append(older_than)
-    if max_id is not None:
-        conds.append("id <= ?")
-        params.append(max_id)
-    return (" WHERE " + " AND ".join(conds)) if conds else "", params
-
-
-def _rows(db: sqlite3.Connection, *, sink: str | None = None, ids: Sequence[int] = (),
-          max_id: int | None = None, limit: int | None = None,
-          page: int = 500) -> Iterator[DeadLetter]:
-    """Dead letters in id order, read a page at a time (bounded memory for any table size)."""
-    from .delivery.ledger import DeadLetter
-
-    where, params = _where(sink, ids, None, max_id)
-    after = 0
-    left = limit
-    while left is None or left > 0:
-        n = page if left is None else min(page, left)
-        q = ("SELECT id, sink, failed_at, error, seq, received_at, type, origin, raw "
-             f"FROM dead_letters{where}{' AND' if where else ' WHERE'} id > ? ORDER BY id LIMIT ?")
-        batch = [DeadLetter(*row) for row in db.execute(q, [*params, after, n])]
-        yield from batch
-        if len(batch) < n:
-            return
-        after = batch[-1].id
-        if left is not None:
-            left -= len(batch)
-
-
-def _sinks_with_letters(db: sqlite3.Connection) -> list[str]:
-    return [r[0] for r in db.execute("SELECT DISTINCT sink FROM dead_letters ORDER BY sink")]
-
-
-def _unknown_sink(cfg: Config, name: str, db: sqlite3.Connection | None) -> DlqError:
+def _unknown_sink(cfg: Config, name: str, letters: DeadLetters | None) -> DlqError:
     from .config import unknown_sink
 
     extra = ""
-    if db is not None:
-        orphans = [s for s in _sinks_with_letters(db) if s not in {sc.name for sc in cfg.sinks}]
+    if letters is not None:
+        orphans = [s for s in letters.sinks() if s not in {sc.name for sc in cfg.sinks}]
         if orphans:
             extra = f"; with dead letters but no longer configured: {', '.join(orphans)}"
     return DlqError(f"--sink: {unknown_sink(name, [sc.name for sc in cfg.sinks], extra)}",
                     EXIT_USAGE)
 
 
-def _check_sink(cfg: Config, db: sqlite3.Connection, name: str | None) -> None:
+def _check_sink(cfg: Config, letters: DeadLetters, name: str | None) -> None:
     """A sink named on the command line must be configured or have dead letters (a sink removed
     from the config keeps its dead letters until they are purged)."""
     if name is None or any(sc.name == name for sc in cfg.sinks):
         return
-    if db.execute("SELECT 1 FROM dead_letters WHERE sink = ? LIMIT 1", (name,)).fetchone():
+    if letters.has(name):
         return
-    raise _unknown_sink(cfg, name, db)
+    raise _unknown_sink(cfg, name, letters)
 
 
 def _local(ts: float) -> str:
@@ -295,17 +250,14 @@ def _excerpt(row: DeadLetter, width: int) -> str:
 def cmd_list(cfg: Config, args: argparse.Namespace, out: IO[bytes] | None = None) -> int:
     out = out if out is not None else sys.stdout.buffer
     out_tty = out.isatty()
-    db = open_spool(cfg)
+    letters = open_spool(cfg)
     try:
-        _check_sink(cfg, db, args.sink)
-        where, params = _where(args.sink)
-        summary = db.execute(f"SELECT sink, count(*), min(failed_at), max(failed_at) "
-                             f"FROM dead_letters{where} GROUP BY sink ORDER BY sink",
-                             params).fetchall()
+        _check_sink(cfg, letters, args.sink)
+        summary = letters.summary(args.sink)
         total = sum(r[1] for r in summary)
         none = "no dead letters" + (f" for sink {args.sink}" if args.sink else "")
         if args.json:
-            for row in _rows(db, sink=args.sink, limit=args.limit):
+            for row in letters.rows(sink=args.sink, limit=args.limit):
                 out.write(json_line(row))
             out.flush()
             if not total:
@@ -316,9 +268,9 @@ def cmd_list(cfg: Config, args: argparse.Namespace, out: IO[bytes] | None = None
             out.flush()
             return EXIT_OK
         cells = [((str(r.id), r.sink, _local(r.failed_at), _type_name(r)), r)
-                 for r in _rows(db, sink=args.sink, limit=args.limit)]
+                 for r in letters.rows(sink=args.sink, limit=args.limit)]
     finally:
-        db.close()
+        letters.close()
     head = ("ID", "SINK", "FAILED AT", "TYPE")
     widths = [max(len(h), *(len(texts[i]) for texts, _ in cells)) for i, h in enumerate(head)]
     # on a terminal the error fits the width; piped, an excerpt of a fixed length
@@ -422,30 +374,26 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
     sc = next((s for s in cfg.sinks if s.name == args.sink), None)
     if sc is None:  # replay needs the sink's configuration: name the configured ones
         try:
-            db: sqlite3.Connection | None = open_spool(cfg)
+            letters: DeadLetters | None = open_spool(cfg)
         except (DlqError, sqlite3.Error):  # the usage error comes first
-            db = None
+            letters = None
         try:
-            raise _unknown_sink(cfg, args.sink, db)
+            raise _unknown_sink(cfg, args.sink, letters)
         finally:
-            if db is not None:
-                db.close()
+            if letters is not None:
+                letters.close()
     sink = build_sink(sc)  # ConfigError: exit 2 (before anything is sent)
-    db = open_spool(cfg)
+    letters = open_spool(cfg)
     fd = -1
     try:
         ids = sorted(set(args.ids))
         if ids:
-            found = {r[0] for r in db.execute(
-                f"SELECT id FROM dead_letters WHERE sink = ? AND id IN ({','.join('?' * len(ids))})",
-                [sc.name, *ids])}
+            found = {i for i, _sink in letters.select(sc.name, ids)}
             missing = [i for i in ids if i not in found]
             if missing:
                 raise DlqError(f"--id: sink {sc.name} has no dead letter "
                                f"{', '.join(map(str, missing))}", EXIT_USAGE)
-        where, params = _where(sc.name, ids)
-        total, max_id, first = db.execute(
-            f"SELECT count(*), max(id), min(id) FROM dead_letters{where}", params).fetchone()
+        total, max_id, first = letters.span(sc.name, ids)
         if not total:
             print(f"no dead letters for sink {sc.name}", file=sys.stderr)
             return EXIT_OK
@@ -457,11 +405,10 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
         fd = _lock(spool_path(cfg))
         state = _Replay(sc.name, total)
         try:
-            error = asyncio.run(_replay(cfg, sc, sink, db, ids, max_id, state))
+            error = asyncio.run(_replay(cfg, sc, sink, letters, ids, max_id, state))
         except KeyboardInterrupt:
             error = "interrupted"
-        where, params = _where(sc.name, ids, None, max_id)
-        left = db.execute(f"SELECT count(*) FROM dead_letters{where}", params).fetchone()[0]
+        left = letters.span(sc.name, ids, max_id)[0]
         if error is None:
             print(f"replayed {_plural(state.sent)} to sink {sc.name}", file=sys.stderr)
             return EXIT_OK
@@ -470,15 +417,14 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
     finally:
         if fd >= 0:
             os.close(fd)
-        db.close()
+        letters.close()
 
 
-async def _replay(cfg: Config, sc: SinkConfig, sink: Any, db: sqlite3.Connection,
-                  ids: Sequence[int], max_id: int, state: _Replay) -> str | None:
+async def _replay(cfg: Config, sc: SinkConfig, sink: Any, letters: DeadLetters,
+                  ids: Sequence[int], max_id: int | None, state: _Replay) -> str | None:
     """Send the rows, deleting each batch once accepted; the error that stopped it, or None."""
     from .errors import SinkError
     from .events import Event
-    from .delivery.ledger import delete_dead_letters
 
     progress = _Progress(sc.name, state.total)
     try:
@@ -488,7 +434,7 @@ async def _replay(cfg: Config, sc: SinkConfig, sink: Any, db: sqlite3.Connection
             return f"cannot open the sink: {exc}"
         except Exception as exc:  # noqa: BLE001 - a third-party sink's own: one line still
             return f"cannot open the sink: {exc.__class__.__name__}: {exc}"
-        rows = _rows(db, sink=sc.name, ids=ids, max_id=max_id, page=BATCH)
+        rows = letters.rows(sink=sc.name, ids=ids, max_id=max_id, page=BATCH)
         while True:
             batch = list(islice(rows, BATCH))
             if not batch:
@@ -511,7 +457,7 @@ async def _replay(cfg: Config, sc: SinkConfig, sink: Any, db: sqlite3.Connection
                 error = f"{exc.__class__.__name__}: {exc}"
             if accepted:
                 try:
-                    delete_dead_letters(db, [r.id for r in batch[:accepted]])
+                    letters.delete([r.id for r in batch[:accepted]])
                 except sqlite3.Error as exc:
                     return (f"{accepted} accepted by the sink could not be removed from the spool "
                             f"({exc}): the next replay sends them again")
@@ -529,16 +475,12 @@ async def _replay(cfg: Config, sc: SinkConfig, sink: Any, db: sqlite3.Connection
 
 # --- purge ----------------------------------------------------------------------------------------
 def cmd_purge(cfg: Config, args: argparse.Namespace) -> int:
-    from .delivery.ledger import delete_dead_letters
-
     cutoff = time.time() - parse_duration(args.older_than) if args.older_than else None
-    db = open_spool(cfg)
+    letters = open_spool(cfg)
     try:
-        _check_sink(cfg, db, args.sink)
+        _check_sink(cfg, letters, args.sink)
         ids = sorted(set(args.ids))
-        where, params = _where(args.sink, ids, cutoff)
-        chosen = db.execute(f"SELECT id, sink FROM dead_letters{where} ORDER BY id",
-                            params).fetchall()
+        chosen = letters.select(args.sink, ids, cutoff)
         missing = ""
         if ids:
             gone = sorted(set(ids) - {i for i, _ in chosen})
@@ -555,8 +497,8 @@ def cmd_purge(cfg: Config, args: argparse.Namespace) -> int:
             print(f"would delete {_plural(len(chosen))} ({detail}){missing}; "
                   "add --yes to delete them", file=sys.stderr)
             return EXIT_USAGE
-        n = delete_dead_letters(db, [i for i, _ in chosen])
+        n = letters.delete([i for i, _ in chosen])
         print(f"deleted {_plural(n)} ({detail}){missing}", file=sys.stderr)
         return EXIT_OK
     finally:
-        db.close()
+        letters.close()

@@ -10,7 +10,11 @@ instead of matching strings::
     ├── CredentialsRejected          no on the first login (exit 3), retried after a good session
     ├── StreamError                  yes  (connect refused, TLS, timeouts, dropped, silent peer)
     ├── ApiError(status)             per status (5xx and transport yes, 4xx no)
-    └── SinkError(sink)              per instance (disk full yes, bad request no)
+    ├── SinkError(sink)              per instance (disk full yes, bad request no)
+    ├── LedgerError                  no   (state dir in use, a failed migration: the daemon stops)
+    ├── LedgerCorrupt                no   (a damaged ledger file: moved aside, replaced)
+    ├── LedgerForeign                no   (a ledger written for another server: moved aside)
+    └── CheckpointUnreadable(why)    no   (an earlier version's checkpoint: moved aside)
 
 Foreign exceptions (aiohttp, OSError, ssl) are translated into these at each I/O boundary with
 ``raise ... from exc``; nothing from a library leaks into the pipeline.
@@ -20,10 +24,14 @@ from __future__ import annotations
 
 __all__ = [
     "ApiError",
+    "CheckpointUnreadable",
     "CometStreamError",
     "ConfigError",
     "ConfigErrors",
     "CredentialsRejected",
+    "LedgerCorrupt",
+    "LedgerError",
+    "LedgerForeign",
     "SinkError",
     "StreamError",
     "UsageError",
@@ -125,3 +133,24 @@ class SinkError(CometStreamError):
         self.retry_after = retry_after
         self.sink_wide = sink_wide
         super().__init__(f"sink {sink}: {message}", retryable=retryable)
+
+
+class LedgerError(CometStreamError):
+    """The ledger cannot be used (a failed migration, a state dir in use): the daemon stops."""
+
+
+class LedgerCorrupt(CometStreamError):
+    """A ledger file is damaged (or not one at all): it is moved aside and replaced."""
+
+
+class LedgerForeign(CometStreamError):
+    """A ledger was written for another server: it is moved aside and replaced."""
+
+
+class CheckpointUnreadable(CometStreamError):
+    """An earlier version's ``checkpoint.json`` cannot be used; ``why`` names the suffix it is
+    moved aside with (``foreign``: another server or format version)."""
+
+    def __init__(self, why: str, message: str) -> None:
+        self.why = why
+        super().__init__(message)

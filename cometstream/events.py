@@ -67,7 +67,7 @@ class Event:
     """One StreamableEvent. ``raw`` is a single line of JSON (the server's bytes, line breaks folded)."""
 
     __slots__ = ("raw", "_doc", "type", "origin", "received_at", "server", "seq", "_type_name",
-                 "_key")
+                 "key")
 
     def __init__(
         self,
@@ -87,8 +87,10 @@ class Event:
         #: position in the pipeline, assigned when published (0 = not yet)
         self.seq = 0
         self._type_name: str | None = None
-        #: the dedup key once computed ("" = none): it outlives a released ``doc``
-        self._key: str | None = None
+        #: the dedup key once known (None: not computed yet; "": the event has none): it
+        #: outlives a released ``doc``. :meth:`dedup_key` computes it; the identity rules and
+        #: the ledger (keys read back from the spool) set it directly
+        self.key: str | None = None
 
     @classmethod
     def synthesize(
@@ -163,7 +165,7 @@ class Event:
         are byte-identical and still two events, so a digest of the bytes would drop real events.
         They are never replayed either (resync rebuilds account changes from profile digests).
         """
-        key = self._key
+        key = self.key
         if key is None:
             key = ""
             job = self.job
@@ -174,7 +176,7 @@ class Event:
                         key = completion_key(guid, job.get("EndTime"))
                     else:
                         key = f"{self.type}:{guid}"
-            self._key = key
+            self.key = key
         return key or None
 
     def ordering_keys(self) -> tuple[str, ...]:

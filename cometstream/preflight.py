@@ -22,8 +22,8 @@ import stat
 from pathlib import Path
 
 from .config import Config, parse_listen
-from .delivery.ledger import LOCK_FILE
 from .errors import ConfigError
+from .store import LOCK_FILE
 
 __all__ = ["check_listen", "check_paths", "dir_problem", "file_problem", "running_daemon"]
 

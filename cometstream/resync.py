@@ -365,7 +365,7 @@ class Resyncer:
         event = self._job_event
         for i, (ts, type_, job, user, org, guid, key, fp, action) in enumerate(plans, 1):
             ev = event(type_, ts, job, user, org, guid)
-            ev._key = key  # as Tracker.job_event does: a sink may ask once ``doc`` is released
+            ev.key = key  # as Tracker.job_event does: a sink may ask once ``doc`` is released
             waiting = emit_job(ev, fp, ts, action)
             if waiting is not None:
                 await _wait_for_room(waiting)

@@ -99,10 +99,19 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name="ledger-cursor-cap",
         what="a sink's cursor is committed past what the commit keeps",
-        file="cometstream/delivery/ledger.py",
-        old="            cursors = {k: v if v <= through else through for k, v in cursors.items()}",
-        new="            cursors = dict(cursors)",
+        file="cometstream/store/plan.py",
+        old="    return {k: v if v <= through else through for k, v in cursors.items()}",
+        new="    return dict(cursors)",
         tests=("tests/test_ledger.py::test_a_file_sinks_committed_position_waits_for_what_is_kept",),
+    ),
+    Mutation(
+        name="ledger-loop-fails-waiters",
+        what="a commit that fails on a bug leaves the read loop waiting for room for ever",
+        file="cometstream/delivery/ledger.py",
+        old="            self._wake_waiters(error)",
+        new="            pass",
+        tests=("tests/test_ledger.py::"
+               "test_an_unexpected_commit_failure_fails_the_waiters_and_is_logged_once",),
     ),
     # --- cursors
     Mutation(
@@ -171,17 +180,17 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name='ledger-foreign',
         what='a ledger written for another server is used, not moved aside',
-        file='cometstream/delivery/ledger.py',
-        old='                if owner is not None and owner[0] != self.server:',
-        new='                if owner is not None and owner[0] != owner[0]:',
+        file='cometstream/store/store.py',
+        old='        if owner is not None and owner[0] != server:',
+        new='        if owner is not None and owner[0] != owner[0]:',
         tests=('tests/test_ledger_promises.py::test_a_ledger_written_for_another_server_is_moved_aside_not_used',),
     ),
     Mutation(
         name='spool-max-age',
         what="the spool's max_age is ignored: old events stay for ever",
-        file='cometstream/delivery/ledger.py',
-        old='            if size > self.max_bytes or newest < now - self.max_age:',
-        new='            if size > self.max_bytes:',
+        file='cometstream/store/plan.py',
+        old='        if size > max_bytes or newest < now - max_age:',
+        new='        if size > max_bytes:',
         tests=('tests/test_ledger_promises.py::test_events_older_than_max_age_are_deleted_for_the_lagging_sink_only',),
     ),
     Mutation(
@@ -227,7 +236,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name='state-dir-owner',
         what='a state.dir owned by another user is not warned about',
-        file='cometstream/delivery/ledger.py',
+        file='cometstream/store/statedir.py',
         old='    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():',
         new='    if False:',
         tests=('tests/test_security_promises.py::test_run_warns_when_state_dir_belongs_to_another_user',),
@@ -251,9 +260,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name='ledger-transaction-bound',
         what='a ledger transaction may hold 64 MiB',
-        file='cometstream/delivery/ledger.py',
-        old='_COMMIT_MAX_BYTES: Final = 32 * 1024 * 1024',
-        new='_COMMIT_MAX_BYTES: Final = 64 * 1024 * 1024',
+        file='cometstream/store/plan.py',
+        old='COMMIT_MAX_BYTES: Final = 32 * 1024 * 1024',
+        new='COMMIT_MAX_BYTES: Final = 64 * 1024 * 1024',
         tests=('tests/test_security_promises.py::test_a_ledger_transaction_holds_32_mib_of_events_at_most',),
     ),
     Mutation(

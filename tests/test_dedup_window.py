@@ -5,16 +5,17 @@ keys the window holds."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 
 from cometstream.delivery.identity import job_event
-from cometstream.delivery.ledger import Ledger, StateDiff
+from cometstream.delivery.ledger import Ledger
 from cometstream.delivery.tracker import Tracker
 from cometstream.events import Event
 from cometstream.protocol import decode_frame
+
+from .ledger_client import Client
 
 DAY = 86400
 T0 = 1733400000  # server time of the first completion
@@ -39,20 +40,15 @@ def _keep(tr: Tracker, seq: int, ev: Event) -> str:
     return key
 
 
-def _ledger(state: Path) -> Ledger:
+def _ledger(state: Path, client: Client | None = None) -> Ledger:
     return Ledger(state, ["f"], server="s", max_bytes=1 << 30, max_age=7 * DAY,
-                  fsync_interval=1.0, events=False)
+                  fsync_interval=1.0, events=False, client=client)
 
 
-def _bind(lg: Ledger, tr: Tracker, through: Callable[[], int]) -> None:
+def _client(seq: list[int]) -> Client:
     """The daemon's wiring of a ledger (memory buffer) and its tracker: every event up to
-    ``through()`` is kept at the next commit."""
-    def diff(upto: int) -> StateDiff:
-        tr.settle(upto, live_until=None)
-        return tr.diff()
-
-    lg.bind(lambda: {"f": through()}, dict, lambda s, n: None, through=through)
-    lg.bind_state(diff, tr.restore)
+    ``seq[0]`` is kept at the next commit (the tracker is set once the state is loaded)."""
+    return Client(lambda: {"f": seq[0]}, through=lambda: seq[0])
 
 
 async def test_a_key_leaves_the_window_after_24_hours_in_memory_and_in_the_ledger(
@@ -62,13 +58,14 @@ async def test_a_key_leaves_the_window_after_24_hours_in_memory_and_in_the_ledge
     (a replay of it would be delivered again) and the second has not; the next commit deletes
     its row, and a restart does not bring it back."""
     state = tmp_path / "state"
-    lg = _ledger(state)
+    seq = [0]
+    client = _client(seq)
+    lg = _ledger(state, client)
     lg.open()
     clock = [float(T0)]
     tr = Tracker(lg.state, clock=lambda: clock[0])
     tr.frozen = False
-    seq = [0]
-    _bind(lg, tr, lambda: seq[0])
+    client.tracker = tr
 
     keys = []
     for guid, end in (("old", T0), ("recent", T0 + 2 * 3600), ("new", T0 + DAY)):
@@ -105,13 +102,14 @@ async def test_keys_of_a_kept_ledger_row_older_than_24_hours_are_not_loaded_back
     is 24 h old: a row's older keys outlive their 24 h in it. At the next start they are not
     loaded back into the window; the row's younger keys are."""
     state = tmp_path / "state"
-    lg = _ledger(state)
+    seq = [0]
+    client = _client(seq)
+    lg = _ledger(state, client)
     lg.open()
     clock = [float(T0)]
     tr = Tracker(lg.state, clock=lambda: clock[0])
     tr.frozen = False
-    seq = [0]
-    _bind(lg, tr, lambda: seq[0])
+    client.tracker = tr
     keys = []
     for guid, end in (("old", T0), ("recent", T0 + 2 * 3600)):  # one commit: one row
         clock[0] = end

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from cometstream.delivery.ledger import FILENAME, add_dead_letters_sync, connect
 from cometstream.dlq import DlqError, parse_duration
 from cometstream.simulator import Simulator
+from cometstream.store import FILENAME, DeadLetters, connect
 
 from .conftest import cli_env, make_config, run_cli, running, wait_until, write_config
 
@@ -44,11 +44,11 @@ def add(tmp_path: Path, rows: list[tuple[Any, ...]]) -> None:
     raw)."""
     path = spool_file(tmp_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = connect(path)
+    letters = DeadLetters(connect(path))
     try:
-        add_dead_letters_sync(db, rows)
+        letters.add_rows(rows)
     finally:
-        db.close()
+        letters.close()
 
 
 def dead(sink: str, seq: int, raw: bytes = RAW_JOB, *, age: float = 60.0, type_: int = 4201,

@@ -11,16 +11,20 @@ import time
 from pathlib import Path
 
 import orjson
+import pytest
+import structlog
 
 from cometstream.delivery.identity import job_event
 from cometstream.delivery.ledger import Ledger
 from cometstream.delivery.tracker import Tracker
+from cometstream.errors import LedgerError
 from cometstream.events import Event
 from cometstream.protocol import decode_frame
 from cometstream.simulator import Simulator
 from cometstream.sinks.file import FileSink
 
 from .conftest import run_cli, wait_until, write_config
+from .ledger_client import Client
 
 
 def _job(guid: str, end: int, *, extra: str = "") -> Event:
@@ -126,11 +130,12 @@ async def test_a_commit_writes_what_changed_not_the_window(tmp_path: Path) -> No
     to the WAL, not the window; the window, jobs and watermark read back at the next open."""
     state = tmp_path / "state"
 
-    def ledger() -> Ledger:
+    def ledger(client: Client | None = None) -> Ledger:
         return Ledger(state, ["f"], server="s", max_bytes=1 << 30, max_age=86400,
-                      fsync_interval=1.0)
+                      fsync_interval=1.0, client=client)
 
-    lg = ledger()
+    client = Client({"f": 0}, through=0)
+    lg = ledger(client)
     lg.open()
     tr = Tracker(lg.state)
     tr.frozen = False
@@ -138,8 +143,7 @@ async def test_a_commit_writes_what_changed_not_the_window(tmp_path: Path) -> No
     for i in range(200_000):
         tr.dedup.acked(f"4201:old{i}:{now - 3600}", now - 3600)
     tr.set_running("r1", "u", now - 10)
-    lg.bind(lambda: {"f": 0}, dict, lambda s, n: None, through=lambda: 0)
-    lg.bind_state(lambda upto: (tr.settle(upto, live_until=None), tr.diff())[1], tr.restore)
+    client.tracker = tr
     await lg.commit()
     wal = Path(f"{lg.path}-wal")
     db = sqlite3.connect(lg.path)
@@ -151,7 +155,7 @@ async def test_a_commit_writes_what_changed_not_the_window(tmp_path: Path) -> No
         ev = _job(f"new{i}", now)
         fp, ts, act = job_event(ev)
         tr.published_job(seq, fp, ts, act)  # type: ignore[arg-type]
-    lg.bind(lambda: {"f": seq}, dict, lambda s, n: None, through=lambda: seq)
+    client.cursor_values, client.through = {"f": seq}, seq
     await lg.commit()
     frames = (wal.stat().st_size - 32) // (4096 + 24)
     assert 0 < frames <= 24, frames  # the window is 200,000 rows in ~1,000 pages
@@ -272,12 +276,12 @@ async def test_recovery_keeps_its_start_position_and_idle_commits_write_nothing(
     assert sink.position()[1] == path.stat().st_size
     await sink.aclose()
 
+    client = Client({"f": 0}, through=0)
     lg = Ledger(tmp_path / "state", ["f"], server="s", max_bytes=1 << 20, max_age=3600,
-                fsync_interval=1.0)
+                fsync_interval=1.0, client=client)
     lg.open()
     tr = Tracker(lg.state)
-    lg.bind(lambda: {"f": 0}, dict, lambda s, n: None, through=lambda: 0)
-    lg.bind_state(lambda upto: (tr.settle(upto, live_until=None), tr.diff())[1], tr.restore)
+    client.tracker = tr
     await lg.commit()
     first = lg.commits
     for _ in range(3):
@@ -286,4 +290,71 @@ async def test_recovery_keeps_its_start_position_and_idle_commits_write_nothing(
     tr.set_running("j", "u", 5)
     await lg.commit()
     assert lg.commits == first + 1
+    await lg.close()
+
+
+class _Broken(Client):
+    """A client with a bug: asking for the cursors raises until ``fixed``."""
+
+    fixed = False
+
+    def cursors(self) -> dict[str, int]:
+        if not self.fixed:
+            raise RuntimeError("a bug in the cursors")
+        return super().cursors()
+
+
+async def test_an_unexpected_commit_failure_fails_the_waiters_and_is_logged_once(
+        tmp_path: Path) -> None:
+    """A commit that fails on something other than the disk (a bug) is logged once with its
+    traceback, counts as a failing ledger (what /readyz reads), and the read loop waiting for
+    room gets the error instead of waiting for ever; once commits work again, room comes."""
+    client = _Broken({"f": 0})
+    lg = Ledger(tmp_path / "state", ["f"], server="s", max_bytes=1 << 30, max_age=86400,
+                fsync_interval=0.01, client=client)
+    lg.open()
+    seq = 0
+    while not lg.full:
+        seq += 1
+        ev = _job(f"g{seq}", seq)
+        ev.seq = seq
+        lg.append(ev)
+    with structlog.testing.capture_logs() as logs:
+        runner = asyncio.create_task(lg.run())
+        with pytest.raises(LedgerError, match="a bug in the cursors"):
+            await asyncio.wait_for(lg.wait_for_room(), 10)
+        with pytest.raises(LedgerError):
+            await asyncio.wait_for(lg.wait_for_room(), 10)  # the next attempt fails it again
+    assert lg.write_errors >= 2 and "RuntimeError: a bug in the cursors" in lg.last_error
+    assert lg.failing_since > 0
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert len(errors) == 1 and errors[0]["event"].startswith("ledger commit failed"), errors
+    assert isinstance(errors[0]["exc_info"], RuntimeError)
+    client.fixed = True
+    await asyncio.wait_for(lg.wait_for_room(), 10)
+    assert not lg.full and lg.last_error == "" and lg.failing_since == 0.0
+    lg.stop()
+    await asyncio.wait_for(runner, 10)
+    await lg.close()
+
+
+async def test_a_dead_commit_loop_fails_whatever_waits_for_room(tmp_path: Path) -> None:
+    """Once the commit loop is gone (cancelled), waiting for room raises at once rather than
+    waiting for a commit that will never come."""
+    lg = Ledger(tmp_path / "state", ["f"], server="s", max_bytes=1 << 30, max_age=86400,
+                fsync_interval=60.0, client=Client({"f": 0}))
+    lg.open()
+    seq = 0
+    while not lg.full:
+        seq += 1
+        ev = _job(f"g{seq}", seq)
+        ev.seq = seq
+        lg.append(ev)
+    runner = asyncio.create_task(lg.run())
+    await asyncio.sleep(0)
+    runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    with pytest.raises(LedgerError, match="commit loop stopped"):
+        await asyncio.wait_for(lg.wait_for_room(), 10)
     await lg.close()

@@ -40,6 +40,7 @@ from cometstream.simulator import Simulator
 
 from .conftest import PASSWORD, USER, cli_env, make_config, run_cli, running, toml_str, wait_until
 from .kafka_broker import Broker
+from .ledger_client import Client
 from .test_spool import Hook, _fast
 
 KIB = 1024
@@ -61,12 +62,11 @@ async def _spooled(state: Path, server: str, cursors: dict[str, int],
     """A ledger in ``state`` as a daemon for ``server`` leaves it: ``events`` committed (seq 1..)
     with each sink's cursor."""
     lg = Ledger(state, list(cursors), server=server, max_bytes=1 << 30, max_age=365 * 86400,
-                fsync_interval=1.0)
+                fsync_interval=1.0, client=Client(cursors))
     lg.open()
     for seq, ev in enumerate(events, 1):
         ev.seq = seq
         lg.append(ev)
-    lg.bind(lambda: dict(cursors), dict, lambda sink, n: None)
     await lg.commit()
     await lg.close()
 

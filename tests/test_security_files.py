@@ -35,16 +35,19 @@ from aiohttp import web
 from cometstream import daemon as daemon_mod
 from cometstream.api import AdminClient
 from cometstream.delivery import ledger as ledger_mod
-from cometstream.delivery.ledger import Ledger, StateLock
+from cometstream.delivery.ledger import Ledger
 from cometstream.errors import ApiError, SinkError
 from cometstream.events import Event
 from cometstream.pipeline import DeadLetters
 from cometstream.protocol import decode_frame
 from cometstream.simulator import Simulator
 from cometstream.sinks.file import FileSink
+from cometstream.store import StateLock, migrate, schema
+from cometstream.store import store as store_mod
 from cometstream.tap import TapServer, socket_path
 
 from .conftest import make_config, running, wait_until, write_config
+from .ledger_client import Client
 from .peers import serve_app
 from .test_dlq import URL, add, dead, sinks_toml
 from .test_dlq import dlq as run_dlq
@@ -93,9 +96,10 @@ def _event(i: int, size: int, type_: int = 4100) -> Event:
     return ev
 
 
-def _ledger(directory: Path, sinks: list[str] | None = None) -> Ledger:
+def _ledger(directory: Path, sinks: list[str] | None = None,
+            client: Client | None = None) -> Ledger:
     return Ledger(directory, sinks or ["a"], server="s", max_bytes=1 << 30, max_age=86400,
-                  fsync_interval=0.05)
+                  fsync_interval=0.05, client=client)
 
 
 def _mode(path: Path | str) -> int:
@@ -118,9 +122,8 @@ async def test_a_full_disk_reports_the_real_error_not_a_failed_rollback(tmpfs: P
     dead letters, commits and the tools' deletes say what is wrong. Once space is back, the
     ledger commits again."""
     state = tmpfs / "state"
-    lg = _ledger(state)
+    lg = _ledger(state, client=Client({"a": 0}))
     lg.open()
-    lg.bind(lambda: {"a": 0}, dict, lambda s, n: None)
     filler = _fill(tmpfs)
     with pytest.raises(sqlite3.Error) as info:
         await lg.add_dead_letters("a", [_event(i, 64 * KIB) for i in range(1, 40)], "refused")
@@ -232,9 +235,8 @@ async def test_chunks_and_reads_from_disk_are_bounded_in_bytes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A commit of large events writes chunks of 4 MiB at most (not 256 events of them, 64 MB
     a row), and a lagging sink reads back 16 MiB at most at a time (here: 1 MiB)."""
-    lg = _ledger(tmp_path / "state")
+    lg = _ledger(tmp_path / "state", client=Client({"a": 0}))
     lg.open()
-    lg.bind(lambda: {"a": 0}, dict, lambda s, n: None)
     for i in range(1, 101):
         lg.append(_event(i, 256 * KIB))
     await lg.commit()
@@ -245,7 +247,7 @@ async def test_chunks_and_reads_from_disk_are_bounded_in_bytes(
     finally:
         db.close()
     assert max(rows) <= 4 * MIB, rows
-    monkeypatch.setattr(ledger_mod, "READ_MAX_BYTES", 1 * MIB)
+    monkeypatch.setattr(store_mod, "READ_MAX_BYTES", 1 * MIB)
     got = await lg.read(1, 1024, "s", "a")
     assert 1 <= len(got) <= 4 and got[0].seq == 1, len(got)
     await lg.close()
@@ -315,9 +317,8 @@ async def test_every_state_file_is_private_whatever_the_umask(tmp_path: Path) ->
         lock = StateLock(state)
         state.mkdir(mode=0o750)
         lock.acquire()
-        lg = _ledger(state)
+        lg = _ledger(state, client=Client({"a": 0}))
         lg.open()
-        lg.bind(lambda: {"a": 0}, dict, lambda s, n: None)
         lg.append(_event(1, 100))
         await lg.commit()
         for name in ("ledger.db", "ledger.db-wal", "ledger.db-shm", "daemon.lock"):
@@ -481,14 +482,14 @@ def test_the_migration_builds_the_ledger_in_a_private_directory(tmp_path: Path) 
     state = tmp_path / "state"
     state.mkdir()
     old = sqlite3.connect(state / "spool.db")
-    old.executescript(ledger_mod._SCHEMA)
+    old.executescript(schema.SCHEMA)
     old.execute("INSERT INTO meta VALUES ('format', '2')")
     old.commit()
     old.close()
     victim = tmp_path / "victim"
     os.symlink(victim, state / "ledger.db.migrating")
     with _umask(0):
-        assert ledger_mod.migrate(state, "s")
+        assert migrate(state, "s")
     assert not victim.exists()
     assert _mode(state / "ledger.db") == 0o600
     assert not list(state.glob("ledger.db.migrating*"))

@@ -32,15 +32,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from cometstream.constants import SEVT_NAMES
 from cometstream.daemon import build_sink
-from cometstream.delivery import ledger as ledger_mod
 from cometstream.delivery.ledger import Ledger
 from cometstream.events import Event
 from cometstream.observe import logging as obslog
 from cometstream.observe.logging import MASK
 from cometstream.protocol import decode_frame
 from cometstream.simulator import Simulator
+from cometstream.store import plan as plan_mod
 
 from .conftest import PASSWORD, USER, make_config, run_cli, running, toml_str, wait_until
+from .ledger_client import Client
 
 KIB = 1024
 MIB = 1024 * 1024
@@ -439,13 +440,12 @@ async def test_a_ledger_transaction_holds_32_mib_of_events_at_most(
     tests do), 40 events of 100 KiB waiting for the disk are committed in 4 transactions of 10,
     each within the bound, never in one. (The ledger directly: the bound is the ledger's, and
     a daemon's commits cannot be counted from outside.)"""
-    assert ledger_mod._COMMIT_MAX_BYTES == 32 * MIB
+    assert plan_mod.COMMIT_MAX_BYTES == 32 * MIB
     budget = 1 * MIB
-    monkeypatch.setattr(ledger_mod, "_COMMIT_MAX_BYTES", budget)
+    monkeypatch.setattr(plan_mod, "COMMIT_MAX_BYTES", budget)
     lg = Ledger(tmp_path / "state", ["a"], server="s", max_bytes=1 << 30, max_age=86400,
-                fsync_interval=0.05)
+                fsync_interval=0.05, client=Client({"a": 0}))  # a sink that has read nothing yet
     lg.open()
-    lg.bind(lambda: {"a": 0}, dict, lambda s, n: None)  # a sink that has read nothing yet
     events = [_event(i, 100 * KIB) for i in range(1, 41)]
     size = len(events[0].raw)
     assert all(len(ev.raw) == size for ev in events)

@@ -282,8 +282,9 @@ async def test_events_read_back_from_disk_keep_their_dedup_keys_and_a_format_1_s
     import shutil
 
     from cometstream.delivery.identity import job_event
-    from cometstream.delivery.ledger import Ledger, _transaction, _upgrade, connect
+    from cometstream.delivery.ledger import Ledger
     from cometstream.protocol import decode_frame
+    from cometstream.store.schema import connect, transaction, upgrade
 
     def job(i: int) -> Any:
         ev = decode_frame(orjson.dumps({"Type": 4201, "Data": {"GUID": f"g{i}", "EndTime": i}}),
@@ -347,8 +348,8 @@ async def test_events_read_back_from_disk_keep_their_dedup_keys_and_a_format_1_s
                      "UPDATE meta SET value = '2' WHERE key = 'format';")
     db.close()
     first, second = connect(_spool(tmp_path), check=False), connect(_spool(tmp_path), check=False)
-    _transaction(first, lambda: _upgrade(first))
-    _transaction(second, lambda: _upgrade(second))
+    transaction(first, lambda: upgrade(first))
+    transaction(second, lambda: upgrade(second))
     first.close()
     second.close()
     assert sqlite3.connect(_spool(tmp_path)).execute(

@@ -149,11 +149,11 @@ def job_event(ev: Event) -> tuple[int | None, int, Action]:
     ts = timestamp(doc, ev)
     if ev.type == JOB_COMPLETED:
         end = data.get("EndTime")
-        key = ev._key = f"{JOB_COMPLETED}:{guid}:{end if type(end) is int else 0}"
+        key = ev.key = f"{JOB_COMPLETED}:{guid}:{end if type(end) is int else 0}"
         return fingerprint(key), ts, ("job_done", guid)
     user = data.get("Username")
     start = data.get("StartTime")
-    key = ev._key = f"{JOB_NEW}:{guid}"
+    key = ev.key = f"{JOB_NEW}:{guid}"
     return fingerprint(key), ts, ("job_new", guid, user if type(user) is str else "",
                                   start if type(start) is int
                                   and _INT64_MIN <= start <= _INT64_MAX else 0)
@@ -213,7 +213,7 @@ def _identity(type_: int, doc: dict[str, Any], raw: bytes) -> str:
 
 def event_identity(ev: Event) -> str:
     """How an event is recognised again (see the module docstring): from its bytes as written."""
-    key = ev._key
+    key = ev.key
     if key:
         return key
     doc = parse_raw(ev.raw) if ev.type in _PARSED else {}

@@ -201,10 +201,6 @@ class Pipeline:
         """The highest seq such that every route has finished with every event up to it."""
         return self.buffer.delivered_through(self.routes, self.seq)
 
-    @property
-    def failing_sinks(self) -> list[str]:
-        return [r.name for r in self.routes if r.stats.failing]
-
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
         for route in self.routes:

@@ -1,5 +1,5 @@
 """Reading ``checkpoint.json``, the delivery state of versions before the ledger, once, to
-migrate it (:func:`~.ledger.migrate`).
+migrate it (:func:`~.migrate.migrate`).
 
 Format 2: ``{"version": 2, "server", "watermark", "server_start_hash", "running_jobs": {GUID:
 [Username, StartTime]}, "accounts": {username: [digest, CreationGUID]}, "devices": {id: owner},
@@ -24,8 +24,9 @@ from typing import Any, Final
 import orjson
 import structlog
 
-from .identity import fingerprint
-from .state import State
+from ..delivery.identity import fingerprint
+from ..delivery.state import State
+from ..errors import CheckpointUnreadable
 
 __all__ = ["read_checkpoint"]
 
@@ -34,19 +35,13 @@ log = structlog.get_logger("cometstream.ledger")
 READABLE_VERSIONS: Final = (1, 2)
 
 
-class _Unreadable(ValueError):
-    def __init__(self, why: str, detail: str) -> None:
-        super().__init__(detail)
-        self.why = why
-
-
 def read_checkpoint(path: Path, server: str) -> State | None:
     """The state in a checkpoint file, or None if it had to be moved aside. OSError if it
     cannot be read at all (the migration then fails and leaves it as it is)."""
     blob = path.read_bytes()
     try:
         return parse_checkpoint(blob, server)
-    except _Unreadable as exc:
+    except CheckpointUnreadable as exc:
         _move_aside(path, exc.why, str(exc))
     except (ValueError, TypeError) as exc:
         _move_aside(path, "corrupt", str(exc))
@@ -59,11 +54,11 @@ def parse_checkpoint(blob: bytes, server: str) -> State:
         raise ValueError("not a JSON object")
     version = doc.get("version")
     if version not in READABLE_VERSIONS:
-        raise _Unreadable("foreign", f"format version {version!r}, this cometstream reads "
+        raise CheckpointUnreadable("foreign", f"format version {version!r}, this cometstream reads "
                           f"{READABLE_VERSIONS[-1]}")
     owner = _typed(doc, "server", str, "")
     if owner and owner != server:
-        raise _Unreadable("foreign", f"written for server {owner!r}, this is {server!r}")
+        raise CheckpointUnreadable("foreign", f"written for server {owner!r}, this is {server!r}")
     st = State(
         watermark=_typed(doc, "watermark", int, 0),
         server_start_hash=_typed(doc, "server_start_hash", str, ""),
