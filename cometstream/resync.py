@@ -36,7 +36,7 @@ from typing import Any, Final, TypeVar
 import orjson
 import structlog
 
-from .api import JOBS_PATH, USERS_PATH, AdminClient, ResponseTooLarge
+from .api import JOBS_PATH, USERS_PATH, AdminClient
 from .constants import SEVT
 from .delivery.identity import (
     ACCOUNT_NEW,
@@ -52,7 +52,7 @@ from .delivery.identity import (
     fingerprint,
 )
 from .delivery.tracker import Tracker
-from .errors import ApiError
+from .errors import ApiError, ResponseTooLarge
 from .events import Event, dump_json
 from .redact import Redactor
 

@@ -14,7 +14,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from cometstream.api import AdminClient, ApiAuthError, TotpRequired, api_base_url
+from cometstream.api import AdminClient, api_base_url
+from cometstream.errors import ApiAuthError, TotpRequired
 from cometstream.errors import ApiError
 from cometstream.protocol import totp_code
 
