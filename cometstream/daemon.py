@@ -12,7 +12,9 @@ watermark stays frozen before the gap. The ledger commits every ``fsync_interval
 some sink still needs, the cursors, and the delivery state they make true, in one transaction.
 
 Shutdown order: stop reading, release held events, let the sinks drain within
-``shutdown.timeout``, close the sinks, commit the ledger. The return value is the exit code.
+``shutdown.timeout``, close the sinks, commit the ledger. ``run`` returns on a clean stop and
+raises what stopped the supervisor otherwise (:class:`CredentialsRejected` on the first login);
+the CLI turns that into an exit code.
 """
 
 from __future__ import annotations
@@ -53,11 +55,8 @@ from .sinks import Sink, resolve_sink_class
 from .stream import Supervisor, make_ssl_context
 from .tap import TapServer, socket_path
 
-__all__ = ["EXIT_CREDENTIALS", "EXIT_FATAL", "EXIT_OK", "Daemon", "build_sink"]
+__all__ = ["Daemon", "build_sink"]
 
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_CREDENTIALS = 3
 #: how often systemd's STATUS= is refreshed while connected
 STATUS_INTERVAL: Final = 5.0
 #: /readyz says 503 once the ledger's commits have failed this long (seconds)
@@ -544,9 +543,10 @@ class Daemon:
             raise task.exception()  # type: ignore[misc]
 
     async def run(self, stop: asyncio.Event,
-                  started: Callable[[], None] | None = None) -> int:
+                  started: Callable[[], None] | None = None) -> None:
         """Until ``stop`` is set (or the credentials are rejected); ``started`` is called once
-        the state is loaded and the HTTP endpoints listen."""
+        the state is loaded and the HTTP endpoints listen. Raises, after the shutdown, what
+        stopped the supervisor (:class:`CredentialsRejected` on the first login)."""
         cfg = self.cfg
         self._load_state()
         await self._start_http()
@@ -565,17 +565,14 @@ class Daemon:
         if self.fleet is not None:
             self.fleet.start()
         self.notifier.ready()
-        code = EXIT_OK
+        failure: BaseException | None = None
         try:
             await asyncio.wait({sup, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if sup.done():
-                exc = sup.exception()
-                if isinstance(exc, CredentialsRejected):
-                    code = EXIT_CREDENTIALS
-                elif exc is not None:
-                    log.error("stream supervisor failed", error=f"{exc.__class__.__name__}: {exc}",
-                              exc_info=exc)
-                    code = EXIT_FATAL
+                failure = sup.exception()
+                if failure is not None and not isinstance(failure, CredentialsRejected):
+                    log.error("stream supervisor failed",
+                              error=f"{failure.__class__.__name__}: {failure}")
             else:
                 log.info("stopping", reason=self.stop_reason, drain_timeout=cfg.shutdown_timeout,
                          hint="a second SIGTERM or Ctrl-C stops without waiting for the sinks")
@@ -616,4 +613,5 @@ class Daemon:
             log.info("stopped", delivered={r.name: r.stats.delivered for r in self.pipeline.routes},
                      complete=complete)
             self.notifier.close()
-        return code
+        if failure is not None:
+            raise failure

@@ -97,9 +97,10 @@ class RunningDaemon:
     def sink_stats(self, name: str) -> Any:
         return self.daemon.metrics.sinks[name]
 
-    async def stopped(self, timeout: float = 10.0) -> int:
+    async def stopped(self, timeout: float = 10.0) -> None:
+        """Stop the daemon and wait for it; raises what stopped it if that was not ``stop``."""
         self.stop.set()
-        return await asyncio.wait_for(self.task, timeout)
+        await asyncio.wait_for(self.task, timeout)
 
 
 @asynccontextmanager

@@ -116,7 +116,7 @@ async def fleet_daemon(sim: Simulator, tmp_path: Path, clock: Clock, *,
         yield running
     finally:
         stop.set()
-        assert await asyncio.wait_for(task, 15) == 0
+        await asyncio.wait_for(task, 15)  # a clean stop: it raises otherwise
 
 
 def parse(text: str, prefix: str = "cometserver_") -> Figures:
