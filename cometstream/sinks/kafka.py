@@ -494,25 +494,17 @@ def _password(options: Section) -> str:
     if env is not None:
         return env
     inline = options.opt_str("sasl_password", secret=True)
-    path = options.path("sasl_password_file")
-    if inline is not None and path is not None:
+    if inline is not None and options.path("sasl_password_file") is not None:
         raise options.error("sasl_password_file", "set either sasl_password or sasl_password_file")
     if inline is not None:
         return inline
-    if path is None:
+    from ..config import read_secret_file  # (the one rule: tap/dlq list, line breaks, errors)
+
+    secret = read_secret_file(options, "sasl_password_file")
+    if secret is None:
         raise options.error("sasl_password", "is required for SASL (or sasl_password_file, or "
                             "COMETSTREAM_KAFKA_PASSWORD)")
-    from ..section import note_secret, secret_files_wanted
-
-    if not secret_files_wanted():  # cometstream tap / dlq list: not needed, not read
-        return "-"
-    note_secret(options.key("sasl_password_file"), path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise options.error("sasl_password_file", f"cannot read {path}: "
-                            f"{exc.strerror or exc}") from None
-    return text[:-1] if text.endswith("\n") else text
+    return secret.reveal()
 
 
 async def _stop_quietly(producer: Any) -> None:
