@@ -35,6 +35,7 @@ from .backoff import Backoff
 from .config import ServerConfig
 from .errors import ApiAuthError, ApiError, ResponseTooLarge, TotpRequired
 from .observe.logging import register_secret
+from .runtime import gc_paused
 
 __all__ = ["JOBS_PATH", "USERS_PATH", "AdminClient", "api_base_url"]
 
@@ -258,7 +259,8 @@ class AdminClient:
         parsed = False
         if body[:1] in (b"{", b"[", b"n", b'"') or "json" in ctype:
             try:
-                data = orjson.loads(body)
+                with gc_paused():  # (an answer may be a million objects: nothing to collect)
+                    data = orjson.loads(body)
                 parsed = True
             except orjson.JSONDecodeError:
                 # orjson refuses numbers beyond a double (valid JSON): the stdlib takes them
