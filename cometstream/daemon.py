@@ -39,7 +39,8 @@ from .config import parse_listen
 from .delivery.gate import Gate
 from .delivery.ledger import Ledger, LedgerError, StateDiff, StateLock
 from .delivery.tracker import Tracker
-from .errors import ApiError, ConfigError, CredentialsRejected
+from ._tasks import supervise
+from .errors import ApiError, ConfigError, CredentialsRejected, TaskDied
 from .events import Event
 from .fleet import Fleet
 from .observe.http import HttpServer
@@ -159,6 +160,8 @@ class Daemon:
         #: and why the latest failed: /readyz (their count is ``metrics.stream.resync_failures``)
         self._resync_failing_since = 0.0
         self._resync_last_error = ""
+        #: background tasks that died of a bug, by name: why (/readyz; cometstream._tasks)
+        self.dead_tasks: dict[str, str] = {}
 
     def server_time(self) -> float:
         """The server's clock: ours plus the offset its HELLO's CurrentTime showed."""
@@ -221,14 +224,19 @@ class Daemon:
         self.gate.hold()
         if self._resync_task is not None:
             self._resync_task.cancel()
-        self._resync_task = asyncio.ensure_future(self._resync_loop(data))
-        self._resync_task.add_done_callback(self._resync_ended)
+        self.dead_tasks.pop("resync", None)  # (a new sync: the last one's death is history)
+        self._resync_task = supervise(asyncio.ensure_future(self._resync_loop(data)), "resync",
+                                      self._resync_died)
 
-    def _resync_ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
-        # a bug, not an API failure (those are retried inside): never leave events held
-        log.error("resync task failed", error=repr(task.exception()), exc_info=task.exception())
+    def _resync_died(self, died: TaskDied) -> None:
+        """The sync's task died of a bug (API failures are retried inside it; the death is
+        logged by ``supervise``): a failed run on the metrics, a reason on /readyz, and the
+        events it held are let go. The watermark stays frozen before the gap until a sync
+        succeeds (the next HELLO starts one)."""
+        stats = self.metrics.stream
+        stats.resync_started = 0.0
+        stats.resync_runs["error"] += 1
+        self.dead_tasks[died.task] = str(died)
         if self.gate.holding:
             self.gate.start_release()
 
@@ -410,8 +418,8 @@ class Daemon:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def not_ready_reasons(self) -> list[str]:
-        """Why /readyz says 503: not logged in to the stream, a sink failing, or remedial syncs
-        failing or past their deadline (:meth:`_resync_reasons`). The details
+        """Why /readyz says 503: not logged in to the stream, a sink failing, remedial syncs
+        failing or past their deadline (:meth:`_resync_reasons`), or a background task dead. The details
         hold what the server or a receiver answered: masked like the logs (``scrub``)."""
         reasons = []
         if not self.supervisor.connected:
@@ -431,6 +439,10 @@ class Daemon:
                            f"{time.monotonic() - ledger.failing_since:.0f} s: "
                            f"{scrub(ledger.last_error)}")
         reasons.extend(self._resync_reasons())
+        dead = dict(self.dead_tasks)
+        if self.fleet is not None:
+            dead.update(self.fleet.dead_tasks)
+        reasons.extend(scrub(why) for why in dead.values())
         return reasons
 
     def _resync_reasons(self) -> list[str]:

@@ -19,6 +19,8 @@ instead of matching strings::
     ├── TapUnavailable               yes  (no daemon answers on the tap socket: exit 1)
     ├── TapRefused                   no   (the daemon refused the tap request: exit 2)
     ├── TapBadRequest                no   (the daemon's side: a request it refuses)
+    ├── TaskDied(task)               no   (a background task ended on an unexpected error;
+    │                                      handed to what waited on it)
     └── DuplicateKey                 no   (a JSON object gives a key twice: redaction's
                                            parser hook, never outside it)
 
@@ -43,6 +45,7 @@ __all__ = [
     "TapBadRequest",
     "TapRefused",
     "TapUnavailable",
+    "TaskDied",
     "TotpRequired",
     "UsageError",
 ]
@@ -193,3 +196,13 @@ class DuplicateKey(CometStreamError):
 
     def __init__(self, message: str = "a JSON object gives a key twice") -> None:
         super().__init__(message, retryable=False)
+
+
+class TaskDied(CometStreamError):
+    """A background task (``task``: its name) ended on an error nothing inside it expected: a
+    bug. Handed to whatever waited on the task (``__cause__``: the error itself)."""
+
+    def __init__(self, task: str, error: BaseException) -> None:
+        self.task = task
+        super().__init__(f"background task {task} died: {error.__class__.__name__}: {error}",
+                         retryable=False)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from cometstream.simulator import Simulator
 
@@ -729,6 +730,44 @@ async def test_live_events_held_during_a_slow_resync_come_after_it_without_repea
     first_live = events.index((NEW, guid, "stream"))
     assert {e[2] for e in events[:first_live]} == {"resync"}  # the gap came first
     assert events[-1] == (NEW, after["Data"]["GUID"], "stream")
+
+
+async def test_a_sync_that_dies_of_a_bug_lets_the_held_events_go_and_says_so(
+        sim: Simulator, tmp_path: Path) -> None:
+    """A sync whose task dies of an unexpected error (not an API failure: those are retried)
+    is logged once with its traceback, counted as a failed run, named on /readyz, and the
+    live events it held are delivered rather than held for ever; the next sync clears it."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path, resync={"hold_timeout": 60.0})) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        stats = d.daemon.metrics.stream
+        histogram = stats.resync_duration
+
+        class Broken:
+            def observe(self, _value: float) -> None:
+                raise RuntimeError("a bug after the sync")
+
+        stats.resync_duration = Broken()
+        await _open_gap(sim, d)
+        sim.faults.api_delay = 0.3
+        with structlog.testing.capture_logs() as logs:
+            sim.faults.reject_logins = False
+            await wait_until(lambda: d.daemon.gate.holding, timeout=10, what="holding")
+            live = sim.world.start_job()
+            sim.emit(live)
+            await wait_until(lambda: stats.resync_runs["error"] == 1, timeout=10, what="death")
+            await wait_until(lambda: any(e["event"].get("ResourceID") == live["Data"]["GUID"]
+                                         for e in _lines(path)), what="held event delivered")
+        died = [e for e in logs if e["event"] == "background task died"]
+        assert [(e["task"], e["log_level"]) for e in died] == [("resync", "error")]
+        assert isinstance(died[0]["exc_info"], RuntimeError)
+        assert any("background task resync died: RuntimeError" in r
+                   for r in d.daemon.not_ready_reasons())
+        stats.resync_duration = histogram
+        sim.faults.api_delay = 0.0
+        await sim.drop_clients()
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="the next sync")
+        assert not any("background task" in r for r in d.daemon.not_ready_reasons())
 
 
 async def test_a_daemon_clock_ten_minutes_ahead_loses_nothing(sim: Simulator,
