@@ -53,8 +53,6 @@ EXIT_OK = 0
 EXIT_FATAL = 1
 EXIT_USAGE = 2
 EXIT_CREDENTIALS = 3
-#: seconds a thread may hold the GIL while another waits for it (default 0.005): see _tune_runtime
-SWITCH_INTERVAL = 0.0005
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo password & more = fun"  # exercises form/frame escaping on purpose
 DEMO_LISTEN = "127.0.0.1:9780"
@@ -167,29 +165,16 @@ def _rate(text: str) -> float:
     return value
 
 
-def _tune_runtime() -> None:
-    """Two interpreter settings for a process that handles a hundred thousand small objects a
-    second with a writer thread or two beside the event loop.
+def _run_daemon(coro: Coroutine[Any, Any, int]) -> int:
+    """``run`` and ``demo``: the daemon's interpreter settings (:mod:`cometstream.runtime`, their
+    one owner), then the event loop."""
+    from .runtime import tune_for_daemon
 
-    - The cyclic garbage collector: every event allocates a few dicts, and queued events keep many
-      alive; with the default thresholds the collector runs every 700 allocations and, in older
-      generations, walks all of them (a third of the daemon's time at 100k events/s). Our objects
-      are freed by reference counting: collect cycles less often, and never scan what start-up
-      created.
-    - The GIL switch interval: a sink's writer thread that finished a write waits for the GIL
-      until the busy event loop gives it up, 5 ms by default. Meanwhile the loop reads on and the
-      sink's queue grows (peak RSS in a burst: 85-105 MB). At 0.5 ms the queue stays about a
-      third as long (65-70 MB) and the throughput is the same (``benchmarks/throughput.py``)."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-    sys.setswitchinterval(SWITCH_INTERVAL)
+    tune_for_daemon()
+    return _run_async(coro)
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
-    _tune_runtime()
     try:
         import uvloop
     except ImportError:
@@ -290,7 +275,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _warn_exposed(cfg, logged=True)
     try:
-        return _run_async(_serve(Daemon(cfg)))
+        return _run_daemon(_serve(Daemon(cfg)))
     except CredentialsRejected as exc:
         raise CredentialsRejected(f"login rejected by {cfg.server.name} for user "
                                   f"{cfg.server.username!r} ({_login_what(cfg)}): check them",
@@ -620,7 +605,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         finally:
             await sim.stop()
 
-    return _run_async(go())
+    return _run_daemon(go())
 
 
 def _demo_config(url: str, state_dir: str, listen: str) -> Config:
