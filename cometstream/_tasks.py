@@ -50,7 +50,7 @@ def supervise(task: _T, name: str, on_death: Callable[[TaskDied], None] | None =
         died.__cause__ = exc
         try:
             on_death(died)
-        except Exception:  # noqa: BLE001 - the rule's own failure: said, never lost
+        except Exception:  # the rule's own failure: said, never lost
             log.exception("background task death not handled", task=name)
 
     task.add_done_callback(ended)

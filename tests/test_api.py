@@ -15,8 +15,7 @@ import pytest
 from aiohttp import web
 
 from cometstream.api import AdminClient, api_base_url
-from cometstream.errors import ApiAuthError, TotpRequired
-from cometstream.errors import ApiError
+from cometstream.errors import ApiAuthError, ApiError, TotpRequired
 from cometstream.protocol import totp_code
 
 from .conftest import PASSWORD, USER, make_config
