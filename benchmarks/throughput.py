@@ -29,6 +29,9 @@ line written). Then a paced run: the daemon with a file sink, the sender at 1,00
 delivery latency of each event is (acknowledged by the file sink) - (written by the sender), on
 the machine's monotonic clock, shared by both processes.
 
+``BENCH_TUNING=none|gc|switch`` runs the daemon receivers without (some of) the interpreter
+settings ``cometstream run`` applies (``cometstream.runtime``; default ``all``).
+
 No timing is asserted anywhere: on a shared 2-core machine the figures are noisy. Compare the
 ratios within one run, and take the best of ``--repeat`` runs.
 """
@@ -300,9 +303,14 @@ RECEIVERS = {
 def receive(kind: str, url: str, n: int, result: Path, extra: dict[str, str]) -> None:
     _quiet()
     if kind.startswith("daemon") or kind == "read-loop":
-        from cometstream.cli import _tune_runtime
+        from cometstream import runtime
 
-        _tune_runtime()  # as `cometstream run` does
+        # as `cometstream run` does; BENCH_TUNING=none|gc|switch measures without (some of) it
+        tuning = os.environ.get("BENCH_TUNING", "all")
+        if tuning in ("all", "gc"):
+            runtime.tune_gc()
+        if tuning in ("all", "switch"):
+            runtime.tune_switch_interval()
     fn, variant, _label = RECEIVERS[kind]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "out.jsonl").touch()

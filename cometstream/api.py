@@ -33,11 +33,11 @@ import structlog
 
 from .backoff import Backoff
 from .config import ServerConfig
-from .errors import ApiError
+from .errors import ApiAuthError, ApiError, ResponseTooLarge, TotpRequired
 from .observe.logging import register_secret
+from .runtime import gc_paused
 
-__all__ = ["JOBS_PATH", "USERS_PATH", "AdminClient", "ApiAuthError", "ResponseTooLarge", "TotpRequired",
-           "api_base_url"]
+__all__ = ["JOBS_PATH", "USERS_PATH", "AdminClient", "api_base_url"]
 
 log = structlog.get_logger("cometstream.api")
 
@@ -51,25 +51,6 @@ MAX_JOBS_RESPONSE_BYTES: Final = 128 * 1024 * 1024
 JOBS_PATH: Final = "admin/get-jobs-for-date-range"
 USERS_PATH: Final = "admin/list-users-full"
 _PREFIX: Final = "/api/v1/"
-
-
-class ApiAuthError(ApiError):
-    """The API refused the credentials (wrong password, no admin rights, expired session)."""
-
-    def __init__(self, message: str, *, status: int = 403) -> None:
-        super().__init__(message, status=status, retryable=False)
-
-
-class ResponseTooLarge(ApiError):
-    """An answer larger than the client reads (not retried: asking again gets the same)."""
-
-    def __init__(self, message: str, *, status: int, limit: int) -> None:
-        super().__init__(message, status=status, retryable=False)
-        self.limit = limit
-
-
-class TotpRequired(ApiAuthError):
-    """The account needs a TOTP code (``ERR_TOTP_REQUIRED``): set auth_type = "PasswordTOTP"."""
 
 
 def api_base_url(url: str) -> str:
@@ -278,7 +259,8 @@ class AdminClient:
         parsed = False
         if body[:1] in (b"{", b"[", b"n", b'"') or "json" in ctype:
             try:
-                data = orjson.loads(body)
+                with gc_paused():  # (an answer may be a million objects: nothing to collect)
+                    data = orjson.loads(body)
                 parsed = True
             except orjson.JSONDecodeError:
                 # orjson refuses numbers beyond a double (valid JSON): the stdlib takes them

@@ -31,14 +31,17 @@ from .config import (
     parse_listen,
     unknown_sink,
 )
-from .daemon import EXIT_CREDENTIALS, EXIT_FATAL, EXIT_OK, Daemon
-from .api import ApiAuthError
+from .daemon import Daemon
 from .errors import (
+    ApiAuthError,
     ApiError,
     ConfigError,
     ConfigErrors,
     CredentialsRejected,
+    DlqError,
     StreamError,
+    TapRefused,
+    TapUnavailable,
     UsageError,
 )
 from .observe.logging import configure_logging, register_secret, scrub
@@ -46,9 +49,10 @@ from .sinks import resolve_sink_class
 
 __all__ = ["main"]
 
+EXIT_OK = 0
+EXIT_FATAL = 1
 EXIT_USAGE = 2
-#: seconds a thread may hold the GIL while another waits for it (default 0.005): see _tune_runtime
-SWITCH_INTERVAL = 0.0005
+EXIT_CREDENTIALS = 3
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo password & more = fun"  # exercises form/frame escaping on purpose
 DEMO_LISTEN = "127.0.0.1:9780"
@@ -161,29 +165,16 @@ def _rate(text: str) -> float:
     return value
 
 
-def _tune_runtime() -> None:
-    """Two interpreter settings for a process that handles a hundred thousand small objects a
-    second with a writer thread or two beside the event loop.
+def _run_daemon(coro: Coroutine[Any, Any, int]) -> int:
+    """``run`` and ``demo``: the daemon's interpreter settings (:mod:`cometstream.runtime`, their
+    one owner), then the event loop."""
+    from .runtime import tune_for_daemon
 
-    - The cyclic garbage collector: every event allocates a few dicts, and queued events keep many
-      alive; with the default thresholds the collector runs every 700 allocations and, in older
-      generations, walks all of them (a third of the daemon's time at 100k events/s). Our objects
-      are freed by reference counting: collect cycles less often, and never scan what start-up
-      created.
-    - The GIL switch interval: a sink's writer thread that finished a write waits for the GIL
-      until the busy event loop gives it up, 5 ms by default. Meanwhile the loop reads on and the
-      sink's queue grows (peak RSS in a burst: 85-105 MB). At 0.5 ms the queue stays about a
-      third as long (65-70 MB) and the throughput is the same (``benchmarks/throughput.py``)."""
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 100)
-    sys.setswitchinterval(SWITCH_INTERVAL)
+    tune_for_daemon()
+    return _run_async(coro)
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:
-    _tune_runtime()
     try:
         import uvloop
     except ImportError:
@@ -219,12 +210,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "dlq":
             from .dlq import run_dlq
 
-            return run_dlq(args)
+            return EXIT_OK if run_dlq(args) else EXIT_USAGE  # (not done: purge without --yes)
         if args.command == "tap":
             return _cmd_tap(args)
+    except CredentialsRejected as exc:
+        _err(str(exc))
+        return EXIT_CREDENTIALS
     except ApiError as exc:
         _err(f"api: {exc}")
         return EXIT_CREDENTIALS if isinstance(exc, ApiAuthError) else EXIT_FATAL
+    except DlqError as exc:
+        print(f"cometstream dlq: {scrub(str(exc))}", file=sys.stderr, flush=True)
+        return EXIT_USAGE if exc.usage else EXIT_FATAL
     except UsageError as exc:  # a command-line argument, not the configuration file
         _err(str(exc))
         return EXIT_USAGE
@@ -270,17 +267,19 @@ def _warn_exposed(cfg: Config, *, logged: bool) -> None:
 async def _serve(daemon: Daemon) -> int:
     stop = asyncio.Event()
     daemon.install_signal_handlers(stop)
-    return await daemon.run(stop)
+    await daemon.run(stop)
+    return EXIT_OK
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _warn_exposed(cfg, logged=True)
-    code = _run_async(_serve(Daemon(cfg)))
-    if code == EXIT_CREDENTIALS:
-        _err(f"login rejected by {cfg.server.name} for user {cfg.server.username!r} "
-             f"({_login_what(cfg)}): check them")
-    return code
+    try:
+        return _run_daemon(_serve(Daemon(cfg)))
+    except CredentialsRejected as exc:
+        raise CredentialsRejected(f"login rejected by {cfg.server.name} for user "
+                                  f"{cfg.server.username!r} ({_login_what(cfg)}): check them",
+                                  reply=exc.reply) from exc
 
 
 def _login_what(cfg: Config) -> str:
@@ -423,7 +422,7 @@ def _parse_type_list(text: str) -> frozenset[int]:
 
 def _cmd_tap(args: argparse.Namespace) -> int:
     """Connect to the running daemon's tap socket and print the events as they pass."""
-    from .tap import TapRefused, TapUnavailable, open_tap, socket_path
+    from .tap import open_tap, socket_path
 
     cfg = load_config_without_secrets(args.config, resolve_sink=resolve_sink_class)
     names = [sc.name for sc in cfg.sinks]
@@ -596,7 +595,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                                                                   on_closed=output_closed)})
                 daemon.install_signal_handlers(stop)
                 try:
-                    return await daemon.run(stop, started)
+                    await daemon.run(stop, started)
+                    return EXIT_OK
                 except ConfigError as exc:
                     if exc.key != "http.listen":
                         raise
@@ -605,7 +605,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         finally:
             await sim.stop()
 
-    return _run_async(go())
+    return _run_daemon(go())
 
 
 def _demo_config(url: str, state_dir: str, listen: str) -> Config:

@@ -277,9 +277,11 @@ def unknown_sink(name: str, configured: Sequence[str], extra: str = "") -> str:
 
 
 def read_secret_file(sect: Section, name: str) -> Secret | None:
-    """The secret in the file the option ``name`` names (final line break removed), or None
-    when the option is not set. While a tool that needs no secrets reads the config
-    (``tap``, ``dlq list``) the file is not opened: a placeholder is returned."""
+    """The secret in the file the option ``name`` names, or None when the option is not set:
+    every ``*_file`` secret of the server and of the sinks is read here. The file is read as
+    text (``\r\n`` and ``\r`` are line breaks), and its one final line break is not part of the
+    secret; everything else is, spaces included (the rule of systemd credentials too). While a tool that needs no secrets reads
+    the config (``tap``, ``dlq list``) the file is not opened: a placeholder is returned."""
     path = sect.path(name)
     if path is None:
         return None
@@ -296,9 +298,8 @@ def read_secret_file(sect: Section, name: str) -> Secret | None:
 
 
 def _without_final_newline(text: str) -> str:
-    """Only the final line break goes: a password may begin or end with spaces."""
-    if text.endswith("\r\n"):
-        return text[:-2]
+    """Only the final line break goes: a password may begin or end with spaces. (``text`` was
+    read with universal newlines: ``\r\n`` and ``\r`` arrive as ``\n``.)"""
     return text[:-1] if text.endswith("\n") else text
 
 

@@ -12,7 +12,9 @@ watermark stays frozen before the gap. The ledger commits every ``fsync_interval
 some sink still needs, the cursors, and the delivery state they make true, in one transaction.
 
 Shutdown order: stop reading, release held events, let the sinks drain within
-``shutdown.timeout``, close the sinks, commit the ledger. The return value is the exit code.
+``shutdown.timeout``, close the sinks, commit the ledger. ``run`` returns on a clean stop and
+raises what stopped the supervisor otherwise (:class:`CredentialsRejected` on the first login);
+the CLI turns that into an exit code.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from .delivery.gate import Gate
 from .delivery.ledger import Ledger, Position
 from .delivery.state import StateDiff
 from .delivery.tracker import Tracker
-from .errors import ApiError, ConfigError, CredentialsRejected, LedgerError
+from ._tasks import supervise
+from .errors import ApiError, ConfigError, CredentialsRejected, LedgerError, TaskDied
 from .events import Event
 from .fleet import Fleet
 from .observe.http import HttpServer
@@ -55,11 +58,8 @@ from .store import StateLock
 from .stream import Supervisor, make_ssl_context
 from .tap import TapServer, socket_path
 
-__all__ = ["EXIT_CREDENTIALS", "EXIT_FATAL", "EXIT_OK", "Daemon", "build_sink"]
+__all__ = ["Daemon", "build_sink"]
 
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_CREDENTIALS = 3
 #: how often systemd's STATUS= is refreshed while connected
 STATUS_INTERVAL: Final = 5.0
 #: /readyz says 503 once the ledger's commits have failed this long (seconds)
@@ -193,6 +193,8 @@ class Daemon:
         #: and why the latest failed: /readyz (their count is ``metrics.stream.resync_failures``)
         self._resync_failing_since = 0.0
         self._resync_last_error = ""
+        #: background tasks that died of a bug, by name: why (/readyz; cometstream._tasks)
+        self.dead_tasks: dict[str, str] = {}
 
     def server_time(self) -> float:
         """The server's clock: ours plus the offset its HELLO's CurrentTime showed."""
@@ -255,14 +257,19 @@ class Daemon:
         self.gate.hold()
         if self._resync_task is not None:
             self._resync_task.cancel()
-        self._resync_task = asyncio.ensure_future(self._resync_loop(data))
-        self._resync_task.add_done_callback(self._resync_ended)
+        self.dead_tasks.pop("resync", None)  # (a new sync: the last one's death is history)
+        self._resync_task = supervise(asyncio.ensure_future(self._resync_loop(data)), "resync",
+                                      self._resync_died)
 
-    def _resync_ended(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() or task.exception() is None:
-            return
-        # a bug, not an API failure (those are retried inside): never leave events held
-        log.error("resync task failed", error=repr(task.exception()), exc_info=task.exception())
+    def _resync_died(self, died: TaskDied) -> None:
+        """The sync's task died of a bug (API failures are retried inside it; the death is
+        logged by ``supervise``): a failed run on the metrics, a reason on /readyz, and the
+        events it held are let go. The watermark stays frozen before the gap until a sync
+        succeeds (the next HELLO starts one)."""
+        stats = self.metrics.stream
+        stats.resync_started = 0.0
+        stats.resync_runs["error"] += 1
+        self.dead_tasks[died.task] = str(died)
         if self.gate.holding:
             self.gate.start_release()
 
@@ -441,8 +448,8 @@ class Daemon:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def not_ready_reasons(self) -> list[str]:
-        """Why /readyz says 503: not logged in to the stream, a sink failing, or remedial syncs
-        failing or past their deadline (:meth:`_resync_reasons`). The details
+        """Why /readyz says 503: not logged in to the stream, a sink failing, remedial syncs
+        failing or past their deadline (:meth:`_resync_reasons`), or a background task dead. The details
         hold what the server or a receiver answered: masked like the logs (``scrub``)."""
         reasons = []
         if not self.supervisor.connected:
@@ -462,6 +469,10 @@ class Daemon:
                            f"{time.monotonic() - ledger.failing_since:.0f} s: "
                            f"{scrub(ledger.last_error)}")
         reasons.extend(self._resync_reasons())
+        dead = dict(self.dead_tasks)
+        if self.fleet is not None:
+            dead.update(self.fleet.dead_tasks)
+        reasons.extend(scrub(why) for why in dead.values())
         return reasons
 
     def _resync_reasons(self) -> list[str]:
@@ -574,9 +585,10 @@ class Daemon:
             raise task.exception()  # type: ignore[misc]
 
     async def run(self, stop: asyncio.Event,
-                  started: Callable[[], None] | None = None) -> int:
+                  started: Callable[[], None] | None = None) -> None:
         """Until ``stop`` is set (or the credentials are rejected); ``started`` is called once
-        the state is loaded and the HTTP endpoints listen."""
+        the state is loaded and the HTTP endpoints listen. Raises, after the shutdown, what
+        stopped the supervisor (:class:`CredentialsRejected` on the first login)."""
         cfg = self.cfg
         self._load_state()
         await self._start_http()
@@ -595,17 +607,14 @@ class Daemon:
         if self.fleet is not None:
             self.fleet.start()
         self.notifier.ready()
-        code = EXIT_OK
+        failure: BaseException | None = None
         try:
             await asyncio.wait({sup, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if sup.done():
-                exc = sup.exception()
-                if isinstance(exc, CredentialsRejected):
-                    code = EXIT_CREDENTIALS
-                elif exc is not None:
-                    log.error("stream supervisor failed", error=f"{exc.__class__.__name__}: {exc}",
-                              exc_info=exc)
-                    code = EXIT_FATAL
+                failure = sup.exception()
+                if failure is not None and not isinstance(failure, CredentialsRejected):
+                    log.error("stream supervisor failed",
+                              error=f"{failure.__class__.__name__}: {failure}")
             else:
                 log.info("stopping", reason=self.stop_reason, drain_timeout=cfg.shutdown_timeout,
                          hint="a second SIGTERM or Ctrl-C stops without waiting for the sinks")
@@ -646,4 +655,5 @@ class Daemon:
             log.info("stopped", delivered={r.name: r.stats.delivered for r in self.pipeline.routes},
                      complete=complete)
             self.notifier.close()
-        return code
+        if failure is not None:
+            raise failure

@@ -17,8 +17,10 @@ locking, so they work while the daemon runs (WAL: readers never wait; a delete w
   meanwhile), and one replay at a time may run on a ledger (a lock file beside it);
 - ``purge``: deletes by sink, id and age; asks for ``--yes``.
 
-Exit codes: 0 done (also: nothing to do); 1 the ledger is missing or unreadable, or a replay
-stopped; 2 usage or configuration problems.
+Outcomes (the CLI turns them into exit codes: 0 done, also when there is nothing to do; 1 a
+:class:`DlqError`; 2 a ``DlqError`` with ``usage``, a configuration problem, or ``purge``
+without ``--yes``): each command returns whether it did what was asked, and raises
+:class:`DlqError` when it could not.
 """
 
 from __future__ import annotations
@@ -41,15 +43,14 @@ from typing import IO, TYPE_CHECKING, Any, Final
 
 import orjson
 
+from .errors import DlqError
+
 if TYPE_CHECKING:
     from .config import Config, SinkConfig
     from .store import DeadLetter, DeadLetters
 
-__all__ = ["BATCH", "DlqError", "add_parser", "parse_duration", "run_dlq"]
+__all__ = ["BATCH", "add_parser", "parse_duration", "run_dlq"]
 
-EXIT_OK: Final = 0
-EXIT_FATAL: Final = 1
-EXIT_USAGE: Final = 2
 #: dead letters per ``send`` (and per delete) during a replay
 BATCH: Final = 100
 #: how long a delete waits for the daemon's own write transaction before giving up
@@ -58,14 +59,6 @@ BUSY_TIMEOUT_MS: Final = 30_000
 _EXCERPT: Final = 120
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-
-
-class DlqError(Exception):
-    """A one-line failure of a dlq command, with its exit code."""
-
-    def __init__(self, message: str, code: int = EXIT_FATAL) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 def parse_duration(text: str) -> float:
@@ -80,7 +73,7 @@ def parse_duration(text: str) -> float:
         pos = m.end()
     if not t or pos != len(t):
         raise DlqError(f'--older-than: expected a duration like 7d, 12h or 30m, got "{text}"',
-                       EXIT_USAGE)
+                       usage=True)
     return total
 
 
@@ -131,13 +124,15 @@ def _positive_int(text: str) -> int:
 
 
 def _err(msg: str) -> None:
-    from .observe.logging import scrub  # (a replay's failure may quote the receiver)
+    from .observe.logging import scrub  # (a sink's failure may quote the receiver)
 
     print(f"cometstream dlq: {scrub(msg)}", file=sys.stderr, flush=True)
 
 
-def run_dlq(args: argparse.Namespace) -> int:
-    """Run ``cometstream dlq ACTION`` (config errors propagate to the CLI: exit 2)."""
+def run_dlq(args: argparse.Namespace) -> bool:
+    """Run ``cometstream dlq ACTION``: whether it did what was asked (False: ``purge`` without
+    ``--yes`` only said what it would delete). Raises :class:`DlqError` when it could not (and
+    configuration errors: the CLI says them)."""
     from .config import load_config_without_secrets
     from .observe.logging import configure_logging
     from .sinks import resolve_sink_class
@@ -154,16 +149,12 @@ def run_dlq(args: argparse.Namespace) -> int:
             return cmd_replay(cfg, args)
         if args.dlq_command == "purge":
             return cmd_purge(cfg, args)
-    except DlqError as exc:
-        _err(str(exc))
-        return exc.code
     except sqlite3.Error as exc:
-        _err(f"ledger {path}: {exc}")
-        return EXIT_FATAL
+        raise DlqError(f"ledger {path}: {exc}") from exc
     except BrokenPipeError:  # `dlq list | head`: stop quietly (and keep the final flush quiet)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
-    return EXIT_USAGE
+        return True
+    raise DlqError(f"unknown action {args.dlq_command!r}", usage=True)
 
 
 # --- the spool ----------------------------------------------------------------------------------
@@ -197,7 +188,7 @@ def _unknown_sink(cfg: Config, name: str, letters: DeadLetters | None) -> DlqErr
         if orphans:
             extra = f"; with dead letters but no longer configured: {', '.join(orphans)}"
     return DlqError(f"--sink: {unknown_sink(name, [sc.name for sc in cfg.sinks], extra)}",
-                    EXIT_USAGE)
+                    usage=True)
 
 
 def _check_sink(cfg: Config, letters: DeadLetters, name: str | None) -> None:
@@ -247,7 +238,7 @@ def _excerpt(row: DeadLetter, width: int) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def cmd_list(cfg: Config, args: argparse.Namespace, out: IO[bytes] | None = None) -> int:
+def cmd_list(cfg: Config, args: argparse.Namespace, out: IO[bytes] | None = None) -> bool:
     out = out if out is not None else sys.stdout.buffer
     out_tty = out.isatty()
     letters = open_spool(cfg)
@@ -262,11 +253,11 @@ def cmd_list(cfg: Config, args: argparse.Namespace, out: IO[bytes] | None = None
             out.flush()
             if not total:
                 print(none, file=sys.stderr)
-            return EXIT_OK
+            return True
         if not total:
             out.write(f"{none}\n".encode())
             out.flush()
-            return EXIT_OK
+            return True
         cells = [((str(r.id), r.sink, _local(r.failed_at), _type_name(r)), r)
                  for r in letters.rows(sink=args.sink, limit=args.limit)]
     finally:
@@ -288,7 +279,7 @@ def cmd_list(cfg: Config, args: argparse.Namespace, out: IO[bytes] | None = None
         lines.append(f"(showing the first {len(cells):,} of {total:,}; --limit)")
     out.write(("\n".join(lines) + "\n").encode())
     out.flush()
-    return EXIT_OK
+    return True
 
 
 # --- replay ---------------------------------------------------------------------------------------
@@ -368,7 +359,7 @@ def _keep_owner_of(fd: int, path: Path) -> None:
         pass
 
 
-def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
+def cmd_replay(cfg: Config, args: argparse.Namespace) -> bool:
     from .daemon import build_sink
 
     sc = next((s for s in cfg.sinks if s.name == args.sink), None)
@@ -392,16 +383,16 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
             missing = [i for i in ids if i not in found]
             if missing:
                 raise DlqError(f"--id: sink {sc.name} has no dead letter "
-                               f"{', '.join(map(str, missing))}", EXIT_USAGE)
+                               f"{', '.join(map(str, missing))}", usage=True)
         total, max_id, first = letters.span(sc.name, ids)
         if not total:
             print(f"no dead letters for sink {sc.name}", file=sys.stderr)
-            return EXIT_OK
+            return True
         if args.dry_run:
             span = f"id {first}" if total == 1 else f"ids {first} to {max_id}"
             print(f"would replay {_plural(total)} ({span}) to sink {sc.name} "
                   f"({sc.type}, format {sc.format})", file=sys.stderr)
-            return EXIT_OK
+            return True
         fd = _lock(spool_path(cfg))
         state = _Replay(sc.name, total)
         try:
@@ -411,7 +402,7 @@ def cmd_replay(cfg: Config, args: argparse.Namespace) -> int:
         left = letters.span(sc.name, ids, max_id)[0]
         if error is None:
             print(f"replayed {_plural(state.sent)} to sink {sc.name}", file=sys.stderr)
-            return EXIT_OK
+            return True
         raise DlqError(f"replay to sink {sc.name} stopped: {error}; replayed {state.sent:,}, "
                        f"{left:,} remain")
     finally:
@@ -474,7 +465,7 @@ async def _replay(cfg: Config, sc: SinkConfig, sink: Any, letters: DeadLetters,
 
 
 # --- purge ----------------------------------------------------------------------------------------
-def cmd_purge(cfg: Config, args: argparse.Namespace) -> int:
+def cmd_purge(cfg: Config, args: argparse.Namespace) -> bool:
     cutoff = time.time() - parse_duration(args.older_than) if args.older_than else None
     letters = open_spool(cfg)
     try:
@@ -488,7 +479,7 @@ def cmd_purge(cfg: Config, args: argparse.Namespace) -> int:
                 missing = f" (no match for id {', '.join(map(str, gone))})"
         if not chosen:
             print(f"no dead letters match{missing}", file=sys.stderr)
-            return EXIT_OK
+            return True
         per: dict[str, int] = {}
         for _, sink in chosen:
             per[sink] = per.get(sink, 0) + 1
@@ -496,9 +487,9 @@ def cmd_purge(cfg: Config, args: argparse.Namespace) -> int:
         if not args.yes:
             print(f"would delete {_plural(len(chosen))} ({detail}){missing}; "
                   "add --yes to delete them", file=sys.stderr)
-            return EXIT_USAGE
+            return False
         n = letters.delete([i for i, _ in chosen])
         print(f"deleted {_plural(n)} ({detail}){missing}", file=sys.stderr)
-        return EXIT_OK
+        return True
     finally:
         letters.close()

@@ -10,7 +10,19 @@ instead of matching strings::
     ├── CredentialsRejected          no on the first login (exit 3), retried after a good session
     ├── StreamError                  yes  (connect refused, TLS, timeouts, dropped, silent peer)
     ├── ApiError(status)             per status (5xx and transport yes, 4xx no)
+    │   ├── ApiAuthError             no   (exit 3 from check --connect and backfill)
+    │   │   └── TotpRequired         no   (the account needs auth_type = "PasswordTOTP")
+    │   └── ResponseTooLarge(limit)  no   (asking again gets the same answer)
     ├── SinkError(sink)              per instance (disk full yes, bad request no)
+    ├── DlqError(usage)              no   (a dlq command could not do its job: exit 1,
+    │                                      or 2 with usage: what it names is not there)
+    ├── TapUnavailable               yes  (no daemon answers on the tap socket: exit 1)
+    ├── TapRefused                   no   (the daemon refused the tap request: exit 2)
+    ├── TapBadRequest                no   (the daemon's side: a request it refuses)
+    ├── TaskDied(task)               no   (a background task ended on an unexpected error;
+    │                                      handed to what waited on it)
+    ├── DuplicateKey                 no   (a JSON object gives a key twice: redaction's
+    │                                      parser hook, never outside it)
     ├── LedgerError                  no   (state dir in use, a failed migration: the daemon stops)
     ├── LedgerCorrupt                no   (a damaged ledger file: moved aside, replaced)
     ├── LedgerForeign                no   (a ledger written for another server: moved aside)
@@ -23,17 +35,26 @@ Foreign exceptions (aiohttp, OSError, ssl) are translated into these at each I/O
 from __future__ import annotations
 
 __all__ = [
+    "ApiAuthError",
     "ApiError",
     "CheckpointUnreadable",
     "CometStreamError",
     "ConfigError",
     "ConfigErrors",
     "CredentialsRejected",
+    "DlqError",
+    "DuplicateKey",
     "LedgerCorrupt",
     "LedgerError",
     "LedgerForeign",
+    "ResponseTooLarge",
     "SinkError",
     "StreamError",
+    "TapBadRequest",
+    "TapRefused",
+    "TapUnavailable",
+    "TaskDied",
+    "TotpRequired",
     "UsageError",
 ]
 
@@ -108,6 +129,25 @@ class ApiError(CometStreamError):
         super().__init__(message, retryable=retryable)
 
 
+class ApiAuthError(ApiError):
+    """The API refused the credentials (wrong password, no admin rights, expired session)."""
+
+    def __init__(self, message: str, *, status: int = 403) -> None:
+        super().__init__(message, status=status, retryable=False)
+
+
+class ResponseTooLarge(ApiError):
+    """An answer larger than the client reads (not retried: asking again gets the same)."""
+
+    def __init__(self, message: str, *, status: int, limit: int) -> None:
+        super().__init__(message, status=status, retryable=False)
+        self.limit = limit
+
+
+class TotpRequired(ApiAuthError):
+    """The account needs a TOTP code (``ERR_TOTP_REQUIRED``): set auth_type = "PasswordTOTP"."""
+
+
 class SinkError(CometStreamError):
     """A sink could not accept (all of) a batch.
 
@@ -154,3 +194,44 @@ class CheckpointUnreadable(CometStreamError):
     def __init__(self, why: str, message: str) -> None:
         self.why = why
         super().__init__(message)
+
+
+class DlqError(CometStreamError):
+    """A ``dlq`` command could not do its job: the ledger is missing or unreadable, another
+    replay holds the lock, a replay stopped. ``usage``: the command line names what is not there
+    (an unknown sink or id, a malformed duration)."""
+
+    def __init__(self, message: str, *, usage: bool = False) -> None:
+        self.usage = usage
+        super().__init__(message, retryable=False)
+
+
+class TapUnavailable(CometStreamError):
+    """No daemon answers on the tap socket (missing, refused, no permission)."""
+
+    retryable = True
+
+
+class TapRefused(CometStreamError):
+    """The daemon refused the tap request (its ``error``)."""
+
+
+class TapBadRequest(CometStreamError):
+    """A tap request the daemon refuses (its message goes to the client)."""
+
+
+class DuplicateKey(CometStreamError):
+    """A JSON object gives a key twice (raised by redaction's parser hook to stop the parse)."""
+
+    def __init__(self, message: str = "a JSON object gives a key twice") -> None:
+        super().__init__(message, retryable=False)
+
+
+class TaskDied(CometStreamError):
+    """A background task (``task``: its name) ended on an error nothing inside it expected: a
+    bug. Handed to whatever waited on the task (``__cause__``: the error itself)."""
+
+    def __init__(self, task: str, error: BaseException) -> None:
+        self.task = task
+        super().__init__(f"background task {task} died: {error.__class__.__name__}: {error}",
+                         retryable=False)

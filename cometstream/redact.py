@@ -27,6 +27,7 @@ import orjson
 from collections.abc import Iterable
 from typing import Any, Final
 
+from .errors import DuplicateKey
 from .events import JOB_TYPES, Event
 
 __all__ = ["MARK", "NO_SECRETS", "SAFE_KEYS", "SECRET_KEY_PATTERN", "Redactor", "rewrites_numbers"]
@@ -260,13 +261,9 @@ def _mentions_secret(lowered: str) -> bool:
     return False
 
 
-class _Duplicate(Exception):
-    pass
-
-
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> None:
     if len(pairs) > 1 and len({k for k, _ in pairs}) != len(pairs):
-        raise _Duplicate
+        raise DuplicateKey
     # (the parsed values are not needed: None)
 
 
@@ -274,7 +271,7 @@ def _duplicate_keys(raw: bytes) -> bool:
     """Whether some object in ``raw`` gives a key twice (True too when it cannot be told)."""
     try:
         json.loads(raw, object_pairs_hook=_no_duplicates)
-    except _Duplicate:
+    except DuplicateKey:
         return True
     except (RecursionError, ValueError):  # deeper than the stdlib parses: assume the worst
         return True

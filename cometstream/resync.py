@@ -26,17 +26,15 @@ Timestamp, TypeString, Data), origin ``resync``, and server-clock timestamps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ctypes
-import gc
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
 import orjson
 import structlog
 
-from .api import JOBS_PATH, USERS_PATH, AdminClient, ResponseTooLarge
+from .api import JOBS_PATH, USERS_PATH, AdminClient
 from .constants import SEVT
 from .delivery.identity import (
     ACCOUNT_NEW,
@@ -52,9 +50,10 @@ from .delivery.identity import (
     fingerprint,
 )
 from .delivery.tracker import Tracker
-from .errors import ApiError
+from .errors import ApiError, ResponseTooLarge
 from .events import Event, dump_json
 from .redact import Redactor
+from .runtime import gc_paused
 
 __all__ = ["RESTART_WINDOW", "ResyncResult", "Resyncer"]
 
@@ -292,13 +291,9 @@ class Resyncer:
         reported = time.monotonic()
         while start < end:
             stop = min(start + span, end)
-            # the span's jobs and events are many objects that live until it is done and are
-            # freed by reference counting: the cyclic collector, left on, would walk them all
-            # again and again (a third of a large sync's time)
             try:
-                with _gc_paused():
-                    size = await self._chunk(start, stop, stop >= end, incomplete, found, res,
-                                             orgs, emit_job, watch)
+                size = await self._chunk(start, stop, stop >= end, incomplete, found, res,
+                                         orgs, emit_job, watch)
             except ResponseTooLarge as exc:
                 if stop - start <= MIN_CHUNK:
                     raise
@@ -326,14 +321,44 @@ class Resyncer:
                      emit_job: EmitJob, watch: set[str] | None = None) -> int:
         """One span of the job window: its completions, and in the ``last`` one the running
         jobs too. ``found``: the GUIDs of the spans before. Returns the size of the answer
-        (bytes)."""
+        (bytes).
+
+        The span's jobs and events are many objects that live until it is done and are freed
+        by reference counting: the cyclic collector, left on, would walk them all again and
+        again while they are made. It is paused (:func:`gc_paused`) around each synchronous
+        stretch, the answer's parse included, and never across an ``await``: the loop's other
+        tasks always run with the collector as it was."""
         tr = self.tracker
         # an answer far beyond the target (a dense stretch after a sparse one) is refused and
         # the span asked for again shorter, while it can be shorter
         limit = self.span_bytes * SPAN_GROWTH if stop - start > MIN_CHUNK else None
         chunk = await self.api.jobs_for_date_range(start, stop, limit=limit)
         size = self.api.answer_bytes.get(JOBS_PATH, 0)
+        with gc_paused():
+            jobs = self._span_jobs(chunk, incomplete if last else None, found, start, stop)
         if last:
+            for guid in [g for g in tr.running_jobs if g not in jobs and g not in found]:
+                rechecked = await self._recheck(guid)
+                if rechecked is not None:
+                    jobs[guid] = rechecked
+        with gc_paused():
+            if watch is None:
+                found.update(jobs)
+            elif not last:
+                found.update(g for g, job in jobs.items()
+                             if g in watch or not _settled(job, start, stop))
+            del chunk  # (the plans keep the jobs they report; the rest goes now)
+            plans = self._job_plans(jobs.values(), res, orgs)
+        await self._emit_jobs(plans, emit_job)
+        return size
+
+    @staticmethod
+    def _span_jobs(chunk: list[dict[str, Any]], incomplete: list[dict[str, Any]] | None,
+                   found: set[str], start: int, stop: int) -> dict[str, dict[str, Any]]:
+        """A span's jobs by GUID, without those of the spans before (``found``); with
+        ``incomplete`` (the last span) the running jobs too."""
+        last = incomplete is not None
+        if incomplete is not None:
             chunk = [*chunk, *incomplete]
         jobs: dict[str, dict[str, Any]] = {}
         for job in chunk:
@@ -345,31 +370,30 @@ class Resyncer:
                 if type(ended) is int and ended > 0 and not last and not start <= ended < stop:
                     continue
                 jobs[guid] = job
-        if last:
-            for guid in [g for g in tr.running_jobs if g not in jobs and g not in found]:
-                rechecked = await self._recheck(guid)
-                if rechecked is not None:
-                    jobs[guid] = rechecked
-        if watch is None:
-            found.update(jobs)
-        elif not last:
-            found.update(g for g, job in jobs.items() if g in watch or not _settled(job, start, stop))
-        del chunk  # (the plans keep the jobs they report; the rest goes now)
-        await self._emit_jobs(self._job_plans(jobs.values(), res, orgs), emit_job)
-        return size
+        return jobs
 
     async def _emit_jobs(self, plans: list[_Plan], emit_job: EmitJob) -> None:
         """Synthesize and hand over the chunk's job events, oldest first, each as it is made
         (no list of events). The sinks get a turn every ``_RUN`` events, so they write while
-        the rest is synthesized."""
+        the rest is synthesized; the collector is paused for each run of synthesis, not for the
+        sinks' turn nor a wait for room in a full queue."""
         event = self._job_event
-        for i, (ts, type_, job, user, org, guid, key, fp, action) in enumerate(plans, 1):
-            ev = event(type_, ts, job, user, org, guid)
-            ev.key = key  # as Tracker.job_event does: a sink may ask once ``doc`` is released
-            waiting = emit_job(ev, fp, ts, action)
+        n = len(plans)
+        i = 0
+        while i < n:
+            waiting = None
+            with gc_paused():
+                while i < n:
+                    ts, type_, job, user, org, guid, key, fp, action = plans[i]
+                    i += 1
+                    ev = event(type_, ts, job, user, org, guid)
+                    ev.key = key  # as Tracker.job_event does: a sink may ask once ``doc`` is released
+                    waiting = emit_job(ev, fp, ts, action)
+                    if waiting is not None or not i % _RUN:
+                        break
             if waiting is not None:
-                await _wait_for_room(waiting)
-            elif not i % _RUN:
+                await waiting
+            elif i < n:
                 await asyncio.sleep(0)
 
     async def _recheck(self, guid: str) -> dict[str, Any] | None:
@@ -487,66 +511,6 @@ class Resyncer:
             await send(DEVICE_REMOVED, "device_removed", None, actor=owner,
                        org=orgs_of(users, owner), resource=dev)
         res.staged = (current, devices)
-
-
-_gc_pausers = 0
-_gc_was_enabled = False
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for the block (which may await); a count, so that
-    overlapping pauses (a cancelled sync's cleanup, the next one) turn it back on only at the
-    end of the last, and only if it was on."""
-    global _gc_pausers, _gc_was_enabled
-    if not _gc_pausers:
-        _gc_was_enabled = gc.isenabled()
-        gc.disable()
-    _gc_pausers += 1
-    try:
-        yield
-    finally:
-        _gc_pausers -= 1
-        if not _gc_pausers and _gc_was_enabled:
-            gc.enable()
-
-
-@contextlib.contextmanager
-def _gc_resumed() -> Iterator[None]:
-    """Within a pause, the collector back on (if it was) for a wait that may be long."""
-    if not (_gc_pausers and _gc_was_enabled):
-        yield
-        return
-    gc.enable()
-    try:
-        yield
-    finally:
-        if _gc_pausers:
-            gc.disable()
-
-
-#: a wait for queue room longer than this is a sink down, not one catching up
-_LONG_WAIT: Final = 1.0
-
-
-async def _wait_for_room(waiting: Awaitable[None]) -> None:
-    """Wait until a full queue has room again: within a collector pause, which a short wait (a
-    sink or the spool catching up, many times in a large sync) keeps, and a long one (a sink
-    down) suspends."""
-    if not (_gc_pausers and _gc_was_enabled):
-        await waiting
-        return
-    task = asyncio.ensure_future(waiting)
-    try:
-        done, _ = await asyncio.wait((task,), timeout=_LONG_WAIT)
-        if not done:
-            with _gc_resumed():
-                await task
-        else:
-            task.result()
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
 
 
 def _first(plan: _Plan) -> int:

@@ -35,6 +35,7 @@ import orjson
 import structlog
 
 from .config import unknown_sink
+from .errors import TapBadRequest, TapRefused, TapUnavailable
 from .events import FORMATS, Event
 
 if TYPE_CHECKING:
@@ -70,10 +71,6 @@ class _Marker(bytes):
     """The in-band line telling a client how many events it missed (not an event)."""
 
     __slots__ = ()
-
-
-class _BadRequest(Exception):
-    """A request the server refuses (its message goes to the client)."""
 
 
 class _Client:
@@ -309,7 +306,7 @@ class TapServer:
             return None
         try:
             client = self._parse_request(line)
-        except _BadRequest as exc:
+        except TapBadRequest as exc:
             await self._refuse(writer, str(exc))
             return None
         if len(self.clients) >= self.max_clients:
@@ -328,18 +325,18 @@ class TapServer:
         try:
             req = orjson.loads(line)
         except orjson.JSONDecodeError:
-            raise _BadRequest("bad request: not a JSON line") from None
+            raise TapBadRequest("bad request: not a JSON line") from None
         if not isinstance(req, dict):
-            raise _BadRequest("bad request: expected a JSON object")
+            raise TapBadRequest("bad request: expected a JSON object")
         fmt = req.get("format", "envelope")
         if fmt not in FORMATS:
-            raise _BadRequest(f"bad request: format must be one of {', '.join(FORMATS)}")
+            raise TapBadRequest(f"bad request: format must be one of {', '.join(FORMATS)}")
         types: frozenset[int] | None = None
         raw_types = req.get("types")
         if raw_types is not None:
             if (not isinstance(raw_types, list) or not raw_types
                     or not all(type(t) is int for t in raw_types)):
-                raise _BadRequest("bad request: types must be null or a list of event type numbers")
+                raise TapBadRequest("bad request: types must be null or a list of event type numbers")
             types = frozenset(raw_types)
         sink = req.get("sink")
         label = "all events"
@@ -347,7 +344,7 @@ class TapServer:
             routes = {r.name: r for r in self.pipeline.routes}
             if not isinstance(sink, str) or sink not in routes:
                 shown = sink if isinstance(sink, str) else repr(sink)
-                raise _BadRequest(unknown_sink(shown, list(routes)))
+                raise TapBadRequest(unknown_sink(shown, list(routes)))
             sink_types = routes[sink].types
             if sink_types is not None:
                 types = sink_types if types is None else types & sink_types
@@ -420,14 +417,6 @@ class TapServer:
 
 
 # --- the client side (cometstream tap) ----------------------------------------------------------------
-class TapUnavailable(Exception):
-    """No daemon answers on the socket (missing, refused, no permission)."""
-
-
-class TapRefused(Exception):
-    """The daemon refused the request (its ``error``)."""
-
-
 def open_tap(path: Path, request: dict[str, Any], *,
              timeout: float = 10.0) -> tuple[socket.socket, dict[str, Any], bytes]:
     """Connect, send ``request``, read the answer. Returns the socket (blocking), the answer

@@ -97,9 +97,10 @@ class RunningDaemon:
     def sink_stats(self, name: str) -> Any:
         return self.daemon.metrics.sinks[name]
 
-    async def stopped(self, timeout: float = 10.0) -> int:
+    async def stopped(self, timeout: float = 10.0) -> None:
+        """Stop the daemon and wait for it; raises what stopped it if that was not ``stop``."""
         self.stop.set()
-        return await asyncio.wait_for(self.task, timeout)
+        await asyncio.wait_for(self.task, timeout)
 
 
 @asynccontextmanager
@@ -139,25 +140,26 @@ def write_toml(path: Path, text: str) -> Path:
     return path
 
 
-def write_config(tmp_path: Path, url: str, body: str = "") -> Path:
-    """A config file for a `cometstream` subprocess: the server at ``url`` with the test
-    credentials, fast reconnects, no HTTP endpoint, state under tmp_path; then ``body``
-    (sinks and any other tables)."""
+def write_config(tmp_path: Path, url: str, body: str = "", *, name: str = "",
+                 password: str = PASSWORD, server: str = "", stream: str = "",
+                 backoff_max: float = 0.5, listen: str = "", state: Path | None = None,
+                 json_logs: bool = False, mode: int | None = None) -> Path:
+    """The config file (``tmp_path/c.toml``) for a `cometstream` subprocess: the server at
+    ``url`` with the test credentials (``name``, ``password`` and any ``server`` lines), fast
+    reconnects (``backoff_max``, any ``stream`` lines), the HTTP endpoint on ``listen`` (""
+    = none), state in ``state`` (default ``tmp_path/state``), JSON logs when a harness reads
+    them; then ``body`` (sinks and any other tables). ``mode``: the file's (0o600 when it
+    must not be warned about as readable)."""
+    lines = ["[server]", f'url = "{url}"', *([f'name = "{name}"'] if name else []),
+             f'username = "{USER}"', f"password = {toml_str(password)}", server,
+             "[stream]", "backoff_initial = 0.05", f"backoff_max = {backoff_max}", stream,
+             "[http]", f'listen = "{listen}"',
+             "[state]", f'dir = "{state if state is not None else tmp_path / "state"}"',
+             *(["[log]", 'format = "json"'] if json_logs else []), body]
     conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[server]
-url = "{url}"
-username = "{USER}"
-password = {toml_str(PASSWORD)}
-[stream]
-backoff_initial = 0.05
-backoff_max = 0.5
-[http]
-listen = ""
-[state]
-dir = "{tmp_path / 'state'}"
-{body}
-""", encoding="utf-8")
+    conf.write_text("\n".join(line for line in lines if line) + "\n", encoding="utf-8")
+    if mode is not None:
+        conf.chmod(mode)
     return conf
 
 

@@ -14,8 +14,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from cometstream.api import AdminClient, ApiAuthError, TotpRequired, api_base_url
-from cometstream.errors import ApiError
+from cometstream.api import AdminClient, api_base_url
+from cometstream.errors import ApiAuthError, ApiError, TotpRequired
 from cometstream.protocol import totp_code
 
 from .conftest import PASSWORD, USER, make_config

@@ -237,3 +237,24 @@ def test_the_backfill_bar_leaves_no_stale_characters() -> None:
             shown = text + ("" if erase >= 0 else shown[len(text):]) if i else text
         screen.append(shown)
     assert screen == ["backfill [##############################] 100%  7 jobs  done", ""]
+
+
+def test_only_the_daemon_s_commands_tune_the_interpreter(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A command that runs an event loop without the daemon (check --connect) keeps CPython's
+    collector and switch interval; the daemon's settings are for run and demo only."""
+    import sys
+
+    from cometstream import runtime
+
+    calls: list[str] = []
+    monkeypatch.setattr(runtime, "tune_for_daemon", lambda: calls.append("tuned"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # (closed: nothing listens)
+    conf = write_config(tmp_path, f"http://127.0.0.1:{port}/", '[sinks.out]\ntype = "stdout"',
+                        stream="connect_timeout = 1.0", mode=0o600)
+    interval = sys.getswitchinterval()
+    assert main(["check", "-c", str(conf), "--connect"]) == 1
+    assert calls == [] and sys.getswitchinterval() == interval
+    capsys.readouterr()

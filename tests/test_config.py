@@ -168,6 +168,32 @@ def test_password_sources_and_precedence(tmp_path: Path) -> None:
     assert "from-credential" not in repr(cfg)
 
 
+@pytest.mark.parametrize(("text", "secret"), [
+    ("p w \n", "p w "), ("p w\r\n", "p w"), ("p w", "p w"), ("p\nw\n\n", "p\nw\n"),
+    ("p w\r", "p w"), ("p\r\nw\r\n", "p\nw"),
+])
+def test_every_secret_file_loses_only_its_final_line_break(tmp_path: Path, text: str,
+                                                            secret: str) -> None:
+    """The server's password_file and a Kafka sink's sasl_password_file are read by one rule:
+    read as text (\\r\\n and \\r are line breaks), the one final line break goes, everything else
+    is the secret."""
+    path = tmp_path / "secret"
+    path.write_bytes(text.encode())
+    doc = _cfg()
+    del doc["server"]["password"]
+    doc["server"]["password_file"] = str(path)
+    doc["sinks"] = {"bus": {"type": "kafka", "bootstrap_servers": "127.0.0.1:9092",
+                            "topic": "t", "security_protocol": "SASL_PLAINTEXT",
+                            "sasl_mechanism": "PLAIN", "sasl_username": "u",
+                            "sasl_password_file": str(path)}}
+    cfg = parse_config(doc, env={}, resolve_sink=resolve_sink_class)
+    assert cfg.server.password is not None and cfg.server.password.reveal() == secret
+    from cometstream.daemon import build_sink
+
+    sink = build_sink(cfg.sinks[0])
+    assert sink.security["sasl_plain_password"] == secret  # type: ignore[attr-defined]
+
+
 def test_missing_password_file_and_missing_password() -> None:
     """A missing password_file, or no password at all, is a clear error on the right key."""
     doc = _cfg()

@@ -40,7 +40,7 @@ from aiohttp import web
 
 from cometstream.simulator import Simulator
 
-from .conftest import PASSWORD, USER, cli_env, toml_str, wait_until
+from .conftest import PASSWORD, USER, cli_env, wait_until, write_config
 from .test_spool import Hook
 
 COMPLETED = 4201
@@ -55,32 +55,13 @@ def _config(tmp_path: Path, url: str, sinks: str, *, stream: str = "",
             buffer: str = "disk") -> Path:
     """A config for a `cometstream run` subprocess: fast reconnects, a 50 ms spool commit, JSON
     logs (the harness reads them), no HTTP endpoint."""
-    conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[server]
-url = "{url}"
-name = "sim"
-username = "{USER}"
-password = {toml_str(PASSWORD)}
-[stream]
-backoff_initial = 0.05
-backoff_max = 0.3
-connect_timeout = 1.0
-{stream}
-[http]
-listen = ""
-[state]
-dir = "{tmp_path / 'state'}"
-[log]
-format = "json"
-[spool]
+    return write_config(tmp_path, url, f"""[spool]
 fsync_interval = 0.05
 buffer = "{buffer}"
 [shutdown]
 timeout = 10.0
-{sinks}
-""", encoding="utf-8")
-    return conf
+{sinks}""", name="sim", backoff_max=0.3, stream=f"connect_timeout = 1.0\n{stream}",
+                        json_logs=True)
 
 
 class DaemonProcess:

@@ -116,7 +116,7 @@ async def fleet_daemon(sim: Simulator, tmp_path: Path, clock: Clock, *,
         yield running
     finally:
         stop.set()
-        assert await asyncio.wait_for(task, 15) == 0
+        await asyncio.wait_for(task, 15)  # a clean stop: it raises otherwise
 
 
 def parse(text: str, prefix: str = "cometserver_") -> Figures:
@@ -749,3 +749,33 @@ async def test_curl_reads_the_whole_gzip_answer(fsim: Simulator, tmp_path: Path,
             plain = parse(await r.text())
         assert len(plain) > 100
         assert parse(out.decode()) == plain
+
+
+async def test_a_seed_that_dies_of_a_bug_is_said_once_and_shown_on_readyz(
+        fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
+    """A fleet seed whose task dies of an unexpected error is logged once with its traceback,
+    counted as a failed seed, named on /readyz, and waits on nothing (the fleet is not busy);
+    the next connection's seed clears it."""
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        fleet = d.fleet
+        swap = fleet._swap
+
+        def broken(*_args: Any) -> None:
+            raise RuntimeError("a bug in the swap")
+
+        fleet._swap = broken
+        errors = fleet.seeds["error"]
+        with structlog.testing.capture_logs() as logs:
+            await fsim.drop_clients()
+            await wait_until(lambda: fleet.seeds["error"] > errors, timeout=10, what="death")
+        died = [e for e in logs if e["event"] == "background task died"]
+        assert [(e["task"], e["log_level"]) for e in died] == [("fleet-seed", "error")]
+        assert isinstance(died[0]["exc_info"], RuntimeError)
+        assert not fleet.busy
+        async with aiohttp.ClientSession() as http, http.get(d.url + "/readyz") as r:
+            body = await r.text()
+        assert r.status == 503 and "background task fleet-seed died: RuntimeError" in body
+        fleet._swap = swap
+        await fsim.drop_clients()
+        await wait_until(lambda: not d.daemon.not_ready_reasons(), timeout=10, what="healed")

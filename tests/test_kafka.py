@@ -173,6 +173,64 @@ async def test_a_failed_hand_over_after_an_oversized_event_is_retried_not_refuse
     assert outcomes == [(2, 1, False), (0, 0, True), (0, 0, True), (0, 0, True)]
 
 
+async def test_the_retry_rule_reads_aiokafka_s_retriable_flag() -> None:
+    """A broker's answer on a record batch's future: a retriable one (a leader moving) is
+    retried; a final refusal of the record (too large, corrupt) dead-letters that one event; a
+    final refusal about the sink (not authorized) is retried. (A fake producer: Tansu, the
+    tests' broker, accepts records of any size and moves no leaders.)"""
+    from aiokafka.errors import (
+        CorruptRecordException,
+        MessageSizeTooLargeError,
+        NotLeaderForPartitionError,
+        RequestTimedOutError,
+        TopicAuthorizationFailedError,
+    )
+    from aiokafka.producer.message_accumulator import BatchBuilder
+
+    from cometstream.errors import SinkError
+    from cometstream.events import Event
+    from cometstream.sinks.kafka import Template
+
+    class Producer:
+        _max_request_size = 1 << 20
+        client = None
+
+        def __init__(self, answer: BaseException) -> None:
+            self.answer = answer
+
+        async def partitions_for(self, topic: str) -> set[int]:
+            return {0}
+
+        def create_batch(self) -> BatchBuilder:
+            return BatchBuilder(16384, 0)
+
+        async def send_batch(self, builder: BatchBuilder, topic: str, *,
+                             partition: int) -> asyncio.Future[str]:
+            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            fut.set_exception(self.answer)
+            return fut
+
+    batch = [Event(b'{"Type":5000,"N":%d}' % i, None, 5000, "stream", 1.0, "srv")  # type: ignore[arg-type]
+             for i in range(3)]
+    outcomes = {}
+    for answer in (NotLeaderForPartitionError(), RequestTimedOutError(),
+                   MessageSizeTooLargeError(), CorruptRecordException(),
+                   TopicAuthorizationFailedError()):
+        sink = KafkaSink("k", bootstrap=["127.0.0.1:1"], topic=Template("t"), key=None,
+                         fmt="event", acks="all", idempotence="false", compression="none",
+                         linger_ms=1, max_batch_bytes=1 << 20, request_timeout_ms=2000,
+                         client_id="x", security={})
+        sink._producer = Producer(answer)
+        with pytest.raises(SinkError) as info:
+            await sink.send(batch)
+        outcomes[type(answer).__name__] = (info.value.retryable, info.value.failed)
+    assert outcomes == {"NotLeaderForPartitionError": (True, 0),
+                        "RequestTimedOutError": (True, 0),
+                        "MessageSizeTooLargeError": (False, 1),
+                        "CorruptRecordException": (False, 1),
+                        "TopicAuthorizationFailedError": (True, 0)}
+
+
 async def test_a_broker_outage_loses_nothing_queued_or_sent_after(sim: Simulator, broker: Broker,
                                                                     tmp_path: Path) -> None:
     """The broker dies mid-stream and comes back (empty: memory storage). Events queued while

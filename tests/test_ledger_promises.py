@@ -38,7 +38,14 @@ from cometstream.events import Event
 from cometstream.protocol import decode_frame
 from cometstream.simulator import Simulator
 
-from .conftest import PASSWORD, USER, cli_env, make_config, run_cli, running, toml_str, wait_until
+from .conftest import (
+    cli_env,
+    make_config,
+    run_cli,
+    running,
+    wait_until,
+    write_config,
+)
 from .kafka_broker import Broker
 from .ledger_client import Client
 from .test_spool import Hook, _fast
@@ -102,27 +109,10 @@ def _file_sink(path: Path) -> dict[str, Any]:
 
 def _conf(tmp_path: Path, url: str, state: Path, body: str) -> Path:
     """A config for a `cometstream run` process: the server at ``url``, state in ``state``,
-    JSON logs, no HTTP endpoint; then ``body``."""
-    conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[server]
-url = "{url}"
-name = "sim"
-username = "{USER}"
-password = {toml_str(PASSWORD)}
-[stream]
-backoff_initial = 0.05
-backoff_max = 0.3
-[http]
-listen = ""
-[state]
-dir = "{state}"
-[log]
-format = "json"
-{body}
-""", encoding="utf-8")
-    conf.chmod(0o600)  # (it holds the password: a readable one is warned about)
-    return conf
+    JSON logs, no HTTP endpoint; then ``body``. (It holds the password: mode 0600, as a
+    readable one is warned about.)"""
+    return write_config(tmp_path, url, body, name="sim", backoff_max=0.3, state=state,
+                        json_logs=True, mode=0o600)
 
 
 class _Process:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from cometstream.simulator import Simulator
 
@@ -741,6 +742,44 @@ async def test_live_events_held_during_a_slow_resync_come_after_it_without_repea
     assert events[-1] == (NEW, after["Data"]["GUID"], "stream")
 
 
+async def test_a_sync_that_dies_of_a_bug_lets_the_held_events_go_and_says_so(
+        sim: Simulator, tmp_path: Path) -> None:
+    """A sync whose task dies of an unexpected error (not an API failure: those are retried)
+    is logged once with its traceback, counted as a failed run, named on /readyz, and the
+    live events it held are delivered rather than held for ever; the next sync clears it."""
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path, resync={"hold_timeout": 60.0})) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        stats = d.daemon.metrics.stream
+        histogram = stats.resync_duration
+
+        class Broken:
+            def observe(self, _value: float) -> None:
+                raise RuntimeError("a bug after the sync")
+
+        stats.resync_duration = Broken()
+        await _open_gap(sim, d)
+        sim.faults.api_delay = 0.3
+        with structlog.testing.capture_logs() as logs:
+            sim.faults.reject_logins = False
+            await wait_until(lambda: d.daemon.gate.holding, timeout=10, what="holding")
+            live = sim.world.start_job()
+            sim.emit(live)
+            await wait_until(lambda: stats.resync_runs["error"] == 1, timeout=10, what="death")
+            await wait_until(lambda: any(e["event"].get("ResourceID") == live["Data"]["GUID"]
+                                         for e in _lines(path)), what="held event delivered")
+        died = [e for e in logs if e["event"] == "background task died"]
+        assert [(e["task"], e["log_level"]) for e in died] == [("resync", "error")]
+        assert isinstance(died[0]["exc_info"], RuntimeError)
+        assert any("background task resync died: RuntimeError" in r
+                   for r in d.daemon.not_ready_reasons())
+        stats.resync_duration = histogram
+        sim.faults.api_delay = 0.0
+        await sim.drop_clients()
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="the next sync")
+        assert not any("background task" in r for r in d.daemon.not_ready_reasons())
+
+
 async def test_a_daemon_clock_ten_minutes_ahead_loses_nothing(sim: Simulator,
                                                               tmp_path: Path) -> None:
     """Synthesized events and the watermark follow the server's clock, not ours."""
@@ -826,41 +865,55 @@ def _no_emit(_ev: Any) -> None:
     return None
 
 
-async def test_the_collector_paused_for_a_sync_chunk_comes_back_as_it_was(
+async def test_the_collector_is_paused_only_while_a_sync_synthesizes_never_across_an_await(
         sim: Simulator, tmp_path: Path) -> None:
-    """Overlapping syncs (one cancelled by the next HELLO, ending while the next one runs)
-    turn the cyclic collector back on only when the last ends, and never turn on one that
-    was off."""
+    """A sync turns the cyclic collector off while it builds a span's events, never while the
+    loop's other tasks run (a sink's turn, a wait for room, however long), leaves it as it
+    found it when cancelled mid-wait, and never turns on one that was off."""
     import gc
 
     now = int(time.time())
-    _gap_jobs(sim, 3)
+    _gap_jobs(sim, 4)
     rs = await _syncer(sim, tmp_path, watermark=now - 5)
+    others: list[bool] = []  # what another task of the loop sees while the sync runs
+    running = True
+
+    async def other_task() -> None:
+        while running:
+            others.append(gc.isenabled())
+            await asyncio.sleep(0)
+
     try:
         assert gc.isenabled()
-        first_waits, first_waiting = asyncio.Event(), asyncio.Event()
+        while_making: list[bool] = []
+        while_waiting: list[bool] = []
+        third = asyncio.Event()
 
-        def first_emit(_ev: Any, _fp: int, _ts: int, _action: Any) -> Any:
-            first_waiting.set()
-            return first_waits.wait()  # a full queue that never gets room
+        async def wait(seconds: float) -> None:  # a sink's queue getting room after ``seconds``
+            await asyncio.sleep(seconds)
+            while_waiting.append(gc.isenabled())
 
-        first = asyncio.ensure_future(rs.run(_hello(sim), _no_emit, first_emit))
-        await asyncio.wait_for(first_waiting.wait(), 20)
-        calls: list[None] = []
-        seen: list[bool] = []
-
-        def second_emit(_ev: Any, _fp: int, _ts: int, _action: Any) -> Any:
-            calls.append(None)
-            if len(calls) == 1:  # the next HELLO's sync cancels the first, and waits for its end
-                first.cancel()
-                return asyncio.wait((first,))
-            seen.append(gc.isenabled())  # the first has ended, this one runs on
+        def emit_job(_ev: Any, _fp: int, _ts: int, _action: Any) -> Any:
+            while_making.append(gc.isenabled())
+            if len(while_making) == 1:
+                return wait(0.01)
+            if len(while_making) == 2:
+                return wait(0.2)
+            if len(while_making) == 3:
+                third.set()
+                return wait(30)  # a sink down: the sync is cancelled meanwhile
             return None
 
-        await asyncio.wait_for(rs.run(_hello(sim), _no_emit, second_emit), 20)
-        assert first.cancelled()
-        assert len(seen) >= 2 and not any(seen)  # off until the last sync ended
-        assert gc.isenabled()
+        watcher = asyncio.ensure_future(other_task())
+        task = asyncio.ensure_future(rs.run(_hello(sim), _no_emit, emit_job))
+        await asyncio.wait_for(third.wait(), 20)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        running = False
+        await watcher
+        assert while_making == [False, False, False] and while_waiting == [True, True]
+        assert len(others) > 3 and all(others) and gc.isenabled()
 
         gc.disable()
         try:
@@ -949,46 +1002,6 @@ async def test_synthesized_job_events_keep_their_dedup_key_without_their_documen
                                                                              strict=True))
     # not parsed again (no public view tells whether an Event holds its parsed document)
     assert all(ev._doc is None for ev in got)
-
-
-async def test_a_long_wait_for_queue_room_resumes_the_collector_a_short_one_does_not(
-        sim: Simulator, tmp_path: Path) -> None:
-    """Within a sync's collector pause, a short wait for room in a full queue (a sink catching
-    up) keeps the pause; one longer than a second (a sink down) turns the collector back on,
-    and off again after it; a sync cancelled while it waits leaves the collector on."""
-    import gc
-
-    now = int(time.time())
-    _gap_jobs(sim, 4)
-    rs = await _syncer(sim, tmp_path, watermark=now - 5)
-    seen: list[bool] = []
-    between: list[bool] = []
-    third = asyncio.Event()
-
-    async def wait(seconds: float) -> None:  # a sink's queue getting room after ``seconds``
-        await asyncio.sleep(seconds)
-        seen.append(gc.isenabled())
-
-    def emit_job(_ev: Any, _fp: int, _ts: int, _action: Any) -> Any:
-        between.append(gc.isenabled())
-        if len(between) == 1:
-            return wait(0.01)
-        if len(between) == 2:
-            return wait(1.3)
-        if len(between) == 3:
-            third.set()
-            return wait(30)  # a sink down: the sync is cancelled meanwhile
-        return None
-
-    try:
-        task = asyncio.ensure_future(rs.run(_hello(sim), _no_emit, emit_job))
-        await asyncio.wait_for(third.wait(), 20)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    finally:
-        await rs.api.__aexit__(None, None, None)
-    assert seen == [False, True] and between == [False, False, False] and gc.isenabled()
 
 
 async def test_huge_integers_and_lone_surrogates_in_api_answers_are_synthesized(

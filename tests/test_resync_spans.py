@@ -185,7 +185,8 @@ async def test_a_refused_answer_is_freed_at_once(tmp_path: Path) -> None:
     large sync pauses the cyclic collector, and refused answers would pile up."""
     import pytest
 
-    from cometstream.api import AdminClient, ResponseTooLarge
+    from cometstream.api import AdminClient
+    from cometstream.errors import ResponseTooLarge
 
     async with Simulator(username=USER, password=PASSWORD, rate=0, seed=11) as sim:
         sim.world.max_jobs = 100_000

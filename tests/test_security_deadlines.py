@@ -31,7 +31,13 @@ from cometstream.observe import http as http_mod
 from cometstream.observe.http import HttpServer, is_loopback
 from cometstream.simulator import Simulator
 
-from .conftest import PASSWORD, USER, cli_env, make_config, running, toml_str, wait_until
+from .conftest import (
+    cli_env,
+    make_config,
+    running,
+    wait_until,
+    write_config,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -200,34 +206,17 @@ async def test_live_events_held_behind_a_dribbling_resync_survive_sigkill(
     ledger after hold_timeout, so the next run has them in the file sink. (Logins are the kind
     no sync can recover: held only in memory, they were lost.)"""
     path = tmp_path / "events.jsonl"
-    conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[server]
-url = "{sim.url}"
-name = "sim"
-username = "{USER}"
-password = {toml_str(PASSWORD)}
-[stream]
-backoff_initial = 0.05
-backoff_max = 0.3
-connect_timeout = 2.0
-[resync]
+    conf = write_config(tmp_path, sim.url, f"""[resync]
 call_timeout = 60.0
 timeout = 120.0
 hold_timeout = 0.3
-[http]
-listen = ""
-[state]
-dir = "{tmp_path / 'state'}"
-[log]
-format = "json"
 [spool]
 fsync_interval = 0.05
 [sinks.f]
 type = "file"
 path = "{path}"
 format = "event"
-""", encoding="utf-8")
+""", name="sim", backoff_max=0.3, stream="connect_timeout = 2.0", json_logs=True)
     daemon = _Proc(conf, tmp_path)
     try:
         await daemon.start()

@@ -40,7 +40,14 @@ from cometstream.protocol import decode_frame
 from cometstream.simulator import Simulator
 from cometstream.store import plan as plan_mod
 
-from .conftest import PASSWORD, USER, make_config, run_cli, running, toml_str, wait_until
+from .conftest import (
+    PASSWORD,
+    make_config,
+    run_cli,
+    running,
+    wait_until,
+    write_config,
+)
 from .ledger_client import Client
 
 KIB = 1024
@@ -62,25 +69,8 @@ def _forget_secrets() -> Iterator[None]:
 def _conf(tmp_path: Path, url: str, body: str, *, listen: str = "") -> Path:
     """A config file for a `cometstream` subprocess (mode 0600): the server at ``url``, JSON
     logs, the metrics port on ``listen``, then ``body`` (the sinks)."""
-    conf = tmp_path / "c.toml"
-    conf.write_text(f"""
-[server]
-url = "{url}"
-username = "{USER}"
-password = {toml_str(PASSWORD)}
-[stream]
-backoff_initial = 0.05
-backoff_max = 0.2
-[http]
-listen = "{listen}"
-[log]
-format = "json"
-[state]
-dir = "{tmp_path / 'state'}"
-{body}
-""", encoding="utf-8")
-    conf.chmod(0o600)
-    return conf
+    return write_config(tmp_path, url, body, backoff_max=0.2, listen=listen, json_logs=True,
+                        mode=0o600)
 
 
 async def _get(url: str) -> tuple[int, bytes]:

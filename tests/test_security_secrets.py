@@ -43,6 +43,7 @@ from .conftest import (
     running,
     toml_str,
     wait_until,
+    write_config,
 )
 from .peers import HELLO, scripted_server
 
@@ -61,26 +62,8 @@ def _forget_secrets() -> Iterator[None]:
 
 def _conf(tmp_path: Path, url: str, *, password: str = PASSWORD, server: str = "",
           body: str = "", mode: int = 0o600) -> Path:
-    conf = tmp_path / "c.toml"
-    sinks = body or '[sinks.out]\ntype = "stdout"'
-    conf.write_text(f"""
-[server]
-url = "{url}"
-username = "{USER}"
-password = {toml_str(password)}
-{server}
-[stream]
-backoff_initial = 0.05
-backoff_max = 0.2
-connect_timeout = 3
-[http]
-listen = ""
-[state]
-dir = "{tmp_path / 'state'}"
-{sinks}
-""", encoding="utf-8")
-    conf.chmod(mode)
-    return conf
+    return write_config(tmp_path, url, body or '[sinks.out]\ntype = "stdout"', password=password,
+                        server=server, backoff_max=0.2, stream="connect_timeout = 3", mode=mode)
 
 
 async def _communicate(proc: asyncio.subprocess.Process, timeout: float = 30) -> tuple[str, str]:

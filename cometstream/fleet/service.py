@@ -31,11 +31,12 @@ from typing import Any, Final
 
 import structlog
 
+from .._tasks import supervise
 from ..api import AdminClient
 from ..backoff import Backoff
 from ..config import FleetConfig
 from ..constants import SEVT
-from ..errors import ApiError
+from ..errors import ApiError, TaskDied
 from ..events import Event
 from .model import Model, label_value
 from .render import Family, GzipCache, edges, render
@@ -95,6 +96,8 @@ class Fleet:
         self._held_overflow = False
         self._seed_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: background tasks that died of a bug, by name: why (the daemon's /readyz says it)
+        self.dead_tasks: dict[str, str] = {}
         self._refresh: dict[str, None] = {}
         self._epochs: dict[str, int] = {}
         self._generation = 0
@@ -127,9 +130,33 @@ class Fleet:
     def start(self) -> None:
         """Start the background tasks (live-connection refreshes, periodic reseeds)."""
         self._wake = asyncio.Event()
-        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="fleet-refresh"))
+        self._tasks.append(supervise(asyncio.create_task(self._refresh_loop(), name="fleet-refresh"),
+                                     "fleet-refresh", self._refresh_died))
         if self.cfg.reseed_interval > 0:
-            self._tasks.append(asyncio.create_task(self._reseed_loop(), name="fleet-reseed"))
+            self._tasks.append(supervise(asyncio.create_task(self._reseed_loop(),
+                                                             name="fleet-reseed"),
+                                         "fleet-reseed", self._task_died))
+
+    # --- background tasks that die (cometstream._tasks: logged there, once) ---------------------
+    def _task_died(self, died: TaskDied) -> None:
+        self.dead_tasks[died.task] = str(died)
+
+    def _seed_died(self, died: TaskDied) -> None:
+        """The seed's task died: a failed seed; the events kept for it are let go (the next
+        HELLO seeds again)."""
+        self.seeds["error"] += 1
+        self._held = None
+        self._held_overflow = False
+        self._task_died(died)
+
+    def _refresh_died(self, died: TaskDied) -> None:
+        """The live-connection reads died: a failed read; what waited for one is dropped, so
+        that nothing waits for a loop that is gone (the next seed reads them all)."""
+        self.refreshes["error"] += 1
+        self._refresh.clear()
+        if self._wake is not None:
+            self._wake.clear()
+        self._task_died(died)
 
     async def aclose(self) -> None:
         tasks = [t for t in (*self._tasks, self._seed_task, self._warm_task) if t is not None]
@@ -239,7 +266,9 @@ class Fleet:
         if fresh or self._held is None:
             self._held = []
         self._held_overflow = False
-        self._seed_task = asyncio.ensure_future(self._seed_loop())
+        self.dead_tasks.pop("fleet-seed", None)  # (a new seed: the last one's death is history)
+        self._seed_task = supervise(asyncio.ensure_future(self._seed_loop()), "fleet-seed",
+                                    self._seed_died)
 
     async def _seed_loop(self) -> None:
         backoff = Backoff(*self._retry)
@@ -272,7 +301,9 @@ class Fleet:
             self._swap(model, at)
             self.seed_duration = time.monotonic() - t0
             if self._warm_task is None or self._warm_task.done():
-                self._warm_task = asyncio.create_task(self._warm(), name="fleet-gzip-warm")
+                self._warm_task = supervise(
+                    asyncio.create_task(self._warm(), name="fleet-gzip-warm"),
+                    "fleet-gzip-warm", self._task_died)
             left_out = {"series_refused": self._refused_in_seed} if self._refused_in_seed else {}
             log.info("fleet seeded", server=self.server, users=len(model.users),
                      series=model.series, duration=round(self.seed_duration, 3), **left_out)

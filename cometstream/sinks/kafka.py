@@ -277,11 +277,11 @@ class KafkaSink(Sink):
             await producer.start()
         except Exception as exc:
             await _stop_quietly(producer)
-            if self._idempotent and self.idempotence == "auto" and _init_pid_failed(exc):
+            if self._idempotent and self.idempotence == "auto" and _refuses_idempotence(exc):
                 self._no_idempotence()
                 return await self.open()
             hint = ""
-            if self._idempotent and _init_pid_failed(exc):
+            if self._idempotent and _refuses_idempotence(exc):
                 hint = " (the broker refuses the idempotent producer: set idempotence = \"auto\")"
             raise SinkError(self.name, f"cannot connect to Kafka {','.join(self.bootstrap)}: "
                             f"{_describe(exc)}{hint}", retryable=True) from exc
@@ -435,13 +435,9 @@ class KafkaSink(Sink):
         self.sent += accepted
         if exc is None:
             return
-        if self._idempotent and self.idempotence == "auto" and _init_pid_failed(exc):
+        if self._idempotent and self.idempotence == "auto" and _refuses_idempotence(exc):
             self._no_idempotence()
-        # Only a refusal of the message itself is permanent (the pipeline then dead-letters that
-        # one event and goes on). Anything else — the broker down, an ACL or a fenced producer —
-        # is retried with backoff: dead-lettering event after event would empty the queue into
-        # the dead letters while an operator fixes a permission.
-        retryable = not (isinstance(exc, ValueError) or type(exc).__name__ in _PER_MESSAGE)
+        retryable = not _refuses_the_record(exc)
         if retryable:
             await self._reset()  # a fresh producer: reconnects, new metadata
         # a permanent refusal concerns the one event (too large, invalid): the rest goes on
@@ -473,15 +469,45 @@ def _record_size(key: bytes | None, value: bytes, headers: list[tuple[str, bytes
     return int(DefaultRecordBatchBuilder.estimate_size_in_bytes(key, value, headers))
 
 
-#: errors about one message (too large, corrupt): it is refused, the others go on
-_PER_MESSAGE: Final = frozenset({"MessageSizeTooLargeError", "CorruptRecordException",
-                                 "RecordListTooLargeError"})
+def _refuses_the_record(exc: BaseException) -> bool:
+    """Whether a failed send is a final refusal of the record itself: then that one event is
+    dead-lettered and the others go on. The retry rule, read from aiokafka's own flag:
+
+    - ``exc.retriable`` (the broker down or electing a leader, a request timed out): retried;
+    - not retriable, and about the record: the broker's or the client's refusal of its size or
+      its bytes (``MessageSizeTooLargeError``, ``RecordListTooLargeError``,
+      ``CorruptRecordException``; the sink's own size checks raise ``ValueError``): refused;
+    - not retriable, and about the sink (not authorized, the producer closed or fenced, the
+      delivery deadline, which aiokafka leaves unmarked): retried with backoff, with a fresh
+      producer, until fixed: dead-lettering event after event would empty the queue into the
+      dead letters while an operator fixes a permission.
+    """
+    if getattr(exc, "retriable", False):
+        return False
+    from aiokafka.errors import (
+        CorruptRecordException,
+        MessageSizeTooLargeError,
+        RecordListTooLargeError,
+    )
+
+    return isinstance(exc, (ValueError, MessageSizeTooLargeError, RecordListTooLargeError,
+                            CorruptRecordException))
 
 
-def _init_pid_failed(exc: BaseException) -> bool:
-    return type(exc).__name__ in ("UnknownError", "UnsupportedVersionError",
-                                  "ClusterAuthorizationFailedError") or \
-        "InitProducerId" in str(exc)
+def _refuses_idempotence(exc: BaseException) -> bool:
+    """Whether ``exc`` is the broker's refusal of the idempotent producer. aiokafka asks for a
+    producer id (InitProducerId) in ``start()``, and again from its sender task, and raises the
+    broker's answer itself, final (not ``retriable``): UNKNOWN_SERVER_ERROR from brokers that do
+    not implement the request, UNSUPPORTED_VERSION from old ones, CLUSTER_AUTHORIZATION_FAILED
+    where the principal may not write idempotently."""
+    from aiokafka.errors import (
+        ClusterAuthorizationFailedError,
+        UnknownError,
+        UnsupportedVersionError,
+    )
+
+    return not getattr(exc, "retriable", False) and isinstance(
+        exc, (UnknownError, UnsupportedVersionError, ClusterAuthorizationFailedError))
 
 
 def _describe(exc: BaseException) -> str:
@@ -494,25 +520,17 @@ def _password(options: Section) -> str:
     if env is not None:
         return env
     inline = options.opt_str("sasl_password", secret=True)
-    path = options.path("sasl_password_file")
-    if inline is not None and path is not None:
+    if inline is not None and options.path("sasl_password_file") is not None:
         raise options.error("sasl_password_file", "set either sasl_password or sasl_password_file")
     if inline is not None:
         return inline
-    if path is None:
+    from ..config import read_secret_file  # (the one rule: tap/dlq list, line breaks, errors)
+
+    secret = read_secret_file(options, "sasl_password_file")
+    if secret is None:
         raise options.error("sasl_password", "is required for SASL (or sasl_password_file, or "
                             "COMETSTREAM_KAFKA_PASSWORD)")
-    from ..section import note_secret, secret_files_wanted
-
-    if not secret_files_wanted():  # cometstream tap / dlq list: not needed, not read
-        return "-"
-    note_secret(options.key("sasl_password_file"), path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise options.error("sasl_password_file", f"cannot read {path}: "
-                            f"{exc.strerror or exc}") from None
-    return text[:-1] if text.endswith("\n") else text
+    return secret.reveal()
 
 
 async def _stop_quietly(producer: Any) -> None:
