@@ -25,7 +25,7 @@ import random
 import re
 import ssl
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, Self
 
 import aiohttp
 import orjson
@@ -106,7 +106,7 @@ class AdminClient:
         self._inflight: dict[tuple[str, tuple[tuple[str, str], ...]], asyncio.Future[Any]] = {}
         self._running: set[asyncio.Future[Any]] = set()
 
-    async def __aenter__(self) -> AdminClient:
+    async def __aenter__(self) -> Self:
         self._open()
         return self
 

@@ -179,7 +179,7 @@ def _run_async(coro: Coroutine[Any, Any, int]) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(coro)
-    return uvloop.run(coro)  # type: ignore[no-any-return]
+    return uvloop.run(coro)
 
 
 def _err(msg: str) -> None:
@@ -234,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
-    except Exception as exc:  # the unexpected: one line, and the traceback for a bug report
+    except Exception as exc:  # noqa: BLE001 - the unexpected: one line, and the traceback for a bug report
         _err(f"fatal: {exc.__class__.__name__}: {exc}")
         import traceback
 
@@ -518,7 +518,7 @@ def _tap_pretty(line: bytes, colour: bool) -> bytes:
                    received_at=float(env.get("received_at", 0.0)),
                    server=str(env.get("server", "")))
         text = pretty_line(ev, colour=colour)
-    except Exception:  # an event shaped like nothing we know: show it as it came
+    except Exception:  # noqa: BLE001 - an event shaped like nothing we know: show it as it came
         text = line.decode("utf-8", "replace")
     return (text + "\n").encode("utf-8", "replace")
 

@@ -44,9 +44,9 @@ __all__ = [
     "DEFAULT_PATH",
     "Config",
     "FleetConfig",
-    "RedactConfig",
     "HttpConfig",
     "LogConfig",
+    "RedactConfig",
     "ResyncConfig",
     "Secret",
     "Section",
@@ -280,8 +280,9 @@ def read_secret_file(sect: Section, name: str) -> Secret | None:
     """The secret in the file the option ``name`` names, or None when the option is not set:
     every ``*_file`` secret of the server and of the sinks is read here. The file is read as
     text (``\r\n`` and ``\r`` are line breaks), and its one final line break is not part of the
-    secret; everything else is, spaces included (the rule of systemd credentials too). While a tool that needs no secrets reads
-    the config (``tap``, ``dlq list``) the file is not opened: a placeholder is returned."""
+    secret; everything else is, spaces included (the rule of systemd credentials too). While a
+    tool that needs no secrets reads the config (``tap``, ``dlq list``) the file is not opened:
+    a placeholder is returned."""
     path = sect.path(name)
     if path is None:
         return None
@@ -300,7 +301,7 @@ def read_secret_file(sect: Section, name: str) -> Secret | None:
 def _without_final_newline(text: str) -> str:
     """Only the final line break goes: a password may begin or end with spaces. (``text`` was
     read with universal newlines: ``\r\n`` and ``\r`` arrive as ``\n``.)"""
-    return text[:-1] if text.endswith("\n") else text
+    return text.removesuffix("\n")
 
 
 #: how each secret is called in messages

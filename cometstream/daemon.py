@@ -32,15 +32,14 @@ from typing import Any, Final
 import structlog
 from prometheus_client import CollectorRegistry
 
+from ._tasks import supervise
 from .api import AdminClient
 from .backoff import Backoff
-from .config import Config, SinkConfig
-from .config import parse_listen
+from .config import Config, SinkConfig, parse_listen
 from .delivery.gate import Gate
 from .delivery.ledger import Ledger, Position
 from .delivery.state import StateDiff
 from .delivery.tracker import Tracker
-from ._tasks import supervise
 from .errors import ApiError, ConfigError, CredentialsRejected, LedgerError, TaskDied
 from .events import Event
 from .fleet import Fleet
@@ -52,7 +51,7 @@ from .observe.systemd import Notifier, connected_status
 from .pipeline import DiskBuffer, MemoryBuffer, Pipeline
 from .preflight import dir_problem
 from .redact import Redactor
-from .resync import ResyncResult, Resyncer
+from .resync import Resyncer, ResyncResult
 from .sinks import Sink, resolve_sink_class
 from .store import StateLock
 from .stream import Supervisor, make_ssl_context
@@ -635,12 +634,12 @@ class Daemon:
             self.ledger.stop()  # after the commit in progress, if any
             try:
                 await asyncio.wait_for(asyncio.shield(spooler), max(cfg.shutdown_timeout, 5.0))
-            except (TimeoutError, asyncio.CancelledError, Exception):
-                spooler.cancel()
+            except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001 - any end
+                spooler.cancel()  # of the wait: the commit loop stops here (its failure is logged)
             try:
                 # what is pending, every sink's cursor, and the state they make true
                 await self.ledger.close({r.name: r.types for r in self.pipeline.routes})
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - shutting down: say it, stop anyway
                 log.error("ledger close failed", error=str(exc))
             self._report_left()
             self.tracker.drop_pending()

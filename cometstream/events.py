@@ -16,10 +16,10 @@ from .constants import SEVT, SEVT_NAMES, job_status_name
 
 __all__ = [
     "FORMATS",
-    "ORIGINS",
-    "Event",
     "JOB_COMPLETED",
     "JOB_TYPES",
+    "ORIGINS",
+    "Event",
     "completion_key",
     "type_label",
 ]
@@ -66,8 +66,17 @@ def type_label(type_: int) -> str:
 class Event:
     """One StreamableEvent. ``raw`` is a single line of JSON (the server's bytes, line breaks folded)."""
 
-    __slots__ = ("raw", "_doc", "type", "origin", "received_at", "server", "seq", "_type_name",
-                 "key")
+    __slots__ = (
+        "_doc",
+        "_type_name",
+        "key",
+        "origin",
+        "raw",
+        "received_at",
+        "seq",
+        "server",
+        "type",
+    )
 
     def __init__(
         self,

@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import os
 import re
-
-import orjson
 from collections.abc import Iterable
 from typing import Any, Final
+
+import orjson
 
 from .errors import DuplicateKey
 from .events import JOB_TYPES, Event
@@ -86,7 +86,7 @@ _NEEDLES: Final = ("pass", "secret", "key", "token", "credential", "recovery", "
 #: it is most of a profile's objects, and changes after every job.
 NO_SECRETS: Final = frozenset({"Statistics"})
 #: values not worth replacing (nothing to hide)
-_EMPTY: Final = (None, "", [], {}, MARK)
+_EMPTY: Final[tuple[object, ...]] = (None, "", [], {}, MARK)
 #: lower-cased key names: the same test without IGNORECASE (several times faster)
 _LOWER: Final = re.compile(SECRET_KEY_PATTERN.pattern)
 
@@ -234,7 +234,7 @@ class Redactor:
 
     def profile(self, profile: dict[str, Any]) -> dict[str, Any]:
         """A redacted copy of a profile (for synthesized account events)."""
-        out = _copy(profile)
+        out: dict[str, Any] = _copy(profile)
         if self.enabled:
             self._walk(out)
         return out
@@ -255,10 +255,7 @@ def rewrites_numbers(raw: bytes, out: bytes) -> bool:
 
 
 def _mentions_secret(lowered: str) -> bool:
-    for needle in _NEEDLES:
-        if needle in lowered:
-            return True
-    return False
+    return any(needle in lowered for needle in _NEEDLES)
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> None:

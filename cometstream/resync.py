@@ -42,7 +42,6 @@ from .delivery.identity import (
     ACCOUNT_UPDATED,
     DEVICE_NEW,
     DEVICE_REMOVED,
-    JOB_COMPLETED,
     JOB_NEW,
     Action,
     account_entry,
@@ -51,7 +50,7 @@ from .delivery.identity import (
 )
 from .delivery.tracker import Tracker
 from .errors import ApiError, ResponseTooLarge
-from .events import Event, dump_json
+from .events import JOB_COMPLETED, Event, dump_json
 from .redact import Redactor
 from .runtime import gc_paused
 

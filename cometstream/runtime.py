@@ -4,8 +4,9 @@ Only the commands that run the daemon (``run``, and ``demo``, which runs it agai
 simulator) call :func:`tune_for_daemon`, before the event loop starts; the short-lived commands
 (``check``, ``backfill``, ``dlq``, ``tap``, ``simulate``) keep CPython's defaults. Nothing else in
 the package changes these settings, except :func:`gc_paused`, which turns the collector off
-for a stretch of synchronous work and back to what it was before anything else runs. The figures behind the values are measured by
-``benchmarks/throughput.py`` and recorded in ``docs/performance.md`` ("Interpreter settings").
+for a stretch of synchronous work and back to what it was before anything else runs. The
+figures behind the values are measured by ``benchmarks/throughput.py`` and recorded in
+``docs/performance.md`` ("Interpreter settings").
 """
 
 from __future__ import annotations

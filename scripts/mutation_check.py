@@ -110,8 +110,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         file="cometstream/delivery/ledger.py",
         old="            self._wake_waiters(error)",
         new="            pass",
-        tests=("tests/test_ledger.py::"
-               "test_an_unexpected_commit_failure_fails_the_waiters_and_is_logged_once",),
+        tests=(("tests/test_ledger.py::"
+                "test_an_unexpected_commit_failure_fails_the_waiters_and_is_logged_once"),),
     ),
     # --- cursors
     Mutation(

@@ -277,6 +277,7 @@ def _opts(**kw: Any) -> Section:
     ({"bootstrap_servers": "nohostport"}, "sinks.bus.bootstrap_servers", "host:port"),
     ({"topic": ""}, "sinks.bus.topic", "empty"),
     ({"topic": "a.{Data..x}"}, "sinks.bus.topic", "bad field"),
+    ({"key": "{Data..x}"}, "sinks.bus.key", "bad field"),
     ({"acks": "two"}, "sinks.bus.acks", 'expected 0, 1 or "all"'),
     ({"acks": 1, "idempotence": True}, "sinks.bus.idempotence", 'acks = "all"'),
     ({"compression": "brotli"}, "sinks.bus.compression", "expected one of"),

@@ -53,7 +53,7 @@ def resolve_sink_class(type_: str, *, key: str = "type") -> type[Sink]:
         if ep.name == type_:
             try:
                 cls = ep.load()
-            except Exception as exc:  # a broken plugin is a config problem, in one line
+            except Exception as exc:  # noqa: BLE001 - a broken plugin is a config problem, in one line
                 raise ConfigError(key, f'sink plugin "{type_}" ({ep.value}) failed to load: '
                                   f"{exc.__class__.__name__}: {exc}") from None
             if not (isinstance(cls, type) and issubclass(cls, Sink)):

@@ -33,9 +33,9 @@ import os
 import stat
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import structlog
 
@@ -47,12 +47,14 @@ from .base import Sink
 if TYPE_CHECKING:
     from typing import Self
 
-    from ..section import Section
     from ..events import Event
+    from ..section import Section
 
 __all__ = ["FileSink"]
 
 log = structlog.get_logger("cometstream.sinks.file")
+
+T = TypeVar("T")
 
 FSYNC_MODES: Final = ("always", "batch", "never")
 _BATCH_FSYNC_INTERVAL: Final = 1.0
@@ -163,11 +165,8 @@ class FileSink(Sink):
             if not batch:
                 self._consume(seen)
                 return
-        fmt = self.format
-        if fmt == "event":
-            lines = [ev.raw for ev in batch]
-        else:
-            lines = [ev.envelope() for ev in batch]
+        lines = ([ev.raw for ev in batch] if self.format == "event"
+                 else [ev.envelope() for ev in batch])
         await self._run(self._write_sync, lines)
         if seen:
             self._consume(seen)
@@ -194,7 +193,7 @@ class FileSink(Sink):
     def reopen(self) -> None:
         self._reopen = True
 
-    async def _run(self, fn, *args):  # type: ignore[no-untyped-def]
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         assert self._writer is not None, "sink not open"
         try:
             return await self._writer.run(fn, *args)

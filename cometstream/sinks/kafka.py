@@ -130,8 +130,10 @@ class Template:
 def _codec_available(name: str) -> bool:
     from aiokafka import codec
 
-    return {"none": True, "gzip": codec.has_gzip(), "snappy": codec.has_snappy(),
-            "lz4": codec.has_lz4(), "zstd": codec.has_zstd()}[name]
+    available: dict[str, bool] = {
+        "none": True, "gzip": codec.has_gzip(), "snappy": codec.has_snappy(),
+        "lz4": codec.has_lz4(), "zstd": codec.has_zstd()}
+    return available[name]
 
 
 class KafkaSink(Sink):
@@ -188,10 +190,13 @@ class KafkaSink(Sink):
                 raise options.error("bootstrap_servers", f'expected "host:port", got "{server}"')
         try:
             topic = Template(options.str("topic", required=True, allow_empty=False))
-            key_text = options.str("key", "")
-            key = Template(key_text) if key_text else None
         except ValueError as exc:
-            raise options.error("topic" if "topic" not in str(exc) else "topic", str(exc)) from None
+            raise options.error("topic", str(exc)) from None
+        key_text = options.str("key", "")
+        try:
+            key = Template(key_text) if key_text else None
+        except ValueError as exc:  # (a bad key template is the key's problem, not the topic's)
+            raise options.error("key", str(exc)) from None
         fmt = options.str("format", cls.default_format)
         acks_raw = options.raw("acks", "all")
         if acks_raw not in (0, 1, "all", -1) or isinstance(acks_raw, bool):
@@ -302,7 +307,7 @@ class KafkaSink(Sink):
         if self._producer is not None:
             try:
                 await asyncio.wait_for(self._producer.stop(), 10)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - closing: any failure is logged, not raised
                 log.warning("kafka producer close failed", sink=self.name, error=_describe(exc))
             self._producer = None
 
@@ -343,9 +348,9 @@ class KafkaSink(Sink):
             cache.clear()
         from aiokafka.partitioner import murmur2
 
-        p = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
-        cache[(topic, key)] = (len(partitions), p)
-        return p
+        chosen: int = partitions[(murmur2(key) & 0x7FFFFFFF) % len(partitions)]
+        cache[(topic, key)] = (len(partitions), chosen)
+        return chosen
 
     async def send(self, batch: Sequence[Event]) -> None:
         """One record batch per partition (aiokafka's ``send_batch``), rather than a ``send``
@@ -395,8 +400,8 @@ class KafkaSink(Sink):
                     del open_batches[(topic, partition)]
                     try:
                         await submit(topic, partition, *slot)
-                    except Exception as exc:
-                        unsent = exc
+                    except Exception as failed:
+                        unsent = failed
                         raise
                 builder = producer.create_batch()
                 if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
@@ -405,15 +410,15 @@ class KafkaSink(Sink):
                 open_batches[(topic, partition)] = (len(futures), builder)
                 futures.append(_UNSENT)
                 owner.append(len(futures) - 1)
-        except Exception as exc:  # noqa: BLE001 - aiokafka raises asserts too (a shrunk topic)
-            stopped = exc
+        except Exception as failure:  # noqa: BLE001 - aiokafka raises asserts too (a shrunk topic)
+            stopped = failure
         for (topic, partition), slot in open_batches.items():
             if unsent is not None:
                 break  # the producer is failing: the rest is not handed over
             try:
                 await submit(topic, partition, *slot)
-            except Exception as exc:
-                unsent = exc
+            except Exception as failed:  # noqa: BLE001 - what stops the producer ends the send
+                unsent = failed
         # wait for what was handed to the producer before anything else: it may be delivered
         gathered = iter(await asyncio.gather(*(f for f in futures if f is not _UNSENT),
                                              return_exceptions=True))
@@ -536,5 +541,5 @@ def _password(options: Section) -> str:
 async def _stop_quietly(producer: Any) -> None:
     try:
         await asyncio.wait_for(producer.stop(), 5)
-    except Exception:
-        pass
+    except Exception as exc:  # noqa: BLE001 - a producer thrown away: its close may fail any way
+        log.debug("discarded kafka producer failed to close", error=_describe(exc))

@@ -219,7 +219,7 @@ class StdoutSink(Sink):
     def _pretty(self, ev: Event) -> str:
         try:
             return pretty_line(ev, colour=self.colour) + "\n"
-        except Exception:  # an event shaped like nothing we know: show it as it came
+        except Exception:  # noqa: BLE001 - an event shaped like nothing we know: show it as it came
             return ev.raw.decode("utf-8", "replace") + "\n"
 
     async def aclose(self) -> None:
