@@ -602,7 +602,9 @@ class Daemon:
         stopper = asyncio.create_task(stop.wait(), name="stop")
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
         saver = asyncio.create_task(self._status_loop(), name="status")
-        spooler = asyncio.create_task(self.ledger.run(), name="ledger")
+        # (the loop fails its own waiters if it dies: the rule adds the log line and /readyz)
+        spooler = supervise(asyncio.create_task(self.ledger.run(), name="ledger"), "ledger",
+                            lambda died: self.dead_tasks.__setitem__(died.task, str(died)))
         if self.fleet is not None:
             self.fleet.start()
         self.notifier.ready()

@@ -625,10 +625,10 @@ async def test_a_sink_worker_that_dies_is_logged_marked_failing_and_blocks_nobod
             more = sim.emit_many(20)  # a dead sink's full queue holds up nothing
             await wait_until(lambda: d.sink_stats("file").delivered == 71, what="more")
             assert path.read_bytes().splitlines()[51:] == more
-            assert await d.stopped() == 0
-    deaths = [e for e in logs if e["event"].startswith("sink worker stopped")]
+            await d.stopped()
+    deaths = [e for e in logs if e["event"] == "background task died"]
     assert len(deaths) == 1 and isinstance(deaths[0]["exc_info"], _Fatal)
-    assert deaths[0]["log_level"] == "error" and deaths[0]["sink"] == "dies"
+    assert deaths[0]["log_level"] == "error" and deaths[0]["task"] == "sink dies"
 
 
 async def test_an_ack_listener_that_raises_fails_the_sink_instead_of_hanging() -> None:

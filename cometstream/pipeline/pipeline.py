@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Final
 
 import structlog
 
+from .._tasks import supervise
 from ..backoff import Backoff
-from ..errors import SinkError
+from ..errors import SinkError, TaskDied
 from .ack import AckListener, Acks, DeadLetters
 from .buffer import Buffer, MemoryBuffer
 from .engine import Delivery
@@ -210,24 +211,20 @@ class Pipeline:
                 release=partial(self.buffer.release, self.delivered_through),
                 backoff=lambda: Backoff(self.retry_initial, self.retry_max, rand=self.rand),
                 pause=self._pause)
-            route.task = asyncio.create_task(delivery.run(), name=f"sink-{route.name}")
-            route.task.add_done_callback(partial(self._worker_done, route))
+            route.task = supervise(
+                asyncio.create_task(delivery.run(), name=f"sink-{route.name}"),
+                f"sink {route.name}", partial(self._worker_died, route))
 
     @staticmethod
-    def _worker_done(route: Route, task: asyncio.Task[None]) -> None:
-        """A worker that ends other than by returning or being cancelled died: say so once,
-        with the traceback; the sink is failing and nothing waits on it any more."""
-        if task.cancelled() or task.exception() is None:
-            return
-        exc = task.exception()
-        assert exc is not None
+    def _worker_died(route: Route, died: TaskDied) -> None:
+        """The background-task rule for a sink's worker (logged once by :func:`supervise`):
+        the sink is failing until a restart, and nothing waits on it any more."""
+        exc = died.__cause__ if died.__cause__ is not None else died
         route.crash(exc)
         stats = route.stats
         stats.errors += 1
         stats.failing = True
         stats.last_error = f"sink {route.name}: worker stopped: {describe(exc)}"
-        log.error("sink worker stopped: the sink gets no more events until a restart",
-                  sink=route.name, exc_info=exc)
 
     async def _pause(self, delay: float) -> None:
         await asyncio.sleep(delay)
