@@ -35,7 +35,7 @@ import structlog
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
-from cometstream.simulator.api import AdminAPI
+from cometstream.simulator.api import AdminAPI, encode_json
 from cometstream.simulator.auth import HANDSHAKE_FRAMES, Credentials
 from cometstream.simulator.world import World, server_meta_version_info
 from cometstream.simulator.world import event as make_event
@@ -448,6 +448,7 @@ class Simulator:
             start_hash=self.server_start_hash,
             now=int(self.clock()),
             configured_devices=self.world.device_count(),
+            self_backup=self.world.self_backups,
         )
 
     async def drop_clients(self) -> None:
@@ -559,7 +560,7 @@ class Simulator:
 
     def _hello(self) -> bytes:
         data = self.meta_version_info()
-        return orjson.dumps(
+        return encode_json(
             make_event(
                 "SEVT_META_HELLO",
                 actor="",
