@@ -537,6 +537,146 @@ async def test_seeds_again_every_reseed_interval(fsim: Simulator, tmp_path: Path
         await compare(d, fsim, clock, True)
 
 
+async def test_the_check_finds_what_no_event_tells(fsim: Simulator, tmp_path: Path,
+                                                   clock: Clock) -> None:
+    """A running job abandoned without an event, a device an administrator registered (its
+    live connection told to nobody) and a self-backup run show on /metrics as the exporter
+    shows them once the periodic check has run (check_interval short here), without a full
+    read: the job's final state in its item's last backup and in the recent jobs."""
+    cfg = FleetConfig(enabled=True, check_interval=0.2)
+    world = fsim.world
+    async with fleet_daemon(fsim, tmp_path, clock, fleet_config=cfg) as d:
+        await d.quiet()
+        seeds = d.fleet.seeds["ok"]
+        guid = next(iter(world.running))
+        assert guid in d.fleet.model.running
+        job = world.jobs[guid]
+        clock.now += 600
+        world.abandon(guid)  # (no event)
+        user = next(iter(world.users))
+        registered = world.add_device(user, actor=world.admin)
+        device = registered["ResourceID"]
+        received = d.daemon.metrics.stream.events_received
+        fsim.emit(registered)
+        world.connect_device(user, device)  # (its event told to nobody)
+        world.run_self_backup(success=False, size=12345)
+        await d.quiet(received + 1)
+        await wait_until(lambda: guid not in d.fleet.model.running
+                         and not d.fleet.model.unplaced
+                         and d.fleet.model.self_backups[0][1] == 12345, what="a check")
+        assert d.fleet.seeds["ok"] == seeds  # (no full read did it)
+        figures = await compare(d, fsim, clock, True)
+        status = {dict(lab)["status"]: v for (n, lab), v in figures.items()
+                  if n == "cometserver_lastbackup_status"
+                  and ("protected_item_id", job["SourceGUID"]) in lab}
+        assert status["error"] == 1
+        assert [v for (n, lab), v in figures.items() if n == "cometserver_device_is_online"
+                and ("device_id", device) in lab] == [1]
+        assert figures[("cometserver_selfbackup_success",
+                        frozenset({("selfbackup_index", "0")}))] == 0
+
+
+async def test_events_held_during_a_seed_are_bounded_in_bytes(
+        fsim: Simulator, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past HOLD_MAX_BYTES of events kept for the replay while a (slow) seed reads, they are
+    let go, said once, and the fleet is read again once that seed is in: the figures are
+    still the exporter's."""
+    from cometstream.fleet import service
+
+    monkeypatch.setattr(service, "HOLD_MAX_BYTES", 20_000)
+    world = fsim.world
+    with structlog.testing.capture_logs() as logs:
+        async with fleet_daemon(fsim, tmp_path, clock) as d:
+            await d.quiet()
+            seeds = d.fleet.seeds["ok"]
+            fsim.faults.api_delay = 0.3
+            await fsim.drop_clients()
+            await wait_until(lambda: d.fleet.seeding and d.fleet.connected, what="the seed")
+            received = d.daemon.metrics.stream.events_received
+            sent = sum(len(fsim.emit(world.update_account())) for _ in range(20))
+            assert sent > 20_000
+            await wait_until(lambda: d.daemon.metrics.stream.events_received >= received + 20,
+                             what="the events")
+            assert d.fleet.seeding  # (they came during the seed)
+            fsim.faults.api_delay = 0.0
+            await wait_until(lambda: d.fleet.seeds["ok"] >= seeds + 2, timeout=10,
+                             what="the seed and the one made again")
+            await d.quiet()
+            await compare(d, fsim, clock, True)
+    said = [e for e in logs if "too many events" in e["event"]]
+    assert len(said) == 1
+
+
+def test_users_and_running_jobs_count_against_max_series() -> None:
+    """A user (items or not) and a running job reserve a series each: past max_series they
+    are refused (and counted), and a job's ends when it completes."""
+    refused: list[int] = []
+    model = Model(max_series=10, refused=refused.append)
+    for i in range(20):
+        model.put_user(f"u{i}", {"Username": f"u{i}", "Sources": None})
+    assert len(model.users) == 10 and sum(refused) == 10 and model.series == 10
+    model = Model(max_series=5, refused=refused.append)
+    for i in range(8):
+        model.recent_job({"GUID": f"j{i}", "StartTime": T0, "EndTime": 0, "Status": 6001})
+    assert len(model.running) == 5 and model.series == 5
+    model.recent_job({"GUID": "j0", "StartTime": T0, "EndTime": T0 + 9, "Status": 5000})
+    assert "j0" not in model.running and model.series == 4
+    model.recent_job({"GUID": "j7", "StartTime": T0, "EndTime": 0, "Status": 6001})
+    assert "j7" in model.running and model.series == 5
+
+
+async def test_hostile_figures_keep_the_exposition_parseable(
+        fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
+    """Figures beyond a double (10^400, 1e400, -10^400, -1e400), NaN-ish strings and null
+    lists, from the API and from the stream: the whole exposition parses (prometheus-client's
+    parser, and promtool's when installed: no parse error), the out-of-range ones written
+    +Inf/-Inf, never as digits, counted, and logged once."""
+    world = fsim.world
+    user, other = list(world.users)[:2]
+    profile = world.users[user]
+    item_id = next(iter(profile["Sources"]))
+    last = profile["Sources"][item_id]["Statistics"]["LastBackupJob"]
+    last.update(TotalSize=10**400, UploadSize=-(10**400), DownloadSize="NaN",
+                TotalFiles="Infinity")
+    vault = next(iter(profile["Destinations"].values()))
+    vault["Statistics"]["ClientProvidedSize"]["Size"] = 10**400
+    vault.update(StorageLimitEnabled=True, StorageLimitBytes=-(10**400))
+    world.users[other]["Devices"] = None  # (null lists)
+    world.self_backups[0].update(LastRunSize=10**400, LastRunEnd="NaN")
+    with structlog.testing.capture_logs() as logs:
+        async with fleet_daemon(fsim, tmp_path, clock) as d:
+            await d.quiet()
+            guid = world.start_job(username=user)["ResourceID"]
+            clock.now += 60
+            job = dict(world.complete_job(guid, status=5000)["Data"])
+            raw = json.dumps({"Type": 4201, "Data": {**job, "TotalSize": 1, "UploadSize": 2,
+                                                     "TotalFiles": None}}, separators=(",", ":"))
+            raw = raw.replace('"TotalSize":1', '"TotalSize":1e400').replace(
+                '"UploadSize":2', '"UploadSize":-1e400')
+            received = d.daemon.metrics.stream.events_received
+            fsim.emit(raw)
+            await d.quiet(received + 1)
+            text = await d.scrape()
+    assert not re.search(r" [-+]?\d{310,}$", text, re.MULTILINE)
+    figures = parse(text)
+    mine = [(n, v) for (n, lab), v in figures.items() if ("username", user) in lab]
+    assert ("cometserver_lastbackup_file_size_bytes", float("inf")) in mine
+    assert ("cometserver_lastbackup_upload_size_bytes", float("-inf")) in mine
+    assert ("cometserver_storagevault_quota_bytes", float("-inf")) in mine
+    assert figures[("cometserver_selfbackup_filesize",
+                    frozenset({("selfbackup_index", "0")}))] == float("inf")
+    assert " +Inf\n" in text and " -Inf\n" in text
+    out_of_range = parse(text, "cometstream_fleet_values")
+    assert out_of_range[("cometstream_fleet_values_out_of_range_total",
+                         frozenset({("server", "sim")}))] >= 5
+    assert len([e for e in logs if "beyond a double" in e["event"]]) == 1
+    if shutil.which("promtool"):
+        proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                              text=True, timeout=60, check=False)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode != 1 and "error while linting" not in said, said[:500]
+
+
 def test_fleet_config_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """[fleet] is off by default; unknown keys and bad values are one-line errors naming the
     key; enabling it without an HTTP endpoint is an error."""
