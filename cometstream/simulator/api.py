@@ -160,6 +160,7 @@ class ApiFaults(Protocol):
     api_down: bool
     api_reject: bool
     api_delay: float
+    api_stall: frozenset[str]
     api_dribble: float  # > 0: answers go out a byte at a time, this many seconds apart
     api_fail_next: int  # counted down here
     null_lists: bool
@@ -228,6 +229,8 @@ class AdminAPI:
         faults = sim.faults
         if faults.api_delay > 0:
             await asyncio.sleep(faults.api_delay)
+        while path in faults.api_stall:  # (a fault: a peer's timing, not a test's)
+            await asyncio.sleep(0.05)
         if faults.api_down:
             return web.Response(status=503, text="503 Service Unavailable (simulated outage)\n")
         if faults.api_fail_next > 0:
