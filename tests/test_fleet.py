@@ -716,6 +716,15 @@ def test_promtool_accepts_the_fleet_rules(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_the_shipped_prometheus_config_loads_every_rule_file() -> None:
+    """docs/monitoring/prometheus.yml loads the fleet's alert rules as well as cometstream's."""
+    config = (MON / "prometheus.yml").read_text()
+    listed = set(re.findall(r"^\s*-\s*([\w-]+\.yml)", config.partition("rule_files:")[2]
+                            .partition("scrape_configs:")[0], re.MULTILINE))
+    assert listed == {p.name for p in MON.glob("*alerts.yml")} == {"alerts.yml",
+                                                                    "fleet-alerts.yml"}
+
+
 @needs_promtool
 def test_every_fleet_dashboard_query_parses(tmp_path: Path) -> None:
     """Each query of the fleet dashboard is valid PromQL (promtool parses it as a rule)."""
