@@ -287,7 +287,7 @@ class Fleet:
                 continue
             overflow = self._held_overflow
             if not overflow or not self.current:
-                # (after a overflow: the figures of a new connection are not the server's
+                # (after an overflow: the figures of a new connection are not the server's
                 # present anyway, the read's are newer; a current model keeps taking the
                 # events until the read made again is in)
                 self._swap(model, at)
@@ -390,11 +390,12 @@ class Fleet:
             if generation != self._generation:
                 return
             still = set()
-            for job in listed:
-                still.add(job.get("GUID"))
-                model.recent_job(job)
+            for running in listed:
+                still.add(running.get("GUID"))
+                model.recent_job(running)
             ended = [g for g in believed if g not in still and g in model.running]
             for guid in ended[:CHECK_LOOKUPS]:
+                job: dict[str, Any] | None
                 try:
                     job = await self.api.job_properties(guid)
                 except ApiError as exc:
