@@ -625,6 +625,25 @@ def test_users_and_running_jobs_count_against_max_series() -> None:
     assert "j7" in model.running and model.series == 5
 
 
+def test_a_device_an_administrator_registered_waits_to_be_placed() -> None:
+    """SEVT_DEVICE_NEW by an administrator keeps the device aside (reserving its series) until
+    a live connection names its user; revoked or in its user's profile meanwhile, it goes."""
+    model = Model(max_series=100)
+    model.put_user("ann", {"Username": "ann", "Devices": {}})
+    config = {"FriendlyName": "WS-1", "PlatformVersion": {"os": "windows", "arch": "amd64"}}
+    for device in ("d1", "d2", "d3"):
+        model.device_new("admin", device, config)
+    assert set(model.unplaced) == {"d1", "d2", "d3"} and model.series == 1 + 3 * 3
+    model.connect("ann", "d1", "25.9.6")
+    assert [d.id for d in model.users["ann"].devices] == ["d1"] and "d1" not in model.unplaced
+    model.remove_device(model.owner_of("d2"), "d2")
+    model.put_user("ann", {"Username": "ann", "Devices": {"d1": config, "d3": config}})
+    assert model.unplaced == {} and model.series == 1 + 2 * 3
+    online = [v for (n, lab), v in parse(render(model, T0).decode()).items()
+              if n == "cometserver_device_is_online" and ("device_id", "d1") in lab]
+    assert online == [1]
+
+
 async def test_hostile_figures_keep_the_exposition_parseable(
         fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
     """Figures beyond a double (10^400, 1e400, -10^400, -1e400), NaN-ish strings and null

@@ -502,7 +502,7 @@ class Model:
 
     def remove_device(self, name: str, device_id: str) -> None:
         """A device revoked (SEVT_DEVICE_REMOVED): it goes, with its protected items and its
-        live connection."""
+        live connection (``name`` "": one not placed, if it is)."""
         self._unplace(device_id)
         user = self.users.get(name)
         if user is None:

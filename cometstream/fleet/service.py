@@ -231,9 +231,8 @@ class Fleet:
                 # connection, the check, an account update or the next seed)
         elif t == _DEVICE_REMOVED:
             device = _str(doc.get("ResourceID"))
-            owner = model.owner_of(device, _str(doc.get("Actor"))) if device else ""
-            if owner:
-                model.remove_device(owner, device)
+            if device:  # (no owner: one not placed yet, or none)
+                model.remove_device(model.owner_of(device, _str(doc.get("Actor"))), device)
         else:  # a live connection
             conn = data if isinstance(data, dict) else {}
             device = _str(conn.get("DeviceID")) or _str(doc.get("ResourceID"))
