@@ -708,6 +708,8 @@ def test_fleet_config_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[s
             ({"max_series": "lots"}, "127.0.0.1:0", "fleet.max_series", "expected an integer"),
             ({"max_series": 0}, "127.0.0.1:0", "fleet.max_series", "between 1 and"),
             ({"reseed_interval": 5}, "127.0.0.1:0", "fleet.reseed_interval", ">= 60"),
+            ({"check_interval": 5}, "127.0.0.1:0", "fleet.check_interval", ">= 10"),
+            ({"check_interval": -1}, "127.0.0.1:0", "fleet.check_interval", "must be >= 0"),
             ({"enabled": True}, "", "fleet.enabled", "[http] listen")):
         with pytest.raises(ConfigError) as err:
             make_config("http://127.0.0.1:1/", tmp_path, http={"listen": http}, fleet=fleet)
