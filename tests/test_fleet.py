@@ -589,16 +589,18 @@ async def test_events_held_during_a_seed_are_bounded_in_bytes(
         async with fleet_daemon(fsim, tmp_path, clock) as d:
             await d.quiet()
             seeds = d.fleet.seeds["ok"]
-            fsim.faults.api_delay = 0.3
+            stalled = "/api/v1/admin/dispatcher/list-active"  # (the seed's last call)
+            asked = fsim.api_calls[stalled]
+            fsim.faults.api_stall = frozenset({stalled})
             await fsim.drop_clients()
-            await wait_until(lambda: d.fleet.seeding and d.fleet.connected, what="the seed")
+            await wait_until(lambda: fsim.api_calls[stalled] > asked, what="the seed's last call")
             received = d.daemon.metrics.stream.events_received
             sent = sum(len(fsim.emit(world.update_account())) for _ in range(20))
             assert sent > 20_000
             await wait_until(lambda: d.daemon.metrics.stream.events_received >= received + 20,
                              what="the events")
             assert d.fleet.seeding  # (they came during the seed)
-            fsim.faults.api_delay = 0.0
+            fsim.faults.api_stall = frozenset()
             await wait_until(lambda: d.fleet.seeds["ok"] >= seeds + 2, timeout=10,
                              what="the seed and the one made again")
             await d.quiet()
