@@ -87,9 +87,11 @@ def _head(name: str, type_: str = "gauge", help_: str | None = None) -> str:
 
 
 def _family(out: list[bytes], name: str, lines: list[str]) -> None:
-    """Encode one family (its lines freed by the caller right after)."""
+    """Encode one family (its lines freed by the caller right after). The head goes in front
+    of the lines (a move of pointers), not in front of their joined text (a copy of it)."""
     if lines:
-        out.append((_head(name) + "".join(lines)).encode("utf-8"))
+        lines.insert(0, _head(name))
+        out.append("".join(lines).encode("utf-8"))
 
 
 def _value(v: float) -> str:
