@@ -355,14 +355,15 @@ class Fleet:
             if not self.current or self.seeding or self.model is None:
                 continue  # (a seed is coming, or running: it reads all of this)
             try:
-                await self.check()
+                async with asyncio.timeout(self.timeout):  # (the seed's deadline)
+                    await self.check()
             except Exception as exc:
                 self.checks["error"] += 1
                 if not self._may_log("check"):
                     pass
-                elif isinstance(exc, ApiError):
+                elif isinstance(exc, (ApiError, TimeoutError)):
                     log.warning("fleet: check not made (the next one, or the next seed, will)",
-                                server=self.server, error=str(exc))
+                                server=self.server, error=str(exc) or "timed out")
                 else:
                     log.exception("fleet: check failed", server=self.server)
             else:
