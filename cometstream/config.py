@@ -196,8 +196,8 @@ class FleetConfig:
     #: the exporter's labels: the item and device names on the per-item and per-device series
     #: too (False: the reduced set, the names only in the info series)
     name_labels: bool = True
-    #: seconds between checks of the jobs believed running (and of devices an administrator
-    #: registered) against the admin API, for what no event tells (0 = never)
+    #: seconds between checks of what no event tells against the admin API: the jobs
+    #: believed running, devices an administrator registered, the self-backups (0 = never)
     check_interval: float = 60.0
 
 
