@@ -193,8 +193,12 @@ class FleetConfig:
     max_series: int = 1_000_000
     #: seconds between full re-reads of the fleet while connected (0 = only after a reconnect)
     reseed_interval: float = 3600.0
-    #: also the item and device names as labels of the per-item and per-device series
-    name_labels: bool = False
+    #: the exporter's labels: the item and device names on the per-item and per-device series
+    #: too (False: the reduced set, the names only in the info series)
+    name_labels: bool = True
+    #: seconds between checks of what no event tells against the admin API: the jobs
+    #: believed running, devices an administrator registered, the self-backups (0 = never)
+    check_interval: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -755,10 +759,14 @@ def _parse_fleet(fl: Section, http: HttpConfig | None) -> FleetConfig:
         max_series=fl.int("max_series", d.max_series, min=1, max=100_000_000),
         reseed_interval=fl.float("reseed_interval", d.reseed_interval, min=0, max=30 * 86400),
         name_labels=fl.bool("name_labels", d.name_labels),
+        check_interval=fl.float("check_interval", d.check_interval, min=0, max=86400),
     )
     if 0 < fleet.reseed_interval < 60:
         raise fl.error("reseed_interval", f"must be 0 (never) or >= 60, got "
                        f"{fleet.reseed_interval:g}")
+    if 0 < fleet.check_interval < 10:
+        raise fl.error("check_interval", f"must be 0 (never) or >= 10, got "
+                       f"{fleet.check_interval:g}")
     if fleet.enabled and http is not None and not http.listen:
         raise fl.error("enabled", "the fleet metrics are served on /metrics: set [http] listen")
     fl.done()

@@ -45,7 +45,8 @@ EXPORTER = ("cometserver_users_total", "cometserver_storagevault_size_bytes",
             "cometserver_lastbackup_file_size_bytes", "cometserver_lastbackup_upload_size_bytes",
             "cometserver_lastbackup_download_size_bytes", "cometserver_lastbackup_status",
             "cometserver_recentjobs_total", "cometserver_device_is_online",
-            "cometserver_device_is_current")
+            "cometserver_device_is_current", "cometserver_selfbackup_time_since",
+            "cometserver_selfbackup_filesize", "cometserver_selfbackup_success")
 
 Figures = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -139,10 +140,11 @@ def categorise(status: Any) -> str:
     return {7001: "warning", 7003: "quota_exceeded"}.get(status, "error")
 
 
-def exporter(users: dict[str, Any], live: dict[str, Any], jobs: list[Any], version: str,
-             names: bool) -> Figures:
+def exporter(users: dict[str, Any], live: dict[str, Any], jobs: list[Any],
+             meta: dict[str, Any], now: int, names: bool) -> Figures:
     """What the exporter computes from these answers (with ``names``: its v0.5.1+ labels)."""
     out: Figures = {}
+    version = meta["Version"]
 
     def put(name: str, labels: dict[str, Any], value: float) -> None:
         out[(name, frozenset((k, str(v)) for k, v in labels.items()))] = value
@@ -194,17 +196,28 @@ def exporter(users: dict[str, Any], live: dict[str, Any], jobs: list[Any], versi
                 conn["DeviceID"], {}).get("FriendlyName", "")
         put("cometserver_device_is_current", labels,
             1 if conn["ReportedVersion"] == version else 0)
+    for i, run in enumerate(meta.get("SelfBackup") or []):
+        labels = {"selfbackup_index": i}
+        put("cometserver_selfbackup_time_since", labels,
+            now - run["LastRunEnd"] if run["LastRunEnd"] > 0 else -1)
+        put("cometserver_selfbackup_filesize", labels, run["LastRunSize"])
+        put("cometserver_selfbackup_success", labels, 1 if run["LastRunSuccess"] else 0)
     return out
 
 
-def extras(users: dict[str, Any]) -> Figures:
-    """The series the exporter lacks: last success, item and device info."""
+def extras(users: dict[str, Any], names: bool) -> Figures:
+    """The series the exporter lacks: last success, item and device info (with ``names``,
+    the item's and the device's labels as on the exporter's series)."""
     out: Figures = {}
     for username, user in users.items():
         for item_id, item in user["Sources"].items():
             base = {"username": username, "protected_item_id": item_id}
+            owner = item["OwnerDevice"]
+            if names:
+                base.update(protected_item_name=item["Description"], device_id=owner,
+                            device_name=user["Devices"].get(owner, {}).get("FriendlyName", ""))
             info = {**base, "description": item["Description"], "engine": item["Engine"],
-                    "device_id": item["OwnerDevice"]}
+                    "device_id": owner}
             out[("cometserver_protected_item_info", frozenset(info.items()))] = 1
             end = item["Statistics"].get("LastSuccessfulBackupJob", {}).get("EndTime", 0)
             if end:
@@ -215,6 +228,8 @@ def extras(users: dict[str, Any]) -> Figures:
                     "friendly_name": device["FriendlyName"],
                     "platform": f"{osinfo['os']}/{osinfo['arch']}",
                     "version": device["ClientVersion"]}
+            if names:
+                info["device_name"] = device["FriendlyName"]
             out[("cometserver_device_info", frozenset(info.items()))] = 1
     return out
 
@@ -234,8 +249,8 @@ async def expected(sim: Simulator, clock: Clock, names: bool) -> tuple[Figures, 
     live = await api(sim, "dispatcher/list-active")
     now = int(clock())
     jobs = await api(sim, "get-jobs-for-date-range", Start=now - 86400, End=now)
-    version = (await api(sim, "meta/version"))["Version"]
-    return exporter(users, live, jobs, version, names), extras(users)
+    meta = await api(sim, "meta/version")
+    return exporter(users, live, jobs, meta, now, names), extras(users, names)
 
 
 def same(actual: Figures, wanted: Figures) -> None:
@@ -251,20 +266,21 @@ async def compare(d: Running, sim: Simulator, clock: Clock, names: bool) -> Figu
     wanted, more = await expected(sim, clock, names)
     actual = await d.figures()
     same({k: v for k, v in actual.items() if k[0] in EXPORTER}, wanted)
-    if not names:
-        same({k: v for k, v in actual.items() if k[0] not in EXPORTER}, more)
+    same({k: v for k, v in actual.items() if k[0] not in EXPORTER}, more)
     return actual
 
 
 # --- tests ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("names", [False, True], ids=["issue-labels", "exporter-0.6-labels"])
+@pytest.mark.parametrize("names", [True, False], ids=["default-labels", "name_labels-false"])
 async def test_same_figures_as_the_exporter(fsim: Simulator, tmp_path: Path, clock: Clock,
                                             names: bool) -> None:
     """After the seed, live jobs, device connects and disconnects, account changes, a reconnect
     gap with changes nobody was told of, and time passing, every cometserver_* value equals
-    what the exporter computes from the simulator's answers at that moment."""
+    what the exporter computes from the simulator's answers at that moment: by default with
+    the exporter's own labels (a drop-in), with ``name_labels = false`` without the names."""
     world = fsim.world
-    async with fleet_daemon(fsim, tmp_path, clock, fleet={"name_labels": names}) as d:
+    async with fleet_daemon(fsim, tmp_path, clock,
+                            fleet={} if names else {"name_labels": False}) as d:
         await d.quiet()
         first = await compare(d, fsim, clock, names)
         assert sum(v for (n, _), v in first.items() if n == "cometserver_recentjobs_total") > 5
@@ -350,7 +366,7 @@ async def test_events_during_a_seed_are_applied_to_its_result(
         await wait_until(lambda: d.fleet.seeds["ok"] > seeds, timeout=10, what="the seed")
         fsim.faults.api_delay = 0.0
         await d.quiet()
-        await compare(d, fsim, clock, False)
+        await compare(d, fsim, clock, True)
 
 
 async def test_a_scrape_makes_no_api_call(fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
@@ -390,9 +406,9 @@ async def test_a_completion_shows_from_its_event_without_an_api_call(
         clock.now += 1234
         event = world.complete_job(guid, status=7001)
         job = event["Data"]
-        key = ("cometserver_lastbackup_end_time",
-               frozenset({"username": job["Username"],
-                          "protected_item_id": job["SourceGUID"]}.items()))
+        mine = {("username", job["Username"]), ("protected_item_id", job["SourceGUID"])}
+        key = next(k for k in await d.figures()
+                   if k[0] == "cometserver_lastbackup_end_time" and mine <= k[1])
         # (the remedial sync reads the API too: done before counting)
         await wait_until(lambda: d.daemon.resyncs_ok == 1, what="the sync")
         calls, seeds = sum(fsim.api_calls.values()), dict(d.fleet.seeds)
@@ -502,7 +518,8 @@ def test_a_lone_surrogate_in_a_name_does_not_break_the_scrape() -> None:
     text = render(model, T0).decode("utf-8")
     info = [dict(lab) for (n, lab) in parse(text) if n == "cometserver_protected_item_info"]
     assert info == [{"username": "u?", "protected_item_id": "s", "description": "x?",
-                     "engine": "e", "device_id": ""}]
+                     "engine": "e", "device_id": "", "protected_item_name": "x?",
+                     "device_name": ""}]
 
 
 async def test_seeds_again_every_reseed_interval(fsim: Simulator, tmp_path: Path,
@@ -517,7 +534,170 @@ async def test_seeds_again_every_reseed_interval(fsim: Simulator, tmp_path: Path
         seeds = d.fleet.seeds["ok"]
         await wait_until(lambda: d.fleet.seeds["ok"] > seeds, timeout=5, what="a reseed")
         await d.quiet()
-        await compare(d, fsim, clock, False)
+        await compare(d, fsim, clock, True)
+
+
+async def test_the_check_finds_what_no_event_tells(fsim: Simulator, tmp_path: Path,
+                                                   clock: Clock) -> None:
+    """A running job abandoned without an event, a device an administrator registered (its
+    live connection told to nobody) and a self-backup run show on /metrics as the exporter
+    shows them once the periodic check has run (check_interval short here), without a full
+    read: the job's final state in its item's last backup and in the recent jobs."""
+    cfg = FleetConfig(enabled=True, check_interval=0.2)
+    world = fsim.world
+    async with fleet_daemon(fsim, tmp_path, clock, fleet_config=cfg) as d:
+        await d.quiet()
+        seeds = d.fleet.seeds["ok"]
+        guid = next(iter(world.running))
+        assert guid in d.fleet.model.running
+        job = world.jobs[guid]
+        clock.now += 600
+        world.abandon(guid)  # (no event)
+        user = next(iter(world.users))
+        registered = world.add_device(user, actor=world.admin)
+        device = registered["ResourceID"]
+        received = d.daemon.metrics.stream.events_received
+        fsim.emit(registered)
+        world.connect_device(user, device)  # (its event told to nobody)
+        world.run_self_backup(success=False, size=12345)
+        await d.quiet(received + 1)
+        await wait_until(lambda: guid not in d.fleet.model.running
+                         and not d.fleet.model.unplaced
+                         and d.fleet.model.self_backups[0][1] == 12345, what="a check")
+        assert d.fleet.seeds["ok"] == seeds  # (no full read did it)
+        figures = await compare(d, fsim, clock, True)
+        status = {dict(lab)["status"]: v for (n, lab), v in figures.items()
+                  if n == "cometserver_lastbackup_status"
+                  and ("protected_item_id", job["SourceGUID"]) in lab}
+        assert status["error"] == 1
+        assert [v for (n, lab), v in figures.items() if n == "cometserver_device_is_online"
+                and ("device_id", device) in lab] == [1]
+        assert figures[("cometserver_selfbackup_success",
+                        frozenset({("selfbackup_index", "0")}))] == 0
+
+
+async def test_events_held_during_a_seed_are_bounded_in_bytes(
+        fsim: Simulator, tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past HOLD_MAX_BYTES of events kept for the replay while a (slow) seed reads, they are
+    let go, said once, and the fleet is read again once that seed is in: the figures are
+    still the exporter's."""
+    from cometstream.fleet import service
+
+    monkeypatch.setattr(service, "HOLD_MAX_BYTES", 20_000)
+    world = fsim.world
+    with structlog.testing.capture_logs() as logs:
+        async with fleet_daemon(fsim, tmp_path, clock) as d:
+            await d.quiet()
+            seeds = d.fleet.seeds["ok"]
+            stalled = "/api/v1/admin/dispatcher/list-active"  # (the seed's last call)
+            asked = fsim.api_calls[stalled]
+            fsim.faults.api_stall = frozenset({stalled})
+            await fsim.drop_clients()
+            await wait_until(lambda: fsim.api_calls[stalled] > asked, what="the seed's last call")
+            received = d.daemon.metrics.stream.events_received
+            sent = sum(len(fsim.emit(world.update_account())) for _ in range(20))
+            assert sent > 20_000
+            await wait_until(lambda: d.daemon.metrics.stream.events_received >= received + 20,
+                             what="the events")
+            assert d.fleet.seeding  # (they came during the seed)
+            fsim.faults.api_stall = frozenset()
+            await wait_until(lambda: d.fleet.seeds["ok"] >= seeds + 2, timeout=10,
+                             what="the seed and the one made again")
+            await d.quiet()
+            await compare(d, fsim, clock, True)
+    said = [e for e in logs if "too many events" in e["event"]]
+    assert len(said) == 1
+
+
+def test_users_and_running_jobs_count_against_max_series() -> None:
+    """A user (items or not) and a running job reserve a series each: past max_series they
+    are refused (and counted), and a job's ends when it completes."""
+    refused: list[int] = []
+    model = Model(max_series=10, refused=refused.append)
+    for i in range(20):
+        model.put_user(f"u{i}", {"Username": f"u{i}", "Sources": None})
+    assert len(model.users) == 10 and sum(refused) == 10 and model.series == 10
+    model = Model(max_series=5, refused=refused.append)
+    for i in range(8):
+        model.recent_job({"GUID": f"j{i}", "StartTime": T0, "EndTime": 0, "Status": 6001})
+    assert len(model.running) == 5 and model.series == 5
+    model.recent_job({"GUID": "j0", "StartTime": T0, "EndTime": T0 + 9, "Status": 5000})
+    assert "j0" not in model.running and model.series == 4
+    model.recent_job({"GUID": "j7", "StartTime": T0, "EndTime": 0, "Status": 6001})
+    assert "j7" in model.running and model.series == 5
+
+
+def test_a_device_an_administrator_registered_waits_to_be_placed() -> None:
+    """SEVT_DEVICE_NEW by an administrator keeps the device aside (reserving its series) until
+    a live connection names its user; revoked or in its user's profile meanwhile, it goes."""
+    model = Model(max_series=100)
+    model.put_user("ann", {"Username": "ann", "Devices": {}})
+    config = {"FriendlyName": "WS-1", "PlatformVersion": {"os": "windows", "arch": "amd64"}}
+    for device in ("d1", "d2", "d3"):
+        model.device_new("admin", device, config)
+    assert set(model.unplaced) == {"d1", "d2", "d3"} and model.series == 1 + 3 * 3
+    model.connect("ann", "d1", "25.9.6")
+    assert [d.id for d in model.users["ann"].devices] == ["d1"] and "d1" not in model.unplaced
+    model.remove_device(model.owner_of("d2"), "d2")
+    model.put_user("ann", {"Username": "ann", "Devices": {"d1": config, "d3": config}})
+    assert model.unplaced == {} and model.series == 1 + 2 * 3
+    online = [v for (n, lab), v in parse(render(model, T0).decode()).items()
+              if n == "cometserver_device_is_online" and ("device_id", "d1") in lab]
+    assert online == [1]
+
+
+async def test_hostile_figures_keep_the_exposition_parseable(
+        fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
+    """Figures beyond a double (10^400, 1e400, -10^400, -1e400), NaN-ish strings and null
+    lists, from the API and from the stream: the whole exposition parses (prometheus-client's
+    parser, and promtool's when installed: no parse error), the out-of-range ones written
+    +Inf/-Inf, never as digits, counted, and logged once."""
+    world = fsim.world
+    user, other = list(world.users)[:2]
+    profile = world.users[user]
+    item_id = next(iter(profile["Sources"]))
+    last = profile["Sources"][item_id]["Statistics"]["LastBackupJob"]
+    last.update(TotalSize=10**400, UploadSize=-(10**400), DownloadSize="NaN",
+                TotalFiles="Infinity")
+    vault = next(iter(profile["Destinations"].values()))
+    vault["Statistics"]["ClientProvidedSize"]["Size"] = 10**400
+    vault.update(StorageLimitEnabled=True, StorageLimitBytes=-(10**400))
+    world.users[other]["Devices"] = None  # (null lists)
+    world.self_backups[0].update(LastRunSize=10**400, LastRunEnd="NaN")
+    with structlog.testing.capture_logs() as logs:
+        async with fleet_daemon(fsim, tmp_path, clock) as d:
+            await d.quiet()
+            guid = world.start_job(username=user)["ResourceID"]
+            clock.now += 60
+            job = dict(world.complete_job(guid, status=5000)["Data"])
+            raw = json.dumps({"Type": 4201, "Data": {**job, "TotalSize": 1, "UploadSize": 2,
+                                                     "TotalFiles": None}}, separators=(",", ":"))
+            raw = raw.replace('"TotalSize":1', '"TotalSize":1e400').replace(
+                '"UploadSize":2', '"UploadSize":-1e400')
+            received = d.daemon.metrics.stream.events_received
+            fsim.emit(raw)
+            await d.quiet(received + 1)
+            text = await d.scrape()
+    assert not re.search(r" [-+]?\d{310,}$", text, re.MULTILINE)
+    figures = parse(text)
+    mine = [(n, v) for (n, lab), v in figures.items() if ("username", user) in lab]
+    assert ("cometserver_lastbackup_file_size_bytes", float("inf")) in mine
+    assert ("cometserver_lastbackup_upload_size_bytes", float("-inf")) in mine
+    assert ("cometserver_storagevault_quota_bytes", float("-inf")) in mine
+    assert figures[("cometserver_selfbackup_filesize",
+                    frozenset({("selfbackup_index", "0")}))] == float("inf")
+    assert " +Inf\n" in text and " -Inf\n" in text
+    out_of_range = parse(text, "cometstream_fleet_values")
+    assert out_of_range[("cometstream_fleet_values_out_of_range_total",
+                         frozenset({("server", "sim")}))] >= 5
+    assert len([e for e in logs if "beyond a double" in e["event"]]) == 1
+    if shutil.which("promtool"):  # (CI installs it)
+        proc = await asyncio.create_subprocess_exec(
+            "promtool", "check", "metrics", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(text.encode()), 60)
+        said = out.decode()
+        assert proc.returncode != 1 and "error while linting" not in said, said[:500]
 
 
 def test_fleet_config_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -530,6 +710,8 @@ def test_fleet_config_is_checked(tmp_path: Path, capsys: pytest.CaptureFixture[s
             ({"max_series": "lots"}, "127.0.0.1:0", "fleet.max_series", "expected an integer"),
             ({"max_series": 0}, "127.0.0.1:0", "fleet.max_series", "between 1 and"),
             ({"reseed_interval": 5}, "127.0.0.1:0", "fleet.reseed_interval", ">= 60"),
+            ({"check_interval": 5}, "127.0.0.1:0", "fleet.check_interval", ">= 10"),
+            ({"check_interval": -1}, "127.0.0.1:0", "fleet.check_interval", "must be >= 0"),
             ({"enabled": True}, "", "fleet.enabled", "[http] listen")):
         with pytest.raises(ConfigError) as err:
             make_config("http://127.0.0.1:1/", tmp_path, http={"listen": http}, fleet=fleet)
@@ -557,6 +739,15 @@ def test_promtool_accepts_the_fleet_rules(args: list[str]) -> None:
     proc = subprocess.run(["promtool", *args], cwd=MON, capture_output=True, text=True, timeout=60,
                           check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_shipped_prometheus_config_loads_every_rule_file() -> None:
+    """docs/monitoring/prometheus.yml loads the fleet's alert rules as well as cometstream's."""
+    config = (MON / "prometheus.yml").read_text()
+    listed = set(re.findall(r"^\s*-\s*([\w-]+\.yml)", config.partition("rule_files:")[2]
+                            .partition("scrape_configs:")[0], re.MULTILINE))
+    assert listed == {p.name for p in MON.glob("*alerts.yml")} == {"alerts.yml",
+                                                                    "fleet-alerts.yml"}
 
 
 @needs_promtool
@@ -672,7 +863,7 @@ def test_the_fleet_benchmark_runs_and_prints_its_table() -> None:
                           "--items", "150", "--scrapes", "2"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert re.search(r"^default labels +[\d.]+ +[\d.]+ +\d+ .* [\d.]+$", out, re.MULTILINE), out
-    assert re.search(r"^name_labels ", out, re.MULTILINE), out
+    assert re.search(r"^name_labels=false ", out, re.MULTILINE), out
 
 
 async def test_a_fresh_seed_is_compressed_before_the_first_gzip_scrape(

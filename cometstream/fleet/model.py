@@ -15,16 +15,22 @@ those of Comet's own Prometheus exporter, each written once here:
 - the recent jobs are those that started or ended within the last 24 hours (what
   ``get-jobs-for-date-range(now - 86400, now)`` lists), running ones included;
 - a device is online when a live connection has its user and device ID; a live connection's
-  device is current when its reported version is the server's.
+  device is current when its reported version is the server's;
+- the server's self-backups are ``ServerMetaVersionInfo.SelfBackup``: the seconds since each
+  one's last run ended (-1: never), its size, whether it succeeded;
+- a figure beyond a double's range (a 401-digit integer, ``1e400``) is :data:`INF` or
+  :data:`NEG_INF`, written ``+Inf``/``-Inf``: Prometheus refuses a whole exposition with one
+  value it cannot read as a double.
 
 Compact on purpose (a fleet of 30,000 protected items fits in a few tens of MB): entities are
 slotted objects, a user's are tuples (searched linearly: a user has a handful), and the label
 text of each entity's series is rendered once, when the entity is built, so a scrape only joins
 strings. A user's entities are rebuilt as a whole when a profile of theirs arrives.
 
-Bounded: every entity reserves the series it can have (:data:`ITEM_SERIES`, ...); one that would
-take the total past ``max_series`` is not created, and ``refused`` is told how many series
-that was.
+Bounded: every entity reserves the series it can have (:data:`ITEM_SERIES`, ...), and so does
+every user (one: their entry) and every job held for the recent-jobs counts (one); one that
+would take the total past ``max_series`` is not created, and ``refused`` is told how many
+series that was.
 """
 
 from __future__ import annotations
@@ -39,16 +45,23 @@ from typing import Any, Final
 __all__ = [
     "CATEGORIES",
     "DEVICE_SERIES",
+    "INF",
     "ITEM_SERIES",
+    "JOB_SERIES",
+    "NEG_INF",
     "RECENT_WINDOW",
+    "SELF_BACKUPS_MAX",
+    "USER_SERIES",
     "VAULT_SERIES",
     "Device",
     "Item",
     "Model",
     "User",
     "Vault",
+    "beyond",
     "category",
     "label_value",
+    "num",
 ]
 
 #: the job status categories, in the exporter's order (an index is a category)
@@ -61,6 +74,12 @@ RECENT_WINDOW: Final = 86400
 ITEM_SERIES: Final = 13
 VAULT_SERIES: Final = 2
 DEVICE_SERIES: Final = 3
+#: what a user (their entry, their share of ``users_total``) and a job held for the recent-jobs
+#: counts reserve: they cost memory, not series of their own
+USER_SERIES: Final = 1
+JOB_SERIES: Final = 1
+#: self-backup targets read at most (a server has a handful)
+SELF_BACKUPS_MAX: Final = 64
 
 #: an item's figures: its last completed job's start, end, files, size, upload and download,
 #: that job's category, and the end of its last successful job (start 0: no completed job)
@@ -83,14 +102,47 @@ def category(status: object) -> int:
     return ERROR
 
 
+class _Inf(float):
+    """An infinity as the exposition writes it (``+Inf``, ``-Inf``: Python's ``inf`` is not
+    Prometheus'); a float for every comparison."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return "+Inf" if self > 0 else "-Inf"
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return str(self)
+
+
+INF: Final = _Inf("inf")
+NEG_INF: Final = _Inf("-inf")
+#: the largest integer a double holds (beyond, Prometheus cannot read the digits)
+_DOUBLE_MAX: Final = int(sys.float_info.max)
+
+
 def num(value: object) -> int | float:
-    """A figure as the exposition writes it: an integer (any size) or a finite float; anything
-    else (null, a string, a boolean, a missing field) is 0."""
+    """A figure as the exposition writes it: an integer or a finite float, or :data:`INF` /
+    :data:`NEG_INF` for one beyond a double's range (a 401-digit integer; ``1e400``, which the
+    standard library's parser reads as infinity); anything else (null, a string, a boolean, a
+    missing field) is 0."""
     if type(value) is int:
-        return value
-    if type(value) is float and math.isfinite(value):
-        return value
+        if -_DOUBLE_MAX <= value <= _DOUBLE_MAX:
+            return value
+        return INF if value > 0 else NEG_INF
+    if type(value) is float:
+        if math.isfinite(value):
+            return value
+        if not math.isnan(value):
+            return INF if value > 0 else NEG_INF
     return 0
+
+
+def beyond(value: object) -> bool:
+    """Whether ``value`` (from :func:`num`) is an infinity."""
+    return value.__class__ is _Inf
 
 
 #: users are rendered (and their compressed text cached) in this many blocks
@@ -134,6 +186,11 @@ def _last(job: object) -> list[Any] | None:
     return [start, num(job.get("EndTime")), num(job.get("TotalFiles")),
             num(job.get("TotalSize")), num(job.get("UploadSize")), num(job.get("DownloadSize")),
             category(job.get("Status"))]
+
+
+def _overflows(values: Iterable[Any]) -> int:
+    """How many of ``values`` are infinities (:func:`num`)."""
+    return sum(1 for v in values if v.__class__ is _Inf)
 
 
 def _figures(values: list[Any]) -> Figures:
@@ -232,17 +289,26 @@ def _find(entities: Iterable[Any], id_: str) -> Any:
 
 class Model:
     """One picture of the fleet. ``refused(n)`` hears of every entity left out (``n``: the
-    series it would have had)."""
+    series it would have had); ``overflowed(n)`` of figures beyond a double (written as
+    ``+Inf``/``-Inf``)."""
 
-    def __init__(self, *, max_series: int, name_labels: bool = False,
-                 refused: Callable[[int], None] = lambda n: None) -> None:
+    def __init__(self, *, max_series: int, name_labels: bool = True,
+                 refused: Callable[[int], None] = lambda n: None,
+                 overflowed: Callable[[int], None] = lambda n: None) -> None:
         self.max_series = max_series
         self.name_labels = name_labels
         self.refused = refused
+        self.overflowed = overflowed
         self.users: dict[str, User] = {}
         #: job GUID -> (StartTime, EndTime, category) of the jobs that may count as recent,
-        #: packed (:func:`_pack`)
+        #: packed (:func:`_pack`); each reserves :data:`JOB_SERIES`
         self.recent: dict[str, Any] = {}
+        #: the GUIDs of ``recent`` whose job is running (no EndTime yet): what the periodic
+        #: check asks the server about; each reserves :data:`JOB_SERIES`
+        self.running: set[str] = set()
+        #: the server's own backups (``ServerMetaVersionInfo.SelfBackup``), in its order:
+        #: (``LastRunEnd``, ``LastRunSize``, ``LastRunSuccess``) each
+        self.self_backups: list[tuple[int | float, int | float, bool]] = []
         #: username -> {device ID: the version its live connection reported (None: not known
         #: yet, the event did not say)}
         self.live: dict[str, dict[str, str | None]] = {}
@@ -255,9 +321,20 @@ class Model:
         #: the blocks of users (:func:`block_of`) whose series changed since the compressed
         #: scrape last looked (it takes and clears them)
         self.dirty: set[int] = set()
+        #: devices registered by someone who is not their user (an administrator: the
+        #: SEVT_DEVICE_NEW names them, not the user): device ID -> its DeviceConfig, until a
+        #: live connection or a profile tells whose it is; each reserves :data:`DEVICE_SERIES`
+        self.unplaced: dict[str, dict[str, Any]] = {}
 
     def _touch(self, name: str) -> None:
         self.dirty.add(block_of(name))
+
+    def _checked(self, values: list[Any]) -> list[Any]:
+        """``values`` (from :func:`num`), told to ``overflowed`` if some are infinities."""
+        n = _overflows(values)
+        if n:
+            self.overflowed(n)
+        return values
 
     # --- users -----------------------------------------------------------------------------------
     def put_user(self, name: str, profile: Mapping[str, Any]) -> None:
@@ -268,6 +345,11 @@ class Model:
         old = self.users.pop(name, None)
         if old is not None:
             self.series -= old.series
+        if self.unplaced:
+            for dev_id in _dict(profile.get("Devices")):
+                self._unplace(dev_id)
+        if not self._reserve(USER_SERIES):  # (a new user; one already in always has room)
+            return
         self.users[name] = self._build(name, profile, old)
         self._touch(name)
 
@@ -278,6 +360,20 @@ class Model:
         self._drop_live(name)
         self._touch(name)
 
+    def server_info(self, info: Mapping[str, Any]) -> None:
+        """``ServerMetaVersionInfo`` (the HELLO's ``Data``, ``meta/version``): the server's
+        version (kept when the answer has none) and its self-backups."""
+        version = info.get("Version")
+        if isinstance(version, str) and version:
+            self.version = version
+        runs = info.get("SelfBackup")
+        backups = []
+        for run in runs[:SELF_BACKUPS_MAX] if isinstance(runs, list) else ():
+            run = _dict(run)
+            end, size = self._checked([num(run.get("LastRunEnd")), num(run.get("LastRunSize"))])
+            backups.append((end, size, run.get("LastRunSuccess") is True))
+        self.self_backups = backups
+
     def _reserve(self, n: int) -> bool:
         if self.series + n > self.max_series:
             self.refused(n)
@@ -287,7 +383,7 @@ class Model:
 
     def _build(self, name: str, profile: Mapping[str, Any], old: User | None) -> User:
         user = label_value(name)
-        reserved = 0
+        reserved = USER_SERIES  # (reserved by the caller)
         devices: list[Device] = []
         #: device ID (the profile's own string, shared with the items) -> escaped name
         friendly: dict[str, str] = {}
@@ -314,7 +410,8 @@ class Model:
                 continue
             reserved += VAULT_SERIES
             measured = _dict(_dict(dest.get("Statistics")).get("ClientProvidedSize"))
-            size, at = num(measured.get("Size")), num(measured.get("MeasureCompleted"))
+            size, at = self._checked([num(measured.get("Size")),
+                                      num(measured.get("MeasureCompleted"))])
             was = _find(old.vaults, vault_id) if old is not None else None
             if was is not None and was.measured > at:
                 size, at = was.size, was.measured
@@ -322,7 +419,8 @@ class Model:
             labels = (f'username="{user}",vault_id="{label_value(vault_id)}",'
                       f'vault_name="{label_value(dest.get("Description"))}",'
                       f'vault_type="{label_value(kind if kind is not None else 0)}"')
-            quota = num(dest.get("StorageLimitBytes")) if dest.get("StorageLimitEnabled") else None
+            quota = self._checked([num(dest.get("StorageLimitBytes"))])[0] \
+                if dest.get("StorageLimitEnabled") else None
             vaults.append(Vault(vault_id, labels, size, at, quota))
         return User(name, tuple(items), tuple(vaults), tuple(devices), reserved)
 
@@ -356,6 +454,7 @@ class Model:
         stats = _dict(source.get("Statistics"))
         fig = _last(stats.get("LastBackupJob")) or list(_NO_FIGURES[:7])
         fig.append(_end(stats.get("LastSuccessfulBackupJob")))
+        self._checked(fig)
         if was is not None:
             had = was.fig
             if had[START] > 0 and (fig[START] <= 0 or had[END] > fig[END]):
@@ -374,6 +473,22 @@ class Model:
                 return name
         return ""
 
+    def device_new(self, actor: str, device_id: str, config: Mapping[str, Any]) -> None:
+        """SEVT_DEVICE_NEW: a device registered by ``actor``, its user; or by an administrator
+        (no user of that name): kept aside (:attr:`unplaced`) until a live connection or a
+        profile says whose it is."""
+        if actor in self.users:
+            self.add_device(actor, device_id, config)
+        elif device_id not in self.unplaced and self.owner_of(device_id) == "" \
+                and self._reserve(DEVICE_SERIES):
+            self.unplaced[device_id] = dict(config)
+
+    def _unplace(self, device_id: str) -> dict[str, Any] | None:
+        config = self.unplaced.pop(device_id, None)
+        if config is not None:
+            self.series -= DEVICE_SERIES
+        return config
+
     def add_device(self, name: str, device_id: str, config: Mapping[str, Any]) -> None:
         """A device registered to ``name`` (SEVT_DEVICE_NEW)."""
         user = self.users.get(name)
@@ -387,7 +502,8 @@ class Model:
 
     def remove_device(self, name: str, device_id: str) -> None:
         """A device revoked (SEVT_DEVICE_REMOVED): it goes, with its protected items and its
-        live connection."""
+        live connection (``name`` "": one not placed, if it is)."""
+        self._unplace(device_id)
         user = self.users.get(name)
         if user is None:
             return
@@ -405,6 +521,8 @@ class Model:
         """A live connection. One of a device no profile has here (not registered yet, or
         refused) reserves the one series it has (``device_is_current``), or is refused."""
         self._touch(name)
+        if self.unplaced and device_id in self.unplaced and name in self.users:
+            self.add_device(name, device_id, self._unplace(device_id) or {})
         conns = self.live.get(name)
         if conns is not None and device_id in conns:
             conns[device_id] = version
@@ -452,14 +570,35 @@ class Model:
 
     # --- jobs ------------------------------------------------------------------------------------
     def recent_job(self, job: Mapping[str, Any]) -> None:
-        """A job for the recent-jobs counts (started, completed, or listed by the seed)."""
+        """A job for the recent-jobs counts (started, completed, or listed by the seed or the
+        check). A running one reserves :data:`JOB_SERIES` until it ends (refused: not
+        counted); one whose times are beyond a double is in no window: not kept."""
         guid = job.get("GUID")
         if not isinstance(guid, str) or not guid:
             return
-        end = num(job.get("EndTime"))
-        if not end > 0 and guid in self.recent and _unpack(self.recent[guid])[1] > 0:
-            return  # a start after the completion (replayed): the completion stands
-        self.recent[guid] = _pack(num(job.get("StartTime")), end, category(job.get("Status")))
+        start, end = self._checked([num(job.get("StartTime")), num(job.get("EndTime"))])
+        if beyond(start) or beyond(end):
+            self.forget_job(guid)
+            return
+        running = self.running
+        if not end > 0:
+            if guid in self.recent and _unpack(self.recent[guid])[1] > 0:
+                return  # a start after the completion (replayed): the completion stands
+            if guid not in running:
+                if not self._reserve(JOB_SERIES):
+                    return
+                running.add(guid)
+        elif guid in running:
+            running.discard(guid)
+            self.series -= JOB_SERIES
+        self.recent[guid] = _pack(start, end, category(job.get("Status")))
+
+    def forget_job(self, guid: str) -> None:
+        """A job the server no longer knows (or never can count)."""
+        self.recent.pop(guid, None)
+        if guid in self.running:
+            self.running.discard(guid)
+            self.series -= JOB_SERIES
 
     def job_completed(self, job: Mapping[str, Any]) -> None:
         """SEVT_JOB_COMPLETED: the recent jobs, the item's last (and last successful) backup
@@ -471,6 +610,8 @@ class Model:
         self._touch(user.name)
         item = _find(user.items, _str(job.get("SourceGUID")))
         last = _last(job)
+        if last is not None:
+            self._checked(last[FILES:CAT])  # (the times: by recent_job)
         if item is not None and last is not None:
             fig = list(item.fig)
             if fig[START] <= 0 or last[END] >= fig[END]:
@@ -483,7 +624,7 @@ class Model:
             measured = _dict(job.get("DestinationSizeEnd"))
             at = num(measured.get("MeasureCompleted"))
             if at > 0 and at >= vault.measured:
-                vault.size, vault.measured = num(measured.get("Size")), at
+                vault.size, vault.measured = self._checked([num(measured.get("Size")), at])
 
     def recent_counts(self, now: float) -> list[int]:
         """Jobs per category that started or ended within ``[now - 86400, now]``; forgets the

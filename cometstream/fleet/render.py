@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
-from .model import BLOCKS, CATEGORIES, Model, User, block_of, label_value
+from .model import BLOCKS, CATEGORIES, NEG_INF, Model, User, beyond, block_of, label_value
 
 __all__ = ["BLOCK_FAMILIES", "Family", "GzipCache", "edges", "render"]
 
@@ -55,6 +55,12 @@ _HELP: Final = {
                                        "(value 1)",
     "cometserver_device_info": "A registered device's name, platform and client version "
                                "(value 1)",
+    "cometserver_selfbackup_time_since": "Seconds since the end of the last run of each of the "
+                                         "server's self-backups (-1: never run)",
+    "cometserver_selfbackup_filesize": "Size of the last run of each of the server's "
+                                       "self-backups (bytes)",
+    "cometserver_selfbackup_success": "1 when the last run of each of the server's self-backups "
+                                      "succeeded",
 }
 _START: Final = "cometserver_lastbackup_start_time{"
 _END: Final = "cometserver_lastbackup_end_time{"
@@ -81,9 +87,11 @@ def _head(name: str, type_: str = "gauge", help_: str | None = None) -> str:
 
 
 def _family(out: list[bytes], name: str, lines: list[str]) -> None:
-    """Encode one family (its lines freed by the caller right after)."""
+    """Encode one family (its lines freed by the caller right after). The head goes in front
+    of the lines (a move of pointers), not in front of their joined text (a copy of it)."""
     if lines:
-        out.append((_head(name) + "".join(lines)).encode("utf-8"))
+        lines.insert(0, _head(name))
+        out.append("".join(lines).encode("utf-8"))
 
 
 def _value(v: float) -> str:
@@ -111,7 +119,25 @@ def _small(model: Model, now: float) -> bytes:
     return (_head("cometserver_users_total") + f"cometserver_users_total {len(model.users)}\n"
             + _head("cometserver_recentjobs_total") + "".join(
                 f'cometserver_recentjobs_total{{status="{name}"}} {n}\n'
-                for name, n in zip(CATEGORIES, counts, strict=True))).encode()
+                for name, n in zip(CATEGORIES, counts, strict=True))
+            + _self_backups(model, int(now))).encode()
+
+
+def _self_backups(model: Model, now: int) -> str:
+    """The server's self-backups, by their index in ``SelfBackup`` (none: no family)."""
+    runs = model.self_backups
+    if not runs:
+        return ""
+    since, size, success = (_head("cometserver_selfbackup_time_since"),
+                            _head("cometserver_selfbackup_filesize"),
+                            _head("cometserver_selfbackup_success"))
+    for i, (end, bytes_, ok) in enumerate(runs):
+        label = f'{{selfbackup_index="{i}"}}'
+        ago = (NEG_INF if beyond(end) else now - end) if end > 0 else -1
+        since += f"cometserver_selfbackup_time_since{label} {ago}\n"
+        size += f"cometserver_selfbackup_filesize{label} {bytes_}\n"
+        success += f"cometserver_selfbackup_success{label} {1 if ok else 0}\n"
+    return since + size + success
 
 
 def _own(own: Iterable[Family]) -> bytes:

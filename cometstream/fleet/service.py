@@ -38,7 +38,7 @@ from ..config import FleetConfig
 from ..constants import SEVT
 from ..errors import ApiError, TaskDied
 from ..events import Event
-from .model import Model, label_value
+from .model import Model, label_value, num
 from .render import Family, GzipCache, edges, render
 from .seed import read_fleet
 
@@ -59,8 +59,13 @@ _PROFILE_KEYS: Final = frozenset({"Username", "Sources", "Destinations", "Device
 _HANDLED: Final = frozenset({_JOB_NEW, _JOB_COMPLETED, _ACCOUNT_NEW, _ACCOUNT_UPDATED,
                              _ACCOUNT_REMOVED, _DEVICE_NEW, _DEVICE_REMOVED, _LIVE_CONNECT,
                              _LIVE_DISCONNECT})
-#: events kept for the replay while a seed runs; beyond, the seed is read again once done
+#: events kept for the replay while a seed runs, and their bytes (as received); beyond
+#: either, they are let go and the fleet is read again once the seed is done
 HOLD_MAX: Final = 200_000
+HOLD_MAX_BYTES: Final = 32 * 1024 * 1024
+#: jobs the check looks up one by one (``get-job-properties``) in one round, at most: those
+#: the server no longer lists as running (the others wait for the next round)
+CHECK_LOOKUPS: Final = 20
 #: more users than this waiting for a live-connections refresh: one call for everyone's
 FULL_REFRESH: Final = 20
 #: a failing refresh or a failed event is logged at most this often (seconds)
@@ -90,9 +95,11 @@ class Fleet:
         self._gzip = GzipCache()
         self._gzip_lock = asyncio.Lock()
         self._warm_task: asyncio.Task[None] | None = None
-        #: the server's version, from the HELLO ("" = ask meta/version)
-        self.version = ""
+        #: the server's ServerMetaVersionInfo, from the HELLO and the checks (no Version:
+        #: the seed asks meta/version)
+        self.info: dict[str, Any] = {}
         self._held: list[Event] | None = None
+        self._held_bytes = 0
         self._held_overflow = False
         self._seed_task: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -111,6 +118,11 @@ class Fleet:
         self.seeds = {"ok": 0, "error": 0}
         self.seed_duration = 0.0
         self.refreshes = {"ok": 0, "error": 0}
+        self.checks = {"ok": 0, "error": 0}
+        #: jobs the checks found ended without an event (final state read), or gone
+        self.checked_jobs = 0
+        self.overflowed_total = 0
+        self._overflow_logged = False
         self.refused_total = 0
         self._refused_in_seed = 0
         self._refusal_logged = False
@@ -136,6 +148,10 @@ class Fleet:
             self._tasks.append(supervise(asyncio.create_task(self._reseed_loop(),
                                                              name="fleet-reseed"),
                                          "fleet-reseed", self._task_died))
+        if self.cfg.check_interval > 0:
+            self._tasks.append(supervise(asyncio.create_task(self._check_loop(),
+                                                             name="fleet-check"),
+                                         "fleet-check", self._task_died))
 
     # --- background tasks that die (cometstream._tasks: logged there, once) ---------------------
     def _task_died(self, died: TaskDied) -> None:
@@ -146,6 +162,7 @@ class Fleet:
         HELLO seeds again)."""
         self.seeds["error"] += 1
         self._held = None
+        self._held_bytes = 0
         self._held_overflow = False
         self._task_died(died)
 
@@ -179,8 +196,7 @@ class Fleet:
 
     def hello(self, data: dict[str, Any]) -> None:
         """A new connection's HELLO: read the fleet again (a gap may have hidden anything)."""
-        version = data.get("Version")
-        self.version = version if isinstance(version, str) else ""
+        self.info = data
         self._start_seed(fresh=True)
 
     @property
@@ -199,11 +215,13 @@ class Fleet:
         if ev.type not in _HANDLED:
             return
         held = self._held
-        if held is not None:
-            if len(held) < HOLD_MAX:
+        if held is not None and not self._held_overflow:
+            self._held_bytes += len(ev.raw)
+            if len(held) < HOLD_MAX and self._held_bytes <= HOLD_MAX_BYTES:
                 held.append(ev)
-            else:
+            else:  # let them all go: the seed will be read again
                 self._held_overflow = True
+                held.clear()
         if self.model is not None:
             self._apply(self.model, ev)
 
@@ -239,13 +257,12 @@ class Fleet:
         elif t == _DEVICE_NEW:
             device, actor = _str(doc.get("ResourceID")), _str(doc.get("Actor"))
             if device and isinstance(data, dict):
-                model.add_device(actor, device, data)  # (an admin's doing: its account
-                # update, or the next seed, brings it)
+                model.device_new(actor, device, data)  # (an admin's doing: placed by a live
+                # connection, the check, an account update or the next seed)
         elif t == _DEVICE_REMOVED:
             device = _str(doc.get("ResourceID"))
-            owner = model.owner_of(device, _str(doc.get("Actor"))) if device else ""
-            if owner:
-                model.remove_device(owner, device)
+            if device:  # (no owner: one not placed yet, or none)
+                model.remove_device(model.owner_of(device, _str(doc.get("Actor"))), device)
         else:  # a live connection
             conn = data if isinstance(data, dict) else {}
             device = _str(conn.get("DeviceID")) or _str(doc.get("ResourceID"))
@@ -265,7 +282,8 @@ class Fleet:
             self._seed_task.cancel()
         if fresh or self._held is None:
             self._held = []
-        self._held_overflow = False
+            self._held_bytes = 0
+            self._held_overflow = False
         self.dead_tasks.pop("fleet-seed", None)  # (a new seed: the last one's death is history)
         self._seed_task = supervise(asyncio.ensure_future(self._seed_loop()), "fleet-seed",
                                     self._seed_died)
@@ -280,9 +298,9 @@ class Fleet:
             try:
                 async with deadline:
                     model = await read_fleet(
-                        self.api, now=int(at), version=self.version,
+                        self.api, now=int(at), info=self.info,
                         max_series=self.cfg.max_series, name_labels=self.cfg.name_labels,
-                        refused=self._refused)
+                        refused=self._refused, overflowed=self._overflowed)
             except Exception as exc:
                 self.seeds["error"] += 1
                 delay = backoff.next_delay()
@@ -298,24 +316,33 @@ class Fleet:
                                 retry_in=round(delay, 1))
                 await asyncio.sleep(delay)
                 continue
-            self._swap(model, at)
-            self.seed_duration = time.monotonic() - t0
-            if self._warm_task is None or self._warm_task.done():
-                self._warm_task = supervise(
-                    asyncio.create_task(self._warm(), name="fleet-gzip-warm"),
-                    "fleet-gzip-warm", self._task_died)
-            left_out = {"series_refused": self._refused_in_seed} if self._refused_in_seed else {}
-            log.info("fleet seeded", server=self.server, users=len(model.users),
-                     series=model.series, duration=round(self.seed_duration, 3), **left_out)
-            if not self._held_overflow:
+            overflow = self._held_overflow
+            if not overflow or not self.current:
+                # (after an overflow: the figures of a new connection are not the server's
+                # present anyway, the read's are newer; a current model keeps taking the
+                # events until the read made again is in)
+                self._swap(model, at)
+                self.seed_duration = time.monotonic() - t0
+                if self._warm_task is None or self._warm_task.done():
+                    self._warm_task = supervise(
+                        asyncio.create_task(self._warm(), name="fleet-gzip-warm"),
+                        "fleet-gzip-warm", self._task_died)
+                left_out = ({"series_refused": self._refused_in_seed}
+                            if self._refused_in_seed else {})
+                log.info("fleet seeded", server=self.server, users=len(model.users),
+                         series=model.series, duration=round(self.seed_duration, 3), **left_out)
+            del model
+            if not overflow:
                 return
             log.warning("fleet: too many events during the seed to replay: reading again",
-                        server=self.server, events=HOLD_MAX)
+                        server=self.server, events=HOLD_MAX, bytes=HOLD_MAX_BYTES)
             self._held = []
+            self._held_bytes = 0
             self._held_overflow = False
 
     def _swap(self, model: Model, at: float) -> None:
         held, self._held = self._held or [], None
+        self._held_bytes = 0
         self.model = model
         self._generation += 1  # a live-connections answer asked for before is older than this
         for ev in held:
@@ -337,6 +364,14 @@ class Fleet:
                         "cometstream_fleet_series_refused_total)", server=self.server,
                         max_series=self.cfg.max_series)
 
+    def _overflowed(self, n: int) -> None:
+        self.overflowed_total += n
+        if not self._overflow_logged:
+            self._overflow_logged = True
+            log.warning("fleet: a figure beyond a double's range is written as +Inf/-Inf "
+                        "(counted in cometstream_fleet_values_out_of_range_total)",
+                        server=self.server)
+
     async def _reseed_loop(self) -> None:
         interval = self.cfg.reseed_interval
         while True:
@@ -345,6 +380,79 @@ class Fleet:
             if self.current and not self.seeding \
                     and time.monotonic() - self._seeded_mono >= interval:
                 self._start_seed(fresh=False)
+
+    # --- the check: what no event tells -----------------------------------------------------------
+    async def _check_loop(self) -> None:
+        interval = self.cfg.check_interval
+        while True:
+            await asyncio.sleep(interval)
+            if not self.current or self.seeding or self.model is None:
+                continue  # (a seed is coming, or running: it reads all of this)
+            try:
+                async with asyncio.timeout(self.timeout):  # (the seed's deadline)
+                    await self.check()
+            except Exception as exc:
+                self.checks["error"] += 1
+                if not self._may_log("check"):
+                    pass
+                elif isinstance(exc, (ApiError, TimeoutError)):
+                    log.warning("fleet: check not made (the next one, or the next seed, will)",
+                                server=self.server, error=str(exc) or "timed out")
+                else:
+                    log.exception("fleet: check failed", server=self.server)
+            else:
+                self.checks["ok"] += 1
+
+    async def check(self) -> None:
+        """One round: the server's ``meta/version`` (its version and self-backups); while
+        jobs are believed running, the jobs it lists as running (``get-jobs-for-date-range``
+        (0, 0)), and the final state of those it no longer lists (``get-job-properties``, at
+        most :data:`CHECK_LOOKUPS`): ended without an event (cancelled from the web
+        interface, abandoned); while devices an administrator registered are not placed, the
+        live connections (``dispatcher/list-active``), which name their users. An answer
+        older than a seed that came in meanwhile is not applied."""
+        generation = self._generation
+        info = await self.api.meta_version()
+        model = self.model
+        if model is None or generation != self._generation:
+            return
+        self.info = info
+        model.server_info(info)
+        if model.running:
+            believed = set(model.running)
+            listed = await self.api.jobs_for_date_range(0, 0)
+            if generation != self._generation:
+                return
+            still = set()
+            for running in listed:
+                still.add(running.get("GUID"))
+                model.recent_job(running)
+            ended = [g for g in believed if g not in still and g in model.running]
+            for guid in ended[:CHECK_LOOKUPS]:
+                job: dict[str, Any] | None
+                try:
+                    job = await self.api.job_properties(guid)
+                except ApiError as exc:
+                    if exc.status != 400:  # (400: "Job not found": gone from the server)
+                        raise
+                    job = None
+                if generation != self._generation:
+                    return
+                if job is None or job.get("GUID") != guid:
+                    model.forget_job(guid)
+                elif guid in model.running and num(job.get("EndTime")) > 0:
+                    model.job_completed(job)
+                self.checked_jobs += 1
+        if model.unplaced:
+            conns = await self.api.live_connections()
+            if generation != self._generation:
+                return
+            for conn in conns.values():
+                device, name = conn.get("DeviceID"), conn.get("Username")
+                if isinstance(device, str) and device in model.unplaced \
+                        and isinstance(name, str):
+                    version = conn.get("ReportedVersion")
+                    model.connect(name, device, version if isinstance(version, str) else None)
 
     # --- live connections ------------------------------------------------------------------------
     def _want_refresh(self, user: str) -> None:
@@ -464,4 +572,14 @@ class Fleet:
             ("cometstream_fleet_live_refreshes_total", "counter",
              ("Reads of a user's live connections after a connect or disconnect event, by "
               "result"), refreshes),
+            ("cometstream_fleet_checks_total", "counter",
+             ("Checks of the running jobs, the self-backups and the devices an administrator "
+              "registered against the admin API, by result"),
+             [(f'{srv},result="{r}"', n) for r, n in self.checks.items()]),
+            ("cometstream_fleet_checked_jobs_total", "counter",
+             "Jobs the checks found ended (or gone) without an event",
+             [(srv, self.checked_jobs)]),
+            ("cometstream_fleet_values_out_of_range_total", "counter",
+             ("Figures beyond a double's range, written as +Inf or -Inf (counted each time "
+              "one is read)"), [(srv, self.overflowed_total)]),
         ]

@@ -53,6 +53,7 @@ __all__ = [
     "ApiError",
     "ApiFaults",
     "ApiServer",
+    "encode_json",
 ]
 
 log = structlog.get_logger("cometstream.simulator.api")
@@ -159,6 +160,7 @@ class ApiFaults(Protocol):
     api_down: bool
     api_reject: bool
     api_delay: float
+    api_stall: frozenset[str]
     api_dribble: float  # > 0: answers go out a byte at a time, this many seconds apart
     api_fail_next: int  # counted down here
     null_lists: bool
@@ -227,6 +229,8 @@ class AdminAPI:
         faults = sim.faults
         if faults.api_delay > 0:
             await asyncio.sleep(faults.api_delay)
+        while path in faults.api_stall:  # noqa: ASYNC110 - a fault polled as a peer would stall
+            await asyncio.sleep(0.05)
         if faults.api_down:
             return web.Response(status=503, text="503 Service Unavailable (simulated outage)\n")
         if faults.api_fail_next > 0:
@@ -260,7 +264,7 @@ class AdminAPI:
             result = endpoint(form)
         except ApiError as exc:
             return self._reply(request, _carm(exc.status, exc.message))
-        body = _encode(result)
+        body = encode_json(result)
         if faults.api_dribble > 0:
             return await self._dribble(request, body, faults)
         if len(body) >= PARALLEL_GZIP_MIN and _accepts_gzip(
@@ -305,7 +309,7 @@ class AdminAPI:
 
     def _reply(self, request: web.Request, payload: Any, status: int = 200) -> web.Response:
         """``payload`` as JSON (or already encoded, as bytes), gzipped if the client accepts it."""
-        body = payload if isinstance(payload, bytes) else _encode(payload)
+        body = payload if isinstance(payload, bytes) else encode_json(payload)
         resp = web.Response(body=body, status=status, content_type="application/json")
         if _accepts_gzip(request.headers.get("Accept-Encoding", "")):
             resp.enable_compression(web.ContentCoding.gzip)
@@ -395,7 +399,7 @@ class AdminAPI:
         return _carm(200, "OK")
 
 
-def _encode(payload: Any) -> bytes:
+def encode_json(payload: Any) -> bytes:
     """JSON as Comet writes it: orjson, or the standard library for what orjson refuses and a
     hostile server may send (integers beyond 64 bits, a lone surrogate escaped as ``\\ud800``)."""
     try:

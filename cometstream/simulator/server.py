@@ -35,7 +35,7 @@ import structlog
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractStreamWriter
 
-from cometstream.simulator.api import AdminAPI
+from cometstream.simulator.api import AdminAPI, encode_json
 from cometstream.simulator.auth import HANDSHAKE_FRAMES, Credentials
 from cometstream.simulator.world import World, server_meta_version_info
 from cometstream.simulator.world import event as make_event
@@ -72,6 +72,8 @@ class Faults:
     Admin HTTP API (applied in this order, before routing and authentication):
 
     - ``api_delay``: seconds to sleep before answering each API call.
+    - ``api_stall``: request paths (``/api/v1/admin/...``) whose calls are not answered while
+      they are listed (a server stuck on one endpoint: say, the fleet's last read).
     - ``api_dribble``: > 0: a successful API answer is sent uncompressed, one byte every
       ``api_dribble`` seconds (a server or proxy that never stalls long enough for a per-read
       timeout, yet never finishes).
@@ -91,6 +93,7 @@ class Faults:
     api_down: bool = False
     api_reject: bool = False
     api_delay: float = 0.0
+    api_stall: frozenset[str] = frozenset()
     api_dribble: float = 0.0
     api_fail_next: int = 0
     null_lists: bool = True
@@ -448,6 +451,7 @@ class Simulator:
             start_hash=self.server_start_hash,
             now=int(self.clock()),
             configured_devices=self.world.device_count(),
+            self_backup=self.world.self_backups,
         )
 
     async def drop_clients(self) -> None:
@@ -559,7 +563,7 @@ class Simulator:
 
     def _hello(self) -> bytes:
         data = self.meta_version_info()
-        return orjson.dumps(
+        return encode_json(
             make_event(
                 "SEVT_META_HELLO",
                 actor="",

@@ -22,6 +22,9 @@ Shapes follow Comet's SDK definitions (see ``comet-api.md``):
 - A finished job updates its profile's statistics (``Sources[*].Statistics.LastBackupJob`` /
   ``LastSuccessfulBackupJob``, ``Destinations[*].Statistics.ClientProvidedSize``) without an
   account event, as Comet does; ``cancel_silently``/``abandon`` finish a job with no event at all.
+- The server's own backups (``self_backups``: ``ServerMetaVersionInfo.SelfBackup``, one target
+  that last ran a few hours before the world was made, from ``_aux`` too); ``run_self_backup``
+  runs one, with no event (Comet emits none).
 
 Values (sizes, engines, platforms, password hashes) are made up but plausible; none is a real
 secret.
@@ -329,9 +332,11 @@ def job_detail(**fields: Any) -> dict[str, Any]:
 
 
 def server_meta_version_info(
-    *, start_time: int, start_hash: str, now: int, configured_devices: int = 0
+    *, start_time: int, start_hash: str, now: int, configured_devices: int = 0,
+    self_backup: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A ServerMetaVersionInfo (the Data of SEVT_META_HELLO and of AdminMetaVersion)."""
+    """A ServerMetaVersionInfo (the Data of SEVT_META_HELLO and of AdminMetaVersion);
+    ``self_backup``: its ``SelfBackup`` (SelfBackupStatistics, copied)."""
     return {
         "Version": SERVER_VERSION,
         "VersionCodename": "Voyager",
@@ -356,7 +361,7 @@ def server_meta_version_info(
         "ScheduledEmailThreadWaitingUntil": now + 3600,
         "ScheduledEmailThreadLastWakeTime": start_time,
         "ScheduledEmailThreadLastWakeSentEmails": False,
-        "SelfBackup": [],
+        "SelfBackup": [dict(run) for run in self_backup or ()],
     }
 
 
@@ -435,6 +440,8 @@ class World:
         self.live: dict[str, dict[str, Any]] = {}
         #: Whether profile_hash() covers Sources/Destinations statistics (see there).
         self.hash_statistics = True
+        #: ServerMetaVersionInfo.SelfBackup: one SelfBackupStatistics per self-backup target
+        self.self_backups: list[dict[str, Any]] = []
         self._usernames: list[str] = []
         self._busy_sources: set[str] = set()
 
@@ -457,6 +464,11 @@ class World:
                     self._connect(username, device_id, now - self.rng.randint(60, 86400))
         for _ in range(running):
             self.start_job(now - self.rng.randint(60, 3600))
+        ended = now - self._aux.randint(3600, 12 * 3600)
+        self.self_backups.append({
+            "CurrentRunStart": 0, "LastRunStart": ended - self._aux.randint(60, 900),
+            "LastRunEnd": ended, "LastRunSuccess": True,
+            "LastRunSize": self._aux.randint(10**6, 10**9)})
 
     # ----------------------------------------------------------------- event generation
 
@@ -724,12 +736,23 @@ class World:
         """Mark a running job abandoned (7007) with NO event (like AdminJobAbandon); see cancel_silently."""
         return self.cancel_silently(guid, _STATUS_ABANDONED, now)
 
-    def add_device(self, username: str, now: int | None = None) -> dict[str, Any]:
+    def run_self_backup(self, index: int = 0, *, success: bool = True, size: int | None = None,
+                        now: int | None = None) -> dict[str, Any]:
+        """The server's self-backup `index` runs now and ends (no event); its statistics."""
+        ts = self._now() if now is None else now
+        run = self.self_backups[index]
+        run.update(CurrentRunStart=0, LastRunStart=ts - 60, LastRunEnd=ts, LastRunSuccess=success,
+                   LastRunSize=self._aux.randint(10**6, 10**9) if size is None else size)
+        return run
+
+    def add_device(self, username: str, now: int | None = None, *,
+                   actor: str | None = None) -> dict[str, Any]:
         """Register a new device for `username`; SEVT_DEVICE_NEW (ResourceID = device ID,
         Data = DeviceConfig).
 
         The device joins the profile's ``Devices`` (without Protected Items and not live-connected).
-        Raises LookupError for an unknown user.
+        `actor`: who registered it (default the user; an administrator registering a device
+        from the registration lobby is named instead). Raises LookupError for an unknown user.
         """
         ts = self._now() if now is None else now
         profile = self.users.get(username)
@@ -739,10 +762,25 @@ class World:
         profile["Devices"][device_id] = device
         return event(
             "SEVT_DEVICE_NEW",
-            actor=username,
+            actor=username if actor is None else actor,
             organization=profile.get("OrganizationID", ""),
             resource=device_id,
             data=device,
+            timestamp=ts,
+        )
+
+    def connect_device(self, username: str, device_id: str,
+                       now: int | None = None) -> dict[str, Any]:
+        """`username`'s device `device_id` opens a live connection; SEVT_DEVICE_LIVE_CONNECT
+        (the world changes whether or not the caller broadcasts it)."""
+        ts = self._now() if now is None else now
+        profile = self.users[username]
+        self._connect(username, device_id, ts)
+        return event(
+            "SEVT_DEVICE_LIVE_CONNECT",
+            actor=username,
+            organization=profile.get("OrganizationID", ""),
+            resource=device_id,
             timestamp=ts,
         )
 
@@ -857,7 +895,7 @@ class World:
 
     def device_count(self) -> int:
         """Number of devices registered across all users."""
-        return sum(len(p["Devices"]) for p in self.users.values())
+        return sum(len(p["Devices"] or ()) for p in self.users.values())
 
     # ----------------------------------------------------------------- internals
 
