@@ -577,3 +577,30 @@ async def test_the_read_loop_waits_once_6144_events_wait_for_the_disk(
         await hook.stop()
     assert max(waiting) == 6_145, max(waiting)
     assert received == 1 + 6_145  # the HELLO, then what the read loop took before it waited
+
+
+async def test_a_ledger_a_newer_version_wrote_stops_run_with_exit_2_and_is_left_alone(
+        tmp_path: Path) -> None:
+    """A rollback after an upgrade: the ledger says format 99. `cometstream run` exits 2 with
+    one line naming the newer format, and the file is not moved aside nor written to (its
+    events and state are the newer version's to use)."""
+    state = tmp_path / "state"
+    await _spooled(state, "sim", {"hook": 0}, [_login(i) for i in range(1, 6)])
+    db = sqlite3.connect(state / "ledger.db")
+    db.execute("UPDATE meta SET value = '99' WHERE key = 'format'")
+    db.commit()
+    db.close()
+    before = {p.name: p.read_bytes() for p in state.iterdir() if p.name.startswith("ledger.db")}
+    conf = _conf(tmp_path, "http://127.0.0.1:9/", state, f"""
+[sinks.hook]
+type = "file"
+path = "{tmp_path / 'ev.jsonl'}"
+""")
+    proc = await run_cli("run", "-c", str(conf))
+    _out, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2, lines
+    assert len(lines) == 1 and "written by a newer cometstream (format 99" in lines[0], lines
+    after = {p.name: p.read_bytes() for p in state.iterdir() if p.name.startswith("ledger.db")}
+    assert after == before  # nothing moved aside, nothing written
+    assert _query(state / "ledger.db", "SELECT count(*) FROM chunks")[0][0] > 0

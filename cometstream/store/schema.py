@@ -73,6 +73,9 @@ def connect(path: Path, *, check: bool = True, upgrade: bool = False) -> sqlite3
         raise LedgerError(f"cannot open {path}: {exc}") from exc
     try:
         _prepare(db, check=check, upgrading=upgrade)
+    except LedgerError as exc:  # (a newer version's ledger)
+        db.close()
+        raise LedgerError(f"{path}: {exc}") from None
     except sqlite3.DatabaseError as exc:
         db.close()
         if getattr(exc, "sqlite_errorname", "") in _DAMAGED:
@@ -97,6 +100,15 @@ def _prepare(db: sqlite3.Connection, *, check: bool, upgrading: bool) -> None:
         verdict = db.execute("PRAGMA quick_check").fetchone()[0]
         if verdict != "ok":
             raise LedgerCorrupt(f"integrity check failed: {verdict}")
+    # a ledger a newer version wrote (a rollback after an upgrade) is not damage: it holds the
+    # gap's state and the lagging sinks' events. Nothing is written to it, nothing moved aside.
+    has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+                          ).fetchone() is not None
+    existing = format_of(db) if has_meta else ""
+    if existing.isdigit() and int(existing) > FORMAT_VERSION:
+        raise LedgerError(f"written by a newer cometstream (format {existing}; this version reads "
+                     f"format {FORMAT_VERSION} and older): run that version again, or move "
+                     "the file aside to start with an empty ledger")
     db.executescript(SCHEMA)
     # (OR IGNORE: another process may create the same new file at the same moment)
     db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (str(FORMAT_VERSION),))
