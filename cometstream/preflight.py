@@ -116,6 +116,14 @@ def check_paths(cfg: Config) -> list[ConfigError]:
             if path is None:
                 continue
             problem = file_problem(path)
+            if problem is None and sc.type == "file" and key == "path":
+                from .sinks.file import refused  # (run's own tests of the sink's file)
+
+                why = refused(path)
+                if why is not None:
+                    problem = (f"{path} {why}; run would start anyway and keep this sink's "
+                               "events in the ledger, with /readyz 503, until the path is "
+                               "fixed")
             if problem is not None:
                 errors.append(ConfigError(f"sinks.{sc.name}.{key}",
                                           _not_writable_fix(problem, sink=True)))

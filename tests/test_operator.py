@@ -579,6 +579,32 @@ def test_check_binds_the_http_port(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["check", "-c", str(conf)]) == 0  # (let go: free again)
 
 
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_check_refuses_a_file_sink_path_that_run_would_not_write(
+        kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file sink's path that is a symbolic link (to a writable file) or a FIFO: check exits 2
+    with run's own reason, as the sink would refuse it at open."""
+    monkeypatch.setenv("COMETSTREAM_PASSWORD", "not the password")
+    path = tmp_path / "events.jsonl"
+    if kind == "symlink":
+        (tmp_path / "elsewhere.jsonl").write_bytes(b"")
+        path.symlink_to(tmp_path / "elsewhere.jsonl")
+        why = "is a symbolic link (not followed)"
+    else:
+        os.mkfifo(path)
+        why = "is not a regular file"
+    conf = write_config(tmp_path, "http://127.0.0.1:9/",
+                        f'[sinks.out]\ntype = "file"\npath = "{path}"\n')
+    conf.chmod(0o600)
+    assert main(["check", "-c", str(conf)]) == 2
+    assert capsys.readouterr().err == (
+        f"cometstream: config: sinks.out.path: {path} {why}; run would start anyway and keep "
+        "this sink's events in the ledger, with /readyz 503, until the path is fixed\n")
+    path.unlink()
+    assert main(["check", "-c", str(conf)]) == 0  # (a missing file is created)
+
+
 async def test_check_beside_the_running_daemon_notes_its_port(sim: Simulator,
                                                               tmp_path: Path) -> None:
     """While the daemon runs on the same state.dir with that port, check is ok and says so."""

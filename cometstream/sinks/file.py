@@ -73,6 +73,24 @@ def _trusted(st: os.stat_result, path: Path) -> bool:
     return not parent.st_mode & 0o022
 
 
+def refused(path: Path) -> str | None:
+    """Why the sink would not write to ``path`` as it stands, in run's own words (its tests at
+    open, for ``check``): a symbolic link, not a regular file (a FIFO, a device), a file not
+    ours in a folder others can write to. None if missing (it is created) or usable."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link (not followed)"
+    if not stat.S_ISREG(st.st_mode):
+        return "is not a regular file"
+    if not _trusted(st, path):
+        return (f"is owned by uid {st.st_uid} in a folder others can write to (not ours: not "
+                "written to)")
+    return None
+
+
 class FileSink(Sink):
     default_format = "envelope"
     uses_doc = False
