@@ -38,7 +38,6 @@ from .backoff import Backoff
 from .config import Config, SinkConfig, parse_listen
 from .delivery.gate import Gate
 from .delivery.ledger import Ledger, Position
-from .delivery.state import StateDiff
 from .delivery.tracker import Tracker
 from .errors import ApiError, ConfigError, CredentialsRejected, LedgerError, TaskDied
 from .events import Event
@@ -54,6 +53,7 @@ from .redact import Redactor
 from .resync import Resyncer, ResyncResult
 from .sinks import Sink, resolve_sink_class
 from .store import StateLock
+from .store.state import StateDiff
 from .stream import Supervisor, make_ssl_context
 from .tap import TapServer, socket_path
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from cometstream.delivery.ledger import Position
-from cometstream.delivery.state import StateDiff
 from cometstream.delivery.tracker import Tracker
+from cometstream.store.state import StateDiff
 
 __all__ = ["Client"]
 

@@ -25,6 +25,7 @@ import orjson
 
 from ..constants import SEVT
 from ..events import JOB_COMPLETED, Event, completion_key, parse_raw
+from ..store.codec import fingerprint
 
 __all__ = ["Action", "account_entry", "action", "completion_key", "event_identity",
            "fingerprint", "job_event", "line_identity", "profile_digest", "timestamp"]
@@ -46,16 +47,6 @@ _blake2b = hashlib.blake2b
 #: what SQLite's INTEGER holds (the ledger keeps timestamps and start times)
 _INT64_MIN: Final = -(1 << 63)
 _INT64_MAX: Final = (1 << 63) - 1
-
-
-def fingerprint(key: str | int) -> int:
-    """What the dedup window keeps of a key: a stable signed 64-bit BLAKE2b fingerprint (8 bytes
-    in the ledger, where the key itself takes 60). A collision between two of 200,000 keys has a
-    chance of about one in 10^9."""
-    if isinstance(key, int):
-        return key
-    return int.from_bytes(_blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                          "little", signed=True)
 
 
 def profile_digest(profile: dict[str, Any]) -> str:

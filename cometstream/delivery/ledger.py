@@ -46,8 +46,8 @@ from ..errors import LedgerError
 from ..events import Event
 from ..store import FILENAME, CommitPlan, Position, Store
 from ..store.plan import cap_cursors, head, is_idle, lost_to_limits, trim_point
+from ..store.state import State, StateDiff
 from ..store.store import Chunks
-from .state import State, StateDiff
 
 __all__ = ["COMMIT_SOON", "COMMIT_SOON_BYTES", "PENDING_MAX", "PENDING_MAX_BYTES", "Ledger",
            "LedgerClient", "Position"]

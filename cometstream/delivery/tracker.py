@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from ..events import Event, parse_raw
+from ..store.state import State, StateDiff
 from .identity import Action, account_entry, timestamp
-from .state import State, StateDiff
 from .window import Dedup
 
 __all__ = ["Tracker"]

@@ -6,7 +6,9 @@ writer over it; ``cometstream dlq`` reads and changes its dead letters through t
 - :mod:`.statedir`: ``state.dir``, its lock (one daemon per directory) and its security checks;
 - :mod:`.schema`: the tables, opening a file (integrity check, format upgrades), moving a
   damaged one aside;
-- :mod:`.codec`: how events are stored in chunks, and sink positions as text;
+- :mod:`.codec`: how events are stored in chunks, sink positions as text, and the 64-bit
+  fingerprint the dedup window keeps of a key;
+- :mod:`.state`: the delivery state as plain data (what a load returns, what a commit writes);
 - :mod:`.statedb`: the delivery state (watermark, dedup window, jobs, accounts, devices),
   written incrementally;
 - :mod:`.plan`: a commit planned as pure functions (what to write, what to trim);
@@ -19,6 +21,8 @@ writer over it; ``cometstream dlq`` reads and changes its dead letters through t
 Why SQLite: transactions give torn-write safety for free, WAL lets the writer append while a
 lagging sink reads, ``PRAGMA quick_check`` detects a damaged file at start, and it needs no
 dependency.
+
+The store imports nothing of ``delivery/`` (which builds on it): the layers go one way.
 """
 
 from __future__ import annotations

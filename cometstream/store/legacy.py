@@ -24,9 +24,9 @@ from typing import Any, Final
 import orjson
 import structlog
 
-from ..delivery.identity import fingerprint
-from ..delivery.state import State
 from ..errors import CheckpointUnreadable
+from .codec import fingerprint
+from .state import State
 
 __all__ = ["read_checkpoint"]
 

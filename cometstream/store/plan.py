@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, Final
 
-from ..delivery.state import StateDiff
 from ..events import Event
 from .codec import Position
+from .state import StateDiff
 
 __all__ = ["COMMIT_MAX", "COMMIT_MAX_BYTES", "ChunkMeta", "CommitPlan", "cap_cursors", "head",
            "is_idle", "lost_to_limits", "trim_point"]

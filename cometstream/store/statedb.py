@@ -18,10 +18,10 @@ from array import array
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ..delivery.state import State, StateDiff
 from ..errors import LedgerCorrupt
 from .codec import column
 from .schema import upsert_meta
+from .state import State, StateDiff
 
 __all__ = ["StateRows", "load_state", "write_state"]
 

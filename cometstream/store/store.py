@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
-from ..delivery.state import State
 from ..errors import LedgerCorrupt, LedgerForeign
 from .codec import (
     RANGE,
@@ -31,6 +30,7 @@ from .deadletters import DeadLetters
 from .migrate import migrate
 from .plan import ChunkMeta, CommitPlan
 from .schema import FILENAME, connect, quarantine, rollback, transaction, upsert_meta
+from .state import State
 from .statedb import StateRows, load_state
 from .statedir import check_state_dir
 
