@@ -7,7 +7,9 @@ succeeds the watermark stays frozen before the gap. The first success after the 
 sinks' crash recovery. The task follows the daemon's one rule for background tasks
 (:mod:`cometstream._tasks`): should it die of a bug, :meth:`Catchup._died` records it.
 
-:class:`~cometstream.resync.Resyncer` runs one sync; this is the loop around it.
+:class:`~cometstream.resync.Resyncer` runs one sync; this is the loop around it. It reaches the
+gate, the tracker, the pipeline and the ledger through the daemon when it needs them: the tracker
+is replaced once the ledger is loaded.
 """
 
 from __future__ import annotations

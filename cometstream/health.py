@@ -6,8 +6,8 @@ background task dead), with what a long sync has done so far beside it, and keep
 ``STATUS=`` line: the stream's state, refreshed every :data:`STATUS_INTERVAL` while connected
 (and counting down while it waits to reconnect), and a long sync's progress.
 
-It reads the daemon's parts when asked, never copies them: the tracker is replaced once the
-ledger is loaded, and a figure read at the request is the figure of that moment.
+It reads the daemon's parts when asked, never copies them: it is built before some of them (the
+resyncer reports its progress to it), and a figure read at a request is that moment's.
 """
 
 from __future__ import annotations
