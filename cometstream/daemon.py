@@ -7,8 +7,9 @@ rejected first login).
 
 After every login (the HELLO), live events are held while a remedial sync runs; its synthesized
 events go out first, then the held live events, de-duplicated. A resync that fails is retried
-with backoff in the background, the held events being released meanwhile; until one succeeds the
-watermark stays frozen before the gap. The ledger commits every ``fsync_interval``: the events
+with backoff in the background (:mod:`.catchup`), the held events being released meanwhile;
+until one succeeds the watermark stays frozen before the gap. /readyz and systemd's STATUS= are
+:mod:`.health`'s. The ledger commits every ``fsync_interval``: the events
 some sink still needs, the cursors, and the delivery state they make true, in one transaction.
 
 Shutdown order: stop reading, release held events, let the sinks drain within
@@ -27,26 +28,27 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any, Final
+from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry
 
 from ._tasks import supervise
 from .api import AdminClient
-from .backoff import Backoff
+from .catchup import Catchup
 from .config import Config, SinkConfig, parse_listen
 from .delivery.gate import Gate
 from .delivery.ledger import Ledger, Position
 from .delivery.tracker import Tracker
-from .errors import ApiError, ConfigError, CredentialsRejected, LedgerError, TaskDied
+from .errors import ConfigError, CredentialsRejected, LedgerError
 from .events import Event
 from .fleet import Fleet
+from .health import Health
 from .observe.http import HttpServer
-from .observe.logging import register_secret, scrub
+from .observe.logging import register_secret
 from .observe.metrics import Metrics
 from .observe.process import standard_registry
-from .observe.systemd import Notifier, connected_status
+from .observe.systemd import Notifier
 from .pipeline import DiskBuffer, MemoryBuffer, Pipeline
 from .preflight import dir_problem
 from .redact import Redactor
@@ -58,11 +60,6 @@ from .stream import Supervisor, make_ssl_context
 from .tap import TapServer, socket_path
 
 __all__ = ["Daemon", "build_sink"]
-
-#: how often systemd's STATUS= is refreshed while connected
-STATUS_INTERVAL: Final = 5.0
-#: /readyz says 503 once the ledger's commits have failed this long (seconds)
-LEDGER_UNREADY_AFTER: Final = 10.0
 
 log = structlog.get_logger("cometstream.daemon")
 
@@ -170,76 +167,63 @@ class Daemon:
         self.api = AdminClient(s, ssl_context=make_ssl_context(s),
                                connect_timeout=cfg.stream.connect_timeout,
                                call_timeout=cfg.resync.call_timeout)
+        #: /readyz and systemd's STATUS=
+        self.health = Health(self)
         self.resyncer = Resyncer(self.api, self.tracker, server=s.name,
                                  overlap=cfg.resync.overlap, redactor=self.redactor,
                                  clock=self.server_time, held=self.gate.is_held,
-                                 on_progress=self._resync_progress)
-        self.metrics.stream.resync_progress = self._resync_share
+                                 on_progress=self.health.resync_progress)
+        self.metrics.stream.resync_progress = self.health.resync_share
         #: ``[fleet]``: the Comet fleet's cometserver_* metrics; it sees every live event first
         self.fleet = Fleet(cfg.fleet, self.api, server=s.name, clock=self.server_time,
                            retry=resync_retry, timeout=cfg.resync.timeout) \
             if cfg.fleet.enabled else None
         if self.fleet is not None:
             self.supervisor.publish = self.fleet.tap(self.gate.publish)
-        self._resync_retry = resync_retry
-        self._resync_task: asyncio.Task[None] | None = None
-        self._recovered = False
+        #: the remedial sync after each HELLO, retried until one succeeds
+        self.catchup = Catchup(self, resync_retry)
         self._skew = 0.0
-        self.status = ("starting", "starting")
-        self.resyncs_ok = 0
-        self.last_resync: ResyncResult | None = None
-        #: since the first of the failed syncs in a row (monotonic; 0 = the last one succeeded),
-        #: and why the latest failed: /readyz (their count is ``metrics.stream.resync_failures``)
-        self._resync_failing_since = 0.0
-        self._resync_last_error = ""
         #: background tasks that died of a bug, by name: why (/readyz; cometstream._tasks)
         self.dead_tasks: dict[str, str] = {}
+
+    # --- what tests and tools read, kept where they read it --------------------------------------
+    @property
+    def status(self) -> tuple[str, str]:
+        """The stream's last state and its detail (:attr:`Health.status`)."""
+        return self.health.status
+
+    @property
+    def resyncs_ok(self) -> int:
+        """Remedial syncs that succeeded since the start."""
+        return self.catchup.resyncs_ok
+
+    @property
+    def last_resync(self) -> ResyncResult | None:
+        """The last remedial sync that succeeded."""
+        return self.catchup.last_resync
+
+    def not_ready_reasons(self) -> list[str]:
+        """Why /readyz says 503 (:meth:`Health.not_ready_reasons`)."""
+        return self.health.not_ready_reasons()
+
+    def dead_task_reasons(self) -> dict[str, str]:
+        """Background tasks that died of a bug, the fleet's included, by name: why."""
+        dead = dict(self.dead_tasks)
+        if self.fleet is not None:
+            dead.update(self.fleet.dead_tasks)
+        return dead
 
     def server_time(self) -> float:
         """The server's clock: ours plus the offset its HELLO's CurrentTime showed."""
         return self.clock() + self._skew
 
-    # --- a long remedial sync, seen from outside -------------------------------------------------
-    def _resync_share(self) -> tuple[float, int]:
-        res = self.resyncer.current
-        return (res.progress(), res.count) if res is not None else (0.0, 0)
-
-    def _resync_progress(self, res: ResyncResult) -> None:
-        """Every few seconds of a long sync: a log line and systemd's STATUS."""
-        started = self.metrics.stream.resync_started
-        elapsed = time.monotonic() - started if started else 0.0
-        pct = res.progress() * 100
-        log.info("resync progress", server=self.cfg.server.name, progress_pct=round(pct, 1),
-                 events=res.count, read_until=res.position, seconds=round(elapsed, 1),
-                 events_per_second=round(res.count / elapsed) if elapsed > 0 else None)
-        self.notifier.status(f"catching up: {pct:.0f}% of the job window read, "
-                             f"{res.count:,} events synthesized")
-
-    def ready_info(self) -> dict[str, Any]:
-        """/readyz's body beside the reasons: a sync catching up (not a reason to be unready:
-        the stream is live and the sinks are writing)."""
-        res = self.resyncer.current
-        if res is None or not res.window[1]:
-            return {}
-        started = self.metrics.stream.resync_started
-        return {"catching_up": {
-            "progress": round(res.progress(), 4), "events": res.count,
-            "read_until": res.position, "window": list(res.window),
-            "seconds": round(time.monotonic() - started, 1) if started else 0.0}}
-
     # --- stream callbacks ------------------------------------------------------------------------
     def _on_status(self, state: str, detail: str) -> None:
-        self.status = (state, detail)
+        self.health.stream_status(state, detail)
         if self.fleet is not None:
             self.fleet.connection(state == "connected")
         if state == "reconnecting" and self.cfg.resync.enabled:
             self.tracker.frozen = True  # a gap: the watermark waits for the next resync
-        if state == "connected":
-            detail = self._connected_status()
-        self.notifier.status(detail)
-
-    def _connected_status(self) -> str:
-        return connected_status(self.cfg.server.name, self.metrics.stream.events_received)
 
     def _on_hello(self, ev: Event) -> None:
         data = ev.data if isinstance(ev.data, dict) else {}
@@ -251,95 +235,8 @@ class Daemon:
         self.api.fresh()  # (the answers of the sync and the seed are after this HELLO)
         if self.fleet is not None:
             self.fleet.hello(data)  # (with the sync: their list-users-full is one request)
-        if not self.cfg.resync.enabled:
-            return
-        self.gate.hold()
-        if self._resync_task is not None:
-            self._resync_task.cancel()
-        self.dead_tasks.pop("resync", None)  # (a new sync: the last one's death is history)
-        self._resync_task = supervise(asyncio.ensure_future(self._resync_loop(data)), "resync",
-                                      self._resync_died)
-
-    def _resync_died(self, died: TaskDied) -> None:
-        """The sync's task died of a bug (API failures are retried inside it; the death is
-        logged by ``supervise``): a failed run on the metrics, a reason on /readyz, and the
-        events it held are let go. The watermark stays frozen before the gap until a sync
-        succeeds (the next HELLO starts one)."""
-        stats = self.metrics.stream
-        stats.resync_started = 0.0
-        stats.resync_runs["error"] += 1
-        self.dead_tasks[died.task] = str(died)
-        if self.gate.holding:
-            self.gate.start_release()
-
-    # --- remedial sync ---------------------------------------------------------------------------
-    async def _resync_loop(self, hello: dict[str, Any]) -> None:
-        stats = self.metrics.stream
-        backoff = Backoff(*self._resync_retry)
-        limit = self.cfg.resync.timeout
-        while True:
-            t0 = time.monotonic()
-            stats.resync_started = t0  # its age: cometstream_resync_running_seconds, /readyz
-            # the whole sync has a deadline: a server that answers slowly enough (a byte a
-            # second) would otherwise hold it, and the watermark, for ever
-            deadline = asyncio.timeout(limit)
-            try:
-                async with deadline:
-                    res = await self.resyncer.run(hello, self.gate.deliver,
-                                                  self.gate.deliver_job)
-            except asyncio.CancelledError:
-                if stats.resync_started == t0:  # (not a newer loop's: a HELLO restarts it)
-                    stats.resync_started = 0.0
-                raise
-            except Exception as exc:
-                stats.resync_started = 0.0
-                stats.resync_runs["error"] += 1
-                stats.resync_failures += 1
-                if stats.resync_failures == 1:
-                    self._resync_failing_since = t0
-                delay = backoff.next_delay()
-                if isinstance(exc, TimeoutError) and deadline.expired():
-                    why = f"not finished within {limit:g} s (resync.timeout): cancelled"
-                    log.warning("resync failed", server=self.cfg.server.name, error=why,
-                                failures=stats.resync_failures, retry_in=round(delay, 1))
-                elif isinstance(exc, ApiError):
-                    why = str(exc)
-                    log.warning("resync failed", server=self.cfg.server.name, error=why,
-                                failures=stats.resync_failures, retry_in=round(delay, 1))
-                else:
-                    why = f"{exc.__class__.__name__}: {exc}"
-                    log.exception("resync failed unexpectedly", retry_in=round(delay, 1))
-                self._resync_last_error = why
-                self.notifier.status(f"resync failing, retry in {delay:.0f} s: {why}")
-                if self.gate.holding:
-                    await self.gate.release()  # live events flow while we retry
-                await asyncio.sleep(delay)
-                continue
-            stats.resync_started = 0.0
-            stats.resync_failures = 0
-            self._resync_failing_since = 0.0
-            self._resync_last_error = ""
-            if res.staged is not None:
-                self.tracker.stage_accounts(self.pipeline.seq, *res.staged)
-            duration = time.monotonic() - t0
-            self.last_resync = res
-            stats.resync_runs["baseline" if res.baseline else "ok"] += 1
-            stats.resync_duration.observe(duration)
-            for kind, n in res.kinds.items():
-                stats.resync_events[kind] += n
-            log.info("resync done", server=self.cfg.server.name, baseline=res.baseline,
-                     events=res.count, kinds=res.kinds, since=res.window[0] or None,
-                     duration=round(duration, 3))
-            await self.gate.release(res)
-            self.tracker.frozen = False
-            self.resyncs_ok += 1
-            if not self._recovered:
-                # what a crash left in the sinks' output is recognised until every sink has
-                # what was published so far (the store's events, this sync's)
-                self._recovered = True
-                self.pipeline.end_recovery()
-            self.ledger.kick()
-            return
+        if self.cfg.resync.enabled:
+            self.catchup.start(data)
 
     # --- the ledger ------------------------------------------------------------------------------
     def _settle(self, through: int) -> StateDiff:
@@ -402,14 +299,6 @@ class Daemon:
                 "oldest_age": max(0.0, now - oldest) if oldest else 0.0,
                 "write_errors": spool.write_errors}
 
-    async def _status_loop(self) -> None:
-        while True:
-            await asyncio.sleep(STATUS_INTERVAL)
-            if self.supervisor.connected:
-                self.notifier.status(self._connected_status())
-            elif self.status[0] == "reconnecting":  # counts down to the next attempt
-                self.notifier.status(self.supervisor.reconnecting())
-
     def _load_state(self) -> None:
         d = self.cfg.state.dir
         try:
@@ -437,8 +326,7 @@ class Daemon:
         self.tracker.frozen = self.tracker.has_checkpoint and self.cfg.resync.enabled
         self.resyncer.tracker = self.tracker
         self.gate.tracker = self.tracker
-        if not self.cfg.resync.enabled:
-            self._recovered = True
+        if not self.cfg.resync.enabled:  # (else the first sync that succeeds ends it)
             self.pipeline.end_recovery()
         if st.watermark or st.dedup:
             log.info("ledger loaded", watermark=st.watermark, running_jobs=len(st.running_jobs),
@@ -446,62 +334,15 @@ class Daemon:
                      migrated=self.ledger.migrated)
 
     # --- lifecycle -------------------------------------------------------------------------------
-    def not_ready_reasons(self) -> list[str]:
-        """Why /readyz says 503: not logged in to the stream, a sink failing, remedial syncs
-        failing or past their deadline (:meth:`_resync_reasons`), or a background task dead. The details
-        hold what the server or a receiver answered: masked like the logs (``scrub``)."""
-        reasons = []
-        if not self.supervisor.connected:
-            state, detail = self.status
-            if state == "reconnecting":
-                detail = self.supervisor.reconnecting()  # the wait left, as of now
-            reasons.append(f"stream: {scrub(detail)}" if detail else f"stream: {state}")
-        for route in self.pipeline.routes:
-            if route.stats.failing:
-                # a SinkError names its sink already ("sink archive: disk full")
-                prefix = f"sink {route.name}: "
-                why = route.stats.last_error.removeprefix(prefix)
-                reasons.append(prefix + (scrub(why) if why else "failing"))
-        ledger = self.ledger
-        if ledger.last_error and time.monotonic() - ledger.failing_since >= LEDGER_UNREADY_AFTER:
-            reasons.append(f"ledger: writes failing for "
-                           f"{time.monotonic() - ledger.failing_since:.0f} s: "
-                           f"{scrub(ledger.last_error)}")
-        reasons.extend(self._resync_reasons())
-        dead = dict(self.dead_tasks)
-        if self.fleet is not None:
-            dead.update(self.fleet.dead_tasks)
-        reasons.extend(scrub(why) for why in dead.values())
-        return reasons
-
-    def _resync_reasons(self) -> list[str]:
-        """/readyz: a sync running past its deadline, or failed syncs (since the last good
-        one) beyond ``unready_after_failures`` or ``unready_after_seconds``."""
-        rs = self.cfg.resync
-        stats = self.metrics.stream
-        now = time.monotonic()
-        out = []
-        if stats.resync_started and now - stats.resync_started > rs.timeout:
-            out.append(f"resync: running for {now - stats.resync_started:.0f} s, past its "
-                       f"deadline (resync.timeout = {rs.timeout:g} s)")
-        n = stats.resync_failures
-        if n:
-            failing = now - self._resync_failing_since
-            if n >= rs.unready_after_failures or failing >= rs.unready_after_seconds:
-                runs = "run" if n == 1 else "runs"
-                out.append(f"resync: {n} failed {runs} since the last good one, failing for "
-                           f"{failing:.0f} s: {scrub(self._resync_last_error)[:300]}")
-        return out
-
     async def _start_http(self) -> None:
         listen = self.cfg.http.listen
         if not listen:
             return
         host, port = parse_listen(listen)
-        server = HttpServer(self.registry, self.not_ready_reasons, host=host, port=port,
+        server = HttpServer(self.registry, self.health.not_ready_reasons, host=host, port=port,
                             extra=self.fleet.render if self.fleet is not None else None,
                             extra_gzip=(self.fleet.render_gzip if self.fleet is not None
-                                        else None), info=self.ready_info)
+                                        else None), info=self.health.ready_info)
         try:
             await server.start()
         except OSError as exc:
@@ -601,7 +442,7 @@ class Daemon:
         sup = asyncio.create_task(self.supervisor.run(), name="supervisor")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
-        saver = asyncio.create_task(self._status_loop(), name="status")
+        saver = asyncio.create_task(self.health.status_loop(), name="status")
         # (the loop fails its own waiters if it dies: the rule adds the log line and /readyz)
         spooler = supervise(asyncio.create_task(self.ledger.run(), name="ledger"), "ledger",
                             lambda died: self.dead_tasks.__setitem__(died.task, str(died)))
@@ -622,10 +463,10 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self.notifier.status("stopping: draining sink queues")
-            for task in (stopper, sup, self._resync_task, saver):
+            for task in (stopper, sup, self.catchup.task, saver):
                 if task is not None:
                     task.cancel()
-            for task in (sup, self._resync_task, saver):
+            for task in (sup, self.catchup.task, saver):
                 if task is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task

@@ -268,7 +268,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         name='unready-after-seconds',
         what='/readyz ignores unready_after_seconds',
-        file='cometstream/daemon.py',
+        file='cometstream/health.py',
         old='            if n >= rs.unready_after_failures or failing >= rs.unready_after_seconds:',
         new='            if n >= rs.unready_after_failures:',
         tests=('tests/test_security_promises.py::test_readyz_turns_503_once_syncs_have_failed_for_unready_after_seconds',),

@@ -32,7 +32,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from cometstream import daemon as daemon_mod
+from cometstream import health
 from cometstream.api import AdminClient
 from cometstream.delivery import ledger as ledger_mod
 from cometstream.delivery.ledger import Ledger
@@ -190,7 +190,7 @@ async def test_a_full_disk_keeps_memory_bounded_and_the_shutdown_figures_true(
                 hook_missing = received - 1  # (the HELLO got there)
                 # not ready once the commits have failed for a while (the clock moved on)
                 assert not any(r.startswith("ledger:") for r in d.daemon.not_ready_reasons())
-                lg.failing_since -= daemon_mod.LEDGER_UNREADY_AFTER
+                lg.failing_since -= health.LEDGER_UNREADY_AFTER
                 (why,) = [r for r in d.daemon.not_ready_reasons() if r.startswith("ledger:")]
                 assert "writes failing for" in why and "full" in why, why
         assert filler.exists()

@@ -157,9 +157,20 @@ class Metrics(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
+        """Every family, in the contract's order: the connection, the events, the remedial
+        sync, the sinks, then how far they lag and the spool (when the daemon gives them)."""
+        yield from self._connection_families()
+        yield from self._event_families()
+        yield from self._resync_families()
+        yield from self._sink_families()
+        if self.lag is not None:
+            yield from self._lag_families(self.lag())
+        if self.spool is not None:
+            yield from self._spool_families(self.spool())
+
+    def _connection_families(self) -> Iterator[Metric]:
         s = self.stream
         srv = self.server
-
         g = GaugeMetricFamily(PREFIX + "connection_up", "1 while logged in to the event stream",
                               labels=["server"])
         g.add_metric([srv], s.connection_up)
@@ -178,6 +189,9 @@ class Metrics(Collector):
             c.add_metric([srv, reason], s.disconnects.get(reason, 0))
         yield c
 
+    def _event_families(self) -> Iterator[Metric]:
+        s = self.stream
+        srv = self.server
         c = CounterMetricFamily(PREFIX + "events_received", "Events received by SEVT type "
                                 "(unknown numbers as other)", labels=["server", "type"])
         folded: dict[str, int] = defaultdict(int)
@@ -212,6 +226,9 @@ class Metrics(Collector):
             c.add_metric([srv, status], n)
         yield c
 
+    def _resync_families(self) -> Iterator[Metric]:
+        s = self.stream
+        srv = self.server
         c = CounterMetricFamily(PREFIX + "resync_runs", "Remedial sync runs by result",
                                 labels=["server", "result"])
         for result in sorted(RESYNC_RESULTS | set(s.resync_runs)):
@@ -246,6 +263,7 @@ class Metrics(Collector):
         g.add_metric([srv], made)
         yield g
 
+    def _sink_families(self) -> Iterator[Metric]:
         delivered = CounterMetricFamily(PREFIX + "events_delivered", "Events acknowledged by "
                                         "the sink", labels=["sink"])
         dropped = CounterMetricFamily(PREFIX + "events_dropped", "Events a sink will never get",
@@ -273,10 +291,6 @@ class Metrics(Collector):
             failing.add_metric([name], 1 if st.failing else 0)
             capacity.add_metric([name], st.capacity)
         yield from (delivered, dropped, filtered, errors, depth, latency, failing, capacity)
-        if self.lag is not None:
-            yield from self._lag_families(self.lag())
-        if self.spool is not None:
-            yield from self._spool_families(self.spool())
 
     def _spool_families(self, fig: dict[str, Any]) -> Iterator[Metric]:
         srv = self.server

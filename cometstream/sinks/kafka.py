@@ -355,88 +355,11 @@ class KafkaSink(Sink):
     async def send(self, batch: Sequence[Event]) -> None:
         """One record batch per partition (aiokafka's ``send_batch``), rather than a ``send``
         per message (~30 µs each in aiokafka); acknowledged once the broker has every batch."""
-        from aiokafka.errors import KafkaError
-
         if self._producer is None:
             await self.open()
-        producer = self._producer
-        limit = getattr(producer, "_max_request_size", self.max_batch_bytes)
-        #: per record batch: its future once submitted (``_UNSENT`` until then)
-        futures: list[Any] = []
-        #: per event appended, in order: the index of its record batch
-        owner: list[int] = []
-        open_batches: dict[tuple[str, int], tuple[int, Any]] = {}
-        partitions_of: dict[str, list[int]] = {}
-        unkeyed: dict[str, int] = {}
-        #: what stopped the batch at event ``len(owner)`` (that event was not appended)
-        stopped: BaseException | None = None
-        #: what kept a record batch from being submitted (its events are not delivered)
-        unsent: BaseException | None = None
-
-        async def submit(topic: str, partition: int, index: int, builder: Any) -> None:
-            builder.close()
-            futures[index] = await producer.send_batch(builder, topic, partition=partition)
-
-        try:
-            for ev in batch:
-                topic, key, value, headers, header_bytes = self._message(ev)
-                size = len(value) + (len(key) if key else 0) + header_bytes
-                if size + _RECORD_SLACK > limit and _record_size(key, value, headers) > limit:
-                    raise ValueError(f"the message is {len(value)} bytes, over the producer's "
-                                     f"limit of {limit} (max_batch_bytes)")
-                partitions = partitions_of.get(topic)
-                if partitions is None:
-                    partitions = sorted(await producer.partitions_for(topic))
-                    if not partitions:
-                        raise KafkaError(f"no partitions known for topic {topic}")
-                    partitions_of[topic] = partitions
-                partition = self._partition(topic, key, partitions, unkeyed)
-                slot = open_batches.get((topic, partition))
-                if slot is not None and slot[1].append(timestamp=None, key=key, value=value,
-                                                       headers=headers) is not None:
-                    owner.append(slot[0])
-                    continue
-                if slot is not None:  # full: it goes, and a new one is started
-                    del open_batches[(topic, partition)]
-                    try:
-                        await submit(topic, partition, *slot)
-                    except Exception as failed:
-                        unsent = failed
-                        raise
-                builder = producer.create_batch()
-                if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
-                    raise ValueError("the message does not fit an empty record batch "
-                                     "(max_batch_bytes)")
-                open_batches[(topic, partition)] = (len(futures), builder)
-                futures.append(_UNSENT)
-                owner.append(len(futures) - 1)
-        except Exception as failure:  # noqa: BLE001 - aiokafka raises asserts too (a shrunk topic)
-            stopped = failure
-        for (topic, partition), slot in open_batches.items():
-            if unsent is not None:
-                break  # the producer is failing: the rest is not handed over
-            try:
-                await submit(topic, partition, *slot)
-            except Exception as failed:  # noqa: BLE001 - what stops the producer ends the send
-                unsent = failed
-        # wait for what was handed to the producer before anything else: it may be delivered
-        gathered = iter(await asyncio.gather(*(f for f in futures if f is not _UNSENT),
-                                             return_exceptions=True))
-        # (with acks = 0 a batch's future holds None: sent, nothing to wait for)
-        results = [next(gathered) if f is not _UNSENT else _UNSENT for f in futures]
-        accepted = 0
-        exc: BaseException | None = None
-        for index in owner:  # events in order: the head whose record batches all arrived
-            res = results[index]
-            if res is _UNSENT:
-                exc = unsent or stopped or KafkaError("record batch not handed to the producer")
-                break
-            if isinstance(res, BaseException):
-                exc = res
-                break
-            accepted += 1
-        else:
-            exc = stopped  # every appended event arrived: what stopped the rest, if anything
+        batches = _RecordBatches(self, self._producer)
+        await batches.hand_over(batch)
+        accepted, exc = await batches.outcome()
         self.sent += accepted
         if exc is None:
             return
@@ -449,6 +372,121 @@ class KafkaSink(Sink):
         raise SinkError(self.name, f"Kafka: {_describe(exc)}", retryable=retryable,
                         accepted=accepted, failed=0 if retryable else 1) \
             from (exc if isinstance(exc, Exception) else None)
+
+
+class _RecordBatches:
+    """One ``send``'s record batches: one per topic and partition, built as the events come in
+    order, handed to the producer as each fills and once all are appended; then read back in
+    the events' order. A failure does not raise: it ends the appending (``stopped``) or the
+    handing over (``unsent``), and :meth:`outcome` says what it cost."""
+
+    def __init__(self, sink: KafkaSink, producer: Any) -> None:
+        self._sink = sink
+        self._producer = producer
+        self._limit = getattr(producer, "_max_request_size", sink.max_batch_bytes)
+        #: per record batch: its future once submitted (``_UNSENT`` until then)
+        self._futures: list[Any] = []
+        #: per event appended, in order: the index of its record batch
+        self._owner: list[int] = []
+        self._open: dict[tuple[str, int], tuple[int, Any]] = {}
+        self._partitions_of: dict[str, list[int]] = {}
+        self._unkeyed: dict[str, int] = {}
+        #: what stopped the batch at event ``len(owner)`` (that event was not appended)
+        self._stopped: BaseException | None = None
+        #: what kept a record batch from being submitted (its events are not delivered)
+        self._unsent: BaseException | None = None
+
+    async def hand_over(self, batch: Sequence[Event]) -> None:
+        """Append the events in order until one cannot be, then hand every record batch
+        still open to the producer (none once the producer failed one)."""
+        try:
+            for ev in batch:
+                topic, key, value, headers = self._record(ev)
+                partitions = self._partitions_of.get(topic)
+                if partitions is None:
+                    partitions = self._partitions_of[topic] = await self._partitions_for(topic)
+                partition = self._sink._partition(topic, key, partitions, self._unkeyed)
+                slot = self._open.get((topic, partition))
+                if slot is not None and slot[1].append(timestamp=None, key=key, value=value,
+                                                       headers=headers) is not None:
+                    self._owner.append(slot[0])
+                else:  # none open for its partition, or full
+                    await self._start_batch(topic, partition, slot, key, value, headers)
+        except Exception as failure:  # noqa: BLE001 - aiokafka raises asserts too (a shrunk topic)
+            self._stopped = failure
+        for (topic, partition), slot in self._open.items():
+            if self._unsent is not None:
+                break  # the producer is failing: the rest is not handed over
+            try:
+                await self._submit(topic, partition, *slot)
+            except Exception as failed:  # noqa: BLE001 - what stops the producer ends the send
+                self._unsent = failed
+
+    def _record(self, ev: Event) -> tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]:
+        """``ev``'s topic, key, value and headers; a message over the producer's limit raises."""
+        limit = self._limit
+        topic, key, value, headers, header_bytes = self._sink._message(ev)
+        size = len(value) + (len(key) if key else 0) + header_bytes
+        if size + _RECORD_SLACK > limit and _record_size(key, value, headers) > limit:
+            raise ValueError(f"the message is {len(value)} bytes, over the producer's "
+                             f"limit of {limit} (max_batch_bytes)")
+        return topic, key, value, headers
+
+    async def _partitions_for(self, topic: str) -> list[int]:
+        partitions = sorted(await self._producer.partitions_for(topic))
+        if not partitions:
+            from aiokafka.errors import KafkaError
+
+            raise KafkaError(f"no partitions known for topic {topic}")
+        return partitions
+
+    async def _start_batch(self, topic: str, partition: int, full: tuple[int, Any] | None,
+                           key: bytes | None, value: bytes,
+                           headers: list[tuple[str, bytes]]) -> None:
+        """A new record batch for the partition, starting with this record; the partition's
+        ``full`` one, if any, is handed over first."""
+        if full is not None:
+            del self._open[(topic, partition)]
+            try:
+                await self._submit(topic, partition, *full)
+            except Exception as failed:
+                self._unsent = failed
+                raise
+        builder = self._producer.create_batch()
+        if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+            raise ValueError("the message does not fit an empty record batch "
+                             "(max_batch_bytes)")
+        self._open[(topic, partition)] = (len(self._futures), builder)
+        self._futures.append(_UNSENT)
+        self._owner.append(len(self._futures) - 1)
+
+    async def _submit(self, topic: str, partition: int, index: int, builder: Any) -> None:
+        builder.close()
+        self._futures[index] = await self._producer.send_batch(builder, topic,
+                                                               partition=partition)
+
+    async def outcome(self) -> tuple[int, BaseException | None]:
+        """The head of the events whose record batches all arrived, and what failed the rest
+        (``None``: every event arrived)."""
+        futures = self._futures
+        # wait for what was handed to the producer before anything else: it may be delivered
+        gathered = iter(await asyncio.gather(*(f for f in futures if f is not _UNSENT),
+                                             return_exceptions=True))
+        # (with acks = 0 a batch's future holds None: sent, nothing to wait for)
+        results = [next(gathered) if f is not _UNSENT else _UNSENT for f in futures]
+        accepted = 0
+        for index in self._owner:  # events in order: the head whose record batches all arrived
+            res = results[index]
+            if res is _UNSENT:
+                if self._unsent is None and self._stopped is None:
+                    from aiokafka.errors import KafkaError
+
+                    return accepted, KafkaError("record batch not handed to the producer")
+                return accepted, self._unsent or self._stopped
+            if isinstance(res, BaseException):
+                return accepted, res
+            accepted += 1
+        return accepted, self._stopped  # every appended event arrived: what stopped the rest
 
 
 #: a record batch not handed to the producer
