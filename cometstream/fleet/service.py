@@ -38,7 +38,8 @@ from ..config import FleetConfig
 from ..constants import SEVT
 from ..errors import ApiError, TaskDied
 from ..events import Event
-from .model import Model, label_value, num
+from .check import check_round
+from .model import Model, label_value
 from .render import Family, GzipCache, edges, render
 from .seed import read_fleet
 
@@ -63,9 +64,6 @@ _HANDLED: Final = frozenset({_JOB_NEW, _JOB_COMPLETED, _ACCOUNT_NEW, _ACCOUNT_UP
 #: either, they are let go and the fleet is read again once the seed is done
 HOLD_MAX: Final = 200_000
 HOLD_MAX_BYTES: Final = 32 * 1024 * 1024
-#: jobs the check looks up one by one (``get-job-properties``) in one round, at most: those
-#: the server no longer lists as running (the others wait for the next round)
-CHECK_LOOKUPS: Final = 20
 #: more users than this waiting for a live-connections refresh: one call for everyone's
 FULL_REFRESH: Final = 20
 #: a failing refresh or a failed event is logged at most this often (seconds)
@@ -390,7 +388,7 @@ class Fleet:
                 continue  # (a seed is coming, or running: it reads all of this)
             try:
                 async with asyncio.timeout(self.timeout):  # (the seed's deadline)
-                    await self.check()
+                    await check_round(self)
             except Exception as exc:
                 self.checks["error"] += 1
                 if not self._may_log("check"):
@@ -402,57 +400,6 @@ class Fleet:
                     log.exception("fleet: check failed", server=self.server)
             else:
                 self.checks["ok"] += 1
-
-    async def check(self) -> None:
-        """One round: the server's ``meta/version`` (its version and self-backups); while
-        jobs are believed running, the jobs it lists as running (``get-jobs-for-date-range``
-        (0, 0)), and the final state of those it no longer lists (``get-job-properties``, at
-        most :data:`CHECK_LOOKUPS`): ended without an event (cancelled from the web
-        interface, abandoned); while devices an administrator registered are not placed, the
-        live connections (``dispatcher/list-active``), which name their users. An answer
-        older than a seed that came in meanwhile is not applied."""
-        generation = self._generation
-        info = await self.api.meta_version()
-        model = self.model
-        if model is None or generation != self._generation:
-            return
-        self.info = info
-        model.server_info(info)
-        if model.running:
-            believed = set(model.running)
-            listed = await self.api.jobs_for_date_range(0, 0)
-            if generation != self._generation:
-                return
-            still = set()
-            for running in listed:
-                still.add(running.get("GUID"))
-                model.recent_job(running)
-            ended = [g for g in believed if g not in still and g in model.running]
-            for guid in ended[:CHECK_LOOKUPS]:
-                job: dict[str, Any] | None
-                try:
-                    job = await self.api.job_properties(guid)
-                except ApiError as exc:
-                    if exc.status != 400:  # (400: "Job not found": gone from the server)
-                        raise
-                    job = None
-                if generation != self._generation:
-                    return
-                if job is None or job.get("GUID") != guid:
-                    model.forget_job(guid)
-                elif guid in model.running and num(job.get("EndTime")) > 0:
-                    model.job_completed(job)
-                self.checked_jobs += 1
-        if model.unplaced:
-            conns = await self.api.live_connections()
-            if generation != self._generation:
-                return
-            for conn in conns.values():
-                device, name = conn.get("DeviceID"), conn.get("Username")
-                if isinstance(device, str) and device in model.unplaced \
-                        and isinstance(name, str):
-                    version = conn.get("ReportedVersion")
-                    model.connect(name, device, version if isinstance(version, str) else None)
 
     # --- live connections ------------------------------------------------------------------------
     def _want_refresh(self, user: str) -> None:
