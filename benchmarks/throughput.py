@@ -303,6 +303,13 @@ RECEIVERS = {
 def receive(kind: str, url: str, n: int, result: Path, extra: dict[str, str]) -> None:
     _quiet()
     if kind.startswith("daemon") or kind == "read-loop":
+        # the daemon's modules loaded before the settings, as `cometstream run` has them when
+        # it applies them (gc.freeze() then keeps them out of the collector's sight, and their
+        # import is not counted in the burst's CPU time)
+        import cometstream.config
+        import cometstream.daemon
+        import cometstream.sinks
+        import cometstream.stream  # noqa: F401
         from cometstream import runtime
 
         # as `cometstream run` does; BENCH_TUNING=none|gc|switch measures without (some of) it
