@@ -147,11 +147,11 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         name="worker-death-silent",
-        what="a sink worker that dies is not noticed: no log, the sink not failing, producers "
-             "left waiting",
+        what="a sink worker that dies is only logged: the sink not failing, producers left "
+             "waiting",
         file="cometstream/pipeline/pipeline.py",
-        old="            route.task.add_done_callback(partial(self._worker_done, route))",
-        new="            route.task.add_done_callback(lambda _task: None)",
+        old='                f"sink {route.name}", partial(self._worker_died, route))',
+        new='                f"sink {route.name}", lambda _died: None)',
         tests=(("tests/test_pipeline.py::"
                 "test_a_sink_worker_that_dies_is_logged_marked_failing_and_blocks_nobody"),
                ("tests/test_pipeline.py::"
