@@ -64,6 +64,9 @@ class Route:
         self.behind_since = 0.0
         self.opened = False
         self.abandoned = False
+        #: a reload replaces or removes the sink: its engine finishes the sends in flight and
+        #: stops, taking nothing new (the queue stays for the sink's next instance)
+        self.retiring = False
         #: the worker died of an unexpected exception: the sink gets nothing more
         self.crashed: BaseException | None = None
         # --- the sink's declared capabilities (``Sink``), as the engine uses them
@@ -173,6 +176,11 @@ class Route:
             if self._space is None or self._space.done():
                 self._space = asyncio.get_running_loop().create_future()
             await self._space
+
+    def take_waiters(self, old: Route) -> None:
+        """This route replaces ``old`` (a reload) with its queue: producers waiting for room
+        in it now wait here."""
+        self._space, old._space = old._space, None
 
     def crash(self, exc: BaseException) -> None:
         """The worker died of ``exc``: the sink takes nothing more. Producers waiting for
