@@ -316,6 +316,20 @@ async def test_a_server_change_reconnects_and_resyncs(tmp_path: Path) -> None:
         assert [k for k, n in _counts(a).items() if n > 1] == []
 
 
+@pytest.mark.timeout(60)
+async def test_the_log_level_applies_at_once(tmp_path: Path) -> None:
+    """``[log] level`` changes with the reload itself: at "warning" the reload's own info line
+    is not written; back at "info", the next one is."""
+    a = tmp_path / "a.jsonl"
+    async with _setup(tmp_path, _file_sink("f", a)) as (_sim, daemon, _jobs):
+        _rewrite(daemon.conf, 'format = "json"', 'format = "json"\nlevel = "warning"')
+        await daemon.reload()
+        assert daemon.events("configuration reloaded") == []
+        _rewrite(daemon.conf, 'level = "warning"', 'level = "info"')
+        await daemon.reload()
+        assert [d["log_level"] for d in daemon.events("configuration reloaded")] == ["info"]
+
+
 # --------------------------------------------------------------------------- in one process
 
 MEMORY_SINK = '[sinks.mem]\ntype = "memory"'
@@ -346,6 +360,39 @@ async def test_signals_during_a_reload_make_one_more(tmp_path: Path, sim: Simula
         assert d.metrics.reloads == {"success": 2, "failure": 0}
         assert d.sinks["mem"] is not sink
         assert sink.events and sink.closed  # (its send in flight ended before the swap)
+
+
+async def test_a_changed_sink_gets_what_its_old_instance_had_not_taken(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A changed sink's old instance finishes its send in flight; the events queued behind it
+    go to the new instance, in order, none twice."""
+    conf = write_config(tmp_path, sim.url, MEMORY_SINK + "\n[spool]\nbuffer = \"memory\"")
+    cfg = load_config(conf, env={}, resolve_sink=resolve_sink_class)
+    async with running(cfg) as rd:
+        d = rd.daemon
+        old = rd.sink("mem")
+        await wait_until(lambda: d.resyncs_ok >= 1, what="the first resync")
+        old.hang.clear()
+        sim.emit()
+        route = d.pipeline.routes[0]
+        await wait_until(lambda: route.inflight, what="a send in flight")
+        for _ in range(5):
+            sim.emit()
+        await wait_until(lambda: len(route.queue) >= 5, what="events queued behind it")
+        queued = [ev.raw for ev in route.queue]
+        conf.write_text(conf.read_text().replace('type = "memory"',
+                                                 'type = "memory"\ndelay = 0.001'))
+        d.hangup()
+        await wait_until(lambda: route.retiring, what="the reload waiting for the send")
+        old.hang.set()
+        task = d.reloader.task
+        assert task is not None
+        await task
+        new = rd.sink("mem")
+        assert new is not old
+        await wait_until(lambda: len(new.events) >= len(queued), what="the queue delivered")
+        assert [ev.raw for ev in new.events][:len(queued)] == queued
+        assert not {ev.raw for ev in old.events} & {ev.raw for ev in new.events}
 
 
 async def test_reload_metrics_say_the_outcome(tmp_path: Path, sim: Simulator) -> None:
