@@ -103,6 +103,8 @@ class Reloader:
         self.level_override: str | None = None
 
     def request(self) -> None:
+        if self._daemon.cfg.path is None:
+            return  # (``demo``: the configuration did not come from a file)
         if self.task is not None and not self.task.done():
             self._again = True  # (coalesced: one more reload once this one ends)
             return
