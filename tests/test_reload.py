@@ -25,6 +25,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from cometstream.config import load_config
+from cometstream.observe.systemd import Notifier
 from cometstream.simulator import Simulator
 from cometstream.sinks import resolve_sink_class
 from cometstream.store import FILENAME
@@ -424,3 +425,47 @@ async def test_reload_metrics_say_the_outcome(tmp_path: Path, sim: Simulator) ->
                   if ln.startswith("cometstream_config_last_reload_success_timestamp_seconds{"))
         assert float(ts.split()[-1]) > 0
 
+
+
+async def test_an_unchanged_sink_is_not_touched(tmp_path: Path, sim: Simulator) -> None:
+    """A reload that adds a sink leaves the other one as it was: the same sink object, open,
+    the same route (queue, cursor); the added one gets the events from then on."""
+    conf = write_config(tmp_path, sim.url, MEMORY_SINK)
+    cfg = load_config(conf, env={}, resolve_sink=resolve_sink_class)
+    async with running(cfg) as rd:
+        d = rd.daemon
+        await wait_until(lambda: d.resyncs_ok >= 1, what="the first resync")
+        sink, route = rd.sink("mem"), d.pipeline.routes[0]
+        conf.write_text(conf.read_text() + '[sinks.other]\ntype = "memory"\n')
+        assert await d.reloader.reload()
+        assert rd.sink("mem") is sink and d.pipeline.routes[0] is route
+        assert sink.opened and not sink.closed
+        other = rd.sink("other")
+        sim.emit()
+        await wait_until(lambda: other.events, what="an event in the added sink")
+        assert other.events[-1].raw == sink.events[-1].raw
+
+
+async def test_a_sighup_before_the_start_is_done_reloads_after_it(
+        tmp_path: Path, sim: Simulator) -> None:
+    """The handler is there before READY=1; a SIGHUP that comes before the start is done
+    waits for it (RELOADING=1 comes after the start's READY=1), then reloads."""
+    conf = write_config(tmp_path, sim.url, MEMORY_SINK)
+    cfg = load_config(conf, env={}, resolve_sink=resolve_sink_class)
+    notify = NotifySocket()
+    try:
+        async with running(cfg) as rd:
+            d = rd.daemon
+            d.notifier = Notifier({"NOTIFY_SOCKET": notify.path})
+            conf.write_text(conf.read_text() + '[sinks.other]\ntype = "memory"\n')
+            d.hangup()  # (run() has not started yet)
+            assert not d.reloader.started.is_set()
+            task = d.reloader.task
+            assert task is not None
+            await task
+            assert [r.name for r in d.pipeline.routes] == ["mem", "other"]
+            assert d.metrics.reloads == {"success": 1, "failure": 0}
+            sent = [m.split("\n")[0] for m in notify.read() if not m.startswith("STATUS=")]
+            assert sent == ["READY=1", "RELOADING=1", "READY=1"], sent
+    finally:
+        notify.close()
