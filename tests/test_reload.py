@@ -318,6 +318,22 @@ async def test_a_server_change_reconnects_and_resyncs(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
+async def test_a_failing_sink_fixed_by_a_reload_gets_what_it_missed(tmp_path: Path) -> None:
+    """A file sink whose path is a folder cannot open (it fails, its events wait); the path
+    fixed and reloaded, the new file gets every completion, once."""
+    a, good = tmp_path / "a.jsonl", tmp_path / "good.jsonl"
+    a.mkdir()
+    async with _setup(tmp_path, _file_sink("f", a)) as (sim, daemon, jobs):
+        await wait_until(lambda: len(jobs.made) >= 20, what="completions made")
+        assert any(d.get("event") == "sink open failed" for d in daemon.log())
+        _rewrite(daemon.conf, f'path = "{a}"', f'path = "{good}"')
+        await daemon.reload()
+        await _all_in(jobs, good)
+        assert [k for k, n in _counts(good).items() if n > 1] == []
+        assert sim.logins_ok == 1
+
+
+@pytest.mark.timeout(60)
 async def test_the_log_level_applies_at_once(tmp_path: Path) -> None:
     """``[log] level`` changes with the reload itself: at "warning" the reload's own info line
     is not written; back at "info", the next one is."""

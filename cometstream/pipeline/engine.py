@@ -124,7 +124,7 @@ class Delivery:
             try:
                 await route.sink.open()
             except Exception as exc:  # noqa: BLE001 - any failure to open is retried
-                if self.closing():
+                if self.closing() or route.retiring:
                     return False
                 report_failure(route, exc, "sink open failed", backoff)
                 await self.pause(backoff.next_delay())

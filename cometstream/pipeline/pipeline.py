@@ -33,7 +33,7 @@ from ..errors import SinkError, TaskDied
 from .ack import AckListener, Acks, DeadLetters
 from .buffer import Buffer, MemoryBuffer
 from .engine import Delivery
-from .retry import describe
+from .retry import describe, recovered
 from .route import Route
 
 if TYPE_CHECKING:
@@ -244,7 +244,8 @@ class Pipeline:
         route.wake()
         task = route.task
         if task is not None and not task.done():
-            _done, pending = await asyncio.wait({task}, timeout=timeout)
+            # (a sink still trying to open has nothing in flight: no wait for its next attempt)
+            _done, pending = await asyncio.wait({task}, timeout=timeout if route.opened else 0)
             if pending:
                 task.cancel()
                 await asyncio.wait(pending)
@@ -298,6 +299,7 @@ class Pipeline:
             log.warning("sink open failed", sink=cfg.name, error=describe(exc))
         else:
             new.opened = True
+            recovered(new)  # (the old instance's failures are not the new one's)
             if new.tracks_position:
                 new.position = sink.position()
         await committed()
