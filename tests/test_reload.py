@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from prometheus_client import generate_latest
 
@@ -485,3 +486,50 @@ async def test_a_sighup_before_the_start_is_done_reloads_after_it(
             assert sent == ["READY=1", "RELOADING=1", "READY=1"], sent
     finally:
         notify.close()
+
+
+async def test_a_read_loop_blocked_on_a_full_queue_goes_on_after_a_swap(
+        tmp_path: Path, sim: Simulator) -> None:
+    """``when_full = "block"``: the read loop waits for room in a changed sink's queue; the
+    sink swapped (with a new filter: a queue of its own), it goes on, and every completion
+    reaches the old or the new instance, once, in order."""
+    conf = write_config(tmp_path, sim.url, MEMORY_SINK + '\nbuffer = 2\nwhen_full = "block"'
+                        '\n[spool]\nbuffer = "memory"')
+    cfg = load_config(conf, env={}, resolve_sink=resolve_sink_class)
+    async with running(cfg) as rd:
+        d = rd.daemon
+        old = rd.sink("mem")
+        await wait_until(lambda: d.resyncs_ok >= 1, what="the first resync")
+        old.hang.clear()
+        world = sim.world
+        made = []
+
+        def complete() -> None:
+            ev = world.complete_job(world.start_job()["Data"]["GUID"])
+            made.append(orjson.dumps(ev))
+            sim.emit(ev)
+
+        complete()
+        route = d.pipeline.routes[0]
+        await wait_until(lambda: route.inflight, what="a send in flight")
+        for _ in range(4):
+            complete()
+        await wait_until(lambda: len(route.queue) > route.maxlen, what="the read loop waiting")
+        conf.write_text(conf.read_text().replace(
+            'when_full = "block"', 'when_full = "block"\ntypes = ["SEVT_JOB_COMPLETED"]'))
+        d.hangup()
+        await wait_until(lambda: route.retiring, what="the reload waiting for the send")
+        old.hang.set()
+        task = d.reloader.task
+        assert task is not None
+        await task
+        new = rd.sink("mem")
+        for _ in range(3):
+            complete()
+
+        def got() -> list[dict[str, Any]]:
+            return [orjson.loads(ev.raw) for ev in [*old.events, *new.events]
+                    if orjson.loads(ev.raw).get("Type") == 4201]
+
+        await wait_until(lambda: len(got()) >= len(made), what="every completion delivered")
+        assert [orjson.dumps(doc) for doc in got()] == made

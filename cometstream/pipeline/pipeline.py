@@ -287,12 +287,18 @@ class Pipeline:
             self.acks.recovered(old)
         await self._close(old, timeout)
         new = self._new_route(cfg, sink)
-        new.queue, new.queued_bytes = old.queue, old.queued_bytes
+        types = new.types
+        if types is None or types == old.types:
+            new.queue, new.queued_bytes = old.queue, old.queued_bytes
+        else:  # (queued under the old filter: the new one applies from the cursor on)
+            new.queue.extend(ev for ev in old.queue if ev.type in types)
+            new.queued_bytes = sum(len(ev.raw) for ev in new.queue)
+            new.stats.filtered += len(old.queue) - len(new.queue)
         new.acked_seq, new.live, new.next_seq = old.acked_seq, old.live, old.next_seq
         new.behind_since = old.behind_since
-        new.take_waiters(old)
         self.routes[self.routes.index(old)] = new
         self._routes_changed()
+        new.replaces(old)
         try:
             await sink.open()
         except Exception as exc:  # noqa: BLE001 - the engine retries it, as at start
