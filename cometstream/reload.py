@@ -63,11 +63,14 @@ def _differs(old: object, new: object) -> list[str]:
 
 def plan_reload(old: Config, new: Config) -> ReloadPlan:
     plan = ReloadPlan()
-    for section in ("state", "http", "spool", "redact", "resync", "fleet"):
-        plan.restart += [f"{section}.{k}" for k in _differs(getattr(old, section),
-                                                            getattr(new, section))]
-    if old.log.format != new.log.format:
-        plan.restart.append("log.format")
+    for key in RESTART_KEYS:
+        section, _, name = key.partition(".")
+        before, after = getattr(old, section), getattr(new, section)
+        if name:
+            if getattr(before, name) != getattr(after, name):
+                plan.restart.append(key)
+        else:
+            plan.restart += [f"{section}.{k}" for k in _differs(before, after)]
     if old.log.level != new.log.level:
         plan.log_level = new.log.level
     plan.reconnect = old.server != new.server or old.stream != new.stream
