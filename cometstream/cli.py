@@ -275,7 +275,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     _warn_exposed(cfg, logged=True)
     try:
-        return _run_daemon(_serve(Daemon(cfg)))
+        daemon = Daemon(cfg)
+        daemon.reloader.level_override = args.log_level  # (the command line's stays)
+        return _run_daemon(_serve(daemon))
     except CredentialsRejected as exc:
         raise CredentialsRejected(f"login rejected by {cfg.server.name} for user "
                                   f"{cfg.server.username!r} ({_login_what(cfg)}): check them",

@@ -52,6 +52,7 @@ from .observe.systemd import Notifier
 from .pipeline import DiskBuffer, MemoryBuffer, Pipeline
 from .preflight import dir_problem
 from .redact import Redactor
+from .reload import Reloader
 from .resync import Resyncer, ResyncResult
 from .sinks import Sink, resolve_sink_class
 from .store import StateLock
@@ -153,6 +154,7 @@ class Daemon:
         self.tracker = Tracker(clock=self.server_time)
         filters = [sc.types for sc in cfg.sinks]
         routed = [f for f in filters if f is not None]
+        #: (its filters are worked out again when a reload changes the sinks: routes_changed)
         #: the gate hands events to the pipeline through its publish callable, and asks it
         #: whether anyone taps (then every event is redacted): it holds nothing else of it
         self.gate = Gate(self.pipeline.publish, self.tracker, self.redactor, self.metrics.stream,
@@ -160,13 +162,11 @@ class Daemon:
                          else frozenset[int]().union(*routed),
                          keep_doc=any(sk.uses_doc for sk in self.sinks.values()),
                          hold_timeout=cfg.resync.hold_timeout, tapped=self.pipeline.tapped)
-        self.supervisor = Supervisor(s, cfg.stream, self.gate.publish, self.metrics.stream,
-                                     rand=rand, on_status=self._on_status,
-                                     on_hello=self._on_hello)
-        self.gate.malformed = self.supervisor.malformed  # held events that fail, counted alike
-        self.api = AdminClient(s, ssl_context=make_ssl_context(s),
-                               connect_timeout=cfg.stream.connect_timeout,
-                               call_timeout=cfg.resync.call_timeout)
+        self._rand = rand
+        self.supervisor = self._make_supervisor(cfg)
+        self.api = self._make_api(cfg)
+        #: the running supervisor's task (a reload that changes [server] replaces it)
+        self._stream_task: asyncio.Task[None] | None = None
         #: /readyz and systemd's STATUS=
         self.health = Health(self)
         self.resyncer = Resyncer(self.api, self.tracker, server=s.name,
@@ -180,11 +180,69 @@ class Daemon:
             if cfg.fleet.enabled else None
         if self.fleet is not None:
             self.supervisor.publish = self.fleet.tap(self.gate.publish)
+        #: SIGHUP: the configuration read again, and what changed applied
+        self.reloader = Reloader(self)
+        self.metrics.reload_ok_at = self.clock()  # (the configuration loaded at start)
         #: the remedial sync after each HELLO, retried until one succeeds
         self.catchup = Catchup(self, resync_retry)
         self._skew = 0.0
         #: background tasks that died of a bug, by name: why (/readyz; cometstream._tasks)
         self.dead_tasks: dict[str, str] = {}
+
+    def _make_supervisor(self, cfg: Config) -> Supervisor:
+        sup = Supervisor(cfg.server, cfg.stream, self.gate.publish, self.metrics.stream,
+                         rand=self._rand, on_status=self._on_status, on_hello=self._on_hello)
+        self.gate.malformed = sup.malformed  # held events that fail, counted alike
+        return sup
+
+    @staticmethod
+    def _make_api(cfg: Config) -> AdminClient:
+        s = cfg.server
+        return AdminClient(s, ssl_context=make_ssl_context(s),
+                           connect_timeout=cfg.stream.connect_timeout,
+                           call_timeout=cfg.resync.call_timeout)
+
+    # --- reload ----------------------------------------------------------------------------------
+    def routes_changed(self) -> None:
+        """Sinks came or went (a reload): what the gate works out from their filters."""
+        filters = [sc.types for sc in self.cfg.sinks]
+        routed = [f for f in filters if f is not None]
+        self.gate.routed_types = (None if len(routed) < len(filters)
+                                  else frozenset[int]().union(*routed))
+        self.gate.keep_doc = any(sk.uses_doc for sk in self.sinks.values())
+
+    async def reconnect(self) -> None:
+        """A reload changed ``[server]`` or ``[stream]``: a new connection with the new
+        settings (the old one is closed), followed by the remedial sync as after any login."""
+        old, old_api = self.supervisor, self.api
+        sup = self._make_supervisor(self.cfg)
+        sup.ever_logged_in = old.ever_logged_in  # (a rejection now is not a first login's)
+        sup.publish = old.publish
+        self.api = self._make_api(self.cfg)
+        self.resyncer.api = self.api
+        if self.fleet is not None:
+            self.fleet.api = self.api
+        if self.catchup.task is not None:
+            self.catchup.task.cancel()
+        self.supervisor = sup
+        running = self._stream_task
+        if running is not None:
+            self._stream_task = asyncio.create_task(sup.run(), name="supervisor")
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        self.metrics.stream.connection_up = 0
+        self._on_status("reconnecting", "configuration reloaded")
+        await old_api.aclose()
+
+    async def _stream(self) -> None:
+        """The supervisor's task, followed across the reconnects of reloads: returns (or raises)
+        as the one running at the end does."""
+        while True:
+            task = self._stream_task
+            assert task is not None
+            await asyncio.wait({task})
+            if task is self._stream_task:
+                return task.result()
 
     # --- what tests and tools read, kept where they read it --------------------------------------
     @property
@@ -357,8 +415,14 @@ class Daemon:
         log.info("reopening files")
         self.pipeline.reopen()
 
+    def hangup(self) -> None:
+        """SIGHUP: reopen the files of file sinks (logrotate), then reload the configuration."""
+        self.reopen()
+        self.reloader.request()
+
     def install_signal_handlers(self, stop: asyncio.Event) -> None:
-        """SIGTERM and SIGINT stop; SIGHUP reopens the files of file sinks, unless it says that
+        """SIGTERM and SIGINT stop; SIGHUP reopens the files of file sinks and reloads the
+        configuration (:class:`~.reload.Reloader`), unless it says that
         the terminal the daemon runs on (in the foreground) has gone: then it stops too, rather
         than live on, orphaned, writing to a terminal that is no more."""
         loop = asyncio.get_running_loop()
@@ -383,8 +447,8 @@ class Daemon:
                 for fd in ttys:
                     os.dup2(devnull, fd)
                 os.close(devnull)
-            else:
-                self.reopen()
+            elif not stop.is_set():
+                self.hangup()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, signalled, sig.name)
@@ -439,7 +503,8 @@ class Daemon:
                  resync=cfg.resync.enabled, state=str(self.ledger.path))
         self.pipeline.start()
         await self.tap.start()
-        sup = asyncio.create_task(self.supervisor.run(), name="supervisor")
+        self._stream_task = asyncio.create_task(self.supervisor.run(), name="supervisor")
+        sup = asyncio.create_task(self._stream(), name="stream")
         stopper = asyncio.create_task(stop.wait(), name="stop")
         watchdog = asyncio.create_task(self.notifier.watchdog(), name="watchdog")
         saver = asyncio.create_task(self.health.status_loop(), name="status")
@@ -449,6 +514,7 @@ class Daemon:
         if self.fleet is not None:
             self.fleet.start()
         self.notifier.ready()
+        self.reloader.started.set()
         failure: BaseException | None = None
         try:
             await asyncio.wait({sup, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -463,10 +529,14 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self.notifier.status("stopping: draining sink queues")
-            for task in (stopper, sup, self.catchup.task, saver):
+            reload = self.reloader.task
+            if reload is not None:
+                reload.cancel()
+                await asyncio.gather(reload, return_exceptions=True)
+            for task in (stopper, sup, self._stream_task, self.catchup.task, saver):
                 if task is not None:
                     task.cancel()
-            for task in (sup, self.catchup.task, saver):
+            for task in (sup, self._stream_task, self.catchup.task, saver):
                 if task is not None:
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await task

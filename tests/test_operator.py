@@ -388,7 +388,8 @@ async def test_the_documented_install_starts_as_the_unit_runs_it(
     steps after the first ones), run against the simulator as the units run: check as the
     unit's dynamic user with its credential logs in; the unit starts as that user (READY=1,
     STATUS=connected), writes the example's file sink into its state directory, and SIGTERM
-    exits 0. Nothing is edited beyond [server] and the credential."""
+    exits 0; ``systemctl reload`` (the check, then SIGHUP) as the unit runs it ends in
+    READY=1. Nothing is edited beyond [server] and the credential."""
     ops = (ROOT / "docs" / "operations.md").read_text()
     block = _install_block(ops)
     if unit != "cometstream":  # the template: the first two steps, then the instance's
@@ -406,6 +407,21 @@ async def test_the_documented_install_starts_as_the_unit_runs_it(
         lines = await _events_written(state / "events.jsonl", sim, started)
         assert lines and all(line.startswith(b'{"') for line in lines)
         assert (state / "events.jsonl").stat().st_uid == DYNAMIC_UID  # (the dynamic user's)
+        # systemctl reload: ExecReload='s check as the unit runs it, then its SIGHUP
+        check, kill = done["unit_props"]["ExecReload"]
+        checked = await _start(machine, done["unit_props"], shlex.split(check),
+                               unit=f"{unit}-reload")
+        code, out, err = await checked.finish(None)
+        assert code == 0 and out.startswith("ok"), out + err
+        assert kill == "/bin/kill -HUP $MAINPID"
+        assert started.proc is not None
+        started.proc.send_signal(signal.SIGHUP)
+
+        def reloaded(ms: list[str]) -> bool:
+            starts = [i for i, m in enumerate(ms) if m.startswith("RELOADING=1\nMONOTONIC_USEC=")]
+            return bool(starts) and "READY=1" in ms[starts[-1]:]
+
+        await started.until(reloaded)
     finally:
         code, out, err = await started.finish()
     assert code == 0, err
@@ -729,7 +745,7 @@ def test_the_units_name_their_own_credential_and_rate_at_most_1_2(tmp_path: Path
                       text, re.MULTILINE)
     assert loaded and told == loaded, (told, loaded)
     target = tmp_path / unit.replace("@.", "@comet1.")
-    target.write_text(text.replace(f"ExecStart={INSTALLED}", "ExecStart=/usr/bin/true"))
+    target.write_text(text.replace(f"={INSTALLED} ", "=/usr/bin/true "))  # (Start, Reload)
     verify = subprocess.run(["systemd-analyze", "verify", str(target)], capture_output=True,
                             text=True, timeout=60, check=False)
     assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr

@@ -140,6 +140,8 @@ class Ledger:
         self._committed: asyncio.Future[None] | None = None
         self._kicked: asyncio.Future[None] | None = None
         self._stopping = False
+        #: waiting for a commit that starts after they asked (:meth:`checkpoint`)
+        self._checkpoints: list[asyncio.Future[None]] = []
         #: set once :meth:`run` is gone for good: nothing makes room any more
         self._dead: LedgerError | None = None
 
@@ -276,6 +278,24 @@ class Ledger:
         if self._kicked is not None and not self._kicked.done():
             self._kicked.set_result(None)
 
+    async def checkpoint(self) -> None:
+        """Until a commit that started after this call has succeeded (at once while the
+        commit loop does not run)."""
+        if self._thread is None or self._stopping or self._dead is not None:
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._checkpoints.append(fut)
+        self.kick()
+        await fut
+
+    async def forget(self, sink: str) -> None:
+        """Drop the cursor of a sink removed from the configuration."""
+        store, thread = self._store, self._thread
+        self.cursors.pop(sink, None)
+        self.positions.pop(sink, None)
+        if store is not None and thread is not None:
+            await thread.run(store.forget_sink, sink)
+
     def stop(self) -> None:
         """End :meth:`run` after the commit in progress (a commit is never cut in half: the
         loop would not know what it wrote)."""
@@ -288,17 +308,24 @@ class Ledger:
         try:
             while not self._stopping:
                 self._kicked = loop.create_future()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._kicked, self.fsync_interval)
+                if not self._checkpoints:  # (else a checkpoint asked during the last commit)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._kicked, self.fsync_interval)
                 if self._stopping:
                     return  # (close() makes the last commit)
+                asked, self._checkpoints = self._checkpoints, []
                 try:
                     await self.commit()
                 except (sqlite3.Error, OSError) as exc:  # the disk: retried, waiters wait
                     self._failed(str(exc))
+                    self._checkpoints[:0] = asked
                 except Exception as exc:  # noqa: BLE001 - a bug: said once, with its traceback
                     self._failed(f"{exc.__class__.__name__}: {exc}", exc)
+                    self._checkpoints[:0] = asked
                 else:
+                    for fut in asked:
+                        if not fut.done():
+                            fut.set_result(None)
                     if self.last_error:
                         log.info("ledger writes recovered")
                     self.last_error = ""
@@ -310,6 +337,10 @@ class Ledger:
             if not isinstance(exc, asyncio.CancelledError):
                 self._failed(f"{exc.__class__.__name__}: {exc}", exc)
             self._wake_waiters(self._dead)
+            for fut in self._checkpoints:
+                if not fut.done():
+                    fut.set_exception(self._dead)
+            self._checkpoints = []
             raise
 
     def _failed(self, msg: str, unexpected: BaseException | None = None) -> None:

@@ -141,6 +141,10 @@ class Metrics(Collector):
         #: how far each sink is behind, with either buffer: a callable giving
         #: {sink: (events, seconds)} (cometstream_sink_lag_events / _seconds)
         self.lag: Callable[[], dict[str, tuple[int, float]]] | None = None
+        #: configuration reloads (SIGHUP) by result, and whether and when the last one succeeded
+        self.reloads: dict[str, int] = {"success": 0, "failure": 0}
+        self.reload_ok = 1
+        self.reload_ok_at = 0.0
         if registry is not None:
             registry.register(self)
 
@@ -153,6 +157,11 @@ class Metrics(Collector):
             self._depth[name] = depth
         return st
 
+    def forget_sink(self, name: str) -> None:
+        """A sink removed by a reload: its series go."""
+        self.sinks.pop(name, None)
+        self._depth.pop(name, None)
+
     def describe(self) -> Iterable[Metric]:
         return []
 
@@ -163,6 +172,7 @@ class Metrics(Collector):
         yield from self._event_families()
         yield from self._resync_families()
         yield from self._sink_families()
+        yield from self._reload_families()
         if self.lag is not None:
             yield from self._lag_families(self.lag())
         if self.spool is not None:
@@ -261,6 +271,25 @@ class Metrics(Collector):
         g = GaugeMetricFamily(PREFIX + "resync_progress_events", "Events the running remedial "
                               "sync has synthesized so far (0 when none runs)", labels=["server"])
         g.add_metric([srv], made)
+        yield g
+
+    def _reload_families(self) -> Iterator[Metric]:
+        """Prometheus' own names for a configuration that reloads."""
+        server = self.server
+        c = CounterMetricFamily(PREFIX + "config_reloads", "Configuration reloads (SIGHUP) by "
+                                "result", labels=["server", "result"])
+        for result, n in self.reloads.items():
+            c.add_metric([server, result], n)
+        yield c
+        g = GaugeMetricFamily(PREFIX + "config_last_reload_successful", "1 if the last "
+                              "configuration reload succeeded (or none was tried), 0 if it "
+                              "was refused", labels=["server"])
+        g.add_metric([server], self.reload_ok)
+        yield g
+        g = GaugeMetricFamily(PREFIX + "config_last_reload_success_timestamp_seconds", "Unix "
+                              "time of the last configuration (re)load that succeeded",
+                              labels=["server"])
+        g.add_metric([server], self.reload_ok_at)
         yield g
 
     def _sink_families(self) -> Iterator[Metric]:

@@ -1,4 +1,4 @@
-"""systemd's notify protocol, without libsystemd: READY, STATUS, WATCHDOG, STOPPING.
+"""systemd's notify protocol, without libsystemd: READY, RELOADING, STATUS, WATCHDOG, STOPPING.
 
 A datagram to ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the abstract namespace). Outside
 systemd (no ``NOTIFY_SOCKET``) every call is a no-op.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 from collections.abc import Mapping
 
 import structlog
@@ -65,6 +66,13 @@ class Notifier:
 
     def ready(self) -> None:
         self.notify("READY=1")
+
+    def reloading(self) -> None:
+        """A reload starts: ``RELOADING=1`` with ``MONOTONIC_USEC=`` (CLOCK_MONOTONIC, which
+        systemd 253's ``Type=notify-reload`` requires; older versions ignore both). The reload
+        ends with :meth:`ready`, whatever its outcome."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
 
     def status(self, text: str) -> None:
         # STATUS= is shown to every local user (systemctl status): what a peer wrote in an

@@ -102,7 +102,7 @@ class Delivery:
                 if alone is not None:
                     await self._send(alone)  # (one send at a time: no task of its own)
                     continue
-                if not self.window and self.closing():
+                if not self.window and (self.closing() or route.retiring):
                     return  # delivered what was queued (what is behind stays in the store)
                 if self.ended or (self.window and self.window[0].state is not None):
                     continue
@@ -124,7 +124,7 @@ class Delivery:
             try:
                 await route.sink.open()
             except Exception as exc:  # noqa: BLE001 - any failure to open is retried
-                if self.closing():
+                if self.closing() or route.retiring:
                     return False
                 report_failure(route, exc, "sink open failed", backoff)
                 await self.pause(backoff.next_delay())
@@ -170,7 +170,8 @@ class Delivery:
 
     def _can_take(self) -> bool:
         """New events are taken only when a send could start, and the window has room."""
-        return (self.running < self.route.concurrency and self.held < self.batch_max
+        return (not self.route.retiring and self.running < self.route.concurrency
+                and self.held < self.batch_max
                 and (self.held_bytes < self.route.max_bytes or not self.window))
 
     def _reads_behind(self) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Final
@@ -32,13 +33,13 @@ from ..errors import SinkError, TaskDied
 from .ack import AckListener, Acks, DeadLetters
 from .buffer import Buffer, MemoryBuffer
 from .engine import Delivery
-from .retry import describe
+from .retry import describe, recovered
 from .route import Route
 
 if TYPE_CHECKING:
     from ..config import SinkConfig
     from ..events import Event
-    from ..observe.metrics import Metrics
+    from ..observe.metrics import Metrics, SinkStats
     from ..sinks.base import Position, Sink
 
 __all__ = ["BATCH_MAX", "Pipeline", "Tap"]
@@ -69,23 +70,29 @@ class Pipeline:
         self.buffer = buffer if buffer is not None else MemoryBuffer()
         self.acks = Acks(self.buffer)
         self.server = server
-        self.routes: list[Route] = []
-        for cfg, sink in routes:
-            dead = DeadLetters(cfg.name, cfg.dead_letter) if cfg.dead_letter else None
-            route = Route(cfg, sink, metrics.sink(cfg.name), batch_max=batch_max,
-                          dead_letter=dead)
-            route.stats.capacity = cfg.buffer
-            metrics.sink(cfg.name, depth=lambda r=route: r.depth)
-            self.routes.append(route)
         self.batch_max = batch_max
+        self.routes: list[Route] = [self._new_route(cfg, sink) for cfg, sink in routes]
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         #: the jitter of retry delays (tests fix it)
         self.rand: Callable[[], float] = random.random
         self.seq = 0
         self._closing = False
+        self._started = False
         #: the taps (``cometstream tap``): see :meth:`add_tap`
         self.taps: list[Tap] = []
+        self._fast: list[tuple[Route, frozenset[int] | None, deque[Event], int, SinkStats]] = []
+        self._routes_changed()
+
+    def _new_route(self, cfg: SinkConfig, sink: Sink) -> Route:
+        dead = DeadLetters(cfg.name, cfg.dead_letter) if cfg.dead_letter else None
+        route = Route(cfg, sink, self.metrics.sink(cfg.name), batch_max=self.batch_max,
+                      dead_letter=dead)
+        route.stats.capacity = cfg.buffer
+        self.metrics.sink(cfg.name, depth=lambda r=route: r.depth)
+        return route
+
+    def _routes_changed(self) -> None:
         # the filter/queue step per route, precomputed as tuples for the hot loop
         self._fast = [(r, r.types, r.queue, r.maxlen, r.stats) for r in self.routes]
 
@@ -204,16 +211,106 @@ class Pipeline:
 
     # --- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
+        self._started = True
         for route in self.routes:
-            delivery = Delivery(
-                route, self.acks, self.buffer, batch_max=self.batch_max, server=self.server,
-                published=lambda: self.seq, closing=lambda: self._closing,
-                release=partial(self.buffer.release, self.delivered_through),
-                backoff=lambda: Backoff(self.retry_initial, self.retry_max, rand=self.rand),
-                pause=self._pause)
-            route.task = supervise(
-                asyncio.create_task(delivery.run(), name=f"sink-{route.name}"),
-                f"sink {route.name}", partial(self._worker_died, route))
+            self._start(route)
+
+    def _start(self, route: Route) -> None:
+        delivery = Delivery(
+            route, self.acks, self.buffer, batch_max=self.batch_max, server=self.server,
+            published=lambda: self.seq, closing=lambda: self._closing,
+            release=partial(self.buffer.release, self.delivered_through),
+            backoff=lambda: Backoff(self.retry_initial, self.retry_max, rand=self.rand),
+            pause=self._pause)
+        route.task = supervise(
+            asyncio.create_task(delivery.run(), name=f"sink-{route.name}"),
+            f"sink {route.name}", partial(self._worker_died, route))
+
+    # --- reload: sinks added, removed, changed ---------------------------------------------------
+    def add_route(self, cfg: SinkConfig, sink: Sink) -> None:
+        """A new sink, from the live head on: it gets the events published from now on."""
+        route = self._new_route(cfg, sink)
+        route.acked_seq = self.seq
+        self.routes.append(route)
+        self._routes_changed()
+        if self._started:
+            self._start(route)
+
+    async def _retire(self, route: Route, timeout: float) -> None:
+        """Let the route's engine finish the sends in flight (within ``timeout`` seconds; then
+        they are cancelled and their events go back in front of the queue) and stop. Publish
+        still queues for it meanwhile."""
+        route.retiring = True
+        route.wake()
+        task = route.task
+        if task is not None and not task.done():
+            # (a sink still trying to open has nothing in flight: no wait for its next attempt)
+            _done, pending = await asyncio.wait({task}, timeout=timeout if route.opened else 0)
+            if pending:
+                task.cancel()
+                await asyncio.wait(pending)
+
+    async def _close(self, route: Route, timeout: float) -> None:
+        if route.opened:
+            try:
+                await asyncio.wait_for(route.sink.aclose(), max(timeout, 1.0))
+            except Exception as exc:  # noqa: BLE001 - said; the sink is gone either way
+                log.warning("sink close failed", sink=route.name, error=describe(exc))
+            route.opened = False
+
+    async def remove_route(self, name: str, timeout: float) -> int:
+        """Stop sink ``name`` (the sends in flight end first) and forget it; returns how many
+        events published before it was removed it had not got (at most: what it is behind in
+        the store is counted with the events its filter would skip)."""
+        route = next(r for r in self.routes if r.name == name)
+        await self._retire(route, timeout)
+        self.routes.remove(route)
+        self._routes_changed()
+        left = len(route.queue) + (self.seq - route.next_seq + 1 if not route.live else 0)
+        route.queue.clear()
+        route.queued_bytes = 0
+        route.crash(SinkError(name, "removed by a reload", retryable=False))
+        self.metrics.forget_sink(name)
+        await self._close(route, timeout)
+        return left
+
+    async def replace_route(self, cfg: SinkConfig, sink: Sink, timeout: float,
+                            committed: Callable[[], Awaitable[None]]) -> None:
+        """Swap sink ``cfg.name`` for ``sink`` with the settings ``cfg``, from its cursor: the
+        old one finishes its sends in flight and is closed; what it had not taken (its queue,
+        what it is behind in the store) goes to the new one. ``committed`` writes the cursor
+        with the new sink's position (a file sink: where its new file starts) before the new
+        sink gets anything, so that a crash then neither loses nor repeats an event."""
+        old = next(r for r in self.routes if r.name == cfg.name)
+        await self._retire(old, timeout)
+        if old.recovering:
+            self.acks.recovered(old)
+        await self._close(old, timeout)
+        new = self._new_route(cfg, sink)
+        types = new.types
+        if types is None or types == old.types:
+            new.queue, new.queued_bytes = old.queue, old.queued_bytes
+        else:  # (queued under the old filter: the new one applies from the cursor on)
+            new.queue.extend(ev for ev in old.queue if ev.type in types)
+            new.queued_bytes = sum(len(ev.raw) for ev in new.queue)
+            new.stats.filtered += len(old.queue) - len(new.queue)
+        new.acked_seq, new.live, new.next_seq = old.acked_seq, old.live, old.next_seq
+        new.behind_since = old.behind_since
+        self.routes[self.routes.index(old)] = new
+        self._routes_changed()
+        new.replaces(old)
+        try:
+            await sink.open()
+        except Exception as exc:  # noqa: BLE001 - the engine retries it, as at start
+            log.warning("sink open failed", sink=cfg.name, error=describe(exc))
+        else:
+            new.opened = True
+            recovered(new)  # (the old instance's failures are not the new one's)
+            if new.tracks_position:
+                new.position = sink.position()
+        await committed()
+        if self._started:
+            self._start(new)
 
     @staticmethod
     def _worker_died(route: Route, died: TaskDied) -> None:

@@ -64,6 +64,11 @@ class Route:
         self.behind_since = 0.0
         self.opened = False
         self.abandoned = False
+        #: a reload replaces or removes the sink: its engine finishes the sends in flight and
+        #: stops, taking nothing new (the queue stays for the sink's next instance)
+        self.retiring = False
+        #: the route that took this one's place (a reload)
+        self.successor: Route | None = None
         #: the worker died of an unexpected exception: the sink gets nothing more
         self.crashed: BaseException | None = None
         # --- the sink's declared capabilities (``Sink``), as the engine uses them
@@ -168,11 +173,20 @@ class Route:
         """Until the queue is below its bound again (it may be over it by the events of
         producers that are waiting here). Raises :class:`SinkError` if the worker died."""
         while len(self.queue) > self.maxlen or self.queued_bytes > self.max_bytes:
+            if self.successor is not None:
+                await self.successor.wait_for_space()
+                return
             if self.crashed is not None:
                 raise SinkError(self.name, "worker stopped", retryable=False)
             if self._space is None or self._space.done():
                 self._space = asyncio.get_running_loop().create_future()
             await self._space
+
+    def replaces(self, old: Route) -> None:
+        """This route replaces ``old`` (a reload): producers waiting for room in the old queue
+        now wait for room in this one."""
+        old.successor = self
+        old.space_freed()
 
     def crash(self, exc: BaseException) -> None:
         """The worker died of ``exc``: the sink takes nothing more. Producers waiting for

@@ -230,6 +230,14 @@ class Store:
             self.serve(sink, out[-1][0])
         return out
 
+    def forget_sink(self, sink: str) -> None:
+        """A sink removed from the configuration: its cursor goes (were it added again, it
+        would start at the live head, like any new sink)."""
+        with self.db:
+            self.db.execute("DELETE FROM cursors WHERE sink = ?", (sink,))
+        self.cursors.pop(sink, None)
+        self.positions.pop(sink, None)
+
     def left(self, sinks: dict[str, frozenset[int] | None], durable_seq: int
              ) -> dict[str, tuple[int, int]]:
         """Per sink: (events in the ledger past the cursor the ledger holds for it, that
