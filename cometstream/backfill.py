@@ -75,7 +75,7 @@ class _Progress:
 
 async def run_backfill(cfg: Config, *, since: int, until: int, sink_names: list[str]) -> int:
     """Replay job completions with EndTime in [since, until) to the chosen sinks; returns a count."""
-    from .daemon import build_sink
+    from .sinks import build_sink
 
     if until <= since:
         raise UsageError("--until", "must be after --since")

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from ._tasks import supervise
 from .api import AdminClient
 from .catchup import Catchup
-from .config import Config, SinkConfig, parse_listen
+from .config import Config, parse_listen
 from .delivery.gate import Gate
 from .delivery.ledger import Ledger, Position
 from .delivery.tracker import Tracker
@@ -54,20 +54,15 @@ from .preflight import dir_problem
 from .redact import Redactor
 from .reload import Reloader
 from .resync import Resyncer, ResyncResult
-from .sinks import Sink, resolve_sink_class
+from .sinks import Sink, build_sink
 from .store import StateLock
 from .store.state import StateDiff
 from .stream import Supervisor, make_ssl_context
 from .tap import TapServer, socket_path
 
-__all__ = ["Daemon", "build_sink"]
+__all__ = ["Daemon"]
 
 log = structlog.get_logger("cometstream.daemon")
-
-
-def build_sink(cfg: SinkConfig) -> Sink:
-    cls = resolve_sink_class(cfg.type, key=f"sinks.{cfg.name}.type")
-    return cls.from_config(cfg.name, cfg.section())
 
 
 class _LedgerSide:

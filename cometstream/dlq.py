@@ -360,7 +360,7 @@ def _keep_owner_of(fd: int, path: Path) -> None:
 
 
 def cmd_replay(cfg: Config, args: argparse.Namespace) -> bool:
-    from .daemon import build_sink
+    from .sinks import build_sink
 
     sc = next((s for s in cfg.sinks if s.name == args.sink), None)
     if sc is None:  # replay needs the sink's configuration: name the configured ones

@@ -164,9 +164,8 @@ class Reloader:
         """The file parsed and validated as ``run`` and ``check`` do (not the network), the
         keys a restart must change, and the new sinks built: every problem at once."""
         from .config import load_config
-        from .daemon import build_sink
         from .preflight import check_paths
-        from .sinks import resolve_sink_class
+        from .sinks import build_sink, resolve_sink_class
 
         d = self._daemon
         path = d.cfg.path

@@ -188,7 +188,7 @@ def test_every_secret_file_loses_only_its_final_line_break(tmp_path: Path, text:
                             "sasl_password_file": str(path)}}
     cfg = parse_config(doc, env={}, resolve_sink=resolve_sink_class)
     assert cfg.server.password is not None and cfg.server.password.reveal() == secret
-    from cometstream.daemon import build_sink
+    from cometstream.sinks import build_sink
 
     sink = build_sink(cfg.sinks[0])
     assert sink.security["sasl_plain_password"] == secret  # type: ignore[attr-defined]
@@ -341,7 +341,7 @@ path = ""
 
 async def test_file_sink_path_is_relative_to_the_config_file(tmp_path: Path) -> None:
     """A relative sink path is resolved next to the config file, whatever the working dir."""
-    from cometstream.daemon import build_sink
+    from cometstream.sinks import build_sink
 
     conf = tmp_path / "c.toml"
     conf.write_text(BASE.format(state="state")

@@ -31,13 +31,13 @@ import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from cometstream.constants import SEVT_NAMES
-from cometstream.daemon import build_sink
 from cometstream.delivery.ledger import Ledger
 from cometstream.events import Event
 from cometstream.observe import logging as obslog
 from cometstream.observe.logging import MASK
 from cometstream.protocol import decode_frame
 from cometstream.simulator import Simulator
+from cometstream.sinks import build_sink
 from cometstream.store import plan as plan_mod
 
 from .conftest import (

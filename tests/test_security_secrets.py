@@ -363,7 +363,7 @@ async def test_library_tracebacks_are_one_json_line_masked(tmp_path: Path) -> No
 async def test_webhook_url_path_and_query_secrets_are_registered(tmp_path: Path) -> None:
     """A webhook sink's URL carries secrets in its path or query: once the sink is configured
     and opened they are masked wherever they would be shown."""
-    from cometstream.daemon import build_sink
+    from cometstream.sinks import build_sink
 
     path_token = "B07Q2K1LMNOP/AbCdEf0123456789ghIJklMN"
     cfg = make_config("http://127.0.0.1:1/", tmp_path, sinks={

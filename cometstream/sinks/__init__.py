@@ -8,12 +8,16 @@ Others come from the entry point group ``cometstream.sinks`` (``name = "package.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from ..errors import ConfigError
 from .base import Sink
 
-__all__ = ["ENTRY_POINT_GROUP", "Sink", "available_sink_types", "resolve_sink_class"]
+if TYPE_CHECKING:
+    from ..config import SinkConfig
+
+__all__ = ["ENTRY_POINT_GROUP", "Sink", "available_sink_types", "build_sink",
+           "resolve_sink_class"]
 
 ENTRY_POINT_GROUP: Final = "cometstream.sinks"
 _BUILTINS: Final = {
@@ -61,3 +65,10 @@ def resolve_sink_class(type_: str, *, key: str = "type") -> type[Sink]:
             return cls
     raise ConfigError(key, f'unknown sink type "{type_}" (available: '
                       f"{', '.join(available_sink_types())})")
+
+
+def build_sink(cfg: SinkConfig) -> Sink:
+    """The sink ``[sinks.NAME]`` configures (its class resolved, built from its options; no
+    I/O): for the daemon, a reload, ``backfill`` and ``dlq replay`` alike."""
+    cls = resolve_sink_class(cfg.type, key=f"sinks.{cfg.name}.type")
+    return cls.from_config(cfg.name, cfg.section())
