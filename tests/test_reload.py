@@ -533,3 +533,51 @@ async def test_a_read_loop_blocked_on_a_full_queue_goes_on_after_a_swap(
 
         await wait_until(lambda: len(got()) >= len(made), what="every completion delivered")
         assert [orjson.dumps(doc) for doc in got()] == made
+
+
+@pytest.mark.timeout(120)
+async def test_a_reload_during_a_resync_and_20_sighups_lose_and_repeat_nothing(
+        tmp_path: Path) -> None:
+    """A sink added while a remedial sync runs (its API calls slowed down), then twenty SIGHUPs
+    within about a second while the file sink moves to a new path: the sync's completions and
+    the live ones all reach the moved sink's two files exactly once, the added sink gets none
+    twice, the last configuration is the one applied, and the only new login is the drop's."""
+    a, b, c = tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    async with _setup(tmp_path, _file_sink("f", a)) as (sim, daemon, jobs):
+        await wait_until(lambda: len(_counts(a)) >= 20, what="completions in a")
+        synced = len(daemon.events("resync done"))
+        sim.faults.api_delay = 0.5  # (the next sync's calls wait: it runs through the reload)
+        await sim.drop_clients()
+        await wait_until(lambda: sim.logins_ok == 2, what="the reconnect")
+        with open(daemon.conf, "a") as fh:
+            fh.write(_file_sink("g", c))
+        await daemon.reload()
+        assert len(daemon.events("resync done")) == synced, "the sync ended before the reload"
+        assert [d["sink"] for d in daemon.events("sink added")] == ["g"]
+        sim.faults.api_delay = 0
+        await wait_until(lambda: len(daemon.events("resync done")) > synced, timeout=30,
+                         what="the sync's end")
+        _rewrite(daemon.conf, f'path = "{a}"', f'path = "{b}"')
+        assert daemon.proc is not None
+        for _ in range(20):
+            daemon.proc.send_signal(signal.SIGHUP)
+            await asyncio.sleep(0.05)  # (the burst's pace, not a wait for anything)
+            daemon.notify.read()  # (as systemd does: a queue of unread datagrams is short)
+        # every reload over: each RELOADING=1 has had its READY=1 (one more: the start's)
+        await wait_until(lambda: daemon.notify.count("READY=1")
+                         == daemon.notify.count("RELOADING=1") + 1, timeout=30,
+                         what="the last reload's READY=1")
+        await wait_until(lambda: len(_counts(b)) >= 20, what="completions at the new path")
+        size_a = a.stat().st_size
+        await _all_in(jobs, a, b)
+        assert a.stat().st_size == size_a, "the old path was written after the swap"
+        reopened = [d["sink"] for d in daemon.events("sink reopened with its new settings")]
+        assert reopened == ["f"]  # (the later reloads found nothing changed)
+        assert sim.logins_ok == 2
+        rc = await daemon.terminate()
+        assert rc == 0, daemon.tail()
+    counts = _counts(a, b)
+    assert set(counts) == jobs.made
+    assert [k for k, n in counts.items() if n > 1] == []
+    added = _counts(c)
+    assert added and [k for k, n in added.items() if n > 1] == []
