@@ -26,8 +26,10 @@ Timestamp, TypeString, Data), origin ``resync``, and server-clock timestamps.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import ctypes
 import time
+from array import array
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar
 
@@ -102,6 +104,36 @@ def _devices_of(users: dict[str, dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+class GuidSet:
+    """The GUIDs of the jobs a sync reported completed, as their 64-bit fingerprints in one
+    array: 8 bytes each. (A set of the strings took about 120 bytes each: a sync of a million
+    completions kept some 120 MB alive, until the next sync.) Sorted once, when first asked."""
+
+    __slots__ = ("_fps", "_sorted")
+
+    def __init__(self) -> None:
+        self._fps = array("q")
+        self._sorted = True
+
+    def add(self, guid: str) -> None:
+        self._fps.append(fingerprint(guid))
+        self._sorted = False
+
+    def __len__(self) -> int:
+        return len(self._fps)
+
+    def __contains__(self, guid: object) -> bool:
+        if not isinstance(guid, str):
+            return False
+        fps = self._fps
+        if not self._sorted:
+            fps = self._fps = array("q", sorted(fps))
+            self._sorted = True
+        fp = fingerprint(guid)
+        i = bisect.bisect_left(fps, fp)
+        return i < len(fps) and fps[i] == fp
+
+
 class ResyncResult:
     def __init__(self) -> None:
         self.count = 0
@@ -112,7 +144,7 @@ class ResyncResult:
         self.split = 0
         #: jobs this sync reported completed, and accounts it reported (username -> digest):
         #: their held live events would repeat what it said
-        self.completed: set[str] = set()
+        self.completed = GuidSet()
         self.accounts: dict[str, str] = {}
         self.staged: tuple[dict[str, list[Any]], dict[str, str]] | None = None
         #: how far the job window has been read (server time): ``window[0]`` until the first

@@ -1078,3 +1078,23 @@ async def test_a_job_list_too_large_for_one_answer_is_read_in_shorter_spans(
     # (one more call: the incomplete jobs)
     calls = sim.api_calls["/api/v1/admin/get-jobs-for-date-range"] - whole - 1
     assert res.split < calls <= res.split + 16
+
+
+def test_the_completed_guids_a_sync_keeps_answer_exactly_in_8_bytes_each() -> None:
+    """What the repeat filter asks at the release (was this job reported completed?) is
+    answered exactly, before and after more GUIDs come, at 8 bytes a GUID."""
+    import uuid
+
+    from cometstream.resync import GuidSet
+
+    done = GuidSet()
+    guids = [str(uuid.UUID(int=i * 7919 + 1)) for i in range(5000)]
+    for g in guids[:4000]:
+        done.add(g)
+    assert all(g in done for g in guids[:4000])
+    assert not any(g in done for g in guids[4000:])
+    assert 12345 not in done  # (not a GUID)
+    for g in guids[4000:4500]:  # (more after a lookup: asked again, sorted again)
+        done.add(g)
+    assert all(g in done for g in guids[:4500]) and guids[4999] not in done
+    assert len(done) == 4500 and done._fps.itemsize == 8
