@@ -916,6 +916,28 @@ async def test_the_gzip_answer_is_one_member_kept_compressed_between_scrapes(
         assert parse(second) == parse((await raw("identity")).decode()) != parse(first)
 
 
+async def test_the_plain_answer_is_the_daemons_text_then_the_fleets_as_one_body(
+        fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
+    """A plain scrape (written in two parts, the fleet's text not copied into one body) is
+    one body of the length it announces, the daemon's series then the fleet's; HEAD announces
+    the same length and sends nothing."""
+    async with fleet_daemon(fsim, tmp_path, clock) as d:
+        await d.quiet()
+        async with aiohttp.ClientSession(auto_decompress=False) as http:
+            async with http.get(d.url + "/metrics",
+                                headers={"Accept-Encoding": "identity"}) as r:
+                assert r.status == 200 and "Content-Encoding" not in r.headers
+                body = await r.read()
+                assert int(r.headers["Content-Length"]) == len(body)
+            async with http.head(d.url + "/metrics",
+                                 headers={"Accept-Encoding": "identity"}) as h:
+                assert h.status == 200 and await h.read() == b""
+                assert abs(int(h.headers["Content-Length"]) - len(body)) < len(body) // 10
+        text = body.decode()
+        assert text.index("cometstream_") < text.index("cometserver_")
+        assert len(parse(text)) > 100
+
+
 @pytest.mark.skipif(shutil.which("curl") is None,
                     reason="curl not installed (Debian package curl; .ci/run installs it)")
 async def test_curl_reads_the_whole_gzip_answer(fsim: Simulator, tmp_path: Path,
