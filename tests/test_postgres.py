@@ -331,3 +331,30 @@ def test_a_password_in_the_dsn_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"sinks\.pg\.dsn.*password"):
         PostgresSink.from_config("pg", Section(
             {"dsn": "postgresql://u:hunter2@localhost/db", "format": "event"}, "sinks.pg"))
+
+
+async def test_the_reporting_queries_of_the_docs_run(pg: Pg, pwfile: Path) -> None:
+    """Every SQL query in docs/reporting.md runs against the tables the sink creates."""
+    world = Simulator(username="u", password="p", rate=0, seed=5).world
+    batch = []
+    for _ in range(4):
+        new = world.start_job()
+        batch += [_event(new), _event(world.complete_job(new["Data"]["GUID"]))]
+    batch.append(_event(world.start_job()))
+    sink = _sink(pg, "cometstream_", pwfile, schema="docs_check")
+    await sink.open()
+    try:
+        await sink.send(batch)
+    finally:
+        await sink.aclose()
+    text = (Path(__file__).parent.parent / "docs" / "reporting.md").read_text()
+    queries = [block.split("```", 1)[0] for block in text.split("```sql\n")[1:]]
+    assert len(queries) >= 4
+    with psycopg.connect(pg.dsn, password=PG_PASSWORD, autocommit=True) as conn:
+        conn.execute("SET search_path TO docs_check")
+        for sql in queries:
+            conn.execute(sql.encode()).fetchall()
+        failed = conn.execute(queries[0].encode()).fetchall()
+        assert sum(r[1] for r in failed) == conn.execute(
+            "SELECT count(*) FROM cometstream_jobs WHERE status BETWEEN 7000 AND 7999 "
+            "AND end_time >= now() - interval '24 hours'").fetchone()[0]
