@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import socket
@@ -267,6 +268,11 @@ async def test_an_event_postgres_refuses_is_refused_alone(
         assert _rows(pg, prefix) == 3
         await sink.send(good[3:])
         assert _rows(pg, prefix) == 6
+        raw = b'{"Type":4103,"Timestamp":1733400000,"Actor":"half \\ud800 a pair"}'
+        lone = Event(raw, json.loads(raw), LOGIN, received_at=1.0, server=SERVER)
+        with pytest.raises(SinkError) as err:
+            await sink.send([lone, good[0]])
+        assert (err.value.retryable, err.value.accepted, err.value.failed) == (False, 0, 1)
     finally:
         await sink.aclose()
 

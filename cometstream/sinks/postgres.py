@@ -261,7 +261,7 @@ class PostgresSink(Sink):
                     raise
             try:
                 await self._write(part)
-            except psycopg.DataError as exc:
+            except (psycopg.DataError, UnicodeEncodeError) as exc:  # a NUL, a lone surrogate
                 if len(part) > 1:  # find the refused event: the head before it goes in
                     window = len(part) // 2
                     continue
