@@ -1,7 +1,7 @@
 """Sinks: the built-ins and the registry that finds third-party ones by entry point.
 
-Built-in types: ``stdout``, ``file``, ``kafka``, ``webhook``, and ``memory`` (recording, for tests
-and plugin authors).
+Built-in types: ``stdout``, ``file``, ``kafka``, ``webhook``, ``postgres``, and ``memory``
+(recording, for tests and plugin authors).
 Others come from the entry point group ``cometstream.sinks`` (``name = "package.module:Class"``).
 """
 
@@ -26,6 +26,7 @@ _BUILTINS: Final = {
     "memory": "cometstream.sinks.memory:MemorySink",
     "kafka": "cometstream.sinks.kafka:KafkaSink",
     "webhook": "cometstream.sinks.webhook:WebhookSink",
+    "postgres": "cometstream.sinks.postgres:PostgresSink",
 }
 
 

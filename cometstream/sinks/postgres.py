@@ -1,0 +1,336 @@
+"""The PostgreSQL sink: events and jobs as rows, for reports in SQL (``docs/reporting.md``).
+
+Options (``[sinks.NAME]``, ``type = "postgres"``; needs the ``postgres`` extra, psycopg 3):
+
+- ``dsn`` (required): a libpq URL (``postgresql://user@host:5432/db?sslmode=verify-full``) or
+  conninfo (``host=db user=comet dbname=reports``): TLS, ``service`` and ``PG*`` variables work
+  as in ``psql``. A password in it is refused: use ``password_file``, ``PGPASSWORD`` or a pgpass
+  file (libpq's own).
+- ``password_file``: the password, read like every ``*_file`` secret (the final line break is
+  not part of it); masked in logs.
+- ``schema`` (default ``public``) and ``table_prefix`` (default ``cometstream_``): where the two
+  tables go (lower-case letters, digits and ``_``).
+- ``batch`` (default 1000, 1 to 10000): events per transaction at most.
+- ``connect_timeout`` (default 10 seconds).
+
+At ``open`` the sink creates, if missing, ``<prefix>events``, ``<prefix>jobs``, their indexes and
+``<prefix>meta`` (the schema version); it never drops or alters what is there.
+
+Each ``send`` is one transaction: every event goes into ``events`` once (``UNIQUE (server,
+event_key)``, ``ON CONFLICT DO NOTHING``), and each job event is upserted into ``jobs`` (a
+late or replayed ``JOB_NEW`` never turns a finished job back to running). Replays after a crash
+or a resync therefore change nothing. An event PostgreSQL refuses (a ``\\u0000`` in a string,
+which ``jsonb`` cannot hold) is found by halving the batch: the events before it are committed,
+it alone is refused (dead-lettered, bytes intact), the rest follow. The database down,
+restarting or refusing the password is a failure of the sink: the events wait in the ledger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Final
+
+import structlog
+
+from ..errors import SinkError
+from ..events import JOB_COMPLETED, JOB_TYPES
+from ..section import Section
+from .base import Sink
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    import psycopg
+
+    from ..events import Event
+
+__all__ = ["SCHEMA_VERSION", "PostgresSink", "event_key"]
+
+log = structlog.get_logger("cometstream.sinks.postgres")
+
+SCHEMA_VERSION: Final = 1
+DEFAULT_BATCH: Final = 1000
+BATCH_LIMIT: Final = 10_000
+DEFAULT_CONNECT_TIMEOUT: Final = 10.0
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+def event_key(ev: Event) -> str:
+    """The identity of an event in ``events``: its dedup key (``4201:<GUID>:<EndTime>``...) for
+    job events, else ``h:`` and the SHA-256 of its arrival time and bytes (two byte-identical
+    logins in one second are two events; a replay of the same arrival is the same one)."""
+    dk = ev.dedup_key()
+    if dk is not None:
+        return dk
+    h = hashlib.sha256(repr(ev.received_at).encode() + b"\0" + ev.raw)
+    return "h:" + h.hexdigest()[:40]
+
+
+def _ts(value: object) -> datetime | None:
+    """Unix seconds → timestamptz; 0, absent or not a number → NULL (a running job's end)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return None
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not -(2**63) <= value < 2**63:
+        return None
+    return value
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _ddl(schema: str, p: str) -> list[str]:
+    s = f'"{schema}"'
+    return [
+        f"CREATE SCHEMA IF NOT EXISTS {s}",
+        f"""CREATE TABLE IF NOT EXISTS {s}.{p}meta (
+            name text PRIMARY KEY, value text NOT NULL)""",
+        f"""CREATE TABLE IF NOT EXISTS {s}.{p}events (
+            id bigserial PRIMARY KEY,
+            server text NOT NULL,
+            event_key text NOT NULL,
+            type integer NOT NULL,
+            type_name text NOT NULL,
+            actor text,
+            resource_id text,
+            event_time timestamptz,
+            received_at timestamptz NOT NULL,
+            origin text NOT NULL,
+            event jsonb NOT NULL,
+            UNIQUE (server, event_key))""",
+        f"CREATE INDEX IF NOT EXISTS {p}events_time ON {s}.{p}events (event_time)",
+        f"CREATE INDEX IF NOT EXISTS {p}events_type ON {s}.{p}events (type, event_time)",
+        f"""CREATE TABLE IF NOT EXISTS {s}.{p}jobs (
+            server text NOT NULL,
+            job_id text NOT NULL,
+            username text,
+            device_id text,
+            source_guid text,
+            classification integer,
+            status integer,
+            status_name text,
+            start_time timestamptz,
+            end_time timestamptz,
+            total_size bigint,
+            upload_size bigint,
+            download_size bigint,
+            total_files bigint,
+            total_directories bigint,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (server, job_id))""",
+        f"CREATE INDEX IF NOT EXISTS {p}jobs_end ON {s}.{p}jobs (end_time)",
+        f"CREATE INDEX IF NOT EXISTS {p}jobs_user ON {s}.{p}jobs (username, end_time)",
+        f"CREATE INDEX IF NOT EXISTS {p}jobs_status ON {s}.{p}jobs (status, end_time)",
+        f"CREATE INDEX IF NOT EXISTS {p}jobs_device ON {s}.{p}jobs (device_id, end_time)",
+    ]
+
+
+class PostgresSink(Sink):
+    """Events into ``<prefix>events``, jobs upserted into ``<prefix>jobs``; one transaction per
+    batch (see the module docstring)."""
+
+    default_format = "event"
+
+    def __init__(self, name: str, *, dsn: str, password: str | None = None,
+                 schema: str = "public", table_prefix: str = "cometstream_",
+                 batch: int = DEFAULT_BATCH,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT) -> None:
+        self.name = name
+        self.dsn = dsn
+        self._password = password
+        self.schema = schema
+        self.prefix = table_prefix
+        self.max_batch = batch
+        self.connect_timeout = connect_timeout
+        self._conn: psycopg.AsyncConnection[Any] | None = None
+        t = f'"{schema}".{table_prefix}'
+        self._sql_event = (
+            f"INSERT INTO {t}events (server, event_key, type, type_name, actor, resource_id, "
+            "event_time, received_at, origin, event) "
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb) "
+            "ON CONFLICT (server, event_key) DO NOTHING")
+        cols = ("username", "device_id", "source_guid", "classification", "status",
+                "status_name", "start_time", "end_time", "total_size", "upload_size",
+                "download_size", "total_files", "total_directories")
+        # a completion (end_time set) always wins; a start only updates a job still running; a
+        # replay that changes nothing leaves the row alone (updated_at too)
+        self._sql_job = (
+            f"INSERT INTO {t}jobs AS j (server, job_id, {', '.join(cols)}) "
+            f"VALUES ({', '.join(['%s'] * (len(cols) + 2))}) "
+            "ON CONFLICT (server, job_id) DO UPDATE SET "
+            + ", ".join(f"{c} = EXCLUDED.{c}" for c in cols)
+            + ", updated_at = now() "
+            "WHERE (EXCLUDED.end_time IS NOT NULL OR j.end_time IS NULL) AND "
+            f"({', '.join('j.' + c for c in cols)}) IS DISTINCT FROM "
+            f"({', '.join('EXCLUDED.' + c for c in cols)})")
+
+    @classmethod
+    def from_config(cls, name: str, options: Section) -> Self:
+        import psycopg.conninfo
+
+        dsn = options.str("dsn", required=True, allow_empty=False)
+        try:
+            parts = psycopg.conninfo.conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError as exc:
+            raise options.error("dsn", f"not a libpq URL or conninfo: {exc}") from None
+        if parts.get("password"):
+            raise options.error("dsn", "holds a password: put it in password_file, PGPASSWORD "
+                                "or a pgpass file, where it is kept out of logs")
+        options.str("format", cls.default_format)  # always present; rows hold the event itself
+        schema = options.str("schema", "public")
+        prefix = options.str("table_prefix", "cometstream_")
+        for key, value in (("schema", schema), ("table_prefix", prefix)):
+            if not _IDENT.match(value) or len(value) > 40:
+                raise options.error(key, "expected lower-case letters, digits and _ "
+                                    f"(at most 40, not starting with a digit), got {value!r}")
+        batch = options.int("batch", DEFAULT_BATCH, min=1, max=BATCH_LIMIT)
+        timeout = options.float("connect_timeout", DEFAULT_CONNECT_TIMEOUT, min=0, max=3600,
+                                min_exclusive=True)
+        from ..config import read_secret_file
+
+        secret = read_secret_file(options, "password_file")
+        options.done()
+        return cls(name, dsn=dsn, password=secret.reveal() if secret is not None else None,
+                   schema=schema, table_prefix=prefix, batch=batch, connect_timeout=timeout)
+
+    # --- connection ----------------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._conn is not None and not self._conn.closed:
+            return
+        import psycopg
+
+        if self._password:
+            from ..observe.logging import register_secret
+
+            register_secret(self._password)
+        kwargs: dict[str, Any] = {"connect_timeout": max(1, round(self.connect_timeout))}
+        if self._password is not None:
+            kwargs["password"] = self._password
+        try:
+            # prepare_threshold=None: no server-side prepared statements, so a transaction-
+            # pooling PgBouncer in front of the database is safe
+            conn = await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, prepare_threshold=None,
+                application_name=f"cometstream/{self.name}", **kwargs)
+        except psycopg.Error as exc:
+            raise SinkError(self.name, f"cannot connect to PostgreSQL: {_describe(exc)}",
+                            retryable=True, sink_wide=True) from exc
+        try:
+            async with conn.transaction():
+                for stmt in _ddl(self.schema, self.prefix):
+                    await conn.execute(stmt)
+                await conn.execute(
+                    f'INSERT INTO "{self.schema}".{self.prefix}meta (name, value) '
+                    "VALUES ('schema_version', %s) ON CONFLICT (name) DO NOTHING",
+                    (str(SCHEMA_VERSION),))
+        except psycopg.Error as exc:
+            await conn.close()
+            raise SinkError(self.name, f"cannot create the tables: {_describe(exc)}",
+                            retryable=True, sink_wide=True) from exc
+        self._conn = conn
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    # --- sending -------------------------------------------------------------------------------
+    async def send(self, batch: Sequence[Event]) -> None:
+        import psycopg
+
+        accepted = 0
+        window = min(len(batch), self.max_batch)
+        while accepted < len(batch):
+            part = batch[accepted:accepted + window]
+            if self._conn is None or self._conn.closed:
+                await self._reset()
+                try:
+                    await self.open()
+                except SinkError as exc:
+                    exc.accepted = accepted
+                    raise
+            try:
+                await self._write(part)
+            except (psycopg.DataError, UnicodeEncodeError) as exc:  # a NUL, a lone surrogate
+                if len(part) > 1:  # find the refused event: the head before it goes in
+                    window = len(part) // 2
+                    continue
+                raise SinkError(self.name, f"PostgreSQL refused the event: {_describe(exc)}",
+                                retryable=False, accepted=accepted, failed=1) from exc
+            except psycopg.Error as exc:
+                await self._reset()
+                raise SinkError(self.name, f"PostgreSQL failed: {_describe(exc)}",
+                                retryable=True, accepted=accepted, sink_wide=True) from exc
+            accepted += len(part)
+            window = min(len(batch) - accepted, self.max_batch)
+
+    async def _reset(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception as exc:  # noqa: BLE001 - a broken connection thrown away
+                log.debug("discarded postgres connection failed to close", error=_describe(exc))
+
+    async def _write(self, part: Sequence[Event]) -> None:
+        assert self._conn is not None
+        events: dict[tuple[str, str], tuple[Any, ...]] = {}
+        jobs: dict[tuple[str, str], tuple[bool, tuple[Any, ...]]] = {}
+        for ev in part:
+            key = event_key(ev)
+            events[(ev.server, key)] = self._event_row(ev, key)  # last wins
+            row = self._job_row(ev)
+            if row is not None:
+                done = row[9] is not None
+                prev = jobs.get((row[0], row[1]))
+                if prev is None or done or not prev[0]:  # a completion is never undone
+                    jobs[(row[0], row[1])] = (done, row)
+        async with self._conn.transaction(), self._conn.cursor() as cur:
+            await cur.executemany(self._sql_event, list(events.values()))
+            if jobs:
+                await cur.executemany(self._sql_job, [r for _, r in jobs.values()])
+
+    @staticmethod
+    def _event_row(ev: Event, key: str) -> tuple[Any, ...]:
+        doc = ev.doc
+        return (ev.server, key, ev.type, ev.type_name, _text(doc.get("Actor")),
+                _text(doc.get("ResourceID")), _ts(ev.timestamp),
+                datetime.fromtimestamp(ev.received_at, UTC), ev.origin,
+                ev.raw.decode("utf-8", "surrogateescape"))
+
+    @staticmethod
+    def _job_row(ev: Event) -> tuple[Any, ...] | None:
+        if ev.type not in JOB_TYPES:
+            return None
+        job = ev.job
+        if job is None:
+            return None
+        guid = job.get("GUID")
+        if not isinstance(guid, str) or not guid:
+            return None
+        from ..constants import job_status_name
+
+        status = _int(job.get("Status"))
+        end = _ts(job.get("EndTime")) if ev.type == JOB_COMPLETED else None
+        return (ev.server, guid, _text(job.get("Username")), _text(job.get("DeviceID")),
+                _text(job.get("SourceGUID")), _int(job.get("Classification")), status,
+                job_status_name(status) if status is not None else None,
+                _ts(job.get("StartTime")), end,
+                _int(job.get("TotalSize")), _int(job.get("UploadSize")),
+                _int(job.get("DownloadSize")), _int(job.get("TotalFiles")),
+                _int(job.get("TotalDirectories")))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -1,0 +1,366 @@
+"""The PostgreSQL sink against a real PostgreSQL: a private instance (initdb + pg_ctl) on a free
+127.0.0.1 port for the session, driven through the daemon with events from the simulator."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cometstream.config import Section
+from cometstream.errors import ConfigError, SinkError
+from cometstream.events import Event
+from cometstream.simulator import Simulator
+from cometstream.sinks.postgres import PostgresSink
+
+from .conftest import make_config, running, wait_until
+
+psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
+
+SERVER = "sim"
+LOGIN = 4103  # SEVT_ACCOUNT_LOGIN
+_prefixes = itertools.count(1)
+
+
+def _bindir() -> Path | None:
+    """Where initdb and pg_ctl are (Debian keeps them off PATH): pg_config's, else the newest
+    of /usr/lib/postgresql/*/bin."""
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True,
+                        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
+    try:
+        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        candidates.insert(0, Path(out))
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    for candidate in candidates:
+        if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
+            return candidate
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Pg:
+    bindir: Path
+    data: Path
+    port: int
+    run_as: list[str]
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://cometstream@127.0.0.1:{self.port}/postgres"
+
+    def ctl(self, *args: str) -> None:
+        subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data),
+                        "-w", "-l", str(self.data.parent / "log"), *args],
+                       check=True, capture_output=True)
+
+    def start(self) -> None:
+        self.ctl("-o", f"-p {self.port} -k {self.data.parent} -c listen_addresses=127.0.0.1 "
+                 "-c fsync=off", "start")
+
+    def stop(self) -> None:
+        self.ctl("-m", "fast", "stop")
+
+    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsn, password=PG_PASSWORD, autocommit=True) as conn:
+            return conn.execute(sql, params).fetchall()
+
+
+PG_PASSWORD = "pg-s3cret-pw"
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[Pg]:
+    bindir = _bindir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt install postgresql")
+    run_as: list[str] = []
+    top = Path(tempfile.mkdtemp(prefix="cometstream-pg-"))
+    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
+        run_as = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(top, "postgres", "postgres")
+    pwfile = top / "pw"
+    pwfile.write_text(PG_PASSWORD + "\n")
+    if run_as:
+        shutil.chown(pwfile, "postgres", "postgres")
+    data = top / "data"
+    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "cometstream",
+                    "--pwfile", str(pwfile), "-A", "scram-sha-256", "--no-sync"],
+                   check=True, capture_output=True)
+    server = Pg(bindir, data, _free_port(), run_as)
+    server.start()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        finally:
+            shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Tables of their own for each test (the server is shared by the session)."""
+    return f"t{next(_prefixes)}_"
+
+
+@pytest.fixture
+def pwfile(tmp_path: Path) -> Path:
+    path = tmp_path / "pgpass.txt"
+    path.write_text(PG_PASSWORD + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def _options(pg: Pg, prefix: str, pwfile: Path, **extra: Any) -> dict[str, Any]:
+    return {"type": "postgres", "dsn": pg.dsn, "password_file": str(pwfile),
+            "table_prefix": prefix, **extra}
+
+
+def _sink(pg: Pg, prefix: str, pwfile: Path, **extra: Any) -> PostgresSink:
+    opts = _options(pg, prefix, pwfile, **extra)
+    opts.pop("type")
+    opts.setdefault("format", "event")
+    return PostgresSink.from_config("pg", Section(opts, "sinks.pg"))
+
+
+def _event(doc: dict[str, Any], received_at: float = 1733400000.5) -> Event:
+    raw = orjson.dumps(doc)
+    return Event(raw, orjson.loads(raw), doc["Type"], received_at=received_at, server=SERVER)
+
+
+def _counts(pg: Pg, prefix: str) -> tuple[int, int]:
+    ev = pg.query(f"SELECT count(*) FROM {prefix}events")[0][0]
+    jobs = pg.query(f"SELECT count(*) FROM {prefix}jobs")[0][0]
+    return ev, jobs
+
+
+def _rows(pg: Pg, prefix: str) -> int:
+    try:
+        return int(pg.query(f"SELECT count(*) FROM {prefix}events")[0][0])
+    except psycopg.errors.UndefinedTable:
+        return 0
+    except psycopg.OperationalError:
+        return -1
+
+
+def _actors(pg: Pg, prefix: str) -> set[str]:
+    try:
+        return {r[0] for r in pg.query(f"SELECT actor FROM {prefix}events WHERE actor <> ''")}
+    except (psycopg.errors.UndefinedTable, psycopg.OperationalError):
+        return set()
+
+
+async def test_jobs_started_and_completed_are_one_row_each_with_the_final_status(
+        sim: Simulator, tmp_path: Path, pg: Pg, prefix: str, pwfile: Path) -> None:
+    """Jobs started and completed through the daemon are one row each in jobs, finished, and
+    each completion is in events once; a restart over the same state adds nothing."""
+    cfg = make_config(sim.url, tmp_path, sinks={"pg": _options(pg, prefix, pwfile)})
+    guids = []
+    async with running(cfg) as rd:
+        await wait_until(lambda: sim.clients, what="daemon connected")
+        for _ in range(5):
+            new = sim.world.start_job()
+            guids.append(new["Data"]["GUID"])
+            sim.emit(new)
+        sim.emit(sim.world.complete_job(guids[0]))
+        await wait_until(lambda: rd.sink_stats("pg").delivered >= 6, 30, "6 delivered")
+        running_now = pg.query(f"SELECT count(*) FROM {prefix}jobs WHERE end_time IS NULL")
+        assert running_now[0][0] == 4
+        for g in guids[1:]:
+            sim.emit(sim.world.complete_job(g))
+        await wait_until(lambda: rd.sink_stats("pg").delivered >= 10, 30, "10 delivered")
+    rows = pg.query(f"SELECT job_id, status, status_name, end_time, username FROM {prefix}jobs")
+    assert sorted(r[0] for r in rows) == sorted(guids)
+    assert all(r[3] is not None and r[1] >= 5000 and r[2] and r[4] for r in rows)
+    completions = pg.query(f"SELECT count(*), count(DISTINCT event_key) FROM {prefix}events "
+                           "WHERE type = 4201")
+    assert completions[0] == (5, 5)
+    jobs_before = pg.query(f"SELECT * FROM {prefix}jobs ORDER BY job_id")
+    events_before = pg.query(f"SELECT * FROM {prefix}events ORDER BY id")
+    async with running(cfg) as rd:  # the same state dir: whatever it replays changes nothing
+        await wait_until(lambda: sim.clients, what="daemon reconnected")
+        sim.emit({"Type": LOGIN, "Timestamp": 1733400000, "Actor": "marker"})
+        await wait_until(lambda: pg.query(f"SELECT count(*) FROM {prefix}events "
+                                          "WHERE actor = 'marker'")[0][0] == 1, 30, "marker")
+    assert pg.query(f"SELECT * FROM {prefix}jobs ORDER BY job_id") == jobs_before
+    after = pg.query(f"SELECT * FROM {prefix}events ORDER BY id")
+    assert after[:len(events_before)] == events_before
+    assert not [r for r in after[len(events_before):] if r[3] in (4200, 4201)]
+
+
+async def test_a_replayed_batch_changes_nothing(pg: Pg, prefix: str, pwfile: Path) -> None:
+    """The same events sent again by a new sink (a crash before the ack) add no row and change
+    none; duplicates inside one batch are one row."""
+    world = Simulator(username="u", password="p", rate=0, seed=3).world
+    new = world.start_job()
+    done = world.complete_job(new["Data"]["GUID"])
+    login = {"Type": LOGIN, "Timestamp": 1733400000, "Actor": "alice"}
+    batch = [_event(new), _event(done), _event(login), _event(done)]
+    sink = _sink(pg, prefix, pwfile)
+    await sink.open()
+    await sink.send(batch)
+    await sink.aclose()
+    first = pg.query(f"SELECT * FROM {prefix}jobs")
+    assert _counts(pg, prefix) == (3, 1)
+    again = _sink(pg, prefix, pwfile)
+    await again.open()
+    await again.send(batch)
+    await again.aclose()
+    assert _counts(pg, prefix) == (3, 1)
+    assert pg.query(f"SELECT * FROM {prefix}jobs") == first
+    assert pg.query(f"SELECT value FROM {prefix}meta WHERE name = 'schema_version'") == [("1",)]
+
+
+async def test_a_late_job_new_never_turns_a_finished_job_back_to_running(
+        pg: Pg, prefix: str, pwfile: Path) -> None:
+    """A JOB_NEW after its completion, in a later batch or in the same one, leaves the job
+    finished with its final status."""
+    world = Simulator(username="u", password="p", rate=0, seed=4).world
+    sink = _sink(pg, prefix, pwfile)
+    await sink.open()
+    try:
+        for together in (False, True):
+            new = world.start_job()
+            guid = new["Data"]["GUID"]
+            done = world.complete_job(guid)
+            if together:
+                await sink.send([_event(done), _event(new)])
+            else:
+                await sink.send([_event(done)])
+                await sink.send([_event(new)])
+            row = pg.query(f"SELECT status, end_time FROM {prefix}jobs WHERE job_id = %s", guid)
+            assert row == [(done["Data"]["Status"], row[0][1])] and row[0][1] is not None
+    finally:
+        await sink.aclose()
+
+
+async def test_an_event_postgres_refuses_is_refused_alone(
+        pg: Pg, prefix: str, pwfile: Path) -> None:
+    """A ``\\u0000`` in an event (jsonb refuses it) refuses that event only: the events before
+    it are committed and reported accepted, the ones after go in with the next send."""
+    sink = _sink(pg, prefix, pwfile)
+    await sink.open()
+    good = [_event({"Type": LOGIN, "Timestamp": 1733400000, "Actor": f"u{i}"}) for i in range(6)]
+    bad = _event({"Type": LOGIN, "Timestamp": 1733400000, "Actor": "nul\u0000here"})
+    try:
+        with pytest.raises(SinkError) as err:
+            await sink.send([*good[:3], bad, *good[3:]])
+        assert (err.value.retryable, err.value.accepted, err.value.failed) == (False, 3, 1)
+        assert _rows(pg, prefix) == 3
+        await sink.send(good[3:])
+        assert _rows(pg, prefix) == 6
+        raw = b'{"Type":4103,"Timestamp":1733400000,"Actor":"half \\ud800 a pair"}'
+        lone = Event(raw, json.loads(raw), LOGIN, received_at=1.0, server=SERVER)
+        with pytest.raises(SinkError) as err:
+            await sink.send([lone, good[0]])
+        assert (err.value.retryable, err.value.accepted, err.value.failed) == (False, 0, 1)
+    finally:
+        await sink.aclose()
+
+
+async def test_a_nul_event_does_not_wedge_the_daemon(
+        sim: Simulator, tmp_path: Path, pg: Pg, prefix: str, pwfile: Path) -> None:
+    """Through the daemon, the refused event is dead-lettered and the next events arrive."""
+    dl = tmp_path / "dead.jsonl"
+    cfg = make_config(sim.url, tmp_path, exact=True,
+                      sinks={"pg": _options(pg, prefix, pwfile, dead_letter=str(dl))})
+    async with running(cfg) as rd:
+        await wait_until(lambda: sim.clients, what="daemon connected")
+        sim.emit({"Type": LOGIN, "Timestamp": 1733400000, "Actor": "before"})
+        sim.emit(b'{"Type":4103,"Timestamp":1733400000,"Actor":"a\\u0000b"}')
+        sim.emit({"Type": LOGIN, "Timestamp": 1733400000, "Actor": "after"})
+        await wait_until(lambda: rd.sink_stats("pg").dropped["rejected"] == 1, 30, "1 refused")
+        await wait_until(lambda: _actors(pg, prefix) >= {"before", "after"}, 30, "the others")
+    assert not any("a" in actor and "b" in actor for actor in _actors(pg, prefix))
+    assert b"\\u0000" in dl.read_bytes()
+
+
+async def test_a_database_restart_delays_events_and_loses_none(
+        sim: Simulator, tmp_path: Path, pg: Pg, prefix: str, pwfile: Path) -> None:
+    """PostgreSQL stopped while events arrive: the sink fails as a whole, the events wait in the
+    ledger, none is dead-lettered, and all arrive once it is back."""
+    dl = tmp_path / "dead.jsonl"
+    cfg = make_config(sim.url, tmp_path,
+                      sinks={"pg": _options(pg, prefix, pwfile, dead_letter=str(dl))})
+    async with running(cfg) as rd:
+        await wait_until(lambda: sim.clients, what="daemon connected")
+        sim.emit({"Type": LOGIN, "Timestamp": 1733400000, "Actor": "first"})
+        await wait_until(lambda: "first" in _actors(pg, prefix), 30, "the first event")
+        pg.stop()
+        try:
+            for i in range(20):
+                sim.emit({"Type": LOGIN, "Timestamp": 1733400000, "Actor": f"during{i}"})
+            await wait_until(lambda: rd.sink_stats("pg").errors >= 2, 30, "failed sends")
+            assert rd.sink_stats("pg").failing
+        finally:
+            pg.start()
+        want = {"first"} | {f"during{i}" for i in range(20)}
+        await wait_until(lambda: _actors(pg, prefix) >= want, 60, "all 21 events")
+        await wait_until(lambda: not rd.sink_stats("pg").failing, 30, "sink healthy")
+        assert sum(rd.sink_stats("pg").dropped.values()) == 0
+    assert not dl.exists() or dl.read_bytes() == b""
+
+
+async def test_a_refused_password_is_a_sink_wide_retryable_failure(
+        pg: Pg, prefix: str, tmp_path: Path) -> None:
+    """A wrong password: retryable, about the sink (nothing dead-lettered), and not logged."""
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-password\n")
+    sink = _sink(pg, prefix, wrong)
+    with pytest.raises(SinkError) as err:
+        await sink.open()
+    assert err.value.retryable and err.value.sink_wide
+    assert "not-the-password" not in str(err.value)
+
+
+def test_a_password_in_the_dsn_is_refused() -> None:
+    """Credentials inline in the dsn are refused, naming the key."""
+    with pytest.raises(ConfigError, match=r"sinks\.pg\.dsn.*password"):
+        PostgresSink.from_config("pg", Section(
+            {"dsn": "postgresql://u:hunter2@localhost/db", "format": "event"}, "sinks.pg"))
+
+
+async def test_the_reporting_queries_of_the_docs_run(pg: Pg, pwfile: Path) -> None:
+    """Every SQL query in docs/reporting.md runs against the tables the sink creates."""
+    world = Simulator(username="u", password="p", rate=0, seed=5).world
+    batch = []
+    for _ in range(4):
+        new = world.start_job()
+        batch += [_event(new), _event(world.complete_job(new["Data"]["GUID"]))]
+    batch.append(_event(world.start_job()))
+    sink = _sink(pg, "cometstream_", pwfile, schema="docs_check")
+    await sink.open()
+    try:
+        await sink.send(batch)
+    finally:
+        await sink.aclose()
+    text = (Path(__file__).parent.parent / "docs" / "reporting.md").read_text()
+    queries = [block.split("```", 1)[0] for block in text.split("```sql\n")[1:]]
+    assert len(queries) >= 4
+    with psycopg.connect(pg.dsn, password=PG_PASSWORD, autocommit=True) as conn:
+        conn.execute("SET search_path TO docs_check")
+        for sql in queries:
+            conn.execute(sql.encode()).fetchall()
+        failed = conn.execute(queries[0].encode()).fetchall()
+        assert sum(r[1] for r in failed) == conn.execute(
+            "SELECT count(*) FROM cometstream_jobs WHERE status BETWEEN 7000 AND 7999 "
+            "AND end_time >= now() - interval '24 hours'").fetchone()[0]
