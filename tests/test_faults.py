@@ -79,6 +79,8 @@ class DaemonProcess:
         self.runs = 0
         self.log_path = logdir / "run-0.log"
         self.term_codes: list[int] = []
+        #: more environment for each run (e.g. a notify socket)
+        self.env: dict[str, str] = {}
 
     async def start(self, why: str = "first start") -> None:
         size = self.watch.stat().st_size if self.watch and self.watch.exists() else 0
@@ -89,7 +91,7 @@ class DaemonProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "cometstream", "run", "-c", str(self.conf),
                 stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                env=cli_env())
+                env=cli_env(**self.env))
 
     def _open_log(self) -> Any:
         return open(self.log_path, "wb")  # closed by the caller's with

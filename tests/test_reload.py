@@ -31,7 +31,7 @@ from cometstream.simulator import Simulator
 from cometstream.sinks import resolve_sink_class
 from cometstream.store import FILENAME
 
-from .conftest import PASSWORD, USER, cli_env, running, wait_until, write_config
+from .conftest import PASSWORD, USER, running, wait_until, write_config
 from .test_faults import DaemonProcess, Key, _completion_key, _config, _file_completions
 
 
@@ -67,15 +67,7 @@ class NotifiedDaemon(DaemonProcess):
     def __init__(self, conf: Path, logdir: Path, notify: NotifySocket) -> None:
         super().__init__(conf, logdir)
         self.notify = notify
-
-    async def start(self, why: str = "first start") -> None:
-        self.runs += 1
-        self.log_path = self.logdir / f"run-{self.runs}.log"
-        with self._open_log() as out:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "cometstream", "run", "-c", str(self.conf),
-                stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=asyncio.subprocess.STDOUT,
-                env=cli_env(NOTIFY_SOCKET=self.notify.path))
+        self.env["NOTIFY_SOCKET"] = notify.path
 
     async def ready(self) -> None:
         await wait_until(lambda: self.notify.count("READY=1") >= self.runs, timeout=30,

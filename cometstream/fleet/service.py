@@ -389,15 +389,11 @@ class Fleet:
             try:
                 async with asyncio.timeout(self.timeout):  # (the seed's deadline)
                     await check_round(self)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - said by _read_failed, the loop goes on
                 self.checks["error"] += 1
-                if not self._may_log("check"):
-                    pass
-                elif isinstance(exc, (ApiError, TimeoutError)):
-                    log.warning("fleet: check not made (the next one, or the next seed, will)",
-                                server=self.server, error=str(exc) or "timed out")
-                else:
-                    log.exception("fleet: check failed", server=self.server)
+                self._read_failed("check", exc, (ApiError, TimeoutError),
+                                  "fleet: check not made (the next one, or the next seed, will)",
+                                  "fleet: check failed")
             else:
                 self.checks["ok"] += 1
 
@@ -425,15 +421,11 @@ class Fleet:
                 generation = self._generation
                 try:
                     conns = await self.api.live_connections(only)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - said by _read_failed
                     self.refreshes["error"] += 1
-                    if not self._may_log("refresh"):
-                        pass
-                    elif isinstance(exc, ApiError):
-                        log.warning("fleet: live connections not read (the next seed will)",
-                                    server=self.server, error=str(exc))
-                    else:
-                        log.exception("fleet: live connections not read", server=self.server)
+                    self._read_failed("refresh", exc, (ApiError,),
+                                      "fleet: live connections not read (the next seed will)",
+                                      "fleet: live connections not read")
                     self._refresh.clear()
                     break
                 self.refreshes["ok"] += 1
@@ -447,6 +439,19 @@ class Fleet:
                 for u in fresh:
                     if u not in self._refresh:
                         self._epochs.pop(u, None)
+
+    def _read_failed(self, what: str, exc: Exception, expected: tuple[type[Exception], ...],
+                     warning: str, error: str) -> None:
+        """A background read that failed, said at most once a minute per ``what``: a warning
+        for an expected failure (the API, a deadline), the traceback for anything else."""
+        if not self._may_log(what):
+            return
+        if isinstance(exc, expected):
+            timed_out = isinstance(exc, TimeoutError)  # (its message is empty)
+            log.warning(warning, server=self.server,
+                        error=str(exc) or ("timed out" if timed_out else ""))
+        else:
+            log.exception(error, server=self.server)
 
     def _may_log(self, what: str) -> bool:
         now = time.monotonic()
