@@ -27,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _memory import PeakRss, rss_mb  # (benchmarks/, this script's folder)
+
 USER, PASSWORD = "bench", "bench pass"
 ROOT = Path(__file__).resolve().parent.parent
 STALL = "/api/v1/admin/dispatcher/list-active"
@@ -73,11 +75,6 @@ async def serve(events: int, size: int) -> None:
     await asyncio.sleep(3600)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 async def measure(url: str, events: int, tmp: Path, go: Callable[[], dict[str, Any]],
                   release: Callable[[], None]) -> dict[str, float]:
     from cometstream.config import parse_config
@@ -101,15 +98,9 @@ async def measure(url: str, events: int, tmp: Path, go: Callable[[], dict[str, A
     while d.resyncs_ok < 1 or fleet.seeds["ok"] < 1:
         await asyncio.sleep(0.05)
     seeds = fleet.seeds["ok"]
-    before = _rss_mb()
-    peak = [before]
-
-    async def sample() -> None:
-        while True:
-            peak[0] = max(peak[0], _rss_mb())
-            await asyncio.sleep(0.02)
-
-    sampler = asyncio.create_task(sample())
+    rss = PeakRss()
+    before = rss.before
+    rss.start()
     base = d.metrics.stream.events_received
     sent = await asyncio.get_running_loop().run_in_executor(None, go)
     t0 = time.perf_counter()
@@ -117,16 +108,16 @@ async def measure(url: str, events: int, tmp: Path, go: Callable[[], dict[str, A
         if time.perf_counter() - t0 > 600:
             raise SystemExit("the events did not all arrive within 600 s")
         await asyncio.sleep(0.01)
-    hung = peak[0]
+    hung = rss.peak
     release()
     while fleet.seeds["ok"] <= seeds or fleet.seeding:
         await asyncio.sleep(0.02)
     await asyncio.sleep(1)
-    sampler.cancel()
-    after = _rss_mb()
+    rss.stop()
+    after = rss_mb()
     stop.set()
     await task
-    return {"before": before, "hung": hung, "peak": peak[0], "after": after,
+    return {"before": before, "hung": hung, "peak": rss.peak, "after": after,
             "bytes": float(sent["bytes"]), "seeds": float(fleet.seeds["ok"] - seeds)}
 
 

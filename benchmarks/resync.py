@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _memory import PeakRss, rss_mb  # (benchmarks/, this script's folder)
+
 USER, PASSWORD = "bench", "bench pass"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,11 +73,6 @@ async def serve(n: int, hours: float, users: int) -> None:
     await asyncio.sleep(3600)
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 async def measure(url: str, n: int, out: Path, go: Callable[[], None]) -> dict[str, float]:
     from cometstream.config import parse_config
     from cometstream.daemon import Daemon
@@ -95,18 +92,12 @@ async def measure(url: str, n: int, out: Path, go: Callable[[], None]) -> dict[s
     while d.resyncs_ok < 1:
         await asyncio.sleep(0.05)
     base = d.metrics.sinks["file"].delivered
-    before = _rss_mb()
-    peak = [before]
-
-    async def sample() -> None:
-        while True:
-            peak[0] = max(peak[0], _rss_mb())
-            await asyncio.sleep(0.02)
-
+    rss = PeakRss()
+    before = rss.before
     go()
     while d.metrics.stream.received.get(4000, 0) < 2:
         await asyncio.sleep(0.005)
-    sampler = asyncio.create_task(sample())
+    rss.start()
     t0 = time.perf_counter()
     deadline = t0 + 3600
     while d.metrics.sinks["file"].delivered - base < n + 1 or d.resyncs_ok < 2:
@@ -117,8 +108,8 @@ async def measure(url: str, n: int, out: Path, go: Callable[[], None]) -> dict[s
     elapsed = time.perf_counter() - t0
     res = d.last_resync
     await asyncio.sleep(5)
-    sampler.cancel()
-    after = _rss_mb()
+    rss.stop()
+    after = rss_mb()
     stop.set()
     await task
     return {"seconds": elapsed, "rate": n / elapsed,
@@ -126,7 +117,7 @@ async def measure(url: str, n: int, out: Path, go: Callable[[], None]) -> dict[s
             "spans": float(res.spans if res else 0),
             "largest": float(res.largest_answer if res else 0),
             "split": float(res.split if res else 0),
-            "before": before, "peak": peak[0], "after": after}
+            "before": before, "peak": rss.peak, "after": after}
 
 
 def main() -> int:

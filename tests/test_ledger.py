@@ -304,6 +304,16 @@ class _Broken(Client):
         return super().cursors()
 
 
+def _fill(lg: Ledger) -> None:
+    """Job completions appended until the ledger has no room: the read loop would wait now."""
+    seq = 0
+    while not lg.full:
+        seq += 1
+        ev = _job(f"g{seq}", seq)
+        ev.seq = seq
+        lg.append(ev)
+
+
 async def test_an_unexpected_commit_failure_fails_the_waiters_and_is_logged_once(
         tmp_path: Path) -> None:
     """A commit that fails on something other than the disk (a bug) is logged once with its
@@ -313,12 +323,7 @@ async def test_an_unexpected_commit_failure_fails_the_waiters_and_is_logged_once
     lg = Ledger(tmp_path / "state", ["f"], server="s", max_bytes=1 << 30, max_age=86400,
                 fsync_interval=0.01, client=client)
     lg.open()
-    seq = 0
-    while not lg.full:
-        seq += 1
-        ev = _job(f"g{seq}", seq)
-        ev.seq = seq
-        lg.append(ev)
+    _fill(lg)
     with structlog.testing.capture_logs() as logs:
         runner = asyncio.create_task(lg.run())
         with pytest.raises(LedgerError, match="a bug in the cursors"):
@@ -344,12 +349,7 @@ async def test_a_dead_commit_loop_fails_whatever_waits_for_room(tmp_path: Path) 
     lg = Ledger(tmp_path / "state", ["f"], server="s", max_bytes=1 << 30, max_age=86400,
                 fsync_interval=60.0, client=Client({"f": 0}))
     lg.open()
-    seq = 0
-    while not lg.full:
-        seq += 1
-        ev = _job(f"g{seq}", seq)
-        ev.seq = seq
-        lg.append(ev)
+    _fill(lg)
     runner = asyncio.create_task(lg.run())
     await asyncio.sleep(0)
     runner.cancel()
