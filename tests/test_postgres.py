@@ -5,13 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +19,7 @@ from cometstream.simulator import Simulator
 from cometstream.sinks.postgres import PostgresSink
 
 from .conftest import make_config, running, wait_until
+from .pgserver import PG_PASSWORD, Pg, bindir, private_postgres
 
 psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
 
@@ -33,87 +28,13 @@ LOGIN = 4103  # SEVT_ACCOUNT_LOGIN
 _prefixes = itertools.count(1)
 
 
-def _bindir() -> Path | None:
-    """Where initdb and pg_ctl are (Debian keeps them off PATH): pg_config's, else the newest
-    of /usr/lib/postgresql/*/bin."""
-    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True,
-                        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
-    try:
-        out = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        candidates.insert(0, Path(out))
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    for candidate in candidates:
-        if (candidate / "initdb").exists() and (candidate / "pg_ctl").exists():
-            return candidate
-    return None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Pg:
-    bindir: Path
-    data: Path
-    port: int
-    run_as: list[str]
-
-    @property
-    def dsn(self) -> str:
-        return f"postgresql://cometstream@127.0.0.1:{self.port}/postgres"
-
-    def ctl(self, *args: str) -> None:
-        subprocess.run([*self.run_as, str(self.bindir / "pg_ctl"), "-D", str(self.data),
-                        "-w", "-l", str(self.data.parent / "log"), *args],
-                       check=True, capture_output=True)
-
-    def start(self) -> None:
-        self.ctl("-o", f"-p {self.port} -k {self.data.parent} -c listen_addresses=127.0.0.1 "
-                 "-c fsync=off", "start")
-
-    def stop(self) -> None:
-        self.ctl("-m", "fast", "stop")
-
-    def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        with psycopg.connect(self.dsn, password=PG_PASSWORD, autocommit=True) as conn:
-            return conn.execute(sql, params).fetchall()
-
-
-PG_PASSWORD = "pg-s3cret-pw"
-
-
 @pytest.fixture(scope="session")
 def pg() -> Iterator[Pg]:
-    bindir = _bindir()
-    if bindir is None:
+    where = bindir()
+    if where is None:
         pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt install postgresql")
-    run_as: list[str] = []
-    top = Path(tempfile.mkdtemp(prefix="cometstream-pg-"))
-    if os.geteuid() == 0:  # initdb refuses root: run the server as the postgres user
-        run_as = ["runuser", "-u", "postgres", "--"]
-        shutil.chown(top, "postgres", "postgres")
-    pwfile = top / "pw"
-    pwfile.write_text(PG_PASSWORD + "\n")
-    if run_as:
-        shutil.chown(pwfile, "postgres", "postgres")
-    data = top / "data"
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-U", "cometstream",
-                    "--pwfile", str(pwfile), "-A", "scram-sha-256", "--no-sync"],
-                   check=True, capture_output=True)
-    server = Pg(bindir, data, _free_port(), run_as)
-    server.start()
-    try:
+    with private_postgres(where) as server:
         yield server
-    finally:
-        try:
-            server.stop()
-        finally:
-            shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture
