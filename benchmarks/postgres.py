@@ -166,11 +166,11 @@ def _report_queries() -> list[tuple[str, str]]:
     text = (ROOT / "docs" / "reporting.md").read_text()
     found = []
     title = ""
-    for block in re.split(r"^(## .*)$", text, flags=re.M):
+    for block in re.split(r"^(## .*)$", text, flags=re.MULTILINE):
         if block.startswith("## "):
             title = block[3:].strip()
             continue
-        for sql in re.findall(r"```sql\n(.*?)```", block, flags=re.S):
+        for sql in re.findall(r"```sql\n(.*?)```", block, flags=re.DOTALL):
             found.append((title or "query", sql.strip().rstrip(";")))
     return found
 
