@@ -1,4 +1,5 @@
-"""Shared fixtures: a simulator on 127.0.0.1, configs pointing at it, a daemon running in-process."""
+"""Shared fixtures: a simulator on 127.0.0.1, configs pointing at it, a daemon running in-process,
+a private PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from cometstream.config import Config, parse_config
 from cometstream.daemon import Daemon
 from cometstream.simulator import Simulator
 from cometstream.sinks import Sink, resolve_sink_class
+
+from .pgserver import Pg, bindir, private_postgres
 
 USER = "cometstream"
 # spaces, quotes, & and = (form/frame escaping), non-ASCII, a backslash
@@ -46,6 +49,17 @@ def _restore_logging() -> Iterator[None]:
 async def sim() -> AsyncIterator[Simulator]:
     async with Simulator(username=USER, password=PASSWORD, rate=0, seed=7) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[Pg]:
+    """A private PostgreSQL server (tests/pgserver.py) shared by the session: each module keeps
+    to tables or a schema of its own."""
+    where = bindir()
+    if where is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt install postgresql")
+    with private_postgres(where) as server:
+        yield server
 
 
 #: ``spool=MEMORY``: tests of the memory-buffer behaviours (drop_newest, block, shutdown losses)

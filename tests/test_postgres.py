@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +18,13 @@ from cometstream.simulator import Simulator
 from cometstream.sinks.postgres import PostgresSink
 
 from .conftest import make_config, running, wait_until
-from .pgserver import PG_PASSWORD, Pg, bindir, private_postgres
+from .pgserver import PG_PASSWORD, Pg
 
 psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
 
 SERVER = "sim"
 LOGIN = 4103  # SEVT_ACCOUNT_LOGIN
 _prefixes = itertools.count(1)
-
-
-@pytest.fixture(scope="session")
-def pg() -> Iterator[Pg]:
-    where = bindir()
-    if where is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt install postgresql")
-    with private_postgres(where) as server:
-        yield server
 
 
 @pytest.fixture
