@@ -72,7 +72,8 @@ class Pg:
         import psycopg
 
         with psycopg.connect(self.dsn, password=PG_PASSWORD, autocommit=True) as conn:
-            return conn.execute(sql, params).fetchall()
+            cur = conn.execute(sql, params)
+            return cur.fetchall() if cur.description is not None else []
 
 
 @contextmanager

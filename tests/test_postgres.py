@@ -15,7 +15,7 @@ from cometstream.config import Section
 from cometstream.errors import ConfigError, SinkError
 from cometstream.events import Event
 from cometstream.simulator import Simulator
-from cometstream.sinks.postgres import PostgresSink
+from cometstream.sinks.postgres import SCHEMA_VERSION, PostgresSink
 
 from .conftest import make_config, running, wait_until
 from .pgserver import PG_PASSWORD, Pg
@@ -131,14 +131,17 @@ async def test_a_replayed_batch_changes_nothing(pg: Pg, prefix: str, pwfile: Pat
     await sink.send(batch)
     await sink.aclose()
     first = pg.query(f"SELECT * FROM {prefix}jobs")
-    assert _counts(pg, prefix) == (3, 1)
+    devices = pg.query(f"SELECT * FROM {prefix}devices")
+    assert _counts(pg, prefix) == (3, 1) and len(devices) == 1
     again = _sink(pg, prefix, pwfile)
     await again.open()
     await again.send(batch)
     await again.aclose()
     assert _counts(pg, prefix) == (3, 1)
     assert pg.query(f"SELECT * FROM {prefix}jobs") == first
-    assert pg.query(f"SELECT value FROM {prefix}meta WHERE name = 'schema_version'") == [("1",)]
+    assert pg.query(f"SELECT * FROM {prefix}devices") == devices
+    assert pg.query(f"SELECT value FROM {prefix}meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)]
 
 
 async def test_a_late_job_new_never_turns_a_finished_job_back_to_running(
@@ -162,6 +165,82 @@ async def test_a_late_job_new_never_turns_a_finished_job_back_to_running(
             assert row == [(done["Data"]["Status"], row[0][1])] and row[0][1] is not None
     finally:
         await sink.aclose()
+
+
+def _job(kind: int, guid: str, device: str, end: int, status: int = 5000,
+         classification: int = 4001) -> Event:
+    data = {"GUID": guid, "Username": "alice", "DeviceID": device,
+            "Status": status if kind == 4201 else 6001,
+            "Classification": classification, "StartTime": end - 600,
+            "EndTime": end if kind == 4201 else 0}
+    return _event({"Type": kind, "Timestamp": end, "Actor": "alice", "ResourceID": guid,
+                   "Data": data})
+
+
+async def test_devices_keep_their_last_job_and_last_success_whatever_the_order(
+        pg: Pg, prefix: str, pwfile: Path) -> None:
+    """One row per device: the latest end, the latest successful backup, the status of the job
+    that ended last; events in another order, or replayed, give the same row."""
+    t = 1733400000
+    events = [
+        _job(4201, "a", "dev1", t, 5000),
+        _job(4201, "b", "dev1", t + 100, 7003),  # failed, later: last status, not a success
+        _job(4201, "c", "dev1", t + 50, 5000, classification=4002),  # a restore: no success
+        _job(4200, "d", "dev1", t + 200),  # running: a later start, no end
+        _job(4201, "e", "dev2", t + 10, 7001),  # warnings only: never a success
+    ]
+    rows = []
+    for order in (events, events[::-1], [*events[2:], *events[:2]]):
+        p = f"{prefix}{len(rows)}_"
+        sink = _sink(pg, p, pwfile)
+        await sink.open()
+        try:
+            await sink.send(order)  # all in one batch,
+            for ev in order:  # then replayed one per batch: the merge is the database's
+                await sink.send([ev])
+        finally:
+            await sink.aclose()
+        rows.append(pg.query(
+            f"SELECT device_id, extract(epoch FROM last_start)::bigint, "
+            f"extract(epoch FROM last_end)::bigint, extract(epoch FROM last_success)::bigint, "
+            f"last_status FROM {p}devices ORDER BY device_id"))
+    assert rows[0] == [("dev1", t + 200 - 600, t + 100, t, 7003),
+                       ("dev2", t + 10 - 600, t + 10, None, 7001)]
+    assert rows[1] == rows[0] and rows[2] == rows[0]
+
+
+async def test_tables_of_schema_1_are_upgraded_in_place(
+        pg: Pg, prefix: str, pwfile: Path) -> None:
+    """Tables a version-1 sink made (no devices table) get it, filled from the jobs there; the
+    rows already there are untouched. Tables of a newer version are written as they are."""
+    t = 1733400000
+    sink = _sink(pg, prefix, pwfile)
+    await sink.open()
+    await sink.send([_job(4201, "a", "dev1", t), _job(4201, "b", "dev1", t + 60, 7003),
+                     _job(4200, "c", "dev2", t + 30)])
+    await sink.aclose()
+    pg.query(f"DROP TABLE {prefix}devices")  # (as version 1 left them)
+    pg.query(f"UPDATE {prefix}meta SET value = '1' WHERE name = 'schema_version'")
+    jobs = pg.query(f"SELECT * FROM {prefix}jobs ORDER BY job_id")
+    again = _sink(pg, prefix, pwfile)
+    await again.open()
+    await again.aclose()
+    assert pg.query(f"SELECT value FROM {prefix}meta WHERE name = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)]
+    assert pg.query(f"SELECT * FROM {prefix}jobs ORDER BY job_id") == jobs
+    assert pg.query(f"SELECT device_id, extract(epoch FROM last_success)::bigint, last_status "
+                    f"FROM {prefix}devices ORDER BY device_id") == [
+        ("dev1", t, 7003), ("dev2", None, None)]
+    pg.query(f"UPDATE {prefix}meta SET value = '99' WHERE name = 'schema_version'")
+    newer = _sink(pg, prefix, pwfile)
+    await newer.open()
+    try:
+        await newer.send([_job(4201, "c", "dev2", t + 90)])
+    finally:
+        await newer.aclose()
+    assert pg.query(f"SELECT value FROM {prefix}meta WHERE name = 'schema_version'") == [("99",)]
+    assert pg.query(f"SELECT last_status FROM {prefix}devices WHERE device_id = 'dev2'") == [
+        (5000,)]
 
 
 async def test_an_event_postgres_refuses_is_refused_alone(

@@ -13,8 +13,9 @@ Options (``[sinks.NAME]``, ``type = "postgres"``; needs the ``postgres`` extra, 
 - ``batch`` (default 1000, 1 to 10000): events per transaction at most.
 - ``connect_timeout`` (default 10 seconds).
 
-At ``open`` the sink creates, if missing, ``<prefix>events``, ``<prefix>jobs``, their indexes and
-``<prefix>meta`` (the schema version); it never drops or alters what is there.
+At ``open`` the sink creates, if missing, ``<prefix>events``, ``<prefix>jobs``,
+``<prefix>devices``, their indexes and ``<prefix>meta`` (the schema version), and upgrades older
+tables in place (additive steps, see :func:`_migrations`); it never drops or rewrites.
 
 Each ``send`` is one transaction: every event goes into ``events`` once (``UNIQUE (server,
 event_key)``, ``ON CONFLICT DO NOTHING``), and each job event is upserted into ``jobs`` (a
@@ -50,11 +51,13 @@ __all__ = ["SCHEMA_VERSION", "PostgresSink", "event_key"]
 
 log = structlog.get_logger("cometstream.sinks.postgres")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 DEFAULT_BATCH: Final = 1000
 BATCH_LIMIT: Final = 10_000
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
+SUCCESS: Final = 5000  # JOB_STATUS_FINISHED_SUCCESS
+BACKUP: Final = 4001  # JOB_CLASSIFICATION_BACKUP
 
 
 def event_key(ev: Event) -> str:
@@ -143,6 +146,35 @@ def _ddl(schema: str, p: str) -> list[str]:
     ]
 
 
+def _migrations(schema: str, p: str) -> dict[int, list[str]]:
+    """What brings the tables from the version before to each version: additive only (never a
+    drop, never a rewrite), run in the transaction that records the new version."""
+    t = f'"{schema}".{p}'
+    return {
+        # one row per device: its last job, last success, last status (the report of devices
+        # without a recent backup reads this instead of aggregating every job), filled from
+        # the jobs already there
+        2: [f"""CREATE TABLE IF NOT EXISTS {t}devices (
+                server text NOT NULL,
+                username text NOT NULL,
+                device_id text NOT NULL,
+                last_start timestamptz,
+                last_end timestamptz,
+                last_success timestamptz,
+                last_status integer,
+                PRIMARY KEY (server, username, device_id))""",
+            f"""INSERT INTO {t}devices AS d
+                SELECT server, username, device_id, max(start_time), max(end_time),
+                       max(end_time) FILTER (WHERE status = {SUCCESS} AND
+                                             classification = {BACKUP}),
+                       (array_agg(status ORDER BY end_time DESC)
+                            FILTER (WHERE end_time IS NOT NULL))[1]
+                FROM {t}jobs WHERE username IS NOT NULL AND device_id IS NOT NULL
+                GROUP BY server, username, device_id
+                ON CONFLICT (server, username, device_id) DO NOTHING"""],
+    }
+
+
 class PostgresSink(Sink):
     """Events into ``<prefix>events``, jobs upserted into ``<prefix>jobs``; one transaction per
     batch (see the module docstring)."""
@@ -194,6 +226,20 @@ class PostgresSink(Sink):
             "WHERE (EXCLUDED.end_time IS NOT NULL OR j.end_time IS NULL) AND "
             f"({', '.join('j.' + c for c in cols)}) IS DISTINCT FROM "
             f"({', '.join('EXCLUDED.' + c for c in cols)})")
+        # times only move forward (GREATEST skips NULLs): replays and reordering change nothing
+        self._sql_device = (
+            f"INSERT INTO {t}devices AS d (server, username, device_id, last_start, last_end, "
+            "last_success, last_status) "
+            "SELECT u.server, u.username, u.device_id, to_timestamp(u.ls), to_timestamp(u.le), "
+            "to_timestamp(u.lsu), u.st "
+            "FROM unnest(%b::text[], %b::text[], %b::text[], %b::float8[], %b::float8[], "
+            "%b::float8[], %b::int[]) AS u(server, username, device_id, ls, le, lsu, st) "
+            "ON CONFLICT (server, username, device_id) DO UPDATE SET "
+            "last_start = GREATEST(d.last_start, EXCLUDED.last_start), "
+            "last_end = GREATEST(d.last_end, EXCLUDED.last_end), "
+            "last_success = GREATEST(d.last_success, EXCLUDED.last_success), "
+            "last_status = CASE WHEN EXCLUDED.last_end >= d.last_end OR d.last_end IS NULL "
+            "THEN coalesce(EXCLUDED.last_status, d.last_status) ELSE d.last_status END")
 
     @classmethod
     def from_config(cls, name: str, options: Section) -> Self:
@@ -247,18 +293,42 @@ class PostgresSink(Sink):
             raise SinkError(self.name, f"cannot connect to PostgreSQL: {_describe(exc)}",
                             retryable=True, sink_wide=True) from exc
         try:
-            async with conn.transaction():
-                for stmt in _ddl(self.schema, self.prefix):
-                    await conn.execute(stmt)
-                await conn.execute(
-                    f'INSERT INTO "{self.schema}".{self.prefix}meta (name, value) '
-                    "VALUES ('schema_version', %s) ON CONFLICT (name) DO NOTHING",
-                    (str(SCHEMA_VERSION),))
+            await self._migrate(conn)
         except psycopg.Error as exc:
             await conn.close()
             raise SinkError(self.name, f"cannot create the tables: {_describe(exc)}",
                             retryable=True, sink_wide=True) from exc
         self._conn = conn
+
+    async def _migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Create what is missing and bring the tables to :data:`SCHEMA_VERSION`, in one
+        transaction, one sink at a time (an advisory lock: two daemons starting on the same
+        database do not both migrate). Tables of a newer version are used as they are (their
+        changes are additive): an older cometstream after a rollback goes on writing."""
+        meta = f'"{self.schema}".{self.prefix}meta'
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                               (f"cometstream:{self.schema}.{self.prefix}",))
+            for stmt in _ddl(self.schema, self.prefix):
+                await conn.execute(stmt)
+            await conn.execute(f"INSERT INTO {meta} (name, value) VALUES ('schema_version', "
+                               "'1') ON CONFLICT (name) DO NOTHING")
+            cur = await conn.execute(f"SELECT value FROM {meta} WHERE name = 'schema_version'")
+            row = await cur.fetchone()
+            version = int(row[0]) if row is not None and str(row[0]).isdigit() else 1
+            if version > SCHEMA_VERSION:
+                log.warning("postgres tables are of a newer cometstream: used as they are",
+                            sink=self.name, tables_version=version, known=SCHEMA_VERSION)
+                return
+            steps = _migrations(self.schema, self.prefix)
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for stmt in steps[step]:
+                    await conn.execute(stmt)
+            if version < SCHEMA_VERSION:
+                await conn.execute(f"UPDATE {meta} SET value = %s WHERE name = 'schema_version'",
+                                   (str(SCHEMA_VERSION),))
+                log.info("postgres tables upgraded", sink=self.name, tables_version=version,
+                         now=SCHEMA_VERSION)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -319,7 +389,11 @@ class PostgresSink(Sink):
         async with self._conn.transaction(), self._conn.cursor() as cur:
             await cur.execute(self._sql_event, _columns(events.values(), 10))
             if jobs:
-                await cur.execute(self._sql_job, _columns((r for _, r in jobs.values()), 15))
+                rows = [r for _, r in jobs.values()]
+                await cur.execute(self._sql_job, _columns(rows, 15))
+                devices = _devices(rows)
+                if devices:
+                    await cur.execute(self._sql_device, _columns(devices, 7))
 
     @staticmethod
     def _event_row(ev: Event, key: str) -> tuple[Any, ...]:
@@ -350,6 +424,24 @@ class PostgresSink(Sink):
                 _int(job.get("TotalSize")), _int(job.get("UploadSize")),
                 _int(job.get("DownloadSize")), _int(job.get("TotalFiles")),
                 _int(job.get("TotalDirectories")))
+
+
+def _devices(jobs: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Job rows folded into one row per device: latest start, end, successful backup end,
+    and the status of the job that ended last."""
+    found: dict[tuple[str, str, str], list[Any]] = {}
+    for (server, _, user, device, _, classification, status, _, start, end, *_) in jobs:
+        if user is None or device is None:
+            continue
+        d = found.setdefault((server, user, device), [None, None, None, None])
+        if start is not None and (d[0] is None or start > d[0]):
+            d[0] = start
+        if end is not None:
+            if d[1] is None or end >= d[1]:
+                d[1], d[3] = end, status
+            if status == SUCCESS and classification == BACKUP and (d[2] is None or end > d[2]):
+                d[2] = end
+    return [(*key, *vals) for key, vals in found.items()]
 
 
 def _columns(rows: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
