@@ -39,13 +39,14 @@ from .errors import (
     ConfigErrors,
     CredentialsRejected,
     DlqError,
+    SinkError,
     StreamError,
     TapRefused,
     TapUnavailable,
     UsageError,
 )
 from .observe.logging import configure_logging, register_secret, scrub
-from .sinks import resolve_sink_class
+from .sinks import Sink, build_sink, resolve_sink_class
 
 __all__ = ["main"]
 
@@ -313,13 +314,44 @@ def _cmd_check(args: argparse.Namespace) -> int:
         raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
     notes = [_PENDING_NOTE.format(key=key) for key in cfg.server.pending]
     notes += [listen_note] if listen_note else []
+    sinks = {sc.name: build_sink(sc) for sc in cfg.sinks}
+    for sink in sinks.values():
+        for warning in sink.warnings():
+            _err(f"warning: {warning}")
     if not args.connect:
         print("ok")
     for note in notes:
         print(f"note: {note}")
     if not args.connect:
         return EXIT_OK
-    return _run_async(_check_connect(cfg))
+    code = _run_async(_check_connect(cfg))
+    return code if code != EXIT_OK else _run_async(_probe_sinks(sinks, cfg.stream.connect_timeout))
+
+
+async def _probe_sinks(sinks: dict[str, Sink], timeout: float) -> int:
+    """check --connect: each sink that can be tried without sending an event (a database, a
+    broker) connects; one line each."""
+    import logging
+
+    code = EXIT_OK
+    for name, sink in sinks.items():
+        logging.disable(logging.CRITICAL)  # a client library's own log lines: the one line is ours
+        try:
+            async with asyncio.timeout(timeout + 5):
+                said = await sink.probe()
+        except SinkError as exc:
+            _err(str(exc))  # "sink NAME: ..."
+            code = EXIT_FATAL
+            continue
+        except TimeoutError:
+            _err(f"sink {name}: no answer in {timeout + 5:g} s")
+            code = EXIT_FATAL
+            continue
+        finally:
+            logging.disable(logging.NOTSET)
+        if said:
+            print(f"ok: sink {name}: {said}")
+    return code
 
 
 async def _check_connect(cfg: Config) -> int:

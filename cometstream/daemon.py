@@ -496,6 +496,9 @@ class Daemon:
         log.info("starting", server=cfg.server.name, url=cfg.server.url,
                  sinks=[f"{sc.name}:{sc.type}" for sc in cfg.sinks],
                  resync=cfg.resync.enabled, state=str(self.ledger.path))
+        for name, sink in self.sinks.items():
+            for warning in sink.warnings():
+                log.warning("sink setting to review", sink=name, warning=warning)
         self.pipeline.start()
         await self.tap.start()
         self._stream_task = asyncio.create_task(self.supervisor.run(), name="supervisor")

@@ -186,6 +186,9 @@ class Reloader:
                 sinks[sc.name] = build_sink(sc)
             except ConfigError as exc:
                 problems.append(exc)
+            else:
+                for warning in sinks[sc.name].warnings():
+                    log.warning("sink setting to review", sink=sc.name, warning=warning)
         return problems, new, plan, sinks
 
     async def _apply(self, new: Config, plan: ReloadPlan, sinks: dict[str, Sink]) -> None:

@@ -17,7 +17,7 @@ from cometstream.errors import ConfigError
 from cometstream.simulator import Simulator
 from cometstream.sinks.kafka import KafkaSink
 
-from .conftest import make_config, running, wait_until
+from .conftest import make_config, run_cli, running, wait_until, write_config
 from .kafka_broker import Broker
 
 
@@ -322,6 +322,28 @@ async def test_kafka_down_at_start_is_retried_until_it_comes(sim: Simulator, tmp
             await b.stop()
     assert {m.value for m in msgs} >= set(sent)
     await asyncio.sleep(0)
+
+
+async def test_check_connect_tries_the_brokers(sim: Simulator, broker: Broker,
+                                               tmp_path: Path) -> None:
+    """check --connect starts the producer as the sink would (nothing sent) and says what
+    answered; brokers that are not there: one line naming the sink, exit 1."""
+    body = ('[sinks.bus]\ntype = "kafka"\n'
+            f'bootstrap_servers = ["{broker.bootstrap}"]\ntopic = "t"\n')
+    conf = write_config(tmp_path, sim.url, body, mode=0o600)
+    proc = await run_cli("check", "-c", str(conf), "--connect")
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().splitlines()[-1] == (f"ok: sink bus: Kafka at {broker.bootstrap} "
+                                             "answers (1 broker in the cluster)")
+    gone = Broker()  # a port where no broker listens
+    conf = write_config(tmp_path, sim.url, body.replace(broker.bootstrap, gone.bootstrap),
+                        mode=0o600)
+    proc = await run_cli("check", "-c", str(conf), "--connect")
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode == 1
+    assert err.decode().startswith(f"cometstream: sink bus: cannot connect to Kafka "
+                                   f"{gone.bootstrap}: "), err.decode()
 
 
 async def test_an_oversized_event_is_refused_alone(sim: Simulator, broker: Broker,

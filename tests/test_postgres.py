@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 
 from cometstream.config import Section
 from cometstream.errors import ConfigError, SinkError
@@ -17,7 +19,7 @@ from cometstream.events import Event
 from cometstream.simulator import Simulator
 from cometstream.sinks.postgres import SCHEMA_VERSION, PostgresSink
 
-from .conftest import make_config, running, wait_until
+from .conftest import make_config, run_cli, running, wait_until, write_config
 from .pgserver import PG_PASSWORD, Pg
 
 psycopg = pytest.importorskip("psycopg", reason="the postgres extra (psycopg) is not installed")
@@ -354,3 +356,116 @@ async def test_the_reporting_queries_of_the_docs_run(pg: Pg, pwfile: Path) -> No
         assert sum(r[1] for r in failed) == conn.execute(
             "SELECT count(*) FROM cometstream_jobs WHERE status BETWEEN 7000 AND 7999 "
             "AND end_time >= now() - interval '24 hours'").fetchone()[0]
+
+
+# --- TLS, check --------------------------------------------------------------------------------
+@pytest.mark.parametrize(("dsn", "env", "extra", "warned"), [
+    ("postgresql://u@127.0.0.1/db", {}, {}, None),
+    ("host=/run/postgresql dbname=db", {}, {}, None),
+    ("postgresql://u@localhost,[::1]/db", {}, {}, None),
+    ("postgresql://u@db.example.com/db", {}, {"sslmode": "verify-full"}, None),
+    ("postgresql://u@db.example.com/db?sslrootcert=/etc/ca.pem", {},
+     {"sslmode": "verify-full"}, None),
+    ("postgresql://u@db.example.com/db", {"PGSSLROOTCERT": "/etc/ca.pem"},
+     {"sslmode": "verify-full"}, None),
+    ("dbname=db", {"PGHOST": "10.0.0.5"}, {"sslmode": "verify-full"}, None),
+    ("postgresql://u@db.example.com/db?sslmode=verify-full", {}, {}, None),
+    ("postgresql://u@db.example.com/db?sslmode=disable", {}, {}, "without TLS"),
+    ("postgresql://u@db.example.com/db?sslmode=require", {}, {}, "without checking"),
+    ("postgresql://u@localhost,db.example.com/db?sslmode=prefer", {}, {}, "unverified"),
+    ("postgresql://u@db.example.com/db", {"PGSSLMODE": "verify-ca"}, {}, "not its name"),
+])
+def test_a_remote_database_is_reached_with_verified_tls_by_default(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, dsn: str, env: dict[str, str],
+        extra: dict[str, str], warned: str | None) -> None:
+    """A host other than this machine: sslmode=verify-full unless the DSN or PGSSLMODE says
+    otherwise (then a warning when the host is not verified); the system's CAs unless a root
+    certificate is named. A Unix socket or loopback: libpq's defaults, no warning."""
+    for var in ("PGHOST", "PGSSLMODE", "PGSSLROOTCERT"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.postgresql/root.crt)
+    sink = PostgresSink.from_config("pg", Section({"dsn": dsn, "format": "event"}, "sinks.pg"))
+    got, warning = sink._tls()
+    if extra.get("sslmode") == "verify-full" and "sslrootcert" not in dsn and not env.get(
+            "PGSSLROOTCERT"):
+        extra = {**extra, "sslrootcert": "system"}
+    assert got == extra
+    if warned is None:
+        assert warning is None and sink.warnings() == []
+    else:
+        assert warning is not None and warned in warning and "db.example.com" in warning
+        assert sink.warnings() == [warning] and warning.startswith("sinks.pg.dsn: sslmode=")
+
+
+async def test_a_remote_name_at_a_local_address_still_requires_tls(
+        pg: Pg, prefix: str, pwfile: Path) -> None:
+    """host names the server (its certificate), hostaddr where to connect: a name that is not
+    this machine gets verify-full, and a server without TLS is refused, not used in clear."""
+    dsn = f"host=db.example.com hostaddr=127.0.0.1 port={pg.port} user=cometstream dbname=postgres"
+    sink = PostgresSink.from_config("pg", Section(
+        {"dsn": dsn, "password_file": str(pwfile), "table_prefix": prefix, "format": "event"},
+        "sinks.pg"))
+    with pytest.raises(SinkError) as err:
+        await sink.open()
+    assert err.value.retryable and "SSL" in str(err.value)
+
+
+def _check_conf(tmp_path: Path, sim: Simulator, pg_opts: dict[str, Any]) -> Path:
+    body = "[sinks.pg]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in pg_opts.items())
+    return write_config(tmp_path, sim.url, body, mode=0o600)
+
+
+async def test_check_connect_tries_the_database(sim: Simulator, tmp_path: Path, pg: Pg,
+                                                prefix: str, pwfile: Path) -> None:
+    """check --connect logs in to the database as the sink would and says what answered; a
+    wrong password is one line naming the sink, exit 1, the password nowhere."""
+    conf = _check_conf(tmp_path, sim, _options(pg, prefix, pwfile))
+    proc = await run_cli("check", "-c", str(conf), "--connect")
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    line = out.decode().splitlines()[-1]
+    assert line.startswith("ok: sink pg: PostgreSQL "), out.decode()
+    assert "database postgres as cometstream (no TLS); the tables will be created" in line
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("not-the-pw-4213\n")
+    wrong.chmod(0o600)
+    conf = _check_conf(tmp_path, sim, _options(pg, prefix, wrong))
+    proc = await run_cli("check", "-c", str(conf), "--connect")
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1
+    assert err.decode().startswith("cometstream: sink pg: cannot connect to PostgreSQL: "), err
+    assert "password authentication failed" in err.decode()
+    assert "not-the-pw-4213" not in (out + err).decode()
+
+
+async def test_check_warns_of_a_remote_database_without_verified_tls(
+        sim: Simulator, tmp_path: Path) -> None:
+    """Offline check: the warning is printed and the config is still ok (it works)."""
+    conf = _check_conf(tmp_path, sim, {"type": "postgres",
+                                       "dsn": "postgresql://u@db.example.com/r?sslmode=require"})
+    proc = await run_cli("check", "-c", str(conf))
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0 and out.decode() == "ok\n"
+    assert err.decode() == ("cometstream: warning: sinks.pg.dsn: sslmode=require: db.example.com "
+                            "is reached with TLS but without checking the server's certificate; "
+                            "the events and the password cross the network where others may "
+                            "read or alter them (sslmode=verify-full checks the server)\n")
+
+
+async def test_run_warns_of_a_database_reached_in_clear(
+        sim: Simulator, tmp_path: Path, pg: Pg, prefix: str, pwfile: Path) -> None:
+    """The operator's choice (sslmode=disable to a remote name) is followed, and logged once at
+    start with the key to change."""
+    dsn = (f"host=db.example.com hostaddr=127.0.0.1 port={pg.port} user=cometstream "
+           "dbname=postgres sslmode=disable")
+    cfg = make_config(sim.url, tmp_path, sinks={"pg": {**_options(pg, prefix, pwfile),
+                                                       "dsn": dsn}})
+    with structlog.testing.capture_logs() as logs:
+        async with running(cfg) as rd:
+            await wait_until(lambda: rd.sink_stats("pg").delivered >= 1, 30, "the HELLO")
+    warned = [e for e in logs if e["event"] == "sink setting to review"]
+    assert len(warned) == 1 and warned[0]["sink"] == "pg"
+    assert warned[0]["warning"].startswith("sinks.pg.dsn: sslmode=disable: db.example.com is "
+                                           "reached without TLS;")

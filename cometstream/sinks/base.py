@@ -98,6 +98,19 @@ class Sink(ABC):
     def reopen(self) -> None:  # noqa: B027 - optional hook
         """Reopen files (SIGHUP, for logrotate). Must not block."""
 
+    # --- for the operator: check and the start of run ---------------------------------------
+    def warnings(self) -> list[str]:
+        """Settings that work but that an operator should know of (a remote database without
+        verified TLS), each a line naming its key (``sinks.NAME.dsn: ...``): ``check`` prints
+        them, ``run`` logs them when the sink starts. No I/O."""
+        return []
+
+    async def probe(self) -> str | None:
+        """``check --connect``: try what :meth:`send` needs (connect, log in) without sending
+        an event, and say in a few words what answered; None when there is nothing to try.
+        Raises :class:`SinkError` (the message is printed). Leaves nothing open."""
+        return None
+
     # --- exactly once across a crash: override all three, or none ------------------------------
     def position(self) -> Position:
         """Where the output stands after what was acknowledged (a small JSON list), or None.

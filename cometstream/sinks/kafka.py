@@ -18,6 +18,9 @@ Options (``[sinks.NAME]``):
   ``sasl_password`` / ``sasl_password_file`` / env ``COMETSTREAM_KAFKA_PASSWORD``;
   ``ssl_cafile``, ``ssl_certfile``, ``ssl_keyfile``.
 
+``check --connect`` starts a producer as the sink does (the bootstrap servers answer with the
+cluster's metadata; nothing is sent) and stops it.
+
 Templates: ``{type_name}``, ``{Type}``, ``{server}``, ``{origin}``, and any field of the event by
 dotted path (``{ResourceID}``, ``{Data.Username}``, ``{Data.GUID}``); a missing field is empty.
 Topic names keep only ``[A-Za-z0-9._-]`` (other characters become ``_``).
@@ -303,6 +306,16 @@ class KafkaSink(Sink):
         if producer is not None:
             await _stop_quietly(producer)
 
+    async def probe(self) -> str | None:
+        await self.open()  # the producer's start: the bootstrap servers, the cluster's metadata
+        try:
+            assert self._producer is not None
+            brokers = len(self._producer.client.cluster.brokers())
+        finally:
+            await self.aclose()
+        return f"Kafka at {','.join(self.bootstrap)} answers ({brokers} broker" \
+               f"{'s' if brokers != 1 else ''} in the cluster)"
+
     async def aclose(self) -> None:
         if self._producer is not None:
             try:
@@ -554,8 +567,9 @@ def _refuses_idempotence(exc: BaseException) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text, kind = str(exc), type(exc).__name__
+    text = text.removeprefix(f"{kind}: ")  # (aiokafka's own messages often begin with it)
+    return f"{kind}: {text}" if text else kind
 
 
 def _password(options: Section) -> str:

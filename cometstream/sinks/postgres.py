@@ -29,8 +29,11 @@ restarting or refusing the password is a failure of the sink: the events wait in
 from __future__ import annotations
 
 import hashlib
+import ipaddress
+import os
 import re
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import structlog
@@ -270,28 +273,71 @@ class PostgresSink(Sink):
         return cls(name, dsn=dsn, password=secret.reveal() if secret is not None else None,
                    schema=schema, table_prefix=prefix, batch=batch, connect_timeout=timeout)
 
+    # --- TLS -----------------------------------------------------------------------------------
+    def _tls(self) -> tuple[dict[str, str], str | None]:
+        """What the connection adds to the DSN for TLS, and a warning (or None). A host other
+        than this machine is verified by default (``sslmode=verify-full``, the system's CAs
+        unless ``sslrootcert`` or libpq's ``~/.postgresql/root.crt`` says otherwise); an
+        ``sslmode`` in the DSN or ``PGSSLMODE`` is the operator's choice and wins, with a
+        warning when it does not verify a remote host."""
+        import psycopg.conninfo
+
+        parts = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        hosts = [h.strip() for h in str(parts.get("host") or os.environ.get("PGHOST") or
+                                        "").split(",")]
+        remote = [h for h in hosts if not _is_local(h)]
+        if not remote:
+            return {}, None
+        mode = str(parts.get("sslmode") or os.environ.get("PGSSLMODE") or "")
+        where = ", ".join(remote)
+        if not mode:
+            extra = {"sslmode": "verify-full"}
+            if not (parts.get("sslrootcert") or os.environ.get("PGSSLROOTCERT") or
+                    (Path.home() / ".postgresql" / "root.crt").exists()):
+                extra["sslrootcert"] = "system"
+            return extra, None
+        if mode == "verify-full":
+            return {}, None
+        what = ("without TLS" if mode == "disable" else
+                "with TLS only if the server offers it, unverified" if mode in ("allow", "prefer")
+                else "with TLS but without checking the server's certificate"
+                if mode == "require" else "with TLS, its certificate checked but not its name")
+        return {}, (f"sinks.{self.name}.dsn: sslmode={mode}: {where} is reached {what}; "
+                    "the events and the password cross the network where others may read or "
+                    "alter them (sslmode=verify-full checks the server)")
+
+    def warnings(self) -> list[str]:
+        return [w] if (w := self._tls()[1]) else []
+
+    async def probe(self) -> str | None:
+        import psycopg
+
+        conn = await self._connect()
+        try:
+            cur = await conn.execute("SELECT current_user, current_database(), "
+                                     "current_setting('server_version'), to_regclass(%s)",
+                                     (f'"{self.schema}".{self.prefix}meta',))
+            user, db, version, meta = await cur.fetchone() or ("?", "?", "?", None)
+            tables = f"the tables will be created in schema {self.schema}"
+            if meta is not None:
+                cur = await conn.execute(f"SELECT value FROM {meta} "
+                                         "WHERE name = 'schema_version'")
+                got = await cur.fetchone()
+                tables = f"its tables at schema version {got[0] if got else '?'}"
+            tls = "TLS" if conn.pgconn.ssl_in_use else "no TLS"
+        except psycopg.Error as exc:
+            raise SinkError(self.name, f"PostgreSQL failed: {_describe(exc)}") from exc
+        finally:
+            await conn.close()
+        return f"PostgreSQL {version}, database {db} as {user} ({tls}); {tables}"
+
     # --- connection ----------------------------------------------------------------------------
     async def open(self) -> None:
         if self._conn is not None and not self._conn.closed:
             return
         import psycopg
 
-        if self._password:
-            from ..observe.logging import register_secret
-
-            register_secret(self._password)
-        kwargs: dict[str, Any] = {"connect_timeout": max(1, round(self.connect_timeout))}
-        if self._password is not None:
-            kwargs["password"] = self._password
-        try:
-            # prepare_threshold=None: no server-side prepared statements, so a transaction-
-            # pooling PgBouncer in front of the database is safe
-            conn = await psycopg.AsyncConnection.connect(
-                self.dsn, autocommit=True, prepare_threshold=None,
-                application_name=f"cometstream/{self.name}", **kwargs)
-        except psycopg.Error as exc:
-            raise SinkError(self.name, f"cannot connect to PostgreSQL: {_describe(exc)}",
-                            retryable=True, sink_wide=True) from exc
+        conn = await self._connect()
         try:
             await self._migrate(conn)
         except psycopg.Error as exc:
@@ -299,6 +345,27 @@ class PostgresSink(Sink):
             raise SinkError(self.name, f"cannot create the tables: {_describe(exc)}",
                             retryable=True, sink_wide=True) from exc
         self._conn = conn
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        import psycopg
+
+        if self._password:
+            from ..observe.logging import register_secret
+
+            register_secret(self._password)
+        kwargs: dict[str, Any] = {"connect_timeout": max(1, round(self.connect_timeout)),
+                                  **self._tls()[0]}
+        if self._password is not None:
+            kwargs["password"] = self._password
+        try:
+            # prepare_threshold=None: no server-side prepared statements, so a transaction-
+            # pooling PgBouncer in front of the database is safe
+            return await psycopg.AsyncConnection.connect(
+                self.dsn, autocommit=True, prepare_threshold=None,
+                application_name=f"cometstream/{self.name}", **kwargs)
+        except psycopg.Error as exc:
+            raise SinkError(self.name, f"cannot connect to PostgreSQL: {_describe(exc)}",
+                            retryable=True, sink_wide=True) from exc
 
     async def _migrate(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Create what is missing and bring the tables to :data:`SCHEMA_VERSION`, in one
@@ -424,6 +491,16 @@ class PostgresSink(Sink):
                 _int(job.get("TotalSize")), _int(job.get("UploadSize")),
                 _int(job.get("DownloadSize")), _int(job.get("TotalFiles")),
                 _int(job.get("TotalDirectories")))
+
+
+def _is_local(host: str) -> bool:
+    """A Unix socket (a path, or none: libpq's default) or a loopback name or address."""
+    if not host or host.startswith(("/", "@")) or host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _devices(jobs: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
