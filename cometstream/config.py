@@ -58,6 +58,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_listen",
+    "read_credential",
     "read_secret_file",
     "unknown_sink",
 ]
@@ -313,6 +314,15 @@ _SECRET_WORDS: Final = {"password": "the password", "totp_secret": "the base32 T
                         "session_key": "the session key"}
 
 
+def read_credential(sect: Section, credential: str) -> Secret | None:
+    """A sink's systemd credential ``credential`` ($CREDENTIALS_DIRECTORY/NAME, as a unit's
+    ``LoadCredential[Encrypted]=`` gives it), or None when none is loaded or while a tool that
+    needs no secrets reads the config."""
+    if not secret_files_wanted():
+        return None
+    return _credential(sect, credential, os.environ)
+
+
 def _credential(sect: Section, key: str, env: Mapping[str, str]) -> Secret | None:
     """The systemd credential ``key`` ($CREDENTIALS_DIRECTORY/KEY), or None when none is loaded
     (no such directory, no such file). One that is there but cannot be read is an error."""
@@ -328,8 +338,8 @@ def _credential(sect: Section, key: str, env: Mapping[str, str]) -> Secret | Non
     except OSError as exc:
         raise sect.error(key, f"cannot read {where}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise sect.error(key, f"{where} is not UTF-8 text: encrypt {_SECRET_WORDS[key]} "
-                         f"again (docs/operations.md)") from None
+        raise sect.error(key, f"{where} is not UTF-8 text: encrypt "
+                         f"{_SECRET_WORDS.get(key, 'it')} again (docs/operations.md)") from None
     return Secret(_without_final_newline(text), "credential", where)
 
 

@@ -469,3 +469,24 @@ async def test_run_warns_of_a_database_reached_in_clear(
     assert len(warned) == 1 and warned[0]["sink"] == "pg"
     assert warned[0]["warning"].startswith("sinks.pg.dsn: sslmode=disable: db.example.com is "
                                            "reached without TLS;")
+
+
+async def test_the_password_can_come_from_the_units_credential(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, pg: Pg, prefix: str) -> None:
+    """Without password_file, the systemd credential NAME.password (as LoadCredentialEncrypted
+    gives it) is the password; without either, libpq's own sources (none here: refused)."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "pg.password").write_text(PG_PASSWORD + "\n")
+    opts = {"dsn": pg.dsn, "table_prefix": prefix, "format": "event"}
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    sink = PostgresSink.from_config("pg", Section(dict(opts), "sinks.pg"))
+    await sink.open()
+    await sink.aclose()
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    without = PostgresSink.from_config("pg", Section(dict(opts), "sinks.pg"))
+    with pytest.raises(SinkError) as err:
+        await without.open()
+    assert "password" in str(err.value)

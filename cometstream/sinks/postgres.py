@@ -7,7 +7,8 @@ Options (``[sinks.NAME]``, ``type = "postgres"``; needs the ``postgres`` extra, 
   as in ``psql``. A password in it is refused: use ``password_file``, ``PGPASSWORD`` or a pgpass
   file (libpq's own).
 - ``password_file``: the password, read like every ``*_file`` secret (the final line break is
-  not part of it); masked in logs.
+  not part of it); masked in logs. Without it, the systemd credential ``NAME.password`` when
+  the unit loads one, else libpq's own ``PGPASSWORD`` or pgpass file.
 - ``schema`` (default ``public``) and ``table_prefix`` (default ``cometstream_``): where the two
   tables go (lower-case letters, digits and ``_``).
 - ``batch`` (default 1000, 1 to 10000): events per transaction at most.
@@ -266,9 +267,11 @@ class PostgresSink(Sink):
         batch = options.int("batch", DEFAULT_BATCH, min=1, max=BATCH_LIMIT)
         timeout = options.float("connect_timeout", DEFAULT_CONNECT_TIMEOUT, min=0, max=3600,
                                 min_exclusive=True)
-        from ..config import read_secret_file
+        from ..config import read_credential, read_secret_file
 
         secret = read_secret_file(options, "password_file")
+        if secret is None:  # a unit's LoadCredentialEncrypted=NAME.password:...
+            secret = read_credential(options, f"{name}.password")
         options.done()
         return cls(name, dsn=dsn, password=secret.reveal() if secret is not None else None,
                    schema=schema, table_prefix=prefix, batch=batch, connect_timeout=timeout)
