@@ -11,7 +11,8 @@ Options (``[sinks.NAME]``, ``type = "postgres"``; needs the ``postgres`` extra, 
   the unit loads one, else libpq's own ``PGPASSWORD`` or pgpass file.
 - ``schema`` (default ``public``) and ``table_prefix`` (default ``cometstream_``): where the two
   tables go (lower-case letters, digits and ``_``).
-- ``batch`` (default 1000, 1 to 10000): events per transaction at most.
+- ``batch`` (default 1024, 1 to 10000): events per transaction at most (the pipeline hands a
+  sink at most 1024 at once).
 - ``connect_timeout`` (default 10 seconds).
 
 At ``open`` the sink creates, if missing, ``<prefix>events``, ``<prefix>jobs``,
@@ -56,12 +57,14 @@ __all__ = ["SCHEMA_VERSION", "PostgresSink", "event_key"]
 log = structlog.get_logger("cometstream.sinks.postgres")
 
 SCHEMA_VERSION: Final = 2
-DEFAULT_BATCH: Final = 1000
+DEFAULT_BATCH: Final = 1024  # what the pipeline hands a sink at most at once
 BATCH_LIMIT: Final = 10_000
 DEFAULT_CONNECT_TIMEOUT: Final = 10.0
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]*$")
 SUCCESS: Final = 5000  # JOB_STATUS_FINISHED_SUCCESS
 BACKUP: Final = 4001  # JOB_CLASSIFICATION_BACKUP
+#: events per statement: the server works on one chunk while the next is built
+_CHUNK: Final = 256
 
 
 def event_key(ev: Event) -> str:
@@ -145,8 +148,6 @@ def _ddl(schema: str, p: str) -> list[str]:
             PRIMARY KEY (server, job_id))""",
         f"CREATE INDEX IF NOT EXISTS {p}jobs_end ON {s}.{p}jobs (end_time)",
         f"CREATE INDEX IF NOT EXISTS {p}jobs_user ON {s}.{p}jobs (username, end_time)",
-        f"CREATE INDEX IF NOT EXISTS {p}jobs_status ON {s}.{p}jobs (status, end_time)",
-        f"CREATE INDEX IF NOT EXISTS {p}jobs_device ON {s}.{p}jobs (device_id, end_time)",
     ]
 
 
@@ -381,8 +382,10 @@ class PostgresSink(Sink):
                                (f"cometstream:{self.schema}.{self.prefix}",))
             for stmt in _ddl(self.schema, self.prefix):
                 await conn.execute(stmt)
-            await conn.execute(f"INSERT INTO {meta} (name, value) VALUES ('schema_version', "
-                               "'1') ON CONFLICT (name) DO NOTHING")
+            cur = await conn.execute(f"INSERT INTO {meta} (name, value) VALUES "
+                                     "('schema_version', '1') ON CONFLICT (name) DO NOTHING "
+                                     "RETURNING value")
+            fresh = await cur.fetchone() is not None  # (no version before: made just now)
             cur = await conn.execute(f"SELECT value FROM {meta} WHERE name = 'schema_version'")
             row = await cur.fetchone()
             version = int(row[0]) if row is not None and str(row[0]).isdigit() else 1
@@ -397,8 +400,11 @@ class PostgresSink(Sink):
             if version < SCHEMA_VERSION:
                 await conn.execute(f"UPDATE {meta} SET value = %s WHERE name = 'schema_version'",
                                    (str(SCHEMA_VERSION),))
-                log.info("postgres tables upgraded", sink=self.name, tables_version=version,
-                         now=SCHEMA_VERSION)
+                if fresh:
+                    log.info("postgres tables created", sink=self.name, version=SCHEMA_VERSION)
+                else:
+                    log.info("postgres tables upgraded", sink=self.name, tables_version=version,
+                             now=SCHEMA_VERSION)
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
@@ -444,10 +450,27 @@ class PostgresSink(Sink):
                 log.debug("discarded postgres connection failed to close", error=_describe(exc))
 
     async def _write(self, part: Sequence[Event]) -> None:
+        """One transaction; in pipeline mode the statements of each chunk go out as soon as
+        they are built, so the server works on one chunk while the next one is built."""
         assert self._conn is not None
+        async with self._conn.pipeline(), self._conn.transaction(), \
+                self._conn.cursor() as cur:
+            for start in range(0, len(part), _CHUNK):
+                events, jobs = self._rows(part[start:start + _CHUNK])
+                await cur.execute(self._sql_event, _columns(events, 10))
+                if jobs:
+                    await cur.execute(self._sql_job, _columns(jobs, 15))
+                    devices = _devices(jobs)
+                    if devices:
+                        await cur.execute(self._sql_device, _columns(devices, 7))
+
+    def _rows(self, chunk: Sequence[Event]) -> tuple[list[tuple[Any, ...]],
+                                                     list[tuple[Any, ...]]]:
+        """The chunk's rows for events and jobs, each key once (one statement may not touch a
+        row twice): the last event of a key wins, and a completion over a start."""
         events: dict[tuple[str, str], tuple[Any, ...]] = {}
         jobs: dict[tuple[str, str], tuple[bool, tuple[Any, ...]]] = {}
-        for ev in part:
+        for ev in chunk:
             key = event_key(ev)
             events[(ev.server, key)] = self._event_row(ev, key)  # last wins
             row = self._job_row(ev)
@@ -456,14 +479,7 @@ class PostgresSink(Sink):
                 prev = jobs.get((row[0], row[1]))
                 if prev is None or done or not prev[0]:  # a completion is never undone
                     jobs[(row[0], row[1])] = (done, row)
-        async with self._conn.transaction(), self._conn.cursor() as cur:
-            await cur.execute(self._sql_event, _columns(events.values(), 10))
-            if jobs:
-                rows = [r for _, r in jobs.values()]
-                await cur.execute(self._sql_job, _columns(rows, 15))
-                devices = _devices(rows)
-                if devices:
-                    await cur.execute(self._sql_device, _columns(devices, 7))
+        return list(events.values()), [r for _, r in jobs.values()]
 
     @staticmethod
     def _event_row(ev: Event, key: str) -> tuple[Any, ...]:
@@ -524,13 +540,11 @@ def _devices(jobs: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return [(*key, *vals) for key, vals in found.items()]
 
 
-def _columns(rows: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
     """Rows as one list per column (the statements' arrays)."""
-    cols: list[list[Any]] = [[] for _ in range(width)]
-    for row in rows:
-        for col, value in zip(cols, row, strict=True):
-            col.append(value)
-    return cols
+    if not rows:
+        return [[] for _ in range(width)]
+    return [list(col) for col in zip(*rows, strict=True)]
 
 
 def _describe(exc: BaseException) -> str:
