@@ -143,7 +143,8 @@ def _b32_normalize(secret: str) -> str:
 class Malformed:
     """A frame that is not a StreamableEvent. ``reason`` is a bounded label; ``sample`` a short excerpt."""
 
-    #: invalid_json | too_deep | not_object | bad_type | binary | not_utf8 | oversized, and for
+    #: invalid_json | too_deep | not_object | bad_type | duplicate_key | binary | not_utf8 |
+    #: oversized, and for
     #: a valid frame whose processing failed (:func:`frame_error`): bad_unicode | too_deep |
     #: processing_error
     reason: str
@@ -200,6 +201,23 @@ def _slow_loads(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
         return Malformed("too_deep", "nesting too deep", _sample(raw), len(raw))
     except ValueError:
         return Malformed("invalid_json", msg.split(":", 1)[0][:80], _sample(raw), len(raw))
+
+
+def _type_given_twice(raw: bytes) -> bool:
+    """Whether the top-level object gives ``Type`` more than once (the bytes hold ``"Type"``
+    twice somewhere: a nested object's key, a string, or this). The standard library's parser,
+    slow but only for such frames; one it cannot parse (deeper than it recurses) counts as
+    given twice."""
+    outer: list[list[tuple[str, Any]]] = []
+
+    def pairs(found: list[tuple[str, Any]]) -> None:
+        outer[:] = [found]  # objects end inside out: the last one is the top level
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except (RecursionError, ValueError):
+        return True
+    return bool(outer) and sum(1 for key, _ in outer[0] if key == "Type") > 1
 
 
 def _lone_surrogate(doc: Any) -> bool:
@@ -262,6 +280,10 @@ def decode_frame(
         return Malformed("bad_type", "no integer Type field", _sample(raw), len(raw))
     if not _INT64_MIN <= type_ <= _INT64_MAX:  # (the ledger keeps types as 64-bit integers)
         return Malformed("bad_type", "Type beyond 64 bits", _sample(raw), len(raw))
+    if raw.count(b'"Type"') > 1 and _type_given_twice(raw):
+        # the filters read the last Type (as orjson keeps it); a consumer whose parser keeps
+        # the first would see another event than the one routed. No Comet Server writes this.
+        return Malformed("duplicate_key", "Type given twice", _sample(raw), len(raw))
     raw = raw.strip()  # the same object when there is nothing to strip
     if raw.find(10) >= 0 or raw.find(13) >= 0:  # (find: faster than `in` here)
         # Line breaks outside strings are insignificant whitespace in JSON (inside strings they

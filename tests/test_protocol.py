@@ -140,6 +140,10 @@ def test_pretty_printed_event_becomes_one_line() -> None:
     (b'{"Type":true}', "bad_type"),
     (b"\xff\xfe{}", "not_utf8"),
     (b"[" * 5000 + b"]" * 5000, "too_deep"),
+    (b'{"Type":4201,"Data":{},"Type":4103}', "duplicate_key"),
+    (b'{"Type" :4103, "Data":{"Type":1,"Name":"Type"},\n "Type":4201}', "duplicate_key"),
+    # deeper than the standard library parses (orjson does): cannot tell, so not delivered
+    (b'{"Data":' + b"[" * 1010 + b'"Type"' + b"]" * 1010 + b',"Type":4201}', "duplicate_key"),
 ])
 def test_malformed_frames_are_classified(frame: bytes, reason: str) -> None:
     """Anything but a JSON object with an integer Type is Malformed, with a bounded reason."""
@@ -147,6 +151,15 @@ def test_malformed_frames_are_classified(frame: bytes, reason: str) -> None:
     assert isinstance(m, Malformed)
     assert m.reason == reason
     assert len(m.sample) < 80
+
+
+def test_type_given_twice_only_at_the_top_level_is_malformed() -> None:
+    """The word Type elsewhere (a nested key, a string) is not a second Type: the event is
+    delivered byte for byte, routed by its one Type."""
+    raw = (b'{"Type":4102,"Data":{"Sources":{"a":{"Type":"engine1/file","Name":"Type"}},'
+           b'"Note":"\\"Type\\""},"Actor":"x"}')
+    ev = _decode(raw)
+    assert isinstance(ev, Event) and ev.raw == raw and ev.type == 4102
 
 
 def test_job_dedup_key_is_type_and_guid() -> None:

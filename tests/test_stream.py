@@ -172,7 +172,8 @@ async def test_idle_timeout_recycles_the_connection(sim: Simulator, tmp_path: Pa
 
 async def test_malformed_frames_are_skipped_and_the_stream_goes_on(sim: Simulator,
                                                                     tmp_path: Path) -> None:
-    """Invalid JSON, arrays, binary frames, absurd nesting: counted, logged, skipped; same session."""
+    """Invalid JSON, arrays, binary frames, absurd nesting, a Type given twice: counted, logged,
+    skipped; same session."""
     async with running(make_config(sim.url, tmp_path)) as d:
         await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
         sim.emit(b"this is not json")
@@ -180,11 +181,13 @@ async def test_malformed_frames_are_skipped_and_the_stream_goes_on(sim: Simulato
         sim.emit(b'{"NoType":true}')
         sim.emit(b"\x00\x01binary", binary=True)
         sim.emit(b"[" * 3000 + b"]" * 3000)
+        sim.emit(b'{"Type":4201,"Data":{"GUID":"g-twice"},"Type":4103}')  # routed as which?
         good = sim.emit({"Type": 4201, "Data": {"GUID": "g-after", "Status": 5000}})
         await wait_until(lambda: len(d.sink("mem").events) == 2, what="good event")
-        assert d.stats.malformed == 5
+        assert d.stats.malformed == 6
         assert dict(d.stats.malformed_by_reason) == {"invalid_json": 1, "not_object": 1,
-                                                     "bad_type": 1, "binary": 1, "too_deep": 1}
+                                                     "bad_type": 1, "binary": 1, "too_deep": 1,
+                                                     "duplicate_key": 1}
         assert d.sink("mem").events[-1].raw == good
         assert d.daemon.supervisor.sessions == 1 and d.daemon.supervisor.connected
 
