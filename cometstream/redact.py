@@ -76,6 +76,9 @@ _REWRITTEN: Final = re.compile(rb":-?[01.]+e|:-0[:\]]")
 #: 2**64 - 1, and 19 below -2**63; found by mapping every digit to 0 and looking for nineteen of
 #: them (a regex is a hundred times slower)
 _ZERO_DIGITS: Final = bytes.maketrans(b"123456789", b"000000000")
+#: a negative zero integer, or text that looks like one (``"x-0"``: only costs the full check);
+#: not ``-0`` in a GUID (``-0b2c``), nor ``-05``, ``-0.5``, ``-0e1`` (those are floats anyway)
+_NEG_ZERO: Final = re.compile(rb"-0(?![0-9A-Za-z.])")
 _LONG_RUN: Final = b"0" * 19
 #: substrings of every name above: a name with none of them (most names, and ids used as keys)
 #: is judged without the regex
@@ -104,6 +107,8 @@ class Redactor:
         self._secret: set[str] = set()
         #: (lower-cased) what any secret name contains: bytes without any of them hide none
         #: (and the Kelvin sign, the one non-ASCII letter whose lower case is ASCII: "k")
+        #: whether the last walk met a float
+        self._floats = False
         self._byte_needles = tuple({n.encode() for n in _NEEDLES} | {"\u212a".encode()}
                                    | {k.encode("utf-8", "surrogatepass") for k in self.extra})
 
@@ -124,10 +129,13 @@ class Redactor:
                 self._secret.add(key)
         return verdict
 
-    def _walk(self, root: Any) -> bool:
+    def _walk(self, root: Any, skipped: list[Any] | None = None) -> bool:
         """Redact ``root`` in place; True if anything changed. Iterative: the containers still
-        to visit are on a stack, so depth costs memory, never recursion."""
+        to visit are on a stack, so depth costs memory, never recursion. Sets
+        :attr:`_floats` when a container visited holds a float; the containers not walked
+        (:data:`NO_SECRETS`) are added to ``skipped`` when given."""
         changed = False
+        floats = False
         known = self._known
         secret_names = self._secret
         stack = [root]
@@ -149,16 +157,24 @@ class Redactor:
                         changed = True
                 # the types of the values, found in C: most objects hold only scalars
                 kinds = set(map(type, value.values()))
+                if float in kinds:
+                    floats = True
                 if dict in kinds or list in kinds:
                     for k, v in value.items():
-                        if (type(v) is dict or type(v) is list) and k not in NO_SECRETS:
-                            push(v)
+                        if type(v) is dict or type(v) is list:
+                            if k not in NO_SECRETS:
+                                push(v)
+                            elif skipped is not None:
+                                skipped.append(v)
             elif type(value) is list:
                 kinds = set(map(type, value))
+                if float in kinds:
+                    floats = True
                 if dict in kinds or list in kinds:
                     for v in value:
                         if type(v) is dict or type(v) is list:
                             push(v)
+        self._floats = floats
         return changed
 
     def apply(self, ev: Event) -> Event:
@@ -172,6 +188,7 @@ class Redactor:
             return ev
         doc = ev.doc
         data = doc.get("Data")
+        skipped: list[Any] = []  # what the walk did not visit (NO_SECRETS)
         if type(data) is not dict and type(data) is not list:
             # nothing to walk; but a hidden first "Data" may hold what this one does not
             raw = ev.raw
@@ -179,11 +196,12 @@ class Redactor:
                 return ev
             if not _duplicate_keys(raw):
                 return ev
-        elif not self._walk(data) and not self._hides_something(ev.raw):
+        elif not self._walk(data, skipped) and not self._hides_something(ev.raw):
             return ev
         try:
             out = orjson.dumps(doc)
-            inexact = rewrites_numbers(ev.raw, out)
+            inexact = self._may_rewrite(doc, data, skipped, ev.raw) and \
+                rewrites_numbers(ev.raw, out)
         except TypeError:  # integers beyond a double (the stdlib parsed this frame, exactly),
             inexact = True  # a lone surrogate, or nesting deeper than orjson writes
         if inexact:
@@ -192,6 +210,20 @@ class Redactor:
         ev.raw = out
         self.redacted_events += 1
         return ev
+
+    def _may_rewrite(self, doc: dict[str, Any], data: Any, skipped: list[Any],
+                     raw: bytes) -> bool:
+        """Whether orjson's encoding of ``doc`` may have changed a number's text, told from
+        the parsed document, cheaply: a number with an exponent and an integer beyond 64 bits
+        were read as floats, so with no float anywhere only a negative zero integer (``-0``,
+        read as ``0``) is left, which the bytes show. Otherwise :func:`rewrites_numbers`
+        decides. (``data`` was just walked: :attr:`_floats` is its answer.)"""
+        if type(data) is not dict and type(data) is not list:
+            return True  # (not walked: let the bytes decide)
+        if self._floats or _has_float([v for k, v in doc.items() if k != "Data"]) or \
+                _has_float(skipped):
+            return True
+        return _NEG_ZERO.search(raw) is not None
 
     def _exact(self, raw: bytes) -> bytes:
         """``raw`` redacted from an exact parse: every number as the very text it came as
@@ -252,6 +284,20 @@ def rewrites_numbers(raw: bytes, out: bytes) -> bool:
             and raw.translate(_ZERO_DIGITS).find(_LONG_RUN) >= 0):
         return True
     return _REWRITTEN.search(raw.translate(_SHAPES, _BLANK)) is not None
+
+
+def _has_float(values: list[Any]) -> bool:
+    """Whether a float is among ``values`` or anywhere inside them (iterative)."""
+    stack: list[Any] = [values]
+    while stack:
+        container = stack.pop()
+        items = container.values() if type(container) is dict else container
+        kinds = set(map(type, items))
+        if float in kinds:
+            return True
+        if dict in kinds or list in kinds:
+            stack.extend(v for v in items if type(v) is dict or type(v) is list)
+    return False
 
 
 def _mentions_secret(lowered: str) -> bool:

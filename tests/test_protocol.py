@@ -214,6 +214,24 @@ def test_redaction_keeps_every_number_as_it_came() -> None:
         json.loads(out, parse_constant=lambda name, out=out: pytest.fail(f"{name} in {out!r}"))
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"Type":4102,"Data":{"PasswordHash":"S","GUID":"78e51061-0b2c","Z":-0}}',
+    b'{"Type":4102,"Data":{"PasswordHash":"S","L":[1,-0]}}',
+    b'{"Type":4102,"Data":{"PasswordHash":"S"},"Extra":{"N":1E5}}',
+    b'{"Type":4102,"Data":{"PasswordHash":"S"},"N":18446744073709551616}',
+])
+def test_redaction_finds_a_rewritten_number_wherever_it_is(raw: bytes) -> None:
+    """Without any other float, a negative zero integer; a float outside Data (which the
+    redactor does not walk): each kept as it came."""
+    from cometstream.redact import Redactor
+
+    ev = decode_frame(raw, received_at=0.0, server="s")
+    r = Redactor()
+    r.apply(ev)  # type: ignore[arg-type]
+    assert ev.raw == raw.replace(b'"S"', b'"[REDACTED]"')  # type: ignore[union-attr]
+    assert r.exact_events == 1
+
+
 def test_redaction_keeps_a_big_integer_inside_statistics_which_are_not_walked() -> None:
     from cometstream.redact import NO_SECRETS, Redactor
 
