@@ -29,7 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -85,20 +86,31 @@ def _timed(sink: Any, latencies: list[float]) -> None:
     sink.send = timed_send
 
 
-async def burst(tmp: Path, pg: Any, pwfile: Path, n: int) -> dict[str, Any]:
+@asynccontextmanager
+async def _running(run: Path, pg: Any, pwfile: Path, seed: int,
+                   queue_limit: int = 10_000) -> AsyncIterator[tuple[Any, Any]]:
+    """The simulator and the daemon, settled (the baseline sync done, the queues empty)."""
     from cometstream.simulator import Simulator
 
-    # (the whole burst fits in the simulator's queue for one client: a drop is not measured)
-    sim = Simulator(username=USER, password=PASSWORD, rate=0.0, seed=7, record=False,
-                    queue_limit=n + 1000)
+    sim = Simulator(username=USER, password=PASSWORD, rate=0.0, seed=seed, record=False,
+                    queue_limit=queue_limit)
     await sim.start()
-    run = tmp / "burst"
     run.mkdir()
     d = await _daemon(run, sim.url, pg.dsn, pwfile)
     stop = asyncio.Event()
     task = asyncio.create_task(d.run(stop))
     try:
         await _settled(d)
+        yield sim, d
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        await sim.stop()
+
+
+async def burst(tmp: Path, pg: Any, pwfile: Path, n: int) -> dict[str, Any]:
+    # (the whole burst fits in the simulator's queue for one client: a drop is not measured)
+    async with _running(tmp / "burst", pg, pwfile, seed=7, queue_limit=n + 1000) as (sim, d):
         pgs, file = d.metrics.sinks["pg"], d.metrics.sinks["file"]
         base_pg, base_file = pgs.delivered, file.delivered
         world = sim.world
@@ -118,10 +130,6 @@ async def burst(tmp: Path, pg: Any, pwfile: Path, n: int) -> dict[str, Any]:
         while not file_done and file.delivered - base_file < n:
             await asyncio.sleep(0.005)
         file_done = file_done or time.perf_counter() - t0
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-        await sim.stop()
     jobs = pg.query("SELECT count(*) FROM cometstream_jobs WHERE end_time IS NOT NULL")[0][0]
     completions = pg.query("SELECT count(*) FROM cometstream_events WHERE type = 4201")[0][0]
     return {"seconds": elapsed, "rate": n / elapsed, "file_seconds": file_done,
@@ -129,18 +137,8 @@ async def burst(tmp: Path, pg: Any, pwfile: Path, n: int) -> dict[str, Any]:
 
 
 async def paced(tmp: Path, pg: Any, pwfile: Path, n: int, rate: float) -> list[float]:
-    from cometstream.simulator import Simulator
-
-    sim = Simulator(username=USER, password=PASSWORD, rate=0.0, seed=8, record=False)
-    await sim.start()
-    run = tmp / "paced"
-    run.mkdir()
-    d = await _daemon(run, sim.url, pg.dsn, pwfile)
-    stop = asyncio.Event()
-    task = asyncio.create_task(d.run(stop))
     latencies: list[float] = []
-    try:
-        await _settled(d)
+    async with _running(tmp / "paced", pg, pwfile, seed=8) as (sim, d):
         _timed(d.sinks["pg"], latencies)
         world = sim.world
         pgs = d.metrics.sinks["pg"]
@@ -156,10 +154,6 @@ async def paced(tmp: Path, pg: Any, pwfile: Path, n: int, rate: float) -> list[f
                 await asyncio.sleep(delay)
         while pgs.delivered - base < n:
             await asyncio.sleep(0.005)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 60)
-        await sim.stop()
     return latencies[-n:]
 
 
