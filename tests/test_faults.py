@@ -156,6 +156,10 @@ class DaemonProcess:
         last_ready = len(events) - 1 - events[::-1].index("stream ready")
         return "resync done" in events[last_ready + 1:]
 
+    def report(self) -> None:
+        """For a test that failed: the end of the current run's log, on stderr."""
+        print(f"\n--- daemon log (run {self.runs}) ---\n{self.tail(60)}", file=sys.stderr)
+
     def tail(self, n: int = 30) -> str:
         if not self.log_path.exists():
             return ""
@@ -388,7 +392,7 @@ types = ["SEVT_JOB_COMPLETED"]
             rc = await daemon.terminate()
             assert rc == 0, daemon.tail()
         except BaseException:
-            print(f"\n--- daemon log (run {daemon.runs}) ---\n{daemon.tail(60)}", file=sys.stderr)
+            daemon.report()
             raise
         finally:
             sim.faults.silent = sim.faults.reject_logins = False
@@ -520,7 +524,7 @@ types = ["SEVT_JOB_COMPLETED"]
             rc = await daemon.terminate()
             assert rc == 0, daemon.tail()
         except BaseException:
-            print(f"\n--- daemon log (run {daemon.runs}) ---\n{daemon.tail(60)}", file=sys.stderr)
+            daemon.report()
             raise
         finally:
             await daemon.close()

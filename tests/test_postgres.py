@@ -558,7 +558,7 @@ async def test_jobs_through_a_database_restart_and_a_sigkill_are_each_once(
                              what="every completion in the database")
             assert await daemon.terminate() == 0, daemon.tail()
         except BaseException:
-            print(f"\n--- daemon log (run {daemon.runs}) ---\n{daemon.tail(60)}")
+            daemon.report()
             raise
         finally:
             await daemon.close()

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import sqlite3
-import sys
 import tempfile
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -140,7 +139,7 @@ async def _setup(tmp_path: Path, sinks: str) -> AsyncIterator[tuple[Simulator, N
             jobs.start()
             yield sim, daemon, jobs
         except BaseException:
-            print(f"\n--- daemon log ---\n{daemon.tail(60)}", file=sys.stderr)
+            daemon.report()
             raise
         finally:
             await jobs.stop()
@@ -171,6 +170,22 @@ async def _all_in(jobs: Completions, *paths: Path) -> None:
 
 
 @pytest.mark.timeout(90)
+async def _reloaded(d: Any) -> None:
+    """Until the reload the last SIGHUP started has ended."""
+    task = d.reloader.task
+    assert task is not None
+    await task
+
+
+async def _reload_past_a_send(d: Any, route: Any, held: Any) -> None:
+    """SIGHUP while ``held`` (a memory sink) keeps a send in flight: the reload waits for that
+    send, which is then let go; returns once the reload has ended."""
+    d.hangup()
+    await wait_until(lambda: route.retiring, what="the reload waiting for the send")
+    held.hang.set()
+    await _reloaded(d)
+
+
 async def test_adding_and_changing_sinks_keeps_one_login_and_every_completion_once(
         tmp_path: Path) -> None:
     """Three reloads under a steady stream of job completions (a sink added, the file sink
@@ -364,9 +379,7 @@ async def test_signals_during_a_reload_make_one_more(tmp_path: Path, sim: Simula
         d.hangup()
         d.hangup()
         sink.hang.set()
-        task = d.reloader.task
-        assert task is not None
-        await task
+        await _reloaded(d)
         assert d.metrics.reloads == {"success": 2, "failure": 0}
         assert d.sinks["mem"] is not sink
         assert sink.events and sink.closed  # (its send in flight ended before the swap)
@@ -392,12 +405,7 @@ async def test_a_changed_sink_gets_what_its_old_instance_had_not_taken(
         queued = [ev.raw for ev in route.queue]
         conf.write_text(conf.read_text().replace('type = "memory"',
                                                  'type = "memory"\ndelay = 0.001'))
-        d.hangup()
-        await wait_until(lambda: route.retiring, what="the reload waiting for the send")
-        old.hang.set()
-        task = d.reloader.task
-        assert task is not None
-        await task
+        await _reload_past_a_send(d, route, old)
         new = rd.sink("mem")
         assert new is not old
         await wait_until(lambda: len(new.events) >= len(queued), what="the queue delivered")
@@ -469,9 +477,7 @@ async def test_a_sighup_before_the_start_is_done_reloads_after_it(
             conf.write_text(conf.read_text() + '[sinks.other]\ntype = "memory"\n')
             d.hangup()  # (run() has not started yet)
             assert not d.reloader.started.is_set()
-            task = d.reloader.task
-            assert task is not None
-            await task
+            await _reloaded(d)
             assert [r.name for r in d.pipeline.routes] == ["mem", "other"]
             assert d.metrics.reloads == {"success": 1, "failure": 0}
             sent = [m.split("\n")[0] for m in notify.read() if not m.startswith("STATUS=")]
@@ -509,12 +515,7 @@ async def test_a_read_loop_blocked_on_a_full_queue_goes_on_after_a_swap(
         await wait_until(lambda: len(route.queue) > route.maxlen, what="the read loop waiting")
         conf.write_text(conf.read_text().replace(
             'when_full = "block"', 'when_full = "block"\ntypes = ["SEVT_JOB_COMPLETED"]'))
-        d.hangup()
-        await wait_until(lambda: route.retiring, what="the reload waiting for the send")
-        old.hang.set()
-        task = d.reloader.task
-        assert task is not None
-        await task
+        await _reload_past_a_send(d, route, old)
         new = rd.sink("mem")
         for _ in range(3):
             complete()
