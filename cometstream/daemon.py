@@ -54,7 +54,7 @@ from .preflight import dir_problem
 from .redact import Redactor
 from .reload import Reloader
 from .resync import Resyncer, ResyncResult
-from .sinks import Sink, build_sink
+from .sinks import Sink, build_sink, log_warnings
 from .store import StateLock
 from .store.state import StateDiff
 from .stream import Supervisor, make_ssl_context
@@ -497,8 +497,7 @@ class Daemon:
                  sinks=[f"{sc.name}:{sc.type}" for sc in cfg.sinks],
                  resync=cfg.resync.enabled, state=str(self.ledger.path))
         for name, sink in self.sinks.items():
-            for warning in sink.warnings():
-                log.warning("sink setting to review", sink=name, warning=warning)
+            log_warnings(name, sink)
         self.pipeline.start()
         await self.tap.start()
         self._stream_task = asyncio.create_task(self.supervisor.run(), name="supervisor")

@@ -107,8 +107,6 @@ class Redactor:
         self._secret: set[str] = set()
         #: (lower-cased) what any secret name contains: bytes without any of them hide none
         #: (and the Kelvin sign, the one non-ASCII letter whose lower case is ASCII: "k")
-        #: whether the last walk met a float
-        self._floats = False
         self._byte_needles = tuple({n.encode() for n in _NEEDLES} | {"\u212a".encode()}
                                    | {k.encode("utf-8", "surrogatepass") for k in self.extra})
 
@@ -129,13 +127,14 @@ class Redactor:
                 self._secret.add(key)
         return verdict
 
-    def _walk(self, root: Any, skipped: list[Any] | None = None) -> bool:
+    def _walk(self, root: Any, unchecked: list[Any] | None = None) -> bool:
         """Redact ``root`` in place; True if anything changed. Iterative: the containers still
-        to visit are on a stack, so depth costs memory, never recursion. Sets
-        :attr:`_floats` when a container visited holds a float; the containers not walked
-        (:data:`NO_SECRETS`) are added to ``skipped`` when given."""
+        to visit are on a stack, so depth costs memory, never recursion.
+
+        ``unchecked``, when given, gets what a search for floats must still look at (see
+        :meth:`_may_rewrite`): the containers not walked (:data:`NO_SECRETS`), and a container
+        the walk found holding a float (the search stops at it at once)."""
         changed = False
-        floats = False
         known = self._known
         secret_names = self._secret
         stack = [root]
@@ -157,24 +156,23 @@ class Redactor:
                         changed = True
                 # the types of the values, found in C: most objects hold only scalars
                 kinds = set(map(type, value.values()))
-                if float in kinds:
-                    floats = True
+                if float in kinds and unchecked is not None:
+                    unchecked.append(value)
                 if dict in kinds or list in kinds:
                     for k, v in value.items():
                         if type(v) is dict or type(v) is list:
                             if k not in NO_SECRETS:
                                 push(v)
-                            elif skipped is not None:
-                                skipped.append(v)
+                            elif unchecked is not None:
+                                unchecked.append(v)
             elif type(value) is list:
                 kinds = set(map(type, value))
-                if float in kinds:
-                    floats = True
+                if float in kinds and unchecked is not None:
+                    unchecked.append(value)
                 if dict in kinds or list in kinds:
                     for v in value:
                         if type(v) is dict or type(v) is list:
                             push(v)
-        self._floats = floats
         return changed
 
     def apply(self, ev: Event) -> Event:
@@ -188,7 +186,7 @@ class Redactor:
             return ev
         doc = ev.doc
         data = doc.get("Data")
-        skipped: list[Any] = []  # what the walk did not visit (NO_SECRETS)
+        unchecked: list[Any] = []  # for the float search (the walk fills it)
         if type(data) is not dict and type(data) is not list:
             # nothing to walk; but a hidden first "Data" may hold what this one does not
             raw = ev.raw
@@ -196,11 +194,11 @@ class Redactor:
                 return ev
             if not _duplicate_keys(raw):
                 return ev
-        elif not self._walk(data, skipped) and not self._hides_something(ev.raw):
+        elif not self._walk(data, unchecked) and not self._hides_something(ev.raw):
             return ev
         try:
             out = orjson.dumps(doc)
-            inexact = self._may_rewrite(doc, data, skipped, ev.raw) and \
+            inexact = self._may_rewrite(doc, data, unchecked, ev.raw) and \
                 rewrites_numbers(ev.raw, out)
         except TypeError:  # integers beyond a double (the stdlib parsed this frame, exactly),
             inexact = True  # a lone surrogate, or nesting deeper than orjson writes
@@ -211,17 +209,16 @@ class Redactor:
         self.redacted_events += 1
         return ev
 
-    def _may_rewrite(self, doc: dict[str, Any], data: Any, skipped: list[Any],
-                     raw: bytes) -> bool:
+    @staticmethod
+    def _may_rewrite(doc: dict[str, Any], data: Any, unchecked: list[Any], raw: bytes) -> bool:
         """Whether orjson's encoding of ``doc`` may have changed a number's text, told from
         the parsed document, cheaply: a number with an exponent and an integer beyond 64 bits
         were read as floats, so with no float anywhere only a negative zero integer (``-0``,
         read as ``0``) is left, which the bytes show. Otherwise :func:`rewrites_numbers`
-        decides. (``data`` was just walked: :attr:`_floats` is its answer.)"""
+        decides. ``unchecked``: what the walk of ``data`` left to look at."""
         if type(data) is not dict and type(data) is not list:
             return True  # (not walked: let the bytes decide)
-        if self._floats or _has_float([v for k, v in doc.items() if k != "Data"]) or \
-                _has_float(skipped):
+        if _has_float(unchecked) or _has_float([v for k, v in doc.items() if k != "Data"]):
             return True
         return _NEG_ZERO.search(raw) is not None
 

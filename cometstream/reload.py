@@ -186,13 +186,11 @@ class Reloader:
                 sinks[sc.name] = build_sink(sc)
             except ConfigError as exc:
                 problems.append(exc)
-            else:
-                for warning in sinks[sc.name].warnings():
-                    log.warning("sink setting to review", sink=sc.name, warning=warning)
         return problems, new, plan, sinks
 
     async def _apply(self, new: Config, plan: ReloadPlan, sinks: dict[str, Sink]) -> None:
         from .observe.logging import configure_logging, register_secret
+        from .sinks import log_warnings
 
         d = self._daemon
         register_secret(*new.server.secret_values())
@@ -209,10 +207,12 @@ class Reloader:
             await pipeline.replace_route(sc, sinks[sc.name], timeout, d.ledger.checkpoint)
             d.sinks[sc.name] = sinks[sc.name]
             log.info("sink reopened with its new settings", sink=sc.name)
+            log_warnings(sc.name, sinks[sc.name])
         for sc in plan.added:
             pipeline.add_route(sc, sinks[sc.name])
             d.sinks[sc.name] = sinks[sc.name]
             log.info("sink added", sink=sc.name, type=sc.type)
+            log_warnings(sc.name, sinks[sc.name])
         d.cfg = new
         d.routes_changed()
         if plan.reconnect:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Final
 
+import structlog
+
 from ..errors import ConfigError
 from .base import Sink
 
@@ -17,7 +19,9 @@ if TYPE_CHECKING:
     from ..config import SinkConfig
 
 __all__ = ["ENTRY_POINT_GROUP", "Sink", "available_sink_types", "build_sink",
-           "resolve_sink_class"]
+           "log_warnings", "resolve_sink_class"]
+
+log = structlog.get_logger("cometstream.sinks")
 
 ENTRY_POINT_GROUP: Final = "cometstream.sinks"
 _BUILTINS: Final = {
@@ -73,3 +77,10 @@ def build_sink(cfg: SinkConfig) -> Sink:
     I/O): for the daemon, a reload, ``backfill`` and ``dlq replay`` alike."""
     cls = resolve_sink_class(cfg.type, key=f"sinks.{cfg.name}.type")
     return cls.from_config(cfg.name, cfg.section())
+
+
+def log_warnings(name: str, sink: Sink) -> None:
+    """What :meth:`Sink.warnings` says, logged as the sink starts: at ``run``'s start, and for
+    a sink a reload adds or changes (``check`` prints the same lines)."""
+    for warning in sink.warnings():
+        log.warning("sink setting to review", sink=name, warning=warning)
