@@ -314,18 +314,21 @@ _SECRET_WORDS: Final = {"password": "the password", "totp_secret": "the base32 T
                         "session_key": "the session key"}
 
 
-def read_credential(sect: Section, credential: str) -> Secret | None:
+def read_credential(sect: Section, credential: str, *, option: str) -> Secret | None:
     """A sink's systemd credential ``credential`` ($CREDENTIALS_DIRECTORY/NAME, as a unit's
     ``LoadCredential[Encrypted]=`` gives it), or None when none is loaded or while a tool that
-    needs no secrets reads the config."""
+    needs no secrets reads the config. One that cannot be read is reported under ``option``
+    (the key that would set the secret instead)."""
     if not secret_files_wanted():
         return None
-    return _credential(sect, credential, os.environ)
+    return _credential(sect, credential, os.environ, option=option)
 
 
-def _credential(sect: Section, key: str, env: Mapping[str, str]) -> Secret | None:
+def _credential(sect: Section, key: str, env: Mapping[str, str], *,
+                option: str | None = None) -> Secret | None:
     """The systemd credential ``key`` ($CREDENTIALS_DIRECTORY/KEY), or None when none is loaded
-    (no such directory, no such file). One that is there but cannot be read is an error."""
+    (no such directory, no such file). One that is there but cannot be read is an error, under
+    ``option`` (default: ``key``, as the server's secrets are named)."""
     cred_dir = env.get("CREDENTIALS_DIRECTORY")
     if not cred_dir:
         return None
@@ -336,9 +339,9 @@ def _credential(sect: Section, key: str, env: Mapping[str, str]) -> Secret | Non
     except FileNotFoundError:
         return None
     except OSError as exc:
-        raise sect.error(key, f"cannot read {where}: {exc.strerror or exc}") from None
+        raise sect.error(option or key, f"cannot read {where}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise sect.error(key, f"{where} is not UTF-8 text: encrypt "
+        raise sect.error(option or key, f"{where} is not UTF-8 text: encrypt "
                          f"{_SECRET_WORDS.get(key, 'it')} again (docs/operations.md)") from None
     return Secret(_without_final_newline(text), "credential", where)
 

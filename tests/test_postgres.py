@@ -485,6 +485,11 @@ async def test_the_password_can_come_from_the_units_credential(
     sink = PostgresSink.from_config("pg", Section(dict(opts), "sinks.pg"))
     await sink.open()
     await sink.aclose()
+    (creds / "pg.password").write_bytes(b"\xff\xfe not text")  # one line, naming the key
+    with pytest.raises(ConfigError) as bad:
+        PostgresSink.from_config("pg", Section(dict(opts), "sinks.pg"))
+    assert str(bad.value).startswith('sinks.pg.password_file: the systemd credential "pg.password"')
+    assert "not UTF-8 text" in str(bad.value)
     monkeypatch.delenv("CREDENTIALS_DIRECTORY")
     without = PostgresSink.from_config("pg", Section(dict(opts), "sinks.pg"))
     with pytest.raises(SinkError) as err:

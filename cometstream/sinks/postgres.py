@@ -272,7 +272,7 @@ class PostgresSink(Sink):
 
         secret = read_secret_file(options, "password_file")
         if secret is None:  # a unit's LoadCredentialEncrypted=NAME.password:...
-            secret = read_credential(options, f"{name}.password")
+            secret = read_credential(options, f"{name}.password", option="password_file")
         options.done()
         return cls(name, dsn=dsn, password=secret.reveal() if secret is not None else None,
                    schema=schema, table_prefix=prefix, batch=batch, connect_timeout=timeout)
