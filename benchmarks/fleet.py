@@ -10,8 +10,9 @@ state from them as the daemon does (the answers freed afterwards: what stays is 
 Printed: the seed's time (parsing the answers and building the state), the state's memory,
 a scrape's time (rendering the exposition from memory, the median of ``--scrapes``) with the
 default labels (the exporter's) and with ``name_labels = false``, the same scrape through the
-daemon's HTTP endpoint on 127.0.0.1 (plain and gzip), the exposition's size,
-and the cost of applying one job completion. Nothing is asserted.
+daemon's HTTP endpoint on 127.0.0.1 (gzip and plain, each the first time and then with a few
+or many job completions since), the exposition's size, and the cost of applying one job
+completion. Nothing is asserted.
 """
 
 from __future__ import annotations
@@ -130,28 +131,37 @@ def _completion(user: Any, at: int) -> dict[str, Any]:
 async def http_scrape(model: Model, repeat: int) -> dict[str, Any]:
     """Median wall time of GET /metrics through the daemon's HTTP server, as a scraper in
     another process sees it (curl; without it, a client in this process, which then competes
-    with the server for the one thread): plain; gzip the first time (everything compressed);
-    gzip again after 5 job completions of random users (a quiet interval between scrapes) and
-    after 250 (a burst: many blocks of users changed); then the warm-up a seed is followed by
-    (the whole text compressed ahead) and the first gzip scrape after it."""
+    with the server for the one thread): gzip the first time (everything compressed); gzip
+    again after 5 job completions of random users (a quiet interval between scrapes) and after
+    250 (a burst: many blocks of users changed); the same three for plain scrapes (the first
+    renders the whole text, which is then kept while plain scrapes come); then the warm-up a
+    seed is followed by (the whole text compressed ahead) and the first gzip scrape after
+    it."""
     import shutil
 
     import aiohttp
     from prometheus_client import CollectorRegistry
 
-    from cometstream.fleet.render import GzipCache, edges
+    from cometstream.fleet.render import BlockCache, edges
     from cometstream.observe.http import HttpServer
 
-    cache = GzipCache()
+    cache = BlockCache()
+    lock = asyncio.Lock()  # (as the daemon's: one scrape at a time uses the cache)
 
     async def gzipped(prefix: bytes) -> bytes:
-        head, tail = edges(model, NOW, ())
-        body = await cache.update(model, prefix + head, tail)
+        async with lock:
+            head, tail = edges(model, NOW, ())
+            body = await cache.update(model, prefix + head, tail)
         assert body is not None
         return body
 
+    async def plain() -> list[bytes]:
+        async with lock:
+            head, tail = edges(model, NOW, ())
+            return cache.plain(model, head, tail)
+
     server = HttpServer(CollectorRegistry(), list, host="127.0.0.1", port=0,
-                        extra=lambda: render(model, NOW), extra_gzip=gzipped)
+                        extra=plain, extra_gzip=gzipped)
     await server.start()
     curl = shutil.which("curl")
     rng = random.Random(3)
@@ -175,18 +185,19 @@ async def http_scrape(model: Model, repeat: int) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     try:
-        out["plain"] = statistics.median([(await fetch("identity"))[0] for _ in range(repeat)])
-        out["gzip_first"], out["gzip_size"] = await fetch("gzip")
-        for label, k in (("gzip_quiet", 5), ("gzip_burst", 250)):
-            taken = []
-            for _ in range(repeat):
-                at += 120
-                for user in rng.sample(users, min(k, len(users))):
-                    model.job_completed(_completion(user, at))
-                taken.append((await fetch("gzip"))[0])
-            out[label] = statistics.median(taken)
+        for enc in ("gzip", "identity"):
+            out[f"{enc}_first"], out[f"{enc}_size"] = await fetch(enc)
+            for label, k in (("quiet", 5), ("burst", 250)):
+                taken = []
+                for _ in range(repeat):
+                    at += 120
+                    for user in rng.sample(users, min(k, len(users))):
+                        model.job_completed(_completion(user, at))
+                    taken.append((await fetch(enc))[0])
+                out[f"{enc}_{label}"] = statistics.median(taken)
+        out["kept_text"] = sum(len(t) for block in cache._texts or () if block for t in block)
         # after a (re)seed the daemon compresses the new model's text ahead, on a thread
-        cache = GzipCache()
+        cache = BlockCache()
         t0 = time.perf_counter()
         await cache.update(model)
         out["warm"] = time.perf_counter() - t0
@@ -246,12 +257,14 @@ def main() -> int:
               f"{statistics.median(times) * 1e3:>11.0f}{p90 * 1e3:>8.0f}{series:>10,}"
               f"{size / 1e6:>9.1f}{per_event * 1e6:>10.2f}")
     print("\nscrapes through the HTTP endpoint (curl in another process), ms:")
-    print(f"{'labels':<18}{'plain':>8}{'gzip, first':>13}{'gzip MB':>9}"
-          f"{'gzip, 5 jobs since':>20}{'gzip, 250 jobs since':>22}")
+    print(f"{'labels':<18}{'encoding':>9}{'first':>7}{'MB':>7}{'5 jobs since':>14}"
+          f"{'250 jobs since':>16}")
     for label, *_rest, http, _per_event in rows:
-        print(f"{label:<18}{http['plain'] * 1e3:>8.0f}{http['gzip_first'] * 1e3:>13.0f}"
-              f"{http['gzip_size'] / 1e6:>9.1f}{http['gzip_quiet'] * 1e3:>20.0f}"
-              f"{http['gzip_burst'] * 1e3:>22.0f}")
+        for enc in ("gzip", "identity"):
+            print(f"{label:<18}{enc:>9}{http[f'{enc}_first'] * 1e3:>7.0f}"
+                  f"{http[f'{enc}_size'] / 1e6:>7.1f}{http[f'{enc}_quiet'] * 1e3:>14.0f}"
+                  f"{http[f'{enc}_burst'] * 1e3:>16.0f}")
+        print(f"{'':<18}{'(text kept for plain scrapes: '}{http['kept_text'] / 1e6:.1f} MB)")
     print("\nafter a seed, the text compressed ahead on a thread, ms:")
     print(f"{'labels':<18}{'warm-up':>8}{'gzip, first after':>19}")
     for label, *_rest, http, _per_event in rows:

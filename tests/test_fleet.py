@@ -28,7 +28,7 @@ from cometstream.daemon import Daemon
 from cometstream.errors import ConfigError
 from cometstream.fleet import Model
 from cometstream.fleet.model import block_of
-from cometstream.fleet.render import render
+from cometstream.fleet.render import BlockCache, edges, render
 from cometstream.simulator import Simulator
 
 from .conftest import PASSWORD, USER, make_config, wait_until
@@ -522,6 +522,73 @@ def test_a_lone_surrogate_in_a_name_does_not_break_the_scrape() -> None:
                      "device_name": ""}]
 
 
+def _small_fleet(users: int) -> Model:
+    model = Model(max_series=10**6)
+    model.version = "25.9.6"
+    for u in range(users):
+        model.put_user(f"user{u}", {
+            "Sources": {f"s{u}-{i}": {"Description": f"item {i}", "Engine": "engine1/file",
+                                      "OwnerDevice": f"d{u}"} for i in range(2)},
+            "Devices": {f"d{u}": {"FriendlyName": f"PC {u}", "ClientVersion": "25.9.6"}},
+            "Destinations": {f"v{u}": {"Description": "vault", "StorageLimitEnabled": True,
+                                       "StorageLimitBytes": 10**12}}})
+    return model
+
+
+def _done(user: str, item: str, at: int, status: int = 5000) -> dict[str, Any]:
+    return {"GUID": f"{user}-{at}", "Username": user, "SourceGUID": item, "Status": status,
+            "StartTime": at - 60, "EndTime": at, "TotalFiles": 3, "TotalSize": 4,
+            "UploadSize": 5, "DownloadSize": 6}
+
+
+async def test_what_scrapes_keep_between_them_follows_every_change() -> None:
+    """The blocks kept between scrapes (compressed, and as text while plain scrapes come)
+    give, after each kind of change, exactly the text a full render gives; the text is let
+    go once no plain scrape has come for keep_text seconds, and taken up again by the next."""
+    now = [0.0]
+    cache = BlockCache(keep_text=600, clock=lambda: now[0])
+    model = _small_fleet(80)
+
+    def plain() -> bytes:
+        return b"".join(cache.plain(model, *edges(model, T0, ())))
+
+    async def gzipped() -> bytes:
+        head, tail = edges(model, T0, ())
+        body = await cache.update(model, head, tail)
+        assert body is not None
+        return zlib.decompress(body, 31)
+
+    def lines(text: bytes) -> list[bytes]:  # (the blocks order users by block, not by name)
+        return sorted(text.splitlines())
+
+    async def both_right() -> None:
+        text = plain()
+        assert lines(text) == lines(render(model, T0))
+        assert await gzipped() == text
+
+    assert lines(await gzipped()) == lines(render(model, T0))
+    assert not cache.keeps_text
+    await both_right()
+    assert cache.keeps_text
+    model.job_completed(_done("user3", "s3-0", T0 - 100))  # one block changed
+    await both_right()
+    model.job_completed(_done("user5", "s5-1", T0 - 50, status=7001))  # gzip first, then plain
+    assert lines(await gzipped()) == lines(render(model, T0))
+    assert lines(plain()) == lines(render(model, T0))
+    model.put_user("newcomer", {"Devices": {"dn": {"FriendlyName": "new"}}})
+    model.remove_user("user7")
+    model.connect("user9", "d9", "25.9.6")
+    await both_right()
+    now[0] += 601  # no plain scrape for longer than keep_text
+    assert lines(await gzipped()) == lines(render(model, T0))
+    assert not cache.keeps_text
+    model.job_completed(_done("user11", "s11-0", T0 - 10))
+    await both_right()
+    assert cache.keeps_text
+    model = _small_fleet(40)  # a new seed's model: nothing kept is used
+    await both_right()
+
+
 async def test_seeds_again_every_reseed_interval(fsim: Simulator, tmp_path: Path,
                                                  clock: Clock) -> None:
     """While connected the fleet is read again every reseed_interval: a change no event told
@@ -875,8 +942,9 @@ async def test_a_fresh_seed_is_compressed_before_the_first_gzip_scrape(
         warm = d.fleet._warm_task
         assert warm is not None
         await asyncio.wait_for(warm, 30)
-        cache = d.fleet._gzip
+        cache = d.fleet._cache
         assert all(block is not None for block in cache._blocks)
+        assert not cache.keeps_text  # (no plain scrape came: no text kept)
         assert cache.texts(d.fleet.model) == {}  # nothing left for the scrape to compress
 
 

@@ -214,3 +214,45 @@ async def test_lag_metrics_are_exported_with_either_buffer(sim: Simulator,
         samples = await _scrape(port)
         assert _v(samples, "cometstream_sink_lag_events", sink="mem") == 0
         assert _v(samples, "cometstream_sink_lag_seconds", sink="mem") == 0
+
+
+async def test_a_long_extra_text_arrives_whole_in_pieces() -> None:
+    """The extra text (the fleet's: a hundred MB at 10,000 users) is written in pieces, large
+    parts sliced and small ones joined: the body is the registry's text then every part, byte
+    for byte, of the announced length; HEAD announces it and sends nothing; gzip decodes to
+    the same."""
+    from prometheus_client import CollectorRegistry, Counter
+
+    from cometstream.observe.http import HttpServer
+
+    registry = CollectorRegistry()
+    Counter("cometstream_test_total", "a series of ours", registry=registry).inc()
+    big = bytes(range(256)) * (3 * 4096 + 17)  # 3 MiB and a bit: sliced
+    small = [b"x_%d 1\n" % i for i in range(200_000)]  # 2 MB in small parts: joined
+    parts = [b"# head\n", big, b"", *small, big[:1000], b"# tail\n"]
+
+    async def extra() -> list[bytes]:
+        return parts
+
+    server = HttpServer(registry, list, host="127.0.0.1", port=0, extra=extra)
+    await server.start()
+    try:
+        async with aiohttp.ClientSession(auto_decompress=False) as http:
+            async with http.get(server.url + "/metrics",
+                                headers={"Accept-Encoding": "identity"}) as r:
+                body = await r.read()
+                length = int(r.headers["Content-Length"])
+            async with http.head(server.url + "/metrics",
+                                 headers={"Accept-Encoding": "identity"}) as h:
+                assert await h.read() == b""
+                assert int(h.headers["Content-Length"]) == length
+            async with http.get(server.url + "/metrics",
+                                headers={"Accept-Encoding": "gzip"}) as g:
+                zipped = gzip.decompress(await g.read())
+    finally:
+        await server.stop()
+    ours = body[:body.index(b"# head\n")]
+    assert b"cometstream_test_total 1.0" in ours
+    assert body == ours + b"".join(parts)
+    assert length == len(body)
+    assert zipped == body

@@ -16,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import math
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from typing import Any, Final
 
 from .model import BLOCKS, CATEGORIES, NEG_INF, Model, User, beyond, block_of, label_value
 
-__all__ = ["BLOCK_FAMILIES", "Family", "GzipCache", "edges", "render"]
+__all__ = ["BLOCK_FAMILIES", "BlockCache", "Family", "edges", "render"]
 
 #: (name, type, help, [(label text without braces, value)]): a small family of our own
 Family = tuple[str, str, str, list[tuple[str, float]]]
@@ -106,7 +107,7 @@ def render(model: Model | None, now: float, own: Iterable[Family] = ()) -> bytes
     out: list[bytes] = []
     if model is not None:
         out.append(_small(model, now))
-        users = list(model.users.values())  # (in one go: the blocks are for GzipCache)
+        users = list(model.users.values())  # (in one go: the blocks are for BlockCache)
         for index, name in enumerate(BLOCK_FAMILIES):
             _family(out, name, _LINES[index](users, model.live))
         _family(out, "cometserver_device_is_current", _current(model))
@@ -221,7 +222,7 @@ _LINES: Final[tuple[Lines, ...]] = (
 )
 
 
-# --- gzip, kept compressed between scrapes -----------------------------------------------------------
+# --- kept between scrapes: compressed, and as text --------------------------------------------------
 #: (raw deflate ending byte-aligned, CRC-32 of the text, its length, CRC-32 of as many zeros)
 Chunk = tuple[bytes, int, int, int]
 _GZIP_HEADER: Final = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
@@ -264,35 +265,95 @@ def _gzip(chunks: Iterable[Chunk]) -> bytes:
     return b"".join(parts)
 
 
-class GzipCache:
-    """The exposition, gzip-compressed, for the scrapes that ask for it (Prometheus always
-    does). The families of each block of users are kept compressed: a scrape recompresses only
-    the blocks whose users changed since the last one (a job completion: one user's block),
-    then joins the rest as they were. Text is built on the event loop (it reads the model);
-    compressing runs on a thread."""
+class BlockCache:
+    """The families of each block of users, kept between scrapes: compressed for the scrapes
+    that ask for gzip (Prometheus always does) and, while plain scrapes come (someone with
+    curl), as text too. A scrape renders and compresses again only the blocks whose users
+    changed since the last one (a job completion: one user's block), then joins the rest as
+    they were. Text is built on the event loop (it reads the model); compressing runs on a
+    thread. The text (a hundred MB at 10,000 users with the exporter's labels, against a fifth
+    of that compressed) is let go ``keep_text`` seconds after the last plain scrape."""
 
-    def __init__(self, level: int = 1) -> None:
+    def __init__(self, level: int = 1, keep_text: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.level = level
+        self.keep_text = keep_text
+        self._clock = clock
         self._model: Model | None = None
-        #: per block, per family of BLOCK_FAMILIES, its chunk
+        #: per block, per family of BLOCK_FAMILIES, its chunk (None: to compress)
         self._blocks: list[list[Chunk] | None] = [None] * BLOCKS
+        #: per block, per family, its text (None: to render), while plain scrapes come
+        self._texts: list[list[bytes] | None] | None = None
+        self._texts_until = -math.inf
         self._heads = [_chunk(_head(name).encode(), level) for name in BLOCK_FAMILIES]
+        self._heads_text = [_head(name).encode() for name in BLOCK_FAMILIES]
 
-    def texts(self, model: Model) -> dict[int, list[bytes]]:
-        """The text of what changed: {block: [family text, ...]} (on the event loop)."""
+    @property
+    def keeps_text(self) -> bool:
+        return self._texts is not None
+
+    def _take(self, model: Model) -> None:
+        """Forget what changed in ``model`` since the last look, and the text once no plain
+        scrape has come for ``keep_text`` seconds."""
+        texts = self._texts
+        if texts is not None and self._clock() > self._texts_until:
+            self._texts = texts = None
         if model is not self._model:
             self._model = model
             self._blocks = [None] * BLOCKS
-            model.dirty.clear()
-            todo = set(range(BLOCKS))
-        else:
-            todo = model.dirty | {b for b, c in enumerate(self._blocks) if c is None}
+            if texts is not None:
+                self._texts = [None] * BLOCKS
             model.dirty = set()
-        if not todo:
-            return {}
-        groups = _groups(model)
-        live = model.live
-        return {b: ["".join(fn(groups[b], live)).encode("utf-8") for fn in _LINES] for b in todo}
+            return
+        dirty = model.dirty
+        if dirty:
+            model.dirty = set()
+            blocks = self._blocks
+            for b in dirty:
+                blocks[b] = None
+                if texts is not None:
+                    texts[b] = None
+
+    def _render(self, model: Model, todo: Iterable[int]) -> dict[int, list[bytes]]:
+        """The text of the blocks ``todo``: kept text where there is some, else rendered (and
+        kept, while the text is)."""
+        texts = self._texts
+        groups: list[list[User]] | None = None
+        out: dict[int, list[bytes]] = {}
+        for b in todo:
+            text = texts[b] if texts is not None else None
+            if text is None:
+                if groups is None:
+                    groups = _groups(model)
+                text = ["".join(fn(groups[b], model.live)).encode("utf-8") for fn in _LINES]
+                if texts is not None:
+                    texts[b] = text
+            out[b] = text
+        return out
+
+    def texts(self, model: Model) -> dict[int, list[bytes]]:
+        """The text of the blocks to compress again: {block: [family text, ...]} (on the
+        event loop)."""
+        self._take(model)
+        return self._render(model, [b for b, c in enumerate(self._blocks) if c is None])
+
+    def plain(self, model: Model, head: bytes, tail: bytes) -> list[bytes]:
+        """The whole answer as text, in parts (on the event loop): ``head``, the blocks'
+        families (the changed blocks rendered again, the rest as kept), ``tail``."""
+        self._texts_until = self._clock() + self.keep_text
+        self._take(model)
+        if self._texts is None:
+            self._texts = [None] * BLOCKS
+        texts = self._texts
+        self._render(model, [b for b, t in enumerate(texts) if t is None])
+        parts = [head]
+        for index, family_head in enumerate(self._heads_text):
+            family = [text[index] for text in texts if text is not None and text[index]]
+            if family:
+                parts.append(family_head)
+                parts.extend(family)
+        parts.append(tail)
+        return parts
 
     def compress(self, changed: dict[int, list[bytes]], head: bytes | None = None,
                  tail: bytes = b"") -> tuple[dict[int, list[Chunk]], bytes | None]:
@@ -317,8 +378,8 @@ class GzipCache:
     async def update(self, model: Model, head: bytes | None = None,
                      tail: bytes = b"") -> bytes | None:
         """What changed in ``model`` compressed on a thread and kept (forgotten if this is
-        cancelled); the whole answer, gzipped, when ``head`` is given. One at a time (the
-        caller holds a lock)."""
+        cancelled); the whole answer, gzipped, when ``head`` is given. One at a time, and not
+        beside :meth:`plain` (the caller holds a lock)."""
         changed = self.texts(model)
         if not changed and head is None:
             return None
