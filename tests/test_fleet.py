@@ -986,11 +986,14 @@ async def test_the_gzip_answer_is_one_member_kept_compressed_between_scrapes(
 
 async def test_the_plain_answer_is_the_daemons_text_then_the_fleets_as_one_body(
         fsim: Simulator, tmp_path: Path, clock: Clock) -> None:
-    """A plain scrape (written in two parts, the fleet's text not copied into one body) is
-    one body of the length it announces, the daemon's series then the fleet's; HEAD announces
-    the same length and sends nothing."""
+    """A plain scrape (written in pieces, the fleet's text not copied into one body) is one
+    body of the length it announces, the daemon's series then the fleet's; HEAD announces the
+    same length and sends nothing. The fleet's text, kept for the next plain scrape, is let go
+    when they stop, even if no other scrape comes."""
     async with fleet_daemon(fsim, tmp_path, clock) as d:
         await d.quiet()
+        cache = d.fleet._cache
+        cache.keep_text = 0.2
         async with aiohttp.ClientSession(auto_decompress=False) as http:
             async with http.get(d.url + "/metrics",
                                 headers={"Accept-Encoding": "identity"}) as r:
@@ -1001,6 +1004,9 @@ async def test_the_plain_answer_is_the_daemons_text_then_the_fleets_as_one_body(
                                  headers={"Accept-Encoding": "identity"}) as h:
                 assert h.status == 200 and await h.read() == b""
                 assert abs(int(h.headers["Content-Length"]) - len(body)) < len(body) // 10
+            assert cache.keeps_text
+            # no scrape at all since: the kept text goes on its own
+            await wait_until(lambda: not cache.keeps_text, timeout=5, what="text let go")
         text = body.decode()
         assert text.index("cometstream_") < text.index("cometserver_")
         assert len(parse(text)) > 100

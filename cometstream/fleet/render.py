@@ -292,12 +292,15 @@ class BlockCache:
     def keeps_text(self) -> bool:
         return self._texts is not None
 
+    def expire(self) -> None:
+        """Let the text go once no plain scrape has come for ``keep_text`` seconds."""
+        if self._texts is not None and self._clock() > self._texts_until:
+            self._texts = None
+
     def _take(self, model: Model) -> None:
-        """Forget what changed in ``model`` since the last look, and the text once no plain
-        scrape has come for ``keep_text`` seconds."""
+        """Forget what changed in ``model`` since the last look (and :meth:`expire`)."""
+        self.expire()
         texts = self._texts
-        if texts is not None and self._clock() > self._texts_until:
-            self._texts = texts = None
         if model is not self._model:
             self._model = model
             self._blocks = [None] * BLOCKS

@@ -93,6 +93,7 @@ class Fleet:
         self._cache = BlockCache()
         self._cache_lock = asyncio.Lock()
         self._warm_task: asyncio.Task[None] | None = None
+        self._expire: asyncio.TimerHandle | None = None
         #: the server's ServerMetaVersionInfo, from the HELLO and the checks (no Version:
         #: the seed asks meta/version)
         self.info: dict[str, Any] = {}
@@ -174,6 +175,8 @@ class Fleet:
         self._task_died(died)
 
     async def aclose(self) -> None:
+        if self._expire is not None:
+            self._expire.cancel()
         tasks = [t for t in (*self._tasks, self._seed_task, self._warm_task) if t is not None]
         for task in tasks:
             task.cancel()
@@ -478,7 +481,13 @@ class Fleet:
             if model is None:
                 return [render(None, now, own)]
             head, tail = edges(model, now, own)
-            return self._cache.plain(model, head, tail)
+            parts = self._cache.plain(model, head, tail)
+        # the kept text goes when plain scrapes stop, gzip scrapes or not
+        if self._expire is not None:
+            self._expire.cancel()
+        self._expire = asyncio.get_running_loop().call_later(
+            self._cache.keep_text + 1, self._cache.expire)
+        return parts
 
     async def render_gzip(self, prefix: bytes) -> bytes:
         """``prefix`` (the registry's text) and :meth:`render`'s, as one gzip member, most of
