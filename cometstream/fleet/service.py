@@ -471,16 +471,24 @@ class Fleet:
             return 0.0
         return max(0.0, now - self.confirmed_at)
 
+    def _edges(self) -> tuple[Model | None, bytes, bytes]:
+        """The model and the text before and after its blocks' families (without a model:
+        all the text, then nothing)."""
+        now = self.clock()
+        own = self._own(now)
+        model = self.model
+        if model is None:
+            return None, render(None, now, own), b""
+        head, tail = edges(model, now, own)
+        return model, head, tail
+
     async def render(self) -> list[bytes]:
         """The fleet's families and ours, as text in parts, from memory (no API call): most of
         it kept from the last plain scrape (:class:`~.render.BlockCache`)."""
         async with self._cache_lock:  # (one scrape at a time uses the cache)
-            now = self.clock()
-            model = self.model
-            own = self._own(now)
+            model, head, tail = self._edges()
             if model is None:
-                return [render(None, now, own)]
-            head, tail = edges(model, now, own)
+                return [head]
             parts = self._cache.plain(model, head, tail)
         # the kept text goes when plain scrapes stop, gzip scrapes or not
         if self._expire is not None:
@@ -493,12 +501,9 @@ class Fleet:
         """``prefix`` (the registry's text) and :meth:`render`'s, as one gzip member, most of
         it kept compressed from the last scrape (:class:`~.render.BlockCache`)."""
         async with self._cache_lock:  # (one scrape at a time uses the cache)
-            now = self.clock()
-            model = self.model
-            own = self._own(now)
+            model, head, tail = self._edges()
             if model is None:
-                return gzip.compress(prefix + render(None, now, own), compresslevel=1)
-            head, tail = edges(model, now, own)
+                return gzip.compress(prefix + head, compresslevel=1)
             body = await self._cache.update(model, prefix + head, tail)
             assert body is not None
             return body
