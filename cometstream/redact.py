@@ -28,6 +28,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any, Final
 
 import orjson
@@ -93,6 +94,7 @@ _NEEDLES: Final = ("pass", "secret", "key", "token", "credential", "recovery", "
 #: holds the last jobs' BackupJobDetail (the job events' data, not redacted either) and sizes;
 #: it is most of a profile's objects, and changes after every job.
 NO_SECRETS: Final = frozenset({"Statistics"})
+_NONE: Final[frozenset[str]] = frozenset()
 #: values not worth replacing (nothing to hide)
 _EMPTY: Final[tuple[object, ...]] = (None, "", [], {}, MARK)
 #: lower-cased key names: the same test without IGNORECASE (several times faster)
@@ -153,13 +155,20 @@ class Redactor:
         while stack:
             value = pop()
             if type(value) is dict:
+                if not value:
+                    continue
                 keys = value.keys()
-                secret = keys & secret_names
+                secret: AbstractSet[Any]
                 if not known.issuperset(keys):  # new names (or ids used as keys)
+                    secret = found = keys & secret_names
                     for k in keys:
                         # (the verdict, not the cache: past its bound the cache keeps no more)
                         if k not in known and isinstance(k, str) and self.is_secret(k):
-                            secret.add(k)
+                            found.add(k)
+                elif secret_names.isdisjoint(keys):  # (most objects: no set built)
+                    secret = _NONE
+                else:
+                    secret = keys & secret_names
                 for k in secret:
                     old = value[k]
                     if old not in _EMPTY:
@@ -168,16 +177,22 @@ class Redactor:
                         value[k] = MARK
                         changed = True
                 # the types of the values, found in C: most objects hold only scalars
-                kinds = set(map(type, value.values()))
+                values = value.values()
+                kinds = set(map(type, values))
                 if float in kinds and unchecked is not None:
                     unchecked.append(value)
                 if dict in kinds or list in kinds:
-                    for k, v in value.items():
-                        if type(v) is dict or type(v) is list:
-                            if k not in NO_SECRETS:
+                    if NO_SECRETS.isdisjoint(keys):
+                        for v in values:
+                            if type(v) is dict or type(v) is list:
                                 push(v)
-                            elif unchecked is not None:
-                                unchecked.append(v)
+                    else:
+                        for k, v in value.items():
+                            if type(v) is dict or type(v) is list:
+                                if k not in NO_SECRETS:
+                                    push(v)
+                                elif unchecked is not None:
+                                    unchecked.append(v)
             elif type(value) is list:
                 kinds = set(map(type, value))
                 if float in kinds and unchecked is not None:
