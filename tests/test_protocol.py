@@ -275,6 +275,84 @@ def test_a_secret_key_given_twice_in_one_object_leaves_no_copy() -> None:
         assert b"first" not in ev.raw and b"second" not in ev.raw  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("raw", [
+    # numbers as orjson writes them (exponents too), beside the secret
+    (b'{"Type":4102,"Data":{"N":1.5,"PasswordHash":"S","M":-12,"E":1e-7,"F":1e+100,"Z":-0.0,'
+    b'"Max":9223372036854775807,"Min":-9223372036854775808,"One":1.0}}'),
+    # a secret's name as a string value, and inside a string value, quotes escaped: not keys
+    (b'{"Type":4102,"Data":{"Field":"PasswordHash","Note":"\\"PasswordHash\\":\\"x\\"",'
+    b'"PasswordHash":"S"}}'),
+    # one name at two depths, the same value twice, and a name that only mentions a secret
+    (b'{"Type":4102,"Data":{"PasswordHash":"S","Sub":{"PasswordHash":"S","L":[{"TOTPKey":"S"}]},'
+    b'"PasswordFormat":12,"TOTPKey":""}}'),
+    # a map under a secret's name goes whole; a secret inside Statistics stays (not walked)
+    (b'{"Type":4102,"Data":{"PasswordHistory":"S","U2FRegistrations":[{"Key":"k"}],'
+    b'"Sources":{"g":{"Statistics":{"Token":"T"}}}},"Timestamp":1733400000}'),
+])
+def test_redaction_keeps_bytes_orjson_would_write_but_the_secrets(raw: bytes) -> None:
+    """Bytes exactly as orjson writes the parsed event are delivered as they came, but for the
+    secrets' values: nothing else re-encoded, no number rewritten, strings that only name a
+    secret kept; the parsed event is redacted as well."""
+    from cometstream.redact import MARK, Redactor
+
+    assert orjson.dumps(orjson.loads(raw)) == raw  # (the premise: such bytes)
+    ev = decode_frame(raw, received_at=0.0, server="s")
+    assert isinstance(ev, Event)
+    r = Redactor()
+    r.apply(ev)
+    want = raw.replace(b'"S"', b'"[REDACTED]"').replace(b'[{"Key":"k"}]', b'"[REDACTED]"')
+    assert ev.raw == want
+    assert r.kept_events == r.redacted_events == 1 and r.exact_events == 0
+    assert orjson.loads(ev.raw) == ev.doc and b'"S"' not in orjson.dumps(ev.doc)
+    assert MARK in ev.doc["Data"].values()
+
+
+@pytest.mark.parametrize("raw", [
+    # a secret key given twice in one object (parsers keep the last)
+    b'{"Type":4102,"Data":{"PasswordHash":"LEAK","Username":"u","PasswordHash":"S"}}',
+    # the first copy of a duplicated Data holds a secret under a name the second lacks
+    b'{"Type":4102,"Data":{"TOTPKey":"LEAK"},"Data":{"PasswordHash":"S"}}',
+    # a secret's name spelt with escapes, once alone and once before a plain duplicate
+    b'{"Type":4102,"Data":{"\\u0050asswordHash":"LEAK","N":1}}',
+    b'{"Type":4102,"Data":{"P\\u0061sswordHash":"LEAK","PasswordHash":"S"}}',
+    # escapes orjson does not write (Go's HTML-safe ones), whitespace, a decimal's zero
+    b'{"Type":4102,"Data":{"Note":"a \\u0026 b \\/ c","PasswordHash":"LEAK"}}',
+    b'{"Type":4102, "Data": {"PasswordHash": "LEAK"}}',
+    b'{"Type":4102,"Data":{"PasswordHash":"LEAK","R":1.10}}',
+])
+def test_redaction_of_other_bytes_re_encodes_them(raw: bytes) -> None:
+    """Bytes orjson would not write as they are (a key given twice, escapes, whitespace, a
+    number written otherwise) are not kept: the event is re-encoded from the parsed, redacted
+    document, so no secret survives, whatever copy or spelling held it."""
+    from cometstream.redact import Redactor
+
+    ev = decode_frame(raw, received_at=0.0, server="s")
+    assert isinstance(ev, Event)
+    r = Redactor()
+    r.apply(ev)
+    assert b"LEAK" not in ev.raw and b'"S"' not in ev.raw, ev.raw
+    assert ev.raw == orjson.dumps(ev.doc) and b'"[REDACTED]"' in ev.raw
+    assert r.redacted_events == 1 and r.kept_events == 0
+
+
+@pytest.mark.parametrize("number", [b"1E5", b"-0", b"1e400", b"-1e400", b"1e-400",
+                                    b"18446744073709551616", b"-9223372036854775809",
+                                    b"2.5E-3", b"1" * 400])
+def test_redaction_keeps_a_number_a_re_encoding_would_rewrite(number: bytes) -> None:
+    """Beside a secret, a number orjson would write otherwise (an exponent it spells
+    differently, -0, beyond a double or 64 bits) is kept as it came: the bytes are not what
+    orjson writes, and the exact path keeps it."""
+    from cometstream.redact import Redactor
+
+    raw = b'{"Type":4102,"Data":{"A":[' + number + b'],"PasswordHash":"S","B":' + number + b"}}"
+    ev = decode_frame(raw, received_at=0.0, server="s")
+    assert isinstance(ev, Event)
+    r = Redactor()
+    r.apply(ev)
+    assert ev.raw == raw.replace(b'"S"', b'"[REDACTED]"')
+    assert r.kept_events == 0 and r.exact_events == 1
+
+
 @pytest.mark.parametrize("frame", [
     b'{"Type":"4102","Data":{"PasswordHash":"LEAK-1"}}',
     b'  {"Data":{"TOTPKey":"LEAK-2"}}',
@@ -318,8 +396,9 @@ def test_text_that_only_looks_like_such_a_number_is_not(raw: bytes) -> None:
 
 def test_a_stream_without_such_numbers_never_takes_the_slow_path() -> None:
     """The simulator's mix (account events carry whole profiles, full of hex GUIDs such as
-    ``"78e51061"``): every account event is redacted and re-encoded by orjson, none through
-    the exact (standard library) path; one number that needs it takes it, and only that."""
+    ``"78e51061"``): every account event is redacted with its bytes kept but for the secrets,
+    none through the exact (standard library) path; one number that needs it takes it, and
+    only that."""
     import orjson
 
     from cometstream.redact import Redactor
@@ -334,6 +413,9 @@ def test_a_stream_without_such_numbers_never_takes_the_slow_path() -> None:
         orjson.loads(ev.raw)
     assert redactor.redacted_events >= 50, redactor.redacted_events
     assert redactor.exact_events == 0
+    # (and none re-encoded at all: the simulator's bytes are what orjson writes, so each
+    # account event keeps them, but for the secrets)
+    assert redactor.kept_events == redactor.redacted_events
     odd = _decode(b'{"Type":4102,"Data":{"PasswordHash":"S","GUID":"78e51061","N":1E5}}')
     assert isinstance(odd, Event)
     redactor.apply(odd)
