@@ -10,6 +10,9 @@ much: the gap lasted that long), then lets it back in. Printed: the time from th
 HELLO to the last synthesized completion written, the rate, the job-list calls and the largest
 answer, the daemon's resident memory before the gap, at its peak during the sync (sampled every
 20 ms from /proc), and a few seconds after it; and its peak RSS over the whole run.
+
+The daemon runs with the interpreter settings ``cometstream run`` applies
+(``runtime.tune_for_daemon``); ``BENCH_TUNING=none|gc|switch`` runs it without (some of) them.
 """
 
 from __future__ import annotations
@@ -124,6 +127,21 @@ async def measure(url: str, n: int, out: Path, go: Callable[[], None]) -> dict[s
             "before": before, "peak": rss.peak, "after": after}
 
 
+def tune(tuning: str) -> None:
+    """The interpreter settings ``cometstream run`` applies (``runtime.tune_for_daemon``), after
+    the daemon's modules are loaded, as there (``gc.freeze()`` then keeps them out of the
+    collector's sight): ``all``, ``gc``, ``switch`` or ``none``."""
+    import cometstream.config
+    import cometstream.daemon
+    import cometstream.sinks  # noqa: F401
+    from cometstream import runtime
+
+    if tuning in ("all", "gc"):
+        runtime.tune_gc()
+    if tuning in ("all", "switch"):
+        runtime.tune_switch_interval()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -147,6 +165,7 @@ def main() -> int:
         import structlog
 
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+        tune(os.environ.get("BENCH_TUNING", "all"))
         with tempfile.TemporaryDirectory() as tmp:
             def go() -> None:
                 assert sender.stdin is not None
