@@ -28,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import ctypes
+import sys
 import time
 from array import array
 from collections.abc import Awaitable, Callable
+from operator import itemgetter
 from typing import Any, Final, TypeVar
 
 import orjson
@@ -104,6 +106,12 @@ def _devices_of(users: dict[str, dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+#: a GUID's 64-bit fingerprint within this process (a GuidSet never leaves it): its string's
+#: hash where that has 64 bits, computed once per string (a sync's GUIDs were hashed already,
+#: as keys of its dicts), else the dedup window's BLAKE2b fingerprint (0.65 µs a GUID)
+_guid_fp: Final[Callable[[str], int]] = hash if sys.hash_info.width >= 64 else fingerprint
+
+
 class GuidSet:
     """The GUIDs of the jobs a sync reported completed, as their 64-bit fingerprints in one
     array: 8 bytes each. (A set of the strings took about 120 bytes each: a sync of a million
@@ -116,8 +124,13 @@ class GuidSet:
         self._sorted = True
 
     def add(self, guid: str) -> None:
-        self._fps.append(fingerprint(guid))
+        self._fps.append(_guid_fp(guid))
         self._sorted = False
+
+    def extend(self, guids: list[str]) -> None:
+        if guids:
+            self._fps.extend(map(_guid_fp, guids))
+            self._sorted = False
 
     def __len__(self) -> int:
         return len(self._fps)
@@ -129,7 +142,7 @@ class GuidSet:
         if not self._sorted:
             fps = self._fps = array("q", sorted(fps))
             self._sorted = True
-        fp = fingerprint(guid)
+        fp = _guid_fp(guid)
         i = bisect.bisect_left(fps, fp)
         return i < len(fps) and fps[i] == fp
 
@@ -446,9 +459,9 @@ class Resyncer:
         delivered, inflight = tr.dedup.delivered, tr.dedup.inflight
         running = tr.running_jobs
         held = self.held
-        completed = res.completed
+        completed: list[str] = []  # (res.completed takes them at the end, at once)
         out: list[_Plan] = []
-        n_completed = n_new = 0
+        n_new = 0
         for job in jobs:
             guid: str = job["GUID"]
             user = job.get("Username")
@@ -458,16 +471,16 @@ class Resyncer:
             if (type(end) is int and end > 0) or _ended(job.get("Status")):
                 # (an EndTime that is not a plain positive integer — a float, beyond 64 bits,
                 # negative — keys as the live path keys it: completion_key)
-                key = completion_key(guid, end)
+                key = f"{_DONE}{guid}:{end}" if type(end) is int else completion_key(guid, end)
                 fp = fingerprint(key)
                 if fp not in delivered and fp not in inflight and not held(key):
-                    ts = _time(end) or _time(job.get("StartTime")) or int(self.clock())
+                    ts = end if type(end) is int and 0 < end < 1 << 63 else (
+                        _time(end) or _time(job.get("StartTime")) or int(self.clock()))
                     out.append((ts, JOB_COMPLETED, job, user, orgs.get(user, ""), guid, key,
                                 fp, ("job_done", guid)))
-                    if not n_completed:
+                    if not completed:
                         res.kinds.setdefault("job_completed", 0)  # (the kinds' order as found)
-                    n_completed += 1
-                    completed.add(guid)
+                    completed.append(guid)
                 elif guid in running and fp in delivered:
                     # its completion is kept, yet it is believed running: its start, reported
                     # by a sync that outlasted the hold, was kept after its live completion
@@ -484,11 +497,12 @@ class Resyncer:
                     if not n_new:
                         res.kinds.setdefault("job_new", 0)
                     n_new += 1
-        if n_completed:
-            res.kinds["job_completed"] += n_completed
+        if completed:
+            res.kinds["job_completed"] += len(completed)
+            res.completed.extend(completed)
         if n_new:
             res.kinds["job_new"] += n_new
-        res.count += n_completed + n_new
+        res.count += len(completed) + n_new
         out.sort(key=_first)
         return out
 
@@ -544,10 +558,6 @@ class Resyncer:
         res.staged = (current, devices)
 
 
-def _first(plan: _Plan) -> int:
-    return plan[0]
-
-
 def _fresh(value: _T) -> _T:
     """A deep copy of a JSON-like value in new objects (see Resyncer._accounts)."""
     try:
@@ -593,7 +603,11 @@ def orgs_of(users: dict[str, dict[str, Any]], name: str) -> str:
     return (profile.get("OrganizationID", "") or "") if isinstance(profile, dict) else ""
 
 
+#: a plan's timestamp, what a span's plans are sorted by
+_first: Final = itemgetter(0)
 _NAMES: Final = {v: k for k, v in SEVT.items()}
+#: a completion's dedup key up to its GUID (completion_key's, for an integer EndTime)
+_DONE: Final = f"{JOB_COMPLETED}:"
 #: a job event's line around its Timestamp and Data, per type (see Resyncer._job_event)
 _TYPE_TS: Final = {t: b',"Type":%d,"Timestamp":' % t for t in (JOB_NEW, JOB_COMPLETED)}
 _TYPE_DATA: Final = {t: b',"TypeString":' + orjson.dumps(_NAMES[t]) + b',"Data":'
