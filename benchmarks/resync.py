@@ -11,6 +11,9 @@ HELLO to the last synthesized completion written, the rate, the job-list calls a
 answer, the daemon's resident memory before the gap, at its peak during the sync (sampled every
 20 ms from /proc), and a few seconds after it; and its peak RSS over the whole run.
 
+The simulator is on this machine, so the daemon asks it for plain answers (``[server] api_gzip
+= "auto"``); ``--api-gzip always`` measures gzip'd answers, as from a server elsewhere.
+
 The daemon runs with the interpreter settings ``cometstream run`` applies
 (``runtime.tune_for_daemon``); ``BENCH_TUNING=none|gc|switch`` runs it without (some of) them.
 """
@@ -80,13 +83,14 @@ async def serve(n: int, hours: float, users: int) -> None:
     await asyncio.sleep(3600)
 
 
-async def measure(url: str, n: int, out: Path, go: Callable[[], None]) -> dict[str, float]:
+async def measure(url: str, n: int, out: Path, go: Callable[[], None],
+                  api_gzip: str = "auto") -> dict[str, float]:
     from cometstream.config import parse_config
     from cometstream.daemon import Daemon
     from cometstream.sinks import resolve_sink_class
 
     cfg = parse_config({
-        "server": {"url": url, "username": USER, "password": PASSWORD},
+        "server": {"url": url, "username": USER, "password": PASSWORD, "api_gzip": api_gzip},
         "stream": {"backoff_initial": 0.05, "backoff_max": 0.2},
         "http": {"listen": ""},
         "state": {"dir": str(out.parent / "state")},
@@ -150,6 +154,9 @@ def main() -> int:
                     help="the gap's length on the server's clock, the jobs spread over it")
     ap.add_argument("--users", type=int, default=20,
                     help="users in the world (each sync reads all their profiles)")
+    ap.add_argument("--api-gzip", choices=("auto", "always", "never"), default="auto",
+                    help="[server] api_gzip: auto asks this machine's server for plain "
+                         "answers; always measures gzip'd ones, as from a server elsewhere")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -172,11 +179,12 @@ def main() -> int:
                 sender.stdin.write("go\n")
                 sender.stdin.flush()
 
-            res = asyncio.run(measure(url, args.jobs, Path(tmp) / "out.jsonl", go))
+            res = asyncio.run(measure(url, args.jobs, Path(tmp) / "out.jsonl", go, args.api_gzip))
     finally:
         sender.terminate()
         sender.wait(10)
-    print(f"resync of {args.jobs:,} job completions missed during a {args.hours:g} h gap: "
+    print(f"resync of {args.jobs:,} job completions missed during a {args.hours:g} h gap "
+          f"(answers {'gzip' if args.api_gzip == 'always' else 'plain'}): "
           f"{res['seconds']:.2f} s from the HELLO to the last one written "
           f"({res['rate']:,.0f} jobs/s; {res['synthesized']:,.0f} synthesized; "
           f"{res['spans']:.0f} job-list calls, largest answer {res['largest'] / 2**20:.1f} MiB, "

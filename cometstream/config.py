@@ -17,6 +17,7 @@ from __future__ import annotations
 import binascii
 import dataclasses
 import functools
+import ipaddress
 import os
 import re
 import tomllib
@@ -101,6 +102,10 @@ class Secret:
 
 
 # --------------------------------------------------------------------------------------------
+#: the values of ``[server] api_gzip``
+API_GZIP: Final = ("auto", "always", "never")
+
+
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     url: str
@@ -113,6 +118,9 @@ class ServerConfig:
     session_key: Secret | None = field(default=None, repr=False)
     tls_verify: bool = True
     ca_file: Path | None = None
+    #: whether the admin API's answers are asked for gzip-compressed: ``auto`` (unless the
+    #: server is on this machine), ``always``, ``never``
+    api_gzip: str = "auto"
     #: the secrets set nowhere here that ``run`` is to take from a systemd credential: only
     #: from ``load_config(..., credentials_later=True)`` (``check`` without ``--connect``)
     pending: tuple[str, ...] = ()
@@ -262,6 +270,18 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a URL's or ``[http] listen``'s) is a loopback address: a name other
+    than ``localhost`` may resolve to anything, so it is not."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT`` for IPv6) → (host, port)."""
     host, sep, port_s = value.rpartition(":")
@@ -446,6 +466,7 @@ def _parse_server(sect: Section, env: Mapping[str, str], *,
     ca_file = sect.path("ca_file")
     if ca_file is not None and not ca_file.is_file():
         raise sect.error("ca_file", f"file not found: {ca_file}")
+    api_gzip = sect.str("api_gzip", "auto", choices=API_GZIP)
     sect.done()
 
     wanted = {"password": auth_type in ("Password", "PasswordTOTP"),
@@ -473,7 +494,8 @@ def _parse_server(sect: Section, env: Mapping[str, str], *,
                          + _sudo_hint("COMETSTREAM_SESSION_KEY", env))
     return ServerConfig(url=url, ws_url=ws_url, name=name, username=username, auth_type=auth_type,
                         password=password, totp_secret=totp_secret, session_key=session_key,
-                        tls_verify=tls_verify, ca_file=ca_file, pending=pending)
+                        tls_verify=tls_verify, ca_file=ca_file, api_gzip=api_gzip,
+                        pending=pending)
 
 
 def _sudo_hint(env_var: str, env: Mapping[str, str]) -> str:

@@ -14,9 +14,10 @@ import orjson
 import pytest
 from aiohttp import web
 
-from cometstream.api import AdminClient, api_base_url
-from cometstream.errors import ApiAuthError, ApiError, TotpRequired
+from cometstream.api import AdminClient, accept_encoding, api_base_url
+from cometstream.errors import ApiAuthError, ApiError, ConfigError, TotpRequired
 from cometstream.protocol import totp_code
+from cometstream.simulator import Simulator
 
 from .conftest import PASSWORD, USER, make_config
 from .peers import serve_app
@@ -141,21 +142,48 @@ async def test_connection_refused_is_a_retryable_error(tmp_path: Path) -> None:
     assert info.value.retryable and "cannot connect" in str(info.value)
 
 
-async def test_gzip_and_large_responses(tmp_path: Path) -> None:
-    """A gzip-encoded body of 20,000 jobs is decoded in one piece."""
+@pytest.mark.parametrize("api_gzip", ["always", "auto"])
+async def test_gzip_and_large_responses(tmp_path: Path, api_gzip: str) -> None:
+    """A gzip-encoded body of 20,000 jobs is decoded in one piece: asked for (api_gzip =
+    "always"), or sent unasked (a server on this machine, api_gzip = "auto", asked for none)."""
     jobs = [{"GUID": f"job-{i}", "EndTime": 1733400000 + i, "TotalSize": 18446744073709551615}
             for i in range(20000)]
+    asked: list[str] = []
 
     async def handler(request: web.Request, form: dict[str, str]) -> web.Response:
-        assert "gzip" in request.headers.get("Accept-Encoding", "")
+        asked.append(request.headers.get("Accept-Encoding", ""))
         return web.Response(body=gzip.compress(orjson.dumps(jobs)),
                             headers={"Content-Encoding": "gzip",
                                      "Content-Type": "application/json"})
 
     async with api_server(handler) as (url, _forms):
-        async with _client(url, tmp_path) as api:
+        async with _client(url, tmp_path, api_gzip=api_gzip) as api:
             got = await api.jobs_for_date_range(1, 2)
     assert len(got) == 20000 and got[-1]["GUID"] == "job-19999"
+    assert asked == ["gzip" if api_gzip == "always" else "identity"]
+
+
+async def test_answers_are_asked_for_gzip_unless_the_server_is_this_machine(
+        tmp_path: Path, sim: Simulator) -> None:
+    """A server on a loopback address is asked for plain answers (compressing them costs both
+    sides CPU and saves nothing there); any other host is asked for gzip; api_gzip overrides
+    either way. What goes on the wire, as the simulator saw it."""
+    def encoding(url: str, mode: str = "auto") -> str:
+        return accept_encoding(make_config(url, tmp_path, server={"api_gzip": mode}).server)
+
+    assert encoding("http://127.0.0.1:8060/") == encoding("http://[::1]/") == "identity"
+    assert encoding("http://localhost:8060/") == "identity"
+    assert encoding("https://comet.example.com/") == encoding("http://10.0.0.5:8060/") == "gzip"
+    assert encoding("https://comet.example.com/", "never") == "identity"
+    assert encoding("http://127.0.0.1/", "always") == "gzip"
+    with pytest.raises(ConfigError, match="api_gzip"):
+        encoding("http://127.0.0.1/", "sometimes")
+    for mode, asked in (("auto", "identity"), ("always", "gzip")):
+        sim.api_encodings.clear()
+        cfg = make_config(sim.url, tmp_path, server={"api_gzip": mode})
+        async with AdminClient(cfg.server) as api:
+            await api.meta_version()
+        assert sim.api_encodings == {asked: 1}
 
 
 async def test_password_totp_logs_in_once_then_uses_the_session_key(tmp_path: Path) -> None:

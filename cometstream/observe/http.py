@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import ipaddress
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -29,6 +28,8 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from ..config import is_loopback
 
 __all__ = ["HEADER_TIMEOUT", "MAX_CONNECTIONS", "HttpServer", "is_loopback"]
 
@@ -46,17 +47,6 @@ _GZIP_ON_LOOP_MAX: Final = 1 << 20
 _REFUSAL_LOG_INTERVAL: Final = 60.0
 _BUSY: Final = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
                 b"Content-Length: 22\r\nConnection: close\r\n\r\ntoo many connections\r\n")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (from ``[http] listen``) is a loopback address: a name other than
-    ``localhost`` may resolve to anything, so it is not."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Refused(asyncio.Protocol):

@@ -177,6 +177,8 @@ class ApiServer(Protocol):
 
     #: admin API calls by request path, counted here
     api_calls: Counter[str]
+    #: admin API calls by the Accept-Encoding they asked for, counted here
+    api_encodings: Counter[str]
 
     @property
     def world(self) -> World: ...
@@ -231,6 +233,7 @@ class AdminAPI:
         sim = self._sim
         path = request.path
         sim.api_calls[path] += 1
+        sim.api_encodings[request.headers.get("Accept-Encoding", "")] += 1
         faults = sim.faults
         if faults.api_delay > 0:
             await asyncio.sleep(faults.api_delay)

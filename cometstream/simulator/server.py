@@ -261,6 +261,8 @@ class Simulator:
         self.slow_drops = 0
         #: Admin API calls by request path (every call, faulted and refused ones included).
         self.api_calls: Counter[str] = Counter()
+        #: Admin API calls by the Accept-Encoding they asked for ("": none said).
+        self.api_encodings: Counter[str] = Counter()
         #: The aiohttp application; more routes may be added before start().
         self.app = web.Application()
         self.app.router.add_get(STREAM_PATH, self._stream_handler)

@@ -31,7 +31,6 @@ restarting or refusing the password is a failure of the sink: the events wait in
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import structlog
 
+from ..config import is_loopback
 from ..errors import SinkError
 from ..events import JOB_COMPLETED, JOB_TYPES
 from ..section import Section
@@ -514,12 +514,7 @@ class PostgresSink(Sink):
 
 def _is_local(host: str) -> bool:
     """A Unix socket (a path, or none: libpq's default) or a loopback name or address."""
-    if not host or host.startswith(("/", "@")) or host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return not host or host.startswith(("/", "@")) or is_loopback(host)
 
 
 def _devices(jobs: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
