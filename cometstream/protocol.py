@@ -203,11 +203,35 @@ def _slow_loads(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
         return Malformed("invalid_json", msg.split(":", 1)[0][:80], _sample(raw), len(raw))
 
 
-def _type_given_twice(raw: bytes) -> bool:
-    """Whether the top-level object gives ``Type`` more than once (the bytes hold ``"Type"``
-    twice somewhere: a nested object's key, a string, or this). The standard library's parser,
-    slow but only for such frames; one it cannot parse (deeper than it recurses) counts as
-    given twice."""
+#: a frame's first ``"Type"``, a key with an integer value: ``"Type" : 4201,``
+_FIRST_TYPE: Final = re.compile(rb'"Type"[ \t\r\n]*:[ \t\r\n]*(-?[0-9]+)[ \t\r\n]*[,}]')
+
+
+def _types_disagree(raw: bytes, type_: int) -> bool:
+    """Whether the top-level object gives ``Type`` more than once, the first not ``type_`` (the
+    last, which orjson keeps and the filters read): a consumer whose parser keeps the first
+    would get another event than the one routed. (The bytes hold ``"Type"`` twice somewhere: a
+    nested key, such as a profile's retention ranges have, a string, or this.)
+
+    A frame whose keys come in Comet's order gives its top-level ``Type`` first, before any
+    nested object: when what precedes the first ``"Type"`` is the object's opening and keys and
+    values that hold no bracket, escape or open string, that ``"Type"`` is the top-level key,
+    and its value is compared. Other frames are parsed again by the standard library, slow but
+    only for them."""
+    at = raw.find(b'"Type"')
+    head = raw[:at]
+    if (head.count(b"{") == 1 and head.lstrip().startswith(b"{") and head.count(b'"') % 2 == 0
+            and b"[" not in head and b"]" not in head and b"}" not in head
+            and b"\\" not in head):
+        first = _FIRST_TYPE.match(raw, at)
+        if first is not None:
+            return int(first.group(1)) != type_
+    return _types_disagree_exactly(raw, type_)
+
+
+def _types_disagree_exactly(raw: bytes, type_: int) -> bool:
+    """:func:`_types_disagree` by the standard library's parser. One it cannot parse (deeper
+    than it recurses) disagrees: it cannot tell."""
     outer: list[list[tuple[str, Any]]] = []
 
     def pairs(found: list[tuple[str, Any]]) -> None:
@@ -217,7 +241,8 @@ def _type_given_twice(raw: bytes) -> bool:
         json.loads(raw, object_pairs_hook=pairs)
     except (RecursionError, ValueError):
         return True
-    return bool(outer) and sum(1 for key, _ in outer[0] if key == "Type") > 1
+    types = [value for key, value in outer[0] if key == "Type"] if outer else []
+    return len(types) > 1 and not (type(types[0]) is int and types[0] == type_)
 
 
 def _lone_surrogate(doc: Any) -> bool:
@@ -280,10 +305,11 @@ def decode_frame(
         return Malformed("bad_type", "no integer Type field", _sample(raw), len(raw))
     if not _INT64_MIN <= type_ <= _INT64_MAX:  # (the ledger keeps types as 64-bit integers)
         return Malformed("bad_type", "Type beyond 64 bits", _sample(raw), len(raw))
-    if raw.count(b'"Type"') > 1 and _type_given_twice(raw):
+    if raw.count(b'"Type"') > 1 and _types_disagree(raw, type_):
         # the filters read the last Type (as orjson keeps it); a consumer whose parser keeps
         # the first would see another event than the one routed. No Comet Server writes this.
-        return Malformed("duplicate_key", "Type given twice", _sample(raw), len(raw))
+        return Malformed("duplicate_key", "Type given twice, differently", _sample(raw),
+                         len(raw))
     raw = raw.strip()  # the same object when there is nothing to strip
     if raw.find(10) >= 0 or raw.find(13) >= 0:  # (find: faster than `in` here)
         # Line breaks outside strings are insignificant whitespace in JSON (inside strings they

@@ -7,6 +7,7 @@ import base64
 import orjson
 import pytest
 
+from cometstream import protocol
 from cometstream.errors import CredentialsRejected, StreamError
 from cometstream.events import Event
 from cometstream.protocol import (
@@ -160,6 +161,44 @@ def test_type_given_twice_only_at_the_top_level_is_malformed() -> None:
            b'"Note":"\\"Type\\""},"Actor":"x"}')
     ev = _decode(raw)
     assert isinstance(ev, Event) and ev.raw == raw and ev.type == 4102
+
+
+def test_nested_types_in_comets_key_order_take_no_second_parse(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A profile's retention ranges hold "Type" keys: a frame in Comet's key order (Type before
+    Data) is told apart from one giving Type twice without parsing it again; a Type given twice
+    alike is delivered (every parser reads the one the filters read); the first unlike the
+    last is malformed, whichever way it is found."""
+    ranges = b'{"Mode":801,"Ranges":[{"Type":900,"Jobs":5},{"Type":902,"Days":30}]}'
+    comet = (b'{"Actor":"admin","OwnerOrganizationID":"","ResourceID":"alice","Type":4102,'
+             b'"Timestamp":1,"TypeString":"SEVT_ACCOUNT_UPDATED","Data":{"Destinations":{"v":'
+             b'{"DefaultRetention":' + ranges + b'}}}}')
+    alike = b'{"Type":4102,"Data":{"Policy":' + ranges + b'},"Type" : 4102}'
+    unlike = b'{"Type":4102,"Data":{"Policy":' + ranges + b'},"Type":4201}'
+
+    def not_here(raw: bytes, type_: int) -> bool:
+        raise AssertionError("parsed again")
+
+    with monkeypatch.context() as m:
+        m.setattr(protocol, "_types_disagree_exactly", not_here)
+        for raw in (comet, alike):
+            ev = _decode(raw)
+            assert isinstance(ev, Event) and ev.raw == raw and ev.type == 4102
+        bad = _decode(unlike)
+        assert isinstance(bad, Malformed) and bad.reason == "duplicate_key"
+    # what does not come in that order is parsed again, and judged the same way
+    for raw, given_twice in (
+            (b'{"Data":{"Policy":' + ranges + b'},"Type":4102}', False),
+            (b'{"Actor":"Type","Type":4102,"Data":' + ranges + b'}', False),
+            (b'{"Actor":"a\\"Type\\"","Type":4102,"Data":' + ranges + b',"Type":4102}', False),
+            (b'{"Actor":"a{","Type":4103,"Data":' + ranges + b',"Type":4102}', True),
+            (b'{"Data":{"Type":4102},"Type":4103,"Type":4102}', True),
+            (b'{"Type":4103.0,"Data":{},"Type":4102}', True)):
+        got = _decode(raw)
+        if given_twice:
+            assert isinstance(got, Malformed) and got.reason == "duplicate_key", raw
+        else:
+            assert isinstance(got, Event) and got.raw == raw and got.type == 4102, raw
 
 
 def test_job_dedup_key_is_type_and_guid() -> None:
