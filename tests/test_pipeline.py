@@ -38,7 +38,7 @@ async def test_two_file_sinks_get_every_event_in_order_in_both_formats(sim: Simu
         "wrapped": {"type": "file", "path": str(env_path), "format": "envelope", "fsync": "always"},
     })
     async with running(cfg) as d:
-        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        await d.synced()
         sent = sim.emit_many(2000)
         await wait_until(lambda: d.sink_stats("raw").delivered == 2001
                          and d.sink_stats("wrapped").delivered == 2001, timeout=15,
@@ -111,7 +111,7 @@ async def test_drop_newest_sink_never_blocks_the_others(sim: Simulator, tmp_path
     async with running(cfg) as d:
         stuck = d.sink("stuck")
         stuck.hang.clear()
-        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        await d.synced()
         sent = sim.emit_many(500)
         await wait_until(lambda: d.sink_stats("file").delivered == 501, what="file delivery")
         st = d.sink_stats("stuck")
@@ -131,6 +131,7 @@ async def test_retryable_failures_are_retried_until_delivered(sim: Simulator,
         d.daemon.pipeline.retry_initial = 0.01
         mem = d.sink("mem")
         await wait_until(lambda: d.sink_stats("mem").delivered == 1, what="HELLO delivered")
+        await d.synced()
         mem.fail_next = 3
         sent = sim.emit_many(50)
         await wait_until(lambda: d.sink_stats("mem").delivered == 51, timeout=10, what="retries")
@@ -607,7 +608,7 @@ async def test_a_sink_worker_that_dies_is_logged_marked_failing_and_blocks_nobod
     with capture_logs() as logs:
         async with running(cfg, sinks={"dies": dying}) as d:
             dying.hang.clear()
-            await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+            await d.synced()
             sent = sim.emit_many(50)
             route = d.daemon.pipeline.routes[0]
             # (beyond its bound: a producer queued its event and waits for room)

@@ -262,6 +262,7 @@ async def test_a_corrupt_spool_is_quarantined_and_the_daemon_runs(sim: Simulator
                       sinks={"file": {"type": "file", "path": str(path), "format": "event"}})
     async with running(cfg) as d:
         await wait_until(lambda: d.sink_stats("file").delivered == 1, what="HELLO")
+        await d.synced()
         sent = sim.emit_many(20)
         await wait_until(lambda: d.sink_stats("file").delivered == 21, what="events")
         assert d.daemon.metrics.stream.spool_quarantined == 1

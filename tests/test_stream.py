@@ -278,7 +278,7 @@ async def test_slow_sink_with_block_keeps_order(sim: Simulator, tmp_path: Path) 
                       sinks={"mem": {"type": "memory", "buffer": 8, "when_full": "block",
                                      "delay": 0.002}})
     async with running(cfg) as d:
-        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        await d.synced()
         sent = sim.emit_many(300)
         await wait_until(lambda: d.sink_stats("mem").delivered == 301, timeout=10,
                          what="all delivered")

@@ -201,6 +201,7 @@ async def test_signature_verifies_with_the_secret(sim: Simulator, tmp_path: Path
         "my-hook.1": _hook(receiver, format="envelope")})
     async with running(cfg) as d:
         await wait_until(lambda: d.sink_stats("my-hook.1").delivered == 1, what="HELLO")
+        await d.synced()
         sim.emit_many(5)
         await wait_until(lambda: d.sink_stats("my-hook.1").delivered == 6, what="delivery")
     assert len(receiver.requests) == 6
@@ -228,6 +229,7 @@ async def test_batch_posts_a_json_array_of_the_events_bytes(sim: Simulator, tmp_
         "hook": _hook(receiver, batch=5, concurrency=1)})
     async with running(cfg) as d:
         await wait_until(lambda: d.sink_stats("hook").delivered == 1, what="HELLO")
+        await d.synced()
         sent = sim.emit_many(200)
         await wait_until(lambda: d.sink_stats("hook").delivered == 201, what="delivery")
     bodies = [r.body for r in receiver.accepted]
