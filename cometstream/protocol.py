@@ -205,33 +205,51 @@ def _slow_loads(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
 
 #: a frame's first ``"Type"``, a key with an integer value: ``"Type" : 4201,``
 _FIRST_TYPE: Final = re.compile(rb'"Type"[ \t\r\n]*:[ \t\r\n]*(-?[0-9]+)[ \t\r\n]*[,}]')
+#: a letter of ``Type`` written as an escape (``"\u0054ype"`` is the key ``Type`` too)
+_ESCAPED_TYPE_LETTER: Final = re.compile(rb"\\u00(?:54|79|70|65)", re.IGNORECASE)
+#: a frame up to this size is searched whole for a second ``"Type"`` first (a 1 KB job event:
+#: 0.5 µs); a larger one is judged by its first ``"Type"``, whatever its size
+_SCAN_MAX: Final = 2048
 
 
-def _types_disagree(raw: bytes, type_: int) -> bool:
+def _types_disagree(raw: bytes, type_: int) -> bool | None:
     """Whether the top-level object gives ``Type`` more than once, the first not ``type_`` (the
     last, which orjson keeps and the filters read): a consumer whose parser keeps the first
-    would get another event than the one routed. (The bytes hold ``"Type"`` twice somewhere: a
-    nested key, such as a profile's retention ranges have, a string, or this.)
+    would get another event than the one routed. None: it cannot tell (nested deeper than the
+    standard library parses).
 
     A frame whose keys come in Comet's order gives its top-level ``Type`` first, before any
     nested object: when what precedes the first ``"Type"`` is the object's opening and keys and
     values that hold no bracket, escape or open string, that ``"Type"`` is the top-level key,
-    and its value is compared. Other frames are parsed again by the standard library, slow but
-    only for them."""
+    and its value is compared with ``type_``: equal, no ``Type`` after it can differ from the
+    first. That costs a search of the frame's first hundred bytes, whatever its size (a
+    profile's retention ranges hold more ``"Type"`` keys further on). Other frames that hold
+    ``"Type"`` twice, or a letter of it as an escape (``"\\u0054ype"`` is the key ``Type`` too),
+    are parsed again by the standard library, slow but only for them."""
     at = raw.find(b'"Type"')
-    head = raw[:at]
-    if (head.count(b"{") == 1 and head.lstrip().startswith(b"{") and head.count(b'"') % 2 == 0
-            and b"[" not in head and b"]" not in head and b"}" not in head
-            and b"\\" not in head):
-        first = _FIRST_TYPE.match(raw, at)
-        if first is not None:
-            return int(first.group(1)) != type_
-    return _types_disagree_exactly(raw, type_)
+    if len(raw) <= _SCAN_MAX and (at < 0 or raw.find(b'"Type"', at + 6) < 0) \
+            and (raw.find(92) < 0 or _ESCAPED_TYPE_LETTER.search(raw) is None):  # (92: "\\")
+        return False  # (a small frame: scanned whole, cheaper than the steps below)
+    if at > 0:
+        head = raw[:at]
+        if (head.count(b"{") == 1 and head.lstrip().startswith(b"{")
+                and head.count(b'"') % 2 == 0 and b"[" not in head and b"]" not in head
+                and b"}" not in head and b"\\" not in head):
+            first = _FIRST_TYPE.match(raw, at)
+            if first is not None:
+                return int(first.group(1)) != type_
+    if raw.count(b'"Type"') > 1 or _escaped_type_letter(raw):
+        return _types_disagree_exactly(raw, type_)
+    return False
 
 
-def _types_disagree_exactly(raw: bytes, type_: int) -> bool:
-    """:func:`_types_disagree` by the standard library's parser. One it cannot parse (deeper
-    than it recurses) disagrees: it cannot tell."""
+def _escaped_type_letter(raw: bytes) -> bool:
+    return raw.find(92) >= 0 and _ESCAPED_TYPE_LETTER.search(raw) is not None  # (92: "\\")
+
+
+def _types_disagree_exactly(raw: bytes, type_: int) -> bool | None:
+    """:func:`_types_disagree` by the standard library's parser (None: nested deeper than it
+    parses)."""
     outer: list[list[tuple[str, Any]]] = []
 
     def pairs(found: list[tuple[str, Any]]) -> None:
@@ -239,7 +257,9 @@ def _types_disagree_exactly(raw: bytes, type_: int) -> bool:
 
     try:
         json.loads(raw, object_pairs_hook=pairs)
-    except (RecursionError, ValueError):
+    except RecursionError:
+        return None
+    except ValueError:  # (orjson parsed it: not expected)
         return True
     types = [value for key, value in outer[0] if key == "Type"] if outer else []
     return len(types) > 1 and not (type(types[0]) is int and types[0] == type_)
@@ -305,11 +325,15 @@ def decode_frame(
         return Malformed("bad_type", "no integer Type field", _sample(raw), len(raw))
     if not _INT64_MIN <= type_ <= _INT64_MAX:  # (the ledger keeps types as 64-bit integers)
         return Malformed("bad_type", "Type beyond 64 bits", _sample(raw), len(raw))
-    if raw.count(b'"Type"') > 1 and _types_disagree(raw, type_):
+    disagree = _types_disagree(raw, type_)
+    if disagree:
         # the filters read the last Type (as orjson keeps it); a consumer whose parser keeps
         # the first would see another event than the one routed. No Comet Server writes this.
         return Malformed("duplicate_key", "Type given twice, differently", _sample(raw),
                          len(raw))
+    if disagree is None:
+        return Malformed("too_deep", "nested too deep to check that Type is given once",
+                         _sample(raw), len(raw))
     raw = raw.strip()  # the same object when there is nothing to strip
     if raw.find(10) >= 0 or raw.find(13) >= 0:  # (find: faster than `in` here)
         # Line breaks outside strings are insignificant whitespace in JSON (inside strings they

@@ -144,7 +144,10 @@ def test_pretty_printed_event_becomes_one_line() -> None:
     (b'{"Type":4201,"Data":{},"Type":4103}', "duplicate_key"),
     (b'{"Type" :4103, "Data":{"Type":1,"Name":"Type"},\n "Type":4201}', "duplicate_key"),
     # deeper than the standard library parses (orjson does): cannot tell, so not delivered
-    (b'{"Data":' + b"[" * 1010 + b'"Type"' + b"]" * 1010 + b',"Type":4201}', "duplicate_key"),
+    (b'{"Data":' + b"[" * 1010 + b'"Type"' + b"]" * 1010 + b',"Type":4201}', "too_deep"),
+    # a key spelled with escapes is the same key
+    (b'{"\\u0054ype":4201,"Type":4102}', "duplicate_key"),
+    (b'{"Type":4201,"T\\u0079p\\u0065":4102,"Data":{}}', "duplicate_key"),
 ])
 def test_malformed_frames_are_classified(frame: bytes, reason: str) -> None:
     """Anything but a JSON object with an integer Type is Malformed, with a bounded reason."""
@@ -179,13 +182,15 @@ def test_nested_types_in_comets_key_order_take_no_second_parse(
     def not_here(raw: bytes, type_: int) -> bool:
         raise AssertionError("parsed again")
 
+    pad = b',"Pad":"' + b"x" * 4000 + b'"}'  # (a frame past 2 KB is judged by its head only)
     with monkeypatch.context() as m:
         m.setattr(protocol, "_types_disagree_exactly", not_here)
-        for raw in (comet, alike):
+        for raw in (comet, alike, comet[:-1] + pad, alike[:-1] + pad):
             ev = _decode(raw)
             assert isinstance(ev, Event) and ev.raw == raw and ev.type == 4102
-        bad = _decode(unlike)
-        assert isinstance(bad, Malformed) and bad.reason == "duplicate_key"
+        for raw in (unlike, unlike[:-1] + pad, b'{"Type":4201' + pad[:-1] + b',"Type":4102}'):
+            bad = _decode(raw)
+            assert isinstance(bad, Malformed) and bad.reason == "duplicate_key"
     # what does not come in that order is parsed again, and judged the same way
     for raw, given_twice in (
             (b'{"Data":{"Policy":' + ranges + b'},"Type":4102}', False),
@@ -193,6 +198,7 @@ def test_nested_types_in_comets_key_order_take_no_second_parse(
             (b'{"Actor":"a\\"Type\\"","Type":4102,"Data":' + ranges + b',"Type":4102}', False),
             (b'{"Actor":"a{","Type":4103,"Data":' + ranges + b',"Type":4102}', True),
             (b'{"Data":{"Type":4102},"Type":4103,"Type":4102}', True),
+            (b'{"\\u0054ype":4102,"Data":{"Note":"\\u003c"},"Type":4102}', False),
             (b'{"Type":4103.0,"Data":{},"Type":4102}', True)):
         got = _decode(raw)
         if given_twice:
