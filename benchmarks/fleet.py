@@ -155,10 +155,10 @@ async def http_scrape(model: Model, repeat: int) -> dict[str, Any]:
         assert body is not None
         return body
 
-    async def plain() -> list[bytes]:
+    async def plain(keep: bool) -> list[bytes]:
         async with lock:
             head, tail = edges(model, NOW, ())
-            return cache.plain(model, head, tail)
+            return cache.plain(model, head, tail, keep)
 
     server = HttpServer(CollectorRegistry(), list, host="127.0.0.1", port=0,
                         extra=plain, extra_gzip=gzipped)

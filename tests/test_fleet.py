@@ -582,6 +582,8 @@ async def test_what_scrapes_keep_between_them_follows_every_change() -> None:
     now[0] += 601  # no plain scrape for longer than keep_text
     assert lines(await gzipped()) == lines(render(model, T0))
     assert not cache.keeps_text
+    once = b"".join(cache.plain(model, *edges(model, T0, ()), keep=False))  # (a HEAD request)
+    assert lines(once) == lines(render(model, T0)) and not cache.keeps_text
     model.job_completed(_done("user11", "s11-0", T0 - 10))
     await both_right()
     assert cache.keeps_text
@@ -989,7 +991,7 @@ async def test_the_plain_answer_is_the_daemons_text_then_the_fleets_as_one_body(
     """A plain scrape (written in pieces, the fleet's text not copied into one body) is one
     body of the length it announces, the daemon's series then the fleet's; HEAD announces the
     same length and sends nothing. The fleet's text, kept for the next plain scrape, is let go
-    when they stop, even if no other scrape comes."""
+    when they stop, even if no other scrape comes; a HEAD request keeps none."""
     async with fleet_daemon(fsim, tmp_path, clock) as d:
         await d.quiet()
         cache = d.fleet._cache
@@ -1007,6 +1009,10 @@ async def test_the_plain_answer_is_the_daemons_text_then_the_fleets_as_one_body(
             assert cache.keeps_text
             # no scrape at all since: the kept text goes on its own
             await wait_until(lambda: not cache.keeps_text, timeout=5, what="text let go")
+            async with http.head(d.url + "/metrics",
+                                 headers={"Accept-Encoding": "identity"}) as h:
+                assert h.status == 200 and await h.read() == b""
+            assert not cache.keeps_text  # (a HEAD request keeps nothing)
         text = body.decode()
         assert text.index("cometstream_") < text.index("cometserver_")
         assert len(parse(text)) > 100

@@ -231,7 +231,7 @@ async def test_a_long_extra_text_arrives_whole_in_pieces() -> None:
     small = [b"x_%d 1\n" % i for i in range(200_000)]  # 2 MB in small parts: joined
     parts = [b"# head\n", big, b"", *small, big[:1000], b"# tail\n"]
 
-    async def extra() -> list[bytes]:
+    async def extra(keep: bool) -> list[bytes]:
         return parts
 
     server = HttpServer(registry, list, host="127.0.0.1", port=0, extra=extra)

@@ -340,15 +340,20 @@ class BlockCache:
         self._take(model)
         return self._render(model, [b for b, c in enumerate(self._blocks) if c is None])
 
-    def plain(self, model: Model, head: bytes, tail: bytes) -> list[bytes]:
+    def plain(self, model: Model, head: bytes, tail: bytes, keep: bool = True) -> list[bytes]:
         """The whole answer as text, in parts (on the event loop): ``head``, the blocks'
-        families (the changed blocks rendered again, the rest as kept), ``tail``."""
-        self._texts_until = self._clock() + self.keep_text
+        families (the changed blocks rendered again, the rest as kept), ``tail``. ``keep``:
+        keep the text for the next plain scrape (not for a HEAD request, which only wants the
+        length)."""
+        if keep:
+            self._texts_until = self._clock() + self.keep_text
         self._take(model)
-        if self._texts is None:
+        if self._texts is None and keep:
             self._texts = [None] * BLOCKS
-        texts = self._texts
-        self._render(model, [b for b, t in enumerate(texts) if t is None])
+        texts: list[list[bytes] | None] = (self._texts if self._texts is not None
+                                            else [None] * BLOCKS)
+        for b, text in self._render(model, [b for b, t in enumerate(texts) if t is None]).items():
+            texts[b] = text
         parts = [head]
         for index, family_head in enumerate(self._heads_text):
             family = [text[index] for text in texts if text is not None and text[index]]

@@ -482,19 +482,20 @@ class Fleet:
         head, tail = edges(model, now, own)
         return model, head, tail
 
-    async def render(self) -> list[bytes]:
+    async def render(self, keep: bool = True) -> list[bytes]:
         """The fleet's families and ours, as text in parts, from memory (no API call): most of
-        it kept from the last plain scrape (:class:`~.render.BlockCache`)."""
+        it kept from the last plain scrape (:class:`~.render.BlockCache`). ``keep``: a scrape
+        (not a HEAD request), whose text is kept for the next one."""
         async with self._cache_lock:  # (one scrape at a time uses the cache)
             model, head, tail = self._edges()
             if model is None:
                 return [head]
-            parts = self._cache.plain(model, head, tail)
-        # the kept text goes when plain scrapes stop, gzip scrapes or not
-        if self._expire is not None:
-            self._expire.cancel()
-        self._expire = asyncio.get_running_loop().call_later(
-            self._cache.keep_text + 1, self._cache.expire)
+            parts = self._cache.plain(model, head, tail, keep)
+        if keep:  # the kept text goes when plain scrapes stop, gzip scrapes or not
+            if self._expire is not None:
+                self._expire.cancel()
+            self._expire = asyncio.get_running_loop().call_later(
+                self._cache.keep_text + 1, self._cache.expire)
         return parts
 
     async def render_gzip(self, prefix: bytes) -> bytes:

@@ -116,14 +116,15 @@ class HttpServer:
     def __init__(self, registry: CollectorRegistry, ready: ReadyCheck, *, host: str,
                  port: int, max_connections: int = MAX_CONNECTIONS,
                  header_timeout: float = HEADER_TIMEOUT,
-                 extra: Callable[[], Awaitable[list[bytes]]] | None = None,
+                 extra: Callable[[bool], Awaitable[list[bytes]]] | None = None,
                  extra_gzip: Callable[[bytes], Awaitable[bytes]] | None = None,
                  info: Callable[[], dict[str, Any]] | None = None) -> None:
         self.registry = registry
         self.ready = ready
         #: more of the state for /readyz's body, whatever its status (e.g. a sync catching up)
         self.info = info
-        #: more exposition text after the registry's, in parts (the fleet's, from memory)
+        #: more exposition text after the registry's, in parts (the fleet's, from memory);
+        #: called with False for a HEAD request (the length is all it needs)
         self.extra = extra
         #: the same, gzipped with the registry's text (given) into one answer, by the owner of
         #: the extra text (the fleet keeps most of it compressed between scrapes)
@@ -203,7 +204,7 @@ class HttpServer:
             headers["Content-Encoding"] = "gzip"
             return web.Response(body=await self.extra_gzip(body), headers=headers)
         if self.extra is not None:
-            parts = await self.extra()
+            parts = await self.extra(request.method == "GET")
             if not gzipped:
                 # the fleet's text (a hundred MB at 10,000 users with the exporter's labels)
                 # goes out after ours in pieces, never copied into one body
