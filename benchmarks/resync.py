@@ -172,7 +172,10 @@ def main() -> int:
         import structlog
 
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
-        tune(os.environ.get("BENCH_TUNING", "all"))
+        tuning = os.environ.get("BENCH_TUNING", "all")
+        if tuning not in ("all", "gc", "switch", "none"):
+            ap.error(f"BENCH_TUNING={tuning!r}: one of all, gc, switch, none")
+        tune(tuning)
         with tempfile.TemporaryDirectory() as tmp:
             def go() -> None:
                 assert sender.stdin is not None
