@@ -208,8 +208,10 @@ _FIRST_TYPE: Final = re.compile(rb'"Type"[ \t\r\n]*:[ \t\r\n]*(-?[0-9]+)[ \t\r\n
 #: a letter of ``Type`` written as an escape (``"\u0054ype"`` is the key ``Type`` too)
 _ESCAPED_TYPE_LETTER: Final = re.compile(rb"\\u00(?:54|79|70|65)", re.IGNORECASE)
 #: a frame up to this size is searched whole for a second ``"Type"`` first (a 1 KB job event:
-#: 0.5 µs); a larger one is judged by its first ``"Type"``, whatever its size
+#: 0.9 µs); a larger one is judged by its first ``"Type"`` (1.3 µs, whatever its size)
 _SCAN_MAX: Final = 2048
+#: every byte but the brackets, quotes and backslash (what :func:`_types_disagree` deletes)
+_NOT_STRUCTURAL: Final = bytes(b for b in range(256) if b not in b'{}[]"\\')
 
 
 def _types_disagree(raw: bytes, type_: int) -> bool | None:
@@ -231,10 +233,13 @@ def _types_disagree(raw: bytes, type_: int) -> bool | None:
             and (raw.find(92) < 0 or _ESCAPED_TYPE_LETTER.search(raw) is None):  # (92: "\\")
         return False  # (a small frame: scanned whole, cheaper than the steps below)
     if at > 0:
-        head = raw[:at]
-        if (head.count(b"{") == 1 and head.lstrip().startswith(b"{")
-                and head.count(b'"') % 2 == 0 and b"[" not in head and b"]" not in head
-                and b"}" not in head and b"\\" not in head):
+        # what precedes it, but for its brackets, quotes and backslashes: "{" and pairs of
+        # quotes (keys and values without an escape) put it at the top level, a key's start
+        shape = raw[:at].translate(None, _NOT_STRUCTURAL)
+        if shape[:1] == b"{" and len(shape) & 1 and shape.count(b'"') == len(shape) - 1:
+            same = b'"Type":%d' % type_  # (Comet's spelling: no second look at the value)
+            if raw.startswith(same, at) and raw[at + len(same):at + len(same) + 1] in b",}":
+                return False
             first = _FIRST_TYPE.match(raw, at)
             if first is not None:
                 return int(first.group(1)) != type_
