@@ -207,6 +207,58 @@ def test_nested_types_in_comets_key_order_take_no_second_parse(
             assert isinstance(got, Event) and got.raw == raw and got.type == 4102, raw
 
 
+def test_the_type_checks_shortcuts_agree_with_a_full_parse() -> None:
+    """Random frames (keys in any order, some spelled with escapes, Type given once or several
+    times, nested Type keys, strings holding brackets, quotes and escapes, whitespace, past
+    2 KB or not): the check with its shortcuts says what the standard library's full parse
+    says, every time."""
+    import json
+    import random
+
+    rng = random.Random(7)
+    atoms = ["1", "-3", '"x"', '"a{b"', '"[q]"', '"\\"Type\\""', '"Type"', "true", "null",
+             '"p\\\\q"']
+
+    def key(name: str) -> str:
+        text = json.dumps(name)
+        return text.replace("T", "\\u0054", 1) if rng.random() < 0.2 else text
+
+    def value(depth: int) -> str:
+        r = rng.random()
+        if depth > 3 or r < 0.4:
+            return rng.choice(atoms)
+        if r < 0.7:
+            return obj(depth + 1, [])
+        return "[" + ",".join(value(depth + 1) for _ in range(rng.randint(0, 3))) + "]"
+
+    def obj(depth: int, types: list[int]) -> str:
+        members = []
+        for _ in range(rng.randint(0, 4)):
+            name = rng.choice(["Actor", "Data", "Type", "Name"])
+            members.append((key(name), str(rng.choice([1, 900])) if name == "Type"
+                            and rng.random() < 0.7 else value(depth)))
+        for t in types:
+            members.insert(rng.randint(0, len(members)), (key("Type"), str(t)))
+        ws = rng.choice(["", " ", "\n"])
+        return "{" + ",".join(f"{ws}{k}{ws}:{ws}{v}" for k, v in members) + "}"
+
+    checked = disagreed = 0
+    for _ in range(3000):
+        types = rng.choice([[4102], [4102, 4102], [4201, 4102], [4102, 4201, 4102], [4102, 4201]])
+        raw = obj(0, types).encode() + b" " * rng.choice([0, 0, 3000])
+        try:
+            type_ = orjson.loads(raw)["Type"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue
+        if type(type_) is not int:
+            continue
+        exact = protocol._types_disagree_exactly(raw, type_)
+        assert protocol._types_disagree(raw, type_) == exact, raw
+        checked += 1
+        disagreed += bool(exact)
+    assert checked > 2000 and 300 < disagreed < checked - 300  # (both answers well tried)
+
+
 def test_job_dedup_key_is_type_and_guid() -> None:
     """Job starts dedup by GUID, completions by GUID + EndTime (a revived job completes again);
     identical non-job events are not de-duplicated."""
