@@ -100,6 +100,7 @@ async def test_a_webhook_down_for_a_burst_lags_on_disk_then_catches_up(sim: Simu
         async with running(cfg) as d:
             _fast(d)
             await wait_until(lambda: len(hook.events) == 1, what="HELLO at the webhook")
+            await d.synced()
             hook.down = True
             sent = sim.emit_many(3000)
             await wait_until(lambda: d.sink_stats("file").delivered == 3001, timeout=20,
