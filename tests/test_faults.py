@@ -521,7 +521,9 @@ types = ["SEVT_JOB_COMPLETED"]
 
             await wait_until(delivered, timeout=150, what="every completion in both sinks")
             await wait_until(daemon.settled_since, timeout=30, what="the last resync")
-            rc = await daemon.terminate()
+            # (its drain, spool commit and ledger close are each bounded by shutdown_timeout:
+            # on a loaded machine, after three kills' worth of spool, more than 30 s in all)
+            rc = await daemon.terminate(timeout=90)
             assert rc == 0, daemon.tail()
         except BaseException:
             daemon.report()
