@@ -144,9 +144,8 @@ class Malformed:
     """A frame that is not a StreamableEvent. ``reason`` is a bounded label; ``sample`` a short excerpt."""
 
     #: invalid_json | too_deep | not_object | bad_type | duplicate_key | binary | not_utf8 |
-    #: oversized, and for
-    #: a valid frame whose processing failed (:func:`frame_error`): bad_unicode | too_deep |
-    #: processing_error
+    #: oversized, and for a valid frame whose processing failed (:func:`frame_error`):
+    #: bad_unicode | too_deep | processing_error
     reason: str
     detail: str
     sample: str
@@ -230,7 +229,7 @@ def _types_disagree(raw: bytes, type_: int) -> bool | None:
     are parsed again by the standard library, slow but only for them."""
     at = raw.find(b'"Type"')
     if len(raw) <= _SCAN_MAX and (at < 0 or raw.find(b'"Type"', at + 6) < 0) \
-            and (raw.find(92) < 0 or _ESCAPED_TYPE_LETTER.search(raw) is None):  # (92: "\\")
+            and not _escaped_type_letter(raw):
         return False  # (a small frame: scanned whole, cheaper than the steps below)
     if at > 0:
         # what precedes it, but for its brackets, quotes and backslashes: "{" and pairs of
