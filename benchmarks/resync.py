@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _memory import PeakRss, rss_mb  # (benchmarks/, this script's folder)
+from _tuning import TUNINGS, tune
 
 USER, PASSWORD = "bench", "bench pass"
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,21 +132,6 @@ async def measure(url: str, n: int, out: Path, go: Callable[[], None],
             "before": before, "peak": rss.peak, "after": after}
 
 
-def tune(tuning: str) -> None:
-    """The interpreter settings ``cometstream run`` applies (``runtime.tune_for_daemon``), after
-    the daemon's modules are loaded, as there (``gc.freeze()`` then keeps them out of the
-    collector's sight): ``all``, ``gc``, ``switch`` or ``none``."""
-    import cometstream.config
-    import cometstream.daemon
-    import cometstream.sinks  # noqa: F401
-    from cometstream import runtime
-
-    if tuning in ("all", "gc"):
-        runtime.tune_gc()
-    if tuning in ("all", "switch"):
-        runtime.tune_switch_interval()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,7 +159,7 @@ def main() -> int:
 
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
         tuning = os.environ.get("BENCH_TUNING", "all")
-        if tuning not in ("all", "gc", "switch", "none"):
+        if tuning not in TUNINGS:
             ap.error(f"BENCH_TUNING={tuning!r}: one of all, gc, switch, none")
         tune(tuning)
         with tempfile.TemporaryDirectory() as tmp:

@@ -303,21 +303,10 @@ RECEIVERS = {
 def receive(kind: str, url: str, n: int, result: Path, extra: dict[str, str]) -> None:
     _quiet()
     if kind.startswith("daemon") or kind == "read-loop":
-        # the daemon's modules loaded before the settings, as `cometstream run` has them when
-        # it applies them (gc.freeze() then keeps them out of the collector's sight, and their
-        # import is not counted in the burst's CPU time)
-        import cometstream.config
-        import cometstream.daemon
-        import cometstream.sinks
-        import cometstream.stream  # noqa: F401
-        from cometstream import runtime
-
         # as `cometstream run` does; BENCH_TUNING=none|gc|switch measures without (some of) it
-        tuning = os.environ.get("BENCH_TUNING", "all")
-        if tuning in ("all", "gc"):
-            runtime.tune_gc()
-        if tuning in ("all", "switch"):
-            runtime.tune_switch_interval()
+        from _tuning import tune  # (benchmarks/, this script's folder)
+
+        tune(os.environ.get("BENCH_TUNING", "all"))
     fn, variant, _label = RECEIVERS[kind]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "out.jsonl").touch()
