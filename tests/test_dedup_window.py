@@ -132,3 +132,16 @@ async def test_keys_of_a_kept_ledger_row_older_than_24_hours_are_not_loaded_back
     back = Tracker(st, clock=lambda: clock[0])
     assert not back.dedup.seen(old), "a key 24.5 h old was loaded back into the window"
     assert back.dedup.seen(recent) and len(back.dedup) == 2
+
+
+def test_a_key_s_fingerprint_is_what_ledgers_already_hold() -> None:
+    """The window's fingerprints are kept in the ledger across versions: the same key must
+    give the same signed 64-bit number (the first 8 bytes of its BLAKE2b, little-endian)
+    forever, or an upgraded daemon would deliver again what the old one kept."""
+    from cometstream.delivery.identity import fingerprint
+
+    assert fingerprint("4201:ab6e8212-5522-434d-a44a-4112f351247e:1796669529") == \
+        -3221118520244099415
+    assert fingerprint("4200:x") == 3773805257761076428
+    assert fingerprint("é\ud800") == 9187530268824829771  # (a lone surrogate, as received)
+    assert fingerprint(42) == 42

@@ -9,6 +9,7 @@ burst's commit cheap, and is the granularity of the limits and of reads from dis
 from __future__ import annotations
 
 import hashlib
+import struct
 import sys
 from array import array
 from collections.abc import Sequence
@@ -33,8 +34,12 @@ def fingerprint(key: str | int) -> int:
     chance of about one in 10^9."""
     if isinstance(key, int):
         return key
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8).digest(),
-                          "little", signed=True)
+    fp: int = _INT64(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8)
+                     .digest())[0]  # (struct: half the cost of int.from_bytes with its keywords)
+    return fp
+
+
+_INT64: Final = struct.Struct("<q").unpack
 
 
 #: origins as one byte each in a chunk
