@@ -668,6 +668,41 @@ def test_an_account_is_digested_from_its_last_delivered_unredacted_profile() -> 
     assert account_entry(dict(profiles[2], Sources={"s1": {"Statistics": {"x": 1}}})) == entry
 
 
+def test_a_profile_digested_in_place_gives_the_digest_of_a_copy() -> None:
+    """The checkpoint digests the profiles it parsed for that alone in place (``owned``); the
+    digest must be the one the resync takes of the API's profiles, which it keeps using (so
+    it copies, and leaves them as they were): ``Statistics`` at any depth and the top-level
+    ``Devices`` left out, whatever the nesting. Seeded random profiles and the simulator's."""
+    import copy
+    import random
+
+    from cometstream.delivery.identity import profile_digest
+    from cometstream.simulator.world import World
+
+    rng = random.Random(5)
+
+    def value(depth: int) -> Any:
+        r = rng.random()
+        if depth > 5 or r < 0.4:
+            return rng.choice([1, "x", None, 2.5, True, "é"])
+        if r < 0.6:
+            return [value(depth + 1) for _ in range(rng.randrange(4))]
+        return {rng.choice(["Statistics", "Devices", "A", "B", "C"]): value(depth + 1)
+                for _ in range(rng.randrange(5))}
+
+    world = World(seed=3)
+    profiles = [p for p in (value(0) for _ in range(2000)) if isinstance(p, dict)]
+    profiles += [world.update_account()["Data"] for _ in range(50)]
+    differ = 0
+    for profile in profiles:
+        kept = copy.deepcopy(profile)
+        digest = profile_digest(profile)
+        assert profile == kept
+        assert profile_digest(copy.deepcopy(profile), owned=True) == digest
+        differ += digest != profile_digest({})
+    assert differ > 500
+
+
 def test_the_watermark_stays_before_the_oldest_unacknowledged_timestamp() -> None:
     """Timestamps do not rise with the publish order: the watermark waits for the oldest event
     still unacknowledged, whichever was published first."""

@@ -49,11 +49,17 @@ _INT64_MIN: Final = -(1 << 63)
 _INT64_MAX: Final = (1 << 63) - 1
 
 
-def profile_digest(profile: dict[str, Any]) -> str:
+def profile_digest(profile: dict[str, Any], *, owned: bool = False) -> str:
     """A digest of a UserProfileConfig that ignores per-job statistics, the device list (devices
     are tracked, and reported, on their own) and key order. Any depth (a hostile server's
-    profile nested 1,000 levels deep is digested too, without recursion)."""
-    top = _strip({k: v for k, v in profile.items() if k != "Devices"})
+    profile nested 1,000 levels deep is digested too, without recursion). ``owned``: the
+    caller parsed ``profile`` for this alone, and the parts ignored are taken out of it in
+    place instead of copying the rest (a third of the cost)."""
+    if owned:
+        profile.pop("Devices", None)
+        top = _strip_in_place(profile)
+    else:
+        top = _strip({k: v for k, v in profile.items() if k != "Devices"})
     try:
         blob = orjson.dumps(top, option=orjson.OPT_SORT_KEYS)
     except TypeError:  # an integer beyond 64 bits (stdlib-parsed), a lone surrogate, or
@@ -87,6 +93,22 @@ def _strip(value: Any) -> Any:
     return root
 
 
+def _strip_in_place(value: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_strip`'s result, made by deleting the ``_VOLATILE_KEYS`` from ``value`` itself."""
+    stack: list[Any] = [value]
+    pop, push = stack.pop, stack.append
+    while stack:
+        v = pop()
+        if type(v) is dict:
+            for k in _VOLATILE_KEYS & v.keys():
+                del v[k]
+            v = v.values()
+        for x in v:
+            if isinstance(x, (dict, list)):
+                push(x)
+    return value
+
+
 def _canonical(value: Any) -> bytes:
     """An unambiguous encoding with sorted keys, iterative (for what the JSON encoders refuse
     to nest): ASCII-escaped JSON tokens, NUL-separated."""
@@ -111,10 +133,12 @@ def _canonical(value: Any) -> bytes:
     return "\0".join(parts).encode()
 
 
-def account_entry(profile: dict[str, Any]) -> list[Any]:
-    """What the ledger keeps of a profile: [digest without statistics and devices, CreationGUID]."""
+def account_entry(profile: dict[str, Any], *, owned: bool = False) -> list[Any]:
+    """What the ledger keeps of a profile: [digest without statistics and devices, CreationGUID].
+    ``owned``: see :func:`profile_digest`."""
     creation = profile.get("CreationGUID", "") or ""
-    return [profile_digest(profile), creation if isinstance(creation, str) else str(creation)]
+    return [profile_digest(profile, owned=owned),
+            creation if isinstance(creation, str) else str(creation)]
 
 
 def timestamp(doc: dict[str, Any], ev: Event) -> int:

@@ -258,8 +258,8 @@ _UNKNOWN: Final = object()
 
 
 def _entry_of(raw: bytes) -> list[Any]:
-    data = parse_raw(raw).get("Data")
-    return account_entry(data) if isinstance(data, dict) else ["", ""]
+    data = parse_raw(raw).get("Data")  # (parsed for this alone: digested in place)
+    return account_entry(data, owned=True) if isinstance(data, dict) else ["", ""]
 
 
 
