@@ -229,7 +229,7 @@ def _types_disagree(raw: bytes, type_: int) -> bool | None:
     are parsed again by the standard library, slow but only for them."""
     at = raw.find(b'"Type"')
     if len(raw) <= _SCAN_MAX and (at < 0 or raw.find(b'"Type"', at + 6) < 0) \
-            and not _escaped_type_letter(raw):
+            and (raw.find(92) < 0 or not _escaped_type_letter(raw)):  # (92: "\\")
         return False  # (a small frame: scanned whole, cheaper than the steps below)
     if at > 0:
         # what precedes it, but for its brackets, quotes and backslashes: "{" and pairs of
