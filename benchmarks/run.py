@@ -11,7 +11,8 @@ on the same stream; then 10,000 events paced at 1,000/s for the delivery latency
 of ~10k and ~100k keys, and the start time with a 200,000-key window) and ``webhook.py`` (the
 webhook sink against a receiver 50 ms away, serial and concurrent, and against one that fails
 the first POST of each event) and ``fleet.py`` (the fleet metrics of 10,000 users with 30,000
-protected items: a scrape's time and the fleet state's memory). Each starts its own
+protected items: a scrape's time and the fleet state's memory), then, if valgrind is installed,
+``instructions.py`` (the stream path's receivers in instructions per event). Each starts its own
 simulator (and peers, and daemon) in separate processes and prints a table; nothing is asserted.
 ``--quick`` runs a tenth of the sizes (a smoke test of the benchmarks themselves; diskwrite.py:
 a 5 s measured interval instead of 20 s).
@@ -20,6 +21,7 @@ a 5 s measured interval instead of 20 s).
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +44,9 @@ def main() -> int:
         [sys.executable, str(HERE / "fleet.py"), "--users", str(10_000 // scale),
          "--items", str(30_000 // scale), "--scrapes", "5" if args.quick else "20"],
     ]
+    if shutil.which("valgrind") is not None:
+        runs.append([sys.executable, str(HERE / "instructions.py"),
+                     "--small", str(2_000 // scale), "--large", str(22_000 // scale)])
     for cmd in runs:
         print(f"$ {' '.join(Path(c).name if i < 2 else c for i, c in enumerate(cmd))}",
               flush=True)
