@@ -85,7 +85,8 @@ async def test_metrics_values_match_a_scripted_session(sim: Simulator, tmp_path:
     assert _v(m, "cometstream_events_received_total", type="SEVT_POLICY_NEW", **srv) == 1
     assert _v(m, "cometstream_events_received_total", type="other", **srv) == 1
     assert _v(m, "cometstream_events_malformed_total", reason="invalid_json", **srv) == 1
-    assert _v(m, "cometstream_events_malformed_total", reason="binary", **srv) == 0  # from 0
+    for reason in ("binary", "duplicate_key", "too_deep", "oversized", "processing_error"):
+        assert _v(m, "cometstream_events_malformed_total", reason=reason, **srv) == 0  # from 0
     assert _v(m, "cometstream_jobs_completed_total", status="JOB_STATUS_STOP_SUCCESS", **srv) == 1
     assert _v(m, "cometstream_jobs_completed_total", status="JOB_STATUS_FAILED_ERROR", **srv) == 1
     assert _v(m, "cometstream_jobs_completed_total", status="JOB_STATUS_FAILED_OTHER", **srv) == 1
@@ -256,3 +257,24 @@ async def test_a_long_extra_text_arrives_whole_in_pieces() -> None:
     assert body == ours + b"".join(parts)
     assert length == len(body)
     assert zipped == body
+
+
+def test_a_batch_observed_at_once_lands_where_each_value_would() -> None:
+    """Acknowledgements observe their batch's latencies at once (sorted, then bisected per
+    bucket): the buckets, the count and the sum must be those of observing each value, bounds
+    themselves (a value equal to a bound belongs to it), values below the first and beyond the
+    last included. Seeded."""
+    import random
+
+    from cometstream.observe.metrics import LATENCY_BUCKETS, Histogram
+
+    rng = random.Random(3)
+    for _ in range(500):
+        one, many = Histogram(), Histogram()
+        values = [rng.choice([rng.random() * 90, rng.choice(LATENCY_BUCKETS), 0.0, -0.5,
+                              rng.expovariate(50)]) for _ in range(rng.randrange(300))]
+        for v in values:
+            one.observe(v)
+        many.observe_many(v for v in values)  # (any iterable)
+        assert many.counts == one.counts and many.count == one.count == len(values)
+        assert abs(many.sum - one.sum) < 1e-6

@@ -10,7 +10,7 @@ statuses into their range, disconnect reasons and drop reasons are fixed vocabul
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
@@ -41,8 +41,8 @@ LATENCY_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 
 
 #: why a frame was skipped (``cometstream_events_malformed_total{reason}``), exported from 0
-MALFORMED_REASONS: Final = ("bad_type", "bad_unicode", "binary", "invalid_json", "not_object",
-                            "not_utf8", "oversized", "processing_error", "too_deep")
+MALFORMED_REASONS: Final = ("bad_type", "bad_unicode", "binary", "duplicate_key", "invalid_json",
+                            "not_object", "not_utf8", "oversized", "processing_error", "too_deep")
 
 class Histogram:
     """A cheap fixed-bucket histogram (no locks: the event loop is its only writer)."""
@@ -61,15 +61,19 @@ class Histogram:
         self.count += 1
 
     def observe_many(self, values: Iterable[float]) -> None:
-        counts, bounds = self.counts, self.bounds
-        total = 0.0
-        n = 0
-        for v in values:
-            counts[bisect_left(bounds, v)] += 1
-            total += v
-            n += 1
-        self.sum += total
-        self.count += n
+        """:meth:`observe` each value: sorted once, then each bucket's share found by bisection
+        (a batch of acknowledgements: hundreds of values, a few dozen steps in Python, where a
+        loop over the values took hundreds)."""
+        ordered = sorted(values)
+        counts = self.counts
+        below = 0  # values in the buckets so far (all <= the last bound passed)
+        for i, bound in enumerate(self.bounds):
+            upto = bisect_right(ordered, bound, below)
+            counts[i] += upto - below
+            below = upto
+        counts[-1] += len(ordered) - below
+        self.sum += sum(ordered)
+        self.count += len(ordered)
 
     def cumulative(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
