@@ -86,10 +86,7 @@ class Tracker:
         known (:func:`~.identity.job_event`, or the resync that synthesized it)."""
         self.dedup.inflight[fp] = seq
         self._pending.append((seq, fp, ts, action))
-        low = self._low  # (_track_low, inline: the bulk of the stream comes this way)
-        while low and low[-1][1] >= ts:
-            low.pop()
-        low.append((seq, ts))
+        self._track_low(seq, ts)
 
     def _track_low(self, seq: int, ts: int) -> None:
         """The running minimum of pending timestamps (the watermark may not pass it)."""
