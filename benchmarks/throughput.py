@@ -22,7 +22,10 @@ are its own:
 - ``daemon, file + Kafka`` / ``daemon, file + webhook``: the file sink and one of those (what
   each costs on top of the file sink);
 - ``daemon, filter 10%``: one file sink with ``types = ["SEVT_DEVICE_LIVE_DISCONNECT"]``
-  (about 11% of the mix).
+  (about 11% of the mix);
+- ``daemon, full dedup window``: one file sink, and a ledger whose dedup window is full (200,000
+  keys over the last 20 hours, as a busy server's is after a day), so that every acknowledgement
+  pushes the oldest keys out.
 
 Rate = N / (first frame sent by the sender → last event acknowledged by every sink, i.e. its
 line written). Then a paced run: the daemon with a file sink, the sender at 1,000 events/s; the
@@ -249,6 +252,8 @@ async def daemon(url: str, n: int, tmp: Path, variant: str,
         "state": {"dir": str(tmp / "state")},
         "sinks": _sinks(variant, tmp, extra or {}),
     }, env={}, resolve_sink=resolve_sink_class)
+    if variant == "fullwindow":
+        _full_window(cfg)
     d = Daemon(cfg)
     loop = asyncio.get_running_loop()
     done = loop.create_future()
@@ -279,6 +284,26 @@ async def daemon(url: str, n: int, tmp: Path, variant: str,
     return out
 
 
+def _full_window(cfg: Any) -> None:
+    """A ledger whose dedup window is full (its 200,000 keys, over the last 20 hours), as a
+    busy server's is after a day: each acknowledgement then pushes the oldest keys out."""
+    from cometstream.delivery.window import Dedup
+    from cometstream.store.schema import transaction
+    from cometstream.store.state import State
+    from cometstream.store.statedb import write_state
+    from cometstream.store.store import Store
+
+    size = Dedup().max_size
+    now = int(time.time())
+    keys = [((i * 0x9E3779B97F4A7C15) % (1 << 63), now - 72_000 + i * 72_000 // size)
+            for i in range(size)]
+    store = Store.open(cfg.state.dir, cfg.server.name, spools_events=True)
+    try:
+        transaction(store.db, lambda: write_state(store.db, State(dedup=keys)))
+    finally:
+        store.close()
+
+
 def _count(path: Path) -> int:
     with path.open("rb") as fh:
         return sum(1 for _ in fh)
@@ -296,6 +321,7 @@ RECEIVERS = {
     "daemon-webhook": (daemon, "webhook", "daemon, file + webhook"),
     "daemon-4sinks": (daemon, "four", "daemon, 4 sinks"),
     "daemon-filter": (daemon, "filter", "daemon, filter 10%"),
+    "daemon-fullwindow": (daemon, "fullwindow", "daemon, full dedup window"),
     "daemon-paced": (daemon, "paced", "daemon, paced"),
 }
 
@@ -480,7 +506,8 @@ def main() -> int:
                     help="events of two more bursts, of job completions only and of a "
                          "Comet-like mix (60%% job completions, 10%% job starts, 20%% logins, "
                          "10%% account changes with their profile), into naive aiohttp and the "
-                         "daemon with and without redaction (default: --events; 0: skip)")
+                         "daemon with and without redaction, and with a full dedup window "
+                         "(default: --events; 0: skip)")
     ap.add_argument("--mix", default="simulator", help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, default=0, help=argparse.SUPPRESS)
@@ -539,8 +566,8 @@ def main() -> int:
         try:
             print(f"\n{mix}: {m:,} events of {sender.bytes:.0f} bytes on average: {what}; "
                   f"best of {args.repeat}", flush=True)
-            mixed = _burst(["naive-aiohttp", "daemon", "daemon-noredact"], sender, m,
-                           args.repeat, env, {})
+            mixed = _burst(["naive-aiohttp", "daemon", "daemon-noredact", "daemon-fullwindow"],
+                           sender, m, args.repeat, env, {})
         finally:
             sender.stop()
         _table(mixed)

@@ -145,3 +145,19 @@ def test_a_key_s_fingerprint_is_what_ledgers_already_hold() -> None:
     assert fingerprint("4200:x") == 3773805257761076428
     assert fingerprint("é\ud800") == 9187530268824829771  # (a lone surrogate, as received)
     assert fingerprint(42) == 42
+
+
+def test_a_full_window_keeps_its_size_and_its_shared_timestamps_bounded() -> None:
+    """A busy server's window is full after a day: every prune pushes the oldest keys out.
+    The window stays at its size, the newest keys stay in it, and the timestamps it shares
+    between keys (one object per second) stay bounded by its age, not by the keys it saw."""
+    from cometstream.delivery.window import Dedup
+
+    d = Dedup(max_size=1000)
+    for i in range(30_000):  # a key every 10 s for a month and more, each kept and pruned
+        ts = T0 + 10 * i
+        d.acked_fp(i, ts)
+        d.prune(ts)
+    assert len(d) == 1000
+    assert d.seen(29_999) and d.seen(29_000) and not d.seen(28_999)
+    assert len(d._ts) <= 2 * (DAY // 10) + 2

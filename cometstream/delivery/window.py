@@ -14,6 +14,9 @@ from .identity import fingerprint
 
 __all__ = ["Dedup"]
 
+#: the shared timestamps kept before a prune first looks for those that left the window
+_TS_MIN = 4096
+
 
 class Dedup:
     """``seen(key)`` is true for a key kept within the window or published and not yet kept.
@@ -32,6 +35,8 @@ class Dedup:
         self.horizon = 0
         # timestamps repeat (many events a second): one int object per second, not per key
         self._ts: dict[int, int] = {}
+        #: past this many shared timestamps, a prune forgets those that left the window
+        self._ts_limit = _TS_MIN
 
     def seen(self, key: str | int) -> bool:
         fp = fingerprint(key)
@@ -69,11 +74,13 @@ class Dedup:
                 break
         for fp in drop:
             del d[fp]
-        if len(self._ts) > 100_000 or drop:
-            # forget the shared timestamps that left the window
-            live = {ts for ts in self._ts if ts >= horizon}
-            if len(live) < len(self._ts):
-                self._ts = {ts: ts for ts in live}
+        if len(self._ts) > self._ts_limit:
+            # forget the shared timestamps that left the window. That is a look at each, so
+            # only once they have doubled since the last time: a full window drops keys at
+            # every prune, and a look at each second of a day then would cost a few
+            # milliseconds per acknowledgement, however few events it acknowledges
+            self._ts = {ts: ts for ts in self._ts if ts >= horizon}
+            self._ts_limit = max(_TS_MIN, 2 * len(self._ts))
 
     def load(self, rows: Iterable[tuple[int, int]]) -> None:
         """From the ledger (or a migrated checkpoint): (fingerprint, timestamp), oldest first."""
