@@ -23,9 +23,10 @@ are its own:
   each costs on top of the file sink);
 - ``daemon, filter 10%``: one file sink with ``types = ["SEVT_DEVICE_LIVE_DISCONNECT"]``
   (about 11% of the mix);
-- ``daemon, full dedup window``: one file sink, and a ledger whose dedup window is full (200,000
-  keys over the last 20 hours, as a busy server's is after a day), so that every acknowledgement
-  pushes the oldest keys out.
+- ``daemon, long-running``: one file sink, in the state a busy server leaves a daemon in after
+  months: a ledger whose dedup window is full (200,000 keys over the last 20 hours), so that
+  every acknowledgement pushes the oldest keys out, and a redactor that has judged 100,000 key
+  names of devices and sources long gone (ids used as keys).
 
 Rate = N / (first frame sent by the sender → last event acknowledged by every sink, i.e. its
 line written). Then a paced run: the daemon with a file sink, the sender at 1,000 events/s; the
@@ -252,9 +253,11 @@ async def daemon(url: str, n: int, tmp: Path, variant: str,
         "state": {"dir": str(tmp / "state")},
         "sinks": _sinks(variant, tmp, extra or {}),
     }, env={}, resolve_sink=resolve_sink_class)
-    if variant == "fullwindow":
+    if variant == "aged":
         _full_window(cfg)
     d = Daemon(cfg)
+    if variant == "aged":
+        _aged_names(d.redactor)
     loop = asyncio.get_running_loop()
     done = loop.create_future()
     total = n + 1  # and the HELLO
@@ -304,6 +307,19 @@ def _full_window(cfg: Any) -> None:
         store.close()
 
 
+def _aged_names(redactor: Any) -> None:
+    """The key names a redactor has judged after months: those of a profile (another world's:
+    its ids are not the stream's) first, then 100,000 ids of devices and sources long gone."""
+    from cometstream.protocol import decode_frame
+    from cometstream.simulator import Simulator
+
+    world = Simulator(username=USER, password=PASSWORD, rate=0, seed=2, record=False).world
+    ev = decode_frame(orjson.dumps(world.update_account()), received_at=time.time(), server="s")
+    redactor.apply(ev)
+    for i in range(100_000):
+        redactor.is_secret(f"{i:08x}-0000-4000-8000-000000000000")
+
+
 def _count(path: Path) -> int:
     with path.open("rb") as fh:
         return sum(1 for _ in fh)
@@ -321,7 +337,7 @@ RECEIVERS = {
     "daemon-webhook": (daemon, "webhook", "daemon, file + webhook"),
     "daemon-4sinks": (daemon, "four", "daemon, 4 sinks"),
     "daemon-filter": (daemon, "filter", "daemon, filter 10%"),
-    "daemon-fullwindow": (daemon, "fullwindow", "daemon, full dedup window"),
+    "daemon-aged": (daemon, "aged", "daemon, long-running"),
     "daemon-paced": (daemon, "paced", "daemon, paced"),
 }
 
@@ -506,7 +522,7 @@ def main() -> int:
                     help="events of two more bursts, of job completions only and of a "
                          "Comet-like mix (60%% job completions, 10%% job starts, 20%% logins, "
                          "10%% account changes with their profile), into naive aiohttp and the "
-                         "daemon with and without redaction, and with a full dedup window "
+                         "daemon with and without redaction, and long-running "
                          "(default: --events; 0: skip)")
     ap.add_argument("--mix", default="simulator", help=argparse.SUPPRESS)
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -566,7 +582,7 @@ def main() -> int:
         try:
             print(f"\n{mix}: {m:,} events of {sender.bytes:.0f} bytes on average: {what}; "
                   f"best of {args.repeat}", flush=True)
-            mixed = _burst(["naive-aiohttp", "daemon", "daemon-noredact", "daemon-fullwindow"],
+            mixed = _burst(["naive-aiohttp", "daemon", "daemon-noredact", "daemon-aged"],
                            sender, m, args.repeat, env, {})
         finally:
             sender.stop()

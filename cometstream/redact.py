@@ -97,6 +97,8 @@ NO_SECRETS: Final = frozenset({"Statistics"})
 _NONE: Final[frozenset[str]] = frozenset()
 #: values not worth replacing (nothing to hide)
 _EMPTY: Final[tuple[object, ...]] = (None, "", [], {}, MARK)
+#: key names judged and remembered at most (the ids used as keys included): about 10 MB
+KNOWN_MAX: Final = 100_000
 #: lower-cased key names: the same test without IGNORECASE (several times faster)
 _LOWER: Final = re.compile(SECRET_KEY_PATTERN.pattern)
 
@@ -130,9 +132,17 @@ class Redactor:
             verdict = lower in self.extra
         else:
             verdict = _LOWER.search(lower) is not None or lower in self.extra
-        if len(self._known) < 100_000 and len(key) <= 256:  # bounded: the names (and their
-            # lengths) are the server's to choose
-            self._known.add(key)
+        if len(key) <= 256:  # (the names, and their lengths, are the server's to choose)
+            known = self._known
+            if len(known) >= KNOWN_MAX:
+                # full: forgotten all at once, and the names met from now on are judged again
+                # (a few hundred). Over months the ids used as keys (devices, sources,
+                # destinations) come and go: a cache that kept the first ones for good would
+                # leave every new one to be judged at every event, which doubles the cost
+                # of a profile's walk.
+                known.clear()
+                self._secret.clear()
+            known.add(key)
             if verdict:
                 self._secret.add(key)
         return verdict
@@ -160,7 +170,7 @@ class Redactor:
                 if not known.issuperset(keys):  # new names (or ids used as keys)
                     secret = found = keys & secret_names
                     for k in keys:
-                        # (the verdict, not the cache: past its bound the cache keeps no more)
+                        # (the verdict, not the cache: at its bound the cache starts over)
                         if k not in known and isinstance(k, str) and self.is_secret(k):
                             found.add(k)
                 elif keys.isdisjoint(secret_names):  # (most objects: no set built)

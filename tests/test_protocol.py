@@ -359,6 +359,27 @@ def test_redaction_survives_integers_beyond_a_double_and_a_full_name_cache() -> 
     assert b"hunter2" not in ev.raw  # type: ignore[union-attr]
 
 
+def test_the_name_cache_starts_over_when_full_so_the_names_met_now_are_cached() -> None:
+    """Ids used as keys (devices, sources, destinations) come and go over months: once the
+    cache of judged names is full of old ones, it starts over, so the names of the profiles
+    met now are judged once again and then matched in C, not judged at every event; and it
+    never holds more than its bound."""
+    from cometstream.redact import KNOWN_MAX, MARK, Redactor
+
+    r = Redactor()
+    r.is_secret("PasswordHash")
+    for i in range(KNOWN_MAX + 10):  # old ids, never met again
+        r.is_secret(f"0000-{i}")
+        assert len(r._known) <= KNOWN_MAX
+    profile = {"Sources": {"6a1c-src": {"Description": "x", "ClientSecret": "s3"}},
+               "PasswordHash": "h"}
+    assert r._walk(profile)
+    assert profile == {"Sources": {"6a1c-src": {"Description": "x", "ClientSecret": MARK}},
+                       "PasswordHash": MARK}
+    assert {"Sources", "6a1c-src", "Description", "ClientSecret", "PasswordHash"} <= r._known
+    assert {"ClientSecret", "PasswordHash"} <= r._secret
+
+
 def test_a_secret_key_given_twice_in_one_object_leaves_no_copy() -> None:
     """JSON parsers keep the last of a key given twice; the redacted event is re-encoded from
     the parsed document, so neither value survives in its bytes."""
