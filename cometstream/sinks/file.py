@@ -322,22 +322,24 @@ class FileSink(Sink):
         if self._fd < 0:
             self._open_sync()
         limit = self.rotate_bytes
-        if limit:
+        if limit and self._size + sum(map(len, lines)) + len(lines) > limit:
+            # (a batch that fits, nearly all, is written whole below: no look at each line
+            # on this thread, which holds the interpreter while it looks)
             chunk: list[bytes] = []
             size = 0
             for line in lines:
                 n = len(line) + 1
                 if self._size + size + n > limit and self._size + size > 0:
                     if chunk:
-                        self._append(b"\n".join(chunk) + b"\n")
+                        self._append(_lines(chunk))
                         chunk, size = [], 0
                     self._rotate()
                 chunk.append(line)
                 size += n
             if chunk:
-                self._append(b"\n".join(chunk) + b"\n")
+                self._append(_lines(chunk))
         else:
-            self._append(b"\n".join(lines) + b"\n")
+            self._append(_lines(lines))
         if self.fsync == "batch":
             now = time.monotonic()
             if now - self._last_fsync >= _BATCH_FSYNC_INTERVAL:
@@ -381,3 +383,9 @@ class FileSink(Sink):
                 os.replace(src, f"{base}.{i + 1}")
         os.replace(base, f"{base}.1")
         self._open_sync()
+
+
+def _lines(lines: list[bytes]) -> bytes:
+    """The lines as one text, each ended by a line break, in one copy of their bytes (a join
+    then ``+ b"\\n"`` copies them twice, the second time holding the interpreter)."""
+    return b"\n".join([*lines, b""])
