@@ -97,7 +97,8 @@ NO_SECRETS: Final = frozenset({"Statistics"})
 _NONE: Final[frozenset[str]] = frozenset()
 #: values not worth replacing (nothing to hide)
 _EMPTY: Final[tuple[object, ...]] = (None, "", [], {}, MARK)
-#: key names judged and remembered at most (the ids used as keys included): about 10 MB
+#: key names judged and remembered at most (the ids used as keys included): about 13 MB
+#: of ids like GUIDs
 KNOWN_MAX: Final = 100_000
 #: lower-cased key names: the same test without IGNORECASE (several times faster)
 _LOWER: Final = re.compile(SECRET_KEY_PATTERN.pattern)

@@ -84,6 +84,27 @@ async def test_file_sink_rotates_by_size_and_keeps_n(tmp_path: Path) -> None:
     assert guids == [f"job-{i:05d}" for i in range(60 - len(guids), 60)]
 
 
+async def test_file_sink_fills_a_file_to_exactly_rotate_bytes_then_rotates(
+        tmp_path: Path) -> None:
+    """A batch that ends exactly at ``rotate_bytes`` is written whole into the file; the next
+    line starts the next file. A batch that crosses it is split at the line that would."""
+    path = tmp_path / "e.jsonl"
+    line = len(_event(0, pad=4000).raw) + 1
+    sink = _sink(path, rotate_bytes=4 * line, keep=3, fsync="never")
+    await sink.open()
+    await sink.send([_event(i, pad=4000) for i in range(4)])  # exactly the limit
+    assert path.stat().st_size == 4 * line and not path.with_name("e.jsonl.1").exists()
+    await sink.send([_event(4, pad=4000)])
+    assert path.with_name("e.jsonl.1").stat().st_size == 4 * line
+    await sink.send([_event(i, pad=4000) for i in range(5, 10)])  # crosses it
+    await sink.aclose()
+    sizes = [p.stat().st_size for p in (path.with_name("e.jsonl.1"), path)]
+    assert sizes == [4 * line, 2 * line]
+    guids = [orjson.loads(x)["Data"]["GUID"] for p in (path.with_name("e.jsonl.2"),
+             path.with_name("e.jsonl.1"), path) for x in p.read_bytes().splitlines()]
+    assert guids == [f"job-{i:05d}" for i in range(10)]
+
+
 async def test_file_sink_write_error_is_retryable(tmp_path: Path) -> None:
     """An OSError while writing (here: the folder became a file) is a retryable SinkError."""
     path = tmp_path / "d" / "e.jsonl"

@@ -35,7 +35,8 @@ class Dedup:
         self.horizon = 0
         # timestamps repeat (many events a second): one int object per second, not per key
         self._ts: dict[int, int] = {}
-        #: past this many shared timestamps, a prune forgets those that left the window
+        #: past this many shared timestamps, a prune forgets those that left the window (so
+        #: they number up to twice the seconds the window holds: 172,800 for a day)
         self._ts_limit = _TS_MIN
 
     def seen(self, key: str | int) -> bool:

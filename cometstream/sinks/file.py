@@ -323,8 +323,8 @@ class FileSink(Sink):
             self._open_sync()
         limit = self.rotate_bytes
         if limit and self._size + sum(map(len, lines)) + len(lines) > limit:
-            # (a batch that fits, nearly all, is written whole below: no look at each line
-            # on this thread, which holds the interpreter while it looks)
+            # (a batch that fits, nearly all, is written whole below, its size summed in C:
+            # no Python loop over its lines on this thread, which holds the interpreter then)
             chunk: list[bytes] = []
             size = 0
             for line in lines:
