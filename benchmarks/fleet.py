@@ -33,6 +33,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cometstream.api import USERS_PATH, profile_map
 from cometstream.config import FleetConfig
 from cometstream.fleet.model import Model
 from cometstream.fleet.render import render
@@ -108,8 +109,11 @@ def answers(users: int, items: int, seed: int = 1) -> tuple[bytes, bytes, bytes]
 
 
 def seed(raw: tuple[bytes, bytes, bytes], names: bool) -> Model:
-    """What fleet.seed.read_fleet does with the answers (without the HTTP calls)."""
-    users, jobs, live = (orjson.loads(r) for r in raw)
+    """What fleet.seed.read_fleet does with the answers (without the HTTP calls): the users'
+    answer read one profile at a time, as the admin API client reads it."""
+    users = asyncio.run(profile_map(raw[0], USERS_PATH))
+    assert users is not None
+    jobs, live = (orjson.loads(r) for r in raw[1:])
     model = Model(max_series=10**8, name_labels=names)
     model.version = "25.9.6"
     for name, profile in users.items():
@@ -230,7 +234,7 @@ def main() -> int:
         tracemalloc.start()
         model = seed(raw, names)
         gc.collect()
-        state = tracemalloc.get_traced_memory()[0]
+        state, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         render(model, NOW)  # (warm)
         times = []
@@ -246,14 +250,14 @@ def main() -> int:
         for _ in range(n):
             model.job_completed(completion)
         per_event = (time.perf_counter() - t0) / n
-        rows.append(("default labels" if names else "name_labels=false", seeded, state, times,
-                     series, len(text), http, per_event))
+        rows.append(("default labels" if names else "name_labels=false", seeded, state, peak,
+                     times, series, len(text), http, per_event))
         del model, text
-    print(f"{'labels':<18}{'seed s':>8}{'state MB':>10}{'render ms':>11}{'p90 ms':>8}"
-          f"{'series':>10}{'text MB':>9}{'event µs':>10}")
-    for label, seeded, state, times, series, size, _http, per_event in rows:
+    print(f"{'labels':<18}{'seed s':>8}{'state MB':>10}{'seed peak MB':>14}{'render ms':>11}"
+          f"{'p90 ms':>8}{'series':>10}{'text MB':>9}{'event µs':>10}")
+    for label, seeded, state, peak, times, series, size, _http, per_event in rows:
         p90 = sorted(times)[int(len(times) * 0.9) - 1]
-        print(f"{label:<18}{seeded:>8.2f}{state / 1e6:>10.1f}"
+        print(f"{label:<18}{seeded:>8.2f}{state / 1e6:>10.1f}{peak / 1e6:>14.1f}"
               f"{statistics.median(times) * 1e3:>11.0f}{p90 * 1e3:>8.0f}{series:>10,}"
               f"{size / 1e6:>9.1f}{per_event * 1e6:>10.2f}")
     print("\nscrapes through the HTTP endpoint (curl in another process), ms:")

@@ -11,7 +11,9 @@ form. There is one place that turns what comes back into results or errors
 - HTTP 5xx, 429, transport errors and timeouts → retryable :class:`ApiError`, retried with backoff;
 - every request has a total deadline, ``call_timeout`` (connect, send, headers and the whole body):
   a per-read timeout alone lets a server that sends one byte a second hold a call forever;
-- JSON ``null`` where a list or map is expected means empty.
+- JSON ``null`` where a list or map is expected means empty;
+- ``list-users-full`` (every profile; it cannot be paged) comes back as a :class:`ProfileMap`:
+  its bytes, each profile parsed when read (a profile that is not JSON is an ApiError then).
 
 With ``PasswordTOTP`` the client logs in once with a code (``account/session-start``) and then uses
 the session key, because a TOTP code may be single-use; an expired session is renewed once.
@@ -24,7 +26,7 @@ import json
 import random
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Final, Self
 from urllib.parse import urlsplit
 
@@ -38,7 +40,7 @@ from .errors import ApiAuthError, ApiError, ResponseTooLarge, TotpRequired
 from .observe.logging import register_secret
 from .runtime import gc_paused
 
-__all__ = ["JOBS_PATH", "USERS_PATH", "AdminClient", "api_base_url"]
+__all__ = ["JOBS_PATH", "USERS_PATH", "AdminClient", "ProfileMap", "api_base_url", "profile_map"]
 
 log = structlog.get_logger("cometstream.api")
 
@@ -265,6 +267,12 @@ class AdminClient:
                            f"{plain_http_hint(exc)}", status=0) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise ApiError(f"{path}: {exc.__class__.__name__}: {exc}", status=0) from exc
+        if path == USERS_PATH and status < 400:
+            # every profile of every user, in one answer that cannot be paged: read one
+            # profile at a time (ProfileMap) when it has the expected shape
+            users = await profile_map(body, path)
+            if users is not None:
+                return users
         return self._decode(path, status, ctype, body)
 
     @staticmethod
@@ -273,22 +281,8 @@ class AdminClient:
         data: Any = None
         parsed = False
         if body[:1] in (b"{", b"[", b"n", b'"') or "json" in ctype:
-            try:
-                with gc_paused():  # (an answer may be a million objects: nothing to collect)
-                    data = orjson.loads(body)
-                parsed = True
-            except orjson.JSONDecodeError:
-                # orjson refuses numbers beyond a double (valid JSON): the stdlib takes them
-                try:
-                    data = json.loads(body, parse_constant=_no_constants)
-                    parsed = True
-                except (ValueError, RecursionError):
-                    parsed = False
-                else:
-                    # orjson also refuses a lone surrogate ("\ud800"), which no UTF-8 encoder
-                    # (logs, the ledger, the sinks) takes: it becomes U+FFFD here, once
-                    if _SURROGATE_ESCAPE.search(body):
-                        data = _without_lone_surrogates(data)
+            with gc_paused():  # (an answer may be a million objects: nothing to collect)
+                parsed, data = _parse(body)
         message = ""
         body_status = 0
         if parsed and isinstance(data, dict) and isinstance(data.get("Status"), int) \
@@ -327,9 +321,13 @@ class AdminClient:
     async def job_properties(self, guid: str) -> dict[str, Any]:
         return _as_map(await self.call("admin/get-job-properties", {"JobID": guid}))
 
-    async def list_users_full(self) -> dict[str, dict[str, Any]]:
-        data = _as_map(await self.call(USERS_PATH))
-        return {k: v for k, v in data.items() if isinstance(v, dict)}
+    async def list_users_full(self) -> Mapping[str, dict[str, Any]]:
+        """{username: UserProfileConfig}: a :class:`ProfileMap` (each profile parsed when
+        read), or, for an answer of another shape, the parsed answer's objects."""
+        data = await self.call(USERS_PATH)
+        if isinstance(data, ProfileMap):
+            return data
+        return {k: v for k, v in _as_map(data).items() if isinstance(v, dict)}
 
     async def live_connections(self, username: str = "") -> dict[str, dict[str, Any]]:
         """The live-connected devices (``dispatcher/list-active``): {connection GUID:
@@ -362,6 +360,117 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int, path: str) -> b
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _parse(body: bytes | memoryview) -> tuple[bool, Any]:
+    """(True, the JSON value of ``body``), or (False, None) if it is not JSON."""
+    try:
+        return True, orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses numbers beyond a double (valid JSON): the stdlib takes them (not from
+    # a memoryview: a profile's, which is small, is copied)
+    if isinstance(body, memoryview):
+        body = body.tobytes()
+    try:
+        data = json.loads(body, parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        return False, None
+    # orjson also refuses a lone surrogate ("\ud800"), which no UTF-8 encoder (logs, the
+    # ledger, the sinks) takes: it becomes U+FFFD here, once
+    if _SURROGATE_ESCAPE.search(body):
+        data = _without_lone_surrogates(data)
+    return True, data
+
+
+# --- list-users-full, one profile at a time ------------------------------------------------------
+_WS: Final = rb"[ \t\r\n]*"
+_STRING: Final = rb'"(?:[^"\\]++|\\.)*+"'
+
+
+def _nested(depth: int) -> bytes:
+    """A JSON object or array nested at most ``depth`` levels deep, as a regular expression
+    that skips its strings whole and checks nothing else (the parse of the value does)."""
+    value = rb"[{\[](?:[^\"{}\[\]]++|" + _STRING + rb")*+[}\]]"
+    for _ in range(depth - 1):
+        value = rb"[{\[](?:[^\"{}\[\]]++|" + _STRING + rb"|" + value + rb")*+[}\]]"
+    return value
+
+
+#: profiles nested deeper than this are not read one at a time (the whole answer is parsed)
+PROFILE_DEPTH: Final = 32
+#: one member of the answer's object: its name (a JSON string) and its value, an object (or
+#: an array: then the answer is parsed whole, as it was before), up to the comma or brace after
+_MEMBER: Final = re.compile(_WS + rb"(" + _STRING + rb")" + _WS + rb":" + _WS
+                            + rb"(" + _nested(PROFILE_DEPTH) + rb")" + _WS + rb"([,}])",
+                            re.DOTALL)
+_OPEN: Final = re.compile(_WS + rb"\{")
+_EMPTY_REST: Final = re.compile(_WS + rb"\}" + _WS + rb"\Z")
+_END: Final = re.compile(_WS + rb"\Z")
+#: members found between two turns given to the event loop (a 6 KB profile takes ~60 µs)
+_MEMBERS_PER_TURN: Final = 256
+
+
+class ProfileMap(Mapping[str, dict[str, Any]]):
+    """The answer of ``list-users-full`` ({username: UserProfileConfig}) as its bytes and where
+    each profile lies in them: a profile is parsed each time it is asked for, and freed by
+    whoever asked once done with it. The answer's parsed form is several times its bytes (a
+    10,000-user answer of 62 MiB: some 300 MB at once); this keeps its bytes and one profile
+    at a time. Read-only, so one answer can be shared by its readers (the remedial sync and
+    the fleet's seed), each with profiles of its own."""
+
+    __slots__ = ("_body", "_path", "_spans")
+
+    def __init__(self, body: bytes, spans: dict[str, tuple[int, int]], path: str) -> None:
+        self._body = memoryview(body)
+        self._spans = spans
+        self._path = path
+
+    def __getitem__(self, name: str) -> dict[str, Any]:
+        start, end = self._spans[name]
+        parsed, data = _parse(self._body[start:end])
+        if not parsed or not isinstance(data, dict):  # (found whole: only its insides can fail)
+            raise ApiError(f"{self._path}: the response is not JSON (the profile of "
+                           f"{name!r})", status=200, retryable=False)
+        return data
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._spans
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._spans)
+
+    def __len__(self) -> int:
+        return len(self._spans)
+
+
+async def profile_map(body: bytes, path: str) -> ProfileMap | None:
+    """``body`` as a :class:`ProfileMap`, if it is a JSON object whose every value is an object
+    nested at most :data:`PROFILE_DEPTH` deep; else None (then it is parsed whole, as any
+    answer: an error given as a body, ``null``, anything else). Gives the event loop a turn
+    every few hundred profiles."""
+    m = _OPEN.match(body)
+    if m is None:
+        return None
+    pos = m.end()
+    spans: dict[str, tuple[int, int]] = {}
+    if _EMPTY_REST.match(body, pos):
+        return ProfileMap(body, spans, path)
+    match = _MEMBER.match
+    while True:
+        for _ in range(_MEMBERS_PER_TURN):
+            m = match(body, pos)
+            if m is None or body[m.start(2)] != 0x7B:  # ({: a value that is an object)
+                return None
+            key = m.group(1)
+            parsed, name = _parse(key)
+            if not parsed or not isinstance(name, str):
+                return None
+            spans[name] = m.span(2)  # (a name given twice: the last, as a parser keeps)
+            pos = m.end()
+            if body[pos - 1] == 0x7D:  # (}: the answer's end)
+                return ProfileMap(body, spans, path) if _END.match(body, pos) else None
+        await asyncio.sleep(0)
 
 
 def _fix_text(text: str) -> str:

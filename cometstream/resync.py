@@ -31,7 +31,7 @@ import ctypes
 import sys
 import time
 from array import array
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from operator import itemgetter
 from typing import Any, Final, TypeVar
 
@@ -96,14 +96,28 @@ def _time(value: object) -> int:
     return value if type(value) is int and 0 < value < 1 << 63 else 0
 
 
-def _devices_of(users: dict[str, dict[str, Any]]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for name, profile in users.items():
-        devices = profile.get("Devices")
-        if isinstance(devices, dict):
-            for dev in devices:
-                out[str(dev)] = name
-    return out
+#: profiles looked at between two turns given to the event loop
+_PROFILES_PER_TURN: Final = 500
+
+
+async def _survey(users: Mapping[str, dict[str, Any]]) -> tuple[
+        dict[str, str], dict[str, list[Any]], dict[str, str]]:
+    """One look at every profile (each is parsed when read, from the answer's bytes): each
+    user's organization, account entry (see :func:`~.delivery.identity.account_entry`) and
+    devices ({device ID: owner}), in objects of their own (see Resyncer._accounts)."""
+    orgs: dict[str, str] = {}
+    entries: dict[str, list[Any]] = {}
+    devices: dict[str, str] = {}
+    for i, (name, profile) in enumerate(users.items(), 1):
+        orgs[name] = profile.get("OrganizationID", "") or ""
+        entries[name] = account_entry(profile)
+        owned = profile.get("Devices")
+        if isinstance(owned, dict):
+            for dev in owned:
+                devices[str(dev)] = name
+        if not i % _PROFILES_PER_TURN:
+            await asyncio.sleep(0)  # (the stream is read meanwhile)
+    return _fresh(orgs), _fresh(entries), _fresh(devices)
 
 
 #: a GUID's 64-bit fingerprint within this process (a GuidSet never leaves it): its string's
@@ -269,14 +283,14 @@ class Resyncer:
 
         users = await self.api.list_users_full()
         res.read_bytes += self.api.answer_bytes.get(USERS_PATH, 0)
-        orgs = _fresh({name: p.get("OrganizationID", "") or "" for name, p in users.items()})
+        orgs, current, devices = await _survey(users)
         incomplete = await self.api.jobs_for_date_range(0, 0)
         if not tr.has_checkpoint:
             await self._baseline(incomplete, res, now)
         # after a baseline too: what happened since this process's first HELLO is ours (a
         # baseline that comes late, after a failed first sync and a gap, must not skip it)
         await self._jobs(incomplete, orgs, res, now, restarted and not res.baseline, emit_job)
-        await self._accounts(users, res, emit)
+        await self._accounts(users, current, devices, orgs, res, emit)
         if start_hash:
             tr.server_start_hash = start_hash
         tr.has_checkpoint = True
@@ -506,15 +520,16 @@ class Resyncer:
         out.sort(key=_first)
         return out
 
-    async def _accounts(self, users: dict[str, dict[str, Any]], res: ResyncResult,
-                        emit: Emit) -> None:
+    async def _accounts(self, users: Mapping[str, dict[str, Any]],
+                        current: dict[str, list[Any]], devices: dict[str, str],
+                        orgs: dict[str, str], res: ResyncResult, emit: Emit) -> None:
+        """The account and device events of what ``current`` (each user's account entry) and
+        ``devices`` ({device ID: owner}), read from ``users``, say changed. What is kept past
+        this sync is in objects of its own (:func:`_survey`): names and IDs taken from parsed
+        profiles would pin their memory (scattered among it, a few strings keep hundreds of
+        MB of freed objects' arenas from being given back)."""
         tr = self.tracker
         now = int(self.clock())
-        # what is kept past this sync, in objects of its own: names and IDs taken from the
-        # parsed answer would pin the memory of the whole answer (scattered among it, a few
-        # strings keep hundreds of MB of freed objects' arenas from being given back)
-        current = _fresh({name: account_entry(p) for name, p in users.items()})
-        devices = _fresh(_devices_of(users))
         if not tr.accounts_baseline:
             tr.replace_accounts(current, devices)
             tr.accounts_baseline = True
@@ -530,18 +545,17 @@ class Resyncer:
                 await waiting
 
         for name, entry in current.items():
-            profile = users[name]
-            org = profile.get("OrganizationID", "") or ""
+            org = orgs.get(name, "")
             before = old.get(name)
             if before is None or before[1] != entry[1]:
                 if before is not None:  # same name, new CreationGUID: re-created
                     await send(ACCOUNT_REMOVED, "account_removed", name, org=org, resource=name)
-                await send(ACCOUNT_NEW, "account_new", self.redactor.profile(profile), org=org,
-                           resource=name)
+                await send(ACCOUNT_NEW, "account_new", self.redactor.profile(users[name]),
+                           org=org, resource=name)
                 res.accounts[name] = entry[0]
             elif before[0] != entry[0]:
-                await send(ACCOUNT_UPDATED, "account_updated", self.redactor.profile(profile),
-                           org=org, resource=name)
+                await send(ACCOUNT_UPDATED, "account_updated",
+                           self.redactor.profile(users[name]), org=org, resource=name)
                 res.accounts[name] = entry[0]
         for name in sorted(set(old) - set(current)):
             await send(ACCOUNT_REMOVED, "account_removed", name, resource=name)
@@ -550,11 +564,11 @@ class Resyncer:
             config = users[owner].get("Devices", {}).get(dev)
             await send(DEVICE_NEW, "device_new", self.redactor.profile(config)
                        if isinstance(config, dict) else config, actor=owner,
-                       org=orgs_of(users, owner), resource=dev)
+                       org=orgs.get(owner, ""), resource=dev)
         for dev in sorted(set(old_devices) - set(devices)):
             owner = old_devices[dev]
             await send(DEVICE_REMOVED, "device_removed", None, actor=owner,
-                       org=orgs_of(users, owner), resource=dev)
+                       org=orgs.get(owner, ""), resource=dev)
         res.staged = (current, devices)
 
 
@@ -596,11 +610,6 @@ def _next_span(span: int, size: int, target: int) -> int:
     if size > 0:
         grown = min(grown, span * target // size)
     return max(MIN_CHUNK, min(CHUNK, grown))
-
-
-def orgs_of(users: dict[str, dict[str, Any]], name: str) -> str:
-    profile = users.get(name)
-    return (profile.get("OrganizationID", "") or "") if isinstance(profile, dict) else ""
 
 
 #: a plan's timestamp, what a span's plans are sorted by

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from cometstream.api import AdminClient, accept_encoding, api_base_url
+from cometstream.api import AdminClient, ProfileMap, accept_encoding, api_base_url
 from cometstream.errors import ApiAuthError, ApiError, ConfigError, TotpRequired
 from cometstream.protocol import totp_code
 from cometstream.simulator import Simulator
@@ -230,3 +230,117 @@ async def test_numbers_beyond_a_double_in_a_response_are_parsed(tmp_path: Path) 
         async with _client(url, tmp_path) as api:
             jobs = await api.jobs_for_date_range(1, 2)
     assert jobs[0]["TotalSize"] == int("9" * 400)
+
+
+# --- list-users-full, one profile at a time --------------------------------------------------
+_PROFILES = (
+    b'{\n  "alice" : {"Username":"alice","OrganizationID":"","Sources":{"s1":{"Description":'
+    b'"a } and a ] and a \\" and a {[","Statistics":{"LastBackupJob":{"Status":5000}}}},'
+    b'"Devices":{"d1":{"FriendlyName":"PC"}},"Tags":[[1,2],[{"x":[]}]],"Big":' + b"9" * 30
+    + b'},\n  "b\\"ob" :{"Username":"b\\"ob","Note":"\\ud800 alone"},'
+    b'"caf\\u00e9":{},"x\\\\y":{"Quota":1e400},'
+    b'"alice":{"Username":"alice","Again":true}\n}\n'
+)
+
+
+async def _users_answer(tmp_path: Path, body: bytes, then: Callable[[Any], Any] | None = None
+                        ) -> Any:
+    """``list_users_full()`` of a server that answers ``body`` (in pieces, as a stream: the
+    server holds no copy of it), and ``then(users)`` while the client is open."""
+    async def handler(request: web.Request, form: dict[str, str]) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(body)
+        await resp.prepare(request)
+        view = memoryview(body)
+        for at in range(0, len(body), 1 << 16):
+            await resp.write(view[at:at + (1 << 16)])
+        return resp
+
+    async with api_server(handler) as (url, _forms):
+        async with _client(url, tmp_path) as api:
+            users = await api.list_users_full()
+            return then(users) if then is not None else users
+
+
+async def test_the_users_answer_is_read_one_profile_at_a_time(tmp_path: Path) -> None:
+    """``list-users-full`` comes back as a map over the answer's bytes whose profiles are each
+    parsed when read: names and values exactly as a parser of the whole answer gives them
+    (escapes, brackets and quotes inside strings, a name given twice, numbers beyond 64 bits
+    and beyond a double, a lone surrogate made U+FFFD, spaces and line breaks)."""
+    import json
+
+    users = await _users_answer(tmp_path, _PROFILES)
+    assert isinstance(users, ProfileMap)
+    whole = json.loads(_PROFILES)
+    assert list(users) == list(whole) == ["alice", 'b"ob', "café", "x\\y"]
+    assert users["alice"] == {"Username": "alice", "Again": True}  # the last one given
+    assert users['b"ob']["Note"] == "\ufffd alone"
+    assert users["x\\y"] == {"Quota": float("inf")}
+    assert "café" in users and "nobody" not in users and users.get("nobody") is None
+    assert dict(users.items()) == {**whole, 'b"ob': {"Username": 'b"ob', "Note": "\ufffd alone"}}
+    assert users["alice"] is not users["alice"]  # each reader gets profiles of its own
+
+
+async def test_reading_the_users_answer_holds_its_bytes_and_one_profile(tmp_path: Path) -> None:
+    """Reading every profile of a large answer, one at a time, costs its bytes and a profile
+    (a parse of the whole answer costs several times its bytes, all at once)."""
+    import tracemalloc
+
+    profile = {"Sources": {f"s{i}": {"Description": "x" * 8, "Statistics": {"Size": i}}
+                           for i in range(40)}, "Devices": {f"d{i}": {} for i in range(10)}}
+    body = orjson.dumps({f"user{i}": profile for i in range(2_000)})
+    def read(users: Any) -> int:
+        return sum(len(p["Sources"]) for p in users.values())
+
+    tracemalloc.start()
+    try:
+        sources = await _users_answer(tmp_path, body, read)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sources == 80_000
+    # its bytes (a bytearray grown as they come, by up to an eighth) and the rest: a parse
+    # of the whole answer alone is about three times its bytes here
+    assert peak < 1.6 * len(body), (peak, len(body))
+
+
+@pytest.mark.parametrize(("body", "expected"), [
+    (b'{"a":{"b":' * 40 + b"{}" + b"}" * 80, None),  # deeper than the scan follows
+    (b'{"a":{"x":1},"b":null,"c":[1]}', {"a": {"x": 1}}),  # not objects: left out
+    (b'{"a":{"x":1}}  ', {"a": {"x": 1}}),
+    (b" { } ", {}),
+])
+async def test_other_users_answers_are_parsed_whole(tmp_path: Path, body: bytes,
+                                                    expected: Any) -> None:
+    """An answer the scan does not take (nesting beyond it, a value that is not a profile) is
+    parsed whole, as any answer."""
+    users = await _users_answer(tmp_path, body)
+    if expected is None:
+        expected = {k: v for k, v in orjson.loads(body).items() if isinstance(v, dict)}
+    assert dict(users.items()) == expected
+
+
+@pytest.mark.parametrize(("body", "when"), [
+    (b'{"a":{"x":1}} trailing', "call"),
+    (b'{"a":{"x":1},"b":{"x":tru}}', "read"),
+    (b'{"a":{"x":1},"b":{"x":1]}', "read"),
+    (b'{"a":{"x":1},"b":{"x":1}', "call"),  # cut short
+])
+async def test_a_users_answer_that_is_not_json_is_an_error(tmp_path: Path, body: bytes,
+                                                           when: str) -> None:
+    """Not JSON: an ApiError (not retried) at the call, or, inside a profile (the scan checks
+    its strings and brackets, the parse the rest), when that profile is read."""
+    if when == "call":
+        with pytest.raises(ApiError, match="not JSON") as info:
+            await _users_answer(tmp_path, body)
+    else:
+        users = await _users_answer(tmp_path, body)
+        assert users["a"] == {"x": 1}
+        with pytest.raises(ApiError, match="not JSON") as info:
+            users["b"]
+    assert not info.value.retryable
+
+
+async def test_a_users_answer_that_is_an_error_is_typed(tmp_path: Path) -> None:
+    with pytest.raises(ApiAuthError, match="Unauthorised"):
+        await _users_answer(tmp_path, orjson.dumps({"Status": 403, "Message": "Unauthorised"}))

@@ -931,7 +931,7 @@ def test_the_fleet_benchmark_runs_and_prints_its_table() -> None:
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fleet.py"), "--users", "50",
                           "--items", "150", "--scrapes", "2"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
-    assert re.search(r"^default labels +[\d.]+ +[\d.]+ +\d+ .* [\d.]+$", out, re.MULTILINE), out
+    assert re.search(r"^default labels +[\d.]+ +[\d.]+ +[\d.]+ +\d+ .* [\d.]+$", out, re.MULTILINE), out
     assert re.search(r"^name_labels=false ", out, re.MULTILINE), out
 
 
