@@ -38,7 +38,7 @@ from typing import Any, Final, TypeVar
 import orjson
 import structlog
 
-from .api import JOBS_PATH, USERS_PATH, AdminClient
+from .api import JOBS_PATH, USERS_PATH, AdminClient, ProfileMap
 from .constants import SEVT
 from .delivery.identity import (
     ACCOUNT_NEW,
@@ -108,13 +108,16 @@ async def _survey(users: Mapping[str, dict[str, Any]]) -> tuple[
     orgs: dict[str, str] = {}
     entries: dict[str, list[Any]] = {}
     devices: dict[str, str] = {}
+    # a ProfileMap's profiles are parsed for each reading: ours to digest in place (a plain
+    # map's are the answer itself, which another reader may share)
+    ours = isinstance(users, ProfileMap)
     for i, (name, profile) in enumerate(users.items(), 1):
         orgs[name] = profile.get("OrganizationID", "") or ""
-        entries[name] = account_entry(profile)
         owned = profile.get("Devices")
         if isinstance(owned, dict):
             for dev in owned:
                 devices[str(dev)] = name
+        entries[name] = account_entry(profile, owned=ours)  # (last: it may strip the profile)
         if not i % _PROFILES_PER_TURN:
             await asyncio.sleep(0)  # (the stream is read meanwhile)
     return _fresh(orgs), _fresh(entries), _fresh(devices)
