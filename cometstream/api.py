@@ -385,15 +385,19 @@ def _parse(body: bytes | memoryview) -> tuple[bool, Any]:
 
 # --- list-users-full, one profile at a time ------------------------------------------------------
 _WS: Final = rb"[ \t\r\n]*"
-_STRING: Final = rb'"(?:[^"\\]++|\\.)*+"'
+#: a JSON string (the unrolled form: runs of plain characters between escapes)
+_STRING: Final = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+#: what lies between the brackets inside an object or array: scalars, commas, colons, spaces
+#: and strings (whole: a bracket or quote inside one is not structure)
+_FLAT: Final = rb'[^"{}\[\]]*+(?:' + _STRING + rb'[^"{}\[\]]*+)*+'
 
 
 def _nested(depth: int) -> bytes:
     """A JSON object or array nested at most ``depth`` levels deep, as a regular expression
     that skips its strings whole and checks nothing else (the parse of the value does)."""
-    value = rb"[{\[](?:[^\"{}\[\]]++|" + _STRING + rb")*+[}\]]"
+    value = rb"[{\[]" + _FLAT + rb"[}\]]"
     for _ in range(depth - 1):
-        value = rb"[{\[](?:[^\"{}\[\]]++|" + _STRING + rb"|" + value + rb")*+[}\]]"
+        value = rb"[{\[]" + _FLAT + rb"(?:" + value + _FLAT + rb")*+[}\]]"
     return value
 
 

@@ -344,3 +344,36 @@ async def test_a_users_answer_that_is_not_json_is_an_error(tmp_path: Path, body:
 async def test_a_users_answer_that_is_an_error_is_typed(tmp_path: Path) -> None:
     with pytest.raises(ApiAuthError, match="Unauthorised"):
         await _users_answer(tmp_path, orjson.dumps({"Status": 403, "Message": "Unauthorised"}))
+
+
+def _random_text(rng: Any) -> str:
+    alphabet = 'ab{}[]"\\,:/ \n\t\u00e9\u20ac\U0001f600'
+    return "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+
+
+def _random_value(rng: Any, depth: int) -> Any:
+    kind = rng.randrange(8 if depth < 6 else 4)
+    if kind == 0:
+        return rng.choice([None, True, False, 0, -1, 2**63 - 1, 1.5e-7, -0.0])
+    if kind in (1, 2, 3):
+        return _random_text(rng)
+    if kind in (4, 5):
+        return [_random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {_random_text(rng): _random_value(rng, depth + 1) for _ in range(rng.randrange(5))}
+
+
+async def test_random_users_answers_read_one_profile_at_a_time_as_parsed_whole(
+        tmp_path: Path) -> None:
+    """Profiles of random JSON (strings full of brackets, quotes, backslashes and non-ASCII,
+    nested lists and objects), written compact and spaced out: each reads back as a parse of
+    the whole answer gives it."""
+    import json
+    import random
+
+    rng = random.Random(7)
+    users = {f"u{i}{_random_text(rng)}": {"P": _random_value(rng, 0)} for i in range(300)}
+    for body in (orjson.dumps(users), json.dumps(users, indent=1, ensure_ascii=True).encode()):
+        read = await _users_answer(tmp_path, body)
+        assert isinstance(read, ProfileMap)
+        assert list(read) == list(users)
+        assert dict(read.items()) == orjson.loads(body)
