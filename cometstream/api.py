@@ -267,7 +267,7 @@ class AdminClient:
                            f"{plain_http_hint(exc)}", status=0) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise ApiError(f"{path}: {exc.__class__.__name__}: {exc}", status=0) from exc
-        if path == USERS_PATH and status < 400:
+        if path == USERS_PATH and status < 400 and (body[:1] == b"{" or "json" in ctype):
             # every profile of every user, in one answer that cannot be paged: read one
             # profile at a time (ProfileMap) when it has the expected shape
             users = await profile_map(body, path)
@@ -450,9 +450,9 @@ class ProfileMap(Mapping[str, dict[str, Any]]):
 
 async def profile_map(body: bytes, path: str) -> ProfileMap | None:
     """``body`` as a :class:`ProfileMap`, if it is a JSON object whose every value is an object
-    nested at most :data:`PROFILE_DEPTH` deep; else None (then it is parsed whole, as any
-    answer: an error given as a body, ``null``, anything else). Gives the event loop a turn
-    every few hundred profiles."""
+    nested at most :data:`PROFILE_DEPTH` deep, each name given once; else None (then it is
+    parsed whole, as any answer: an error given as a body, ``null``, anything else). Gives the
+    event loop a turn every few hundred profiles."""
     m = _OPEN.match(body)
     if m is None:
         return None
@@ -470,7 +470,11 @@ async def profile_map(body: bytes, path: str) -> ProfileMap | None:
             parsed, name = _parse(key)
             if not parsed or not isinstance(name, str):
                 return None
-            spans[name] = m.span(2)  # (a name given twice: the last, as a parser keeps)
+            if name in spans:
+                # a name given twice: a parser keeps the last value, but the first must be
+                # JSON too (as a parse of the whole answer checks)
+                return None
+            spans[name] = m.span(2)
             pos = m.end()
             if body[pos - 1] == 0x7D:  # (}: the answer's end)
                 return ProfileMap(body, spans, path) if _END.match(body, pos) else None

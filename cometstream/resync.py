@@ -562,9 +562,12 @@ class Resyncer:
                 res.accounts[name] = entry[0]
         for name in sorted(set(old) - set(current)):
             await send(ACCOUNT_REMOVED, "account_removed", name, resource=name)
+        owned: dict[str, Any] = {}  # an owner's devices, read once (a profile is parsed per read)
         for dev in sorted(set(devices) - set(old_devices)):
             owner = devices[dev]
-            config = users[owner].get("Devices", {}).get(dev)
+            if owner not in owned:
+                owned[owner] = users[owner].get("Devices", {})
+            config = owned[owner].get(dev)
             await send(DEVICE_NEW, "device_new", self.redactor.profile(config)
                        if isinstance(config, dict) else config, actor=owner,
                        org=orgs.get(owner, ""), resource=dev)

@@ -236,10 +236,9 @@ async def test_numbers_beyond_a_double_in_a_response_are_parsed(tmp_path: Path) 
 _PROFILES = (
     b'{\n  "alice" : {"Username":"alice","OrganizationID":"","Sources":{"s1":{"Description":'
     b'"a } and a ] and a \\" and a {[","Statistics":{"LastBackupJob":{"Status":5000}}}},'
-    b'"Devices":{"d1":{"FriendlyName":"PC"}},"Tags":[[1,2],[{"x":[]}]],"Big":' + b"9" * 30
-    + b'},\n  "b\\"ob" :{"Username":"b\\"ob","Note":"\\ud800 alone"},'
-    b'"caf\\u00e9":{},"x\\\\y":{"Quota":1e400},'
-    b'"alice":{"Username":"alice","Again":true}\n}\n'
+    b'"Devices":{"d1":{"FriendlyName":"PC"}},"Tags":[[1,2],[{"x":[]}]]},\n'
+    b'  "b\\"ob" :{"Username":"b\\"ob","Note":"\\ud800 alone"},'
+    b'"caf\\u00e9":{},"x\\\\y":{"Quota":1e400}\n}\n'
 )
 
 
@@ -265,15 +264,15 @@ async def _users_answer(tmp_path: Path, body: bytes, then: Callable[[Any], Any] 
 async def test_the_users_answer_is_read_one_profile_at_a_time(tmp_path: Path) -> None:
     """``list-users-full`` comes back as a map over the answer's bytes whose profiles are each
     parsed when read: names and values exactly as a parser of the whole answer gives them
-    (escapes, brackets and quotes inside strings, a name given twice, numbers beyond 64 bits
-    and beyond a double, a lone surrogate made U+FFFD, spaces and line breaks)."""
+    (escapes, brackets and quotes inside strings, numbers beyond 64 bits and beyond a double,
+    a lone surrogate made U+FFFD, spaces and line breaks)."""
     import json
 
     users = await _users_answer(tmp_path, _PROFILES)
     assert isinstance(users, ProfileMap)
     whole = json.loads(_PROFILES)
     assert list(users) == list(whole) == ["alice", 'b"ob', "café", "x\\y"]
-    assert users["alice"] == {"Username": "alice", "Again": True}  # the last one given
+    assert users["alice"]["Devices"] == {"d1": {"FriendlyName": "PC"}}
     assert users['b"ob']["Note"] == "\ufffd alone"
     assert users["x\\y"] == {"Quota": float("inf")}
     assert "café" in users and "nobody" not in users and users.get("nobody") is None
@@ -304,17 +303,21 @@ async def test_reading_the_users_answer_holds_its_bytes_and_one_profile(tmp_path
     assert peak < 1.6 * len(body), (peak, len(body))
 
 
-@pytest.mark.parametrize(("body", "expected"), [
-    (b'{"a":{"b":' * 40 + b"{}" + b"}" * 80, None),  # deeper than the scan follows
-    (b'{"a":{"x":1},"b":null,"c":[1]}', {"a": {"x": 1}}),  # not objects: left out
-    (b'{"a":{"x":1}}  ', {"a": {"x": 1}}),
-    (b" { } ", {}),
+@pytest.mark.parametrize(("body", "expected", "scanned"), [
+    (b'{"a":' + b'{"b":' * 31 + b"{}" + b"}" * 32, None, True),  # as deep as the scan follows
+    (b'{"a":' + b'{"b":' * 32 + b"{}" + b"}" * 33, None, False),  # deeper
+    (b'{"a":{"x":1},"b":null,"c":[1]}', {"a": {"x": 1}}, False),  # not objects: left out
+    (b'{"a":{"x":1},"c":[1]}', {"a": {"x": 1}}, False),
+    (b'{"a":{"x":1},"a":{"x":2}}', {"a": {"x": 2}}, False),  # a name twice: the last
+    (b'{"a":{"x":1}}  ', {"a": {"x": 1}}, True),
+    (b" { } ", {}, True),
 ])
 async def test_other_users_answers_are_parsed_whole(tmp_path: Path, body: bytes,
-                                                    expected: Any) -> None:
-    """An answer the scan does not take (nesting beyond it, a value that is not a profile) is
-    parsed whole, as any answer."""
+                                                    expected: Any, scanned: bool) -> None:
+    """An answer the scan does not take (nesting beyond it, a value that is not a profile, a
+    name given twice) is parsed whole, as any answer."""
     users = await _users_answer(tmp_path, body)
+    assert isinstance(users, ProfileMap) is scanned
     if expected is None:
         expected = {k: v for k, v in orjson.loads(body).items() if isinstance(v, dict)}
     assert dict(users.items()) == expected
@@ -325,6 +328,8 @@ async def test_other_users_answers_are_parsed_whole(tmp_path: Path, body: bytes,
     (b'{"a":{"x":1},"b":{"x":tru}}', "read"),
     (b'{"a":{"x":1},"b":{"x":1]}', "read"),
     (b'{"a":{"x":1},"b":{"x":1}', "call"),  # cut short
+    (b'{"a":{"x":tru},"a":{"x":1}}', "call"),  # given twice, the first not JSON
+    (b'{"a":{"x":"\xff"},"a":{"x":1}}', "call"),
 ])
 async def test_a_users_answer_that_is_not_json_is_an_error(tmp_path: Path, body: bytes,
                                                            when: str) -> None:

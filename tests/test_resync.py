@@ -307,6 +307,38 @@ async def test_sigterm_during_a_burst_and_restart_loses_and_repeats_nothing(
     assert all(sim.world.jobs[g]["EndTime"] >= t0 for g in counts)
 
 
+async def test_each_profile_is_parsed_at_most_twice_by_a_sync(
+        sim: Simulator, tmp_path: Path, monkeypatch: Any) -> None:
+    """The sync reads the accounts' answer one profile at a time (each read parses it): once
+    for the survey, once more for a profile whose events carry it, however many devices
+    it gained (40 here, one event each)."""
+    from cometstream.api import ProfileMap
+
+    reads: Counter[str] = Counter()
+    read = ProfileMap.__getitem__
+
+    def counted(self: ProfileMap, name: str) -> dict[str, Any]:
+        reads[name] += 1
+        return read(self, name)
+
+    monkeypatch.setattr(ProfileMap, "__getitem__", counted)
+    path = tmp_path / "events.jsonl"
+    async with running(_file_cfg(sim, tmp_path, path)) as d:
+        await wait_until(lambda: d.daemon.resyncs_ok == 1, what="baseline")
+        assert reads and max(reads.values()) == 1
+        await _open_gap(sim, d)
+        owner = min(sim.world.users)
+        added = {sim.world.add_device(owner)["ResourceID"] for _ in range(40)}
+        reads.clear()
+        sim.faults.reject_logins = False
+        await wait_until(lambda: d.daemon.resyncs_ok == 2, timeout=10, what="resync")
+    new = {e["event"]["ResourceID"] for e in _lines(path)
+           if e["origin"] == "resync" and e["type_name"] == "SEVT_DEVICE_NEW"}
+    assert new == added
+    assert reads[owner] == 2, reads[owner]
+    assert set(reads) == set(sim.world.users) and max(reads.values()) == 2
+
+
 async def test_account_changes_during_a_gap_become_the_right_events(
         sim: Simulator, tmp_path: Path) -> None:
     """New, updated, re-created and removed accounts and added/removed devices are synthesized;
@@ -1133,3 +1165,19 @@ def test_the_completed_guids_a_sync_keeps_answer_exactly_in_8_bytes_each() -> No
         done.add(g)
     assert all(g in done for g in guids[:4500]) and guids[4999] not in done
     assert len(done) == 4500 and done._fps.itemsize == 8
+
+
+async def test_the_account_survey_leaves_a_shared_answer_as_it_was() -> None:
+    """A parsed answer (not read one profile at a time) is shared with the fleet's read: the
+    survey digests copies of its profiles, never the profiles themselves."""
+    import copy
+
+    from cometstream.resync import _survey
+
+    users = {"a": {"OrganizationID": "o", "Devices": {"d": {"FriendlyName": "PC"}},
+                   "Sources": {"s": {"Statistics": {"LastStartTime": 1}}}}}
+    before = copy.deepcopy(users)
+    orgs, entries, devices = await _survey(users)
+    assert users == before
+    assert (orgs, devices) == ({"a": "o"}, {"d": "a"})
+    assert list(entries) == ["a"]
