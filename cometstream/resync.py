@@ -113,9 +113,9 @@ async def _survey(users: Mapping[str, dict[str, Any]]) -> tuple[
     ours = isinstance(users, ProfileMap)
     for i, (name, profile) in enumerate(users.items(), 1):
         orgs[name] = profile.get("OrganizationID", "") or ""
-        owned = profile.get("Devices")
-        if isinstance(owned, dict):
-            for dev in owned:
+        its_devices = profile.get("Devices")
+        if isinstance(its_devices, dict):
+            for dev in its_devices:
                 devices[str(dev)] = name
         entries[name] = account_entry(profile, owned=ours)  # (last: it may strip the profile)
         if not i % _PROFILES_PER_TURN:
@@ -562,12 +562,12 @@ class Resyncer:
                 res.accounts[name] = entry[0]
         for name in sorted(set(old) - set(current)):
             await send(ACCOUNT_REMOVED, "account_removed", name, resource=name)
-        owned: dict[str, Any] = {}  # an owner's devices, read once (a profile is parsed per read)
+        devices_of: dict[str, Any] = {}  # read once an owner (a profile is parsed per read)
         for dev in sorted(set(devices) - set(old_devices)):
             owner = devices[dev]
-            if owner not in owned:
-                owned[owner] = users[owner].get("Devices", {})
-            config = owned[owner].get(dev)
+            if owner not in devices_of:
+                devices_of[owner] = users[owner].get("Devices", {})
+            config = devices_of[owner].get(dev)
             await send(DEVICE_NEW, "device_new", self.redactor.profile(config)
                        if isinstance(config, dict) else config, actor=owner,
                        org=orgs.get(owner, ""), resource=dev)
