@@ -215,7 +215,8 @@ class Redactor:
         if type(data) is not dict and type(data) is not list:
             # nothing to walk; but a hidden first "Data" may hold what this one does not
             raw = ev.raw
-            if raw.count(b'"Data"') <= ("Data" in doc) and raw.find(b"\\u") < 0:
+            if raw.count(b'"Data"') <= ("Data" in doc) and (92 not in raw  # (92: "\\")
+                                                           or raw.find(b"\\u") < 0):
                 return ev
             if not _duplicate_keys(raw):
                 return ev
@@ -284,10 +285,10 @@ class Redactor:
         may still carry a secret: only through a key given twice (the parser kept the last),
         so only if the bytes name a secret (or spell a name with ``\\u`` escapes); then the
         bytes are checked for duplicate keys (the standard library's parser, slow but rare)."""
-        if raw.find(b"\\u") < 0:
+        if 92 not in raw or raw.find(b"\\u") < 0:  # (92: "\\", one memchr)
             low = raw.lower()
             for needle in self._byte_needles:
-                if needle in low:
+                if low.find(needle) >= 0:  # (``bytes in bytes`` raises and clears an error)
                     break
             else:
                 return False

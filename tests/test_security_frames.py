@@ -229,6 +229,9 @@ HOSTILE = [
     b'{"Type":4102,"Data":{"PasswordHash":"LEAK-5"},"Data":{"Username":"u5"}}',
     b'{"Type":4103,"Data":{"TOTPKey":"LEAK-6"},"Data":null}',
     b'{"Type":4103,"Data":{"TOTPKey":"LEAK-7"},"Data":"x"}',
+    # the same with the name spelt only with escapes: no secret's name in the bytes as such
+    b'{"Type":4102,"Data":{"Username":"u9","T\\u006fken":"LEAK-9","T\\u006fken":""}}',
+    b'{"Type":4103,"D\\u0061ta":{"TOTPKey":"LEAK-10"},"Data":"x"}',
     # secrets as map keys, under a secret's name: the map goes whole
     b'{"Type":4102,"Data":{"Username":"u8","PasswordHistory":{"LEAK-8":1700000000}}}',
 ]
@@ -252,7 +255,7 @@ async def test_redaction_holds_against_duplicate_keys_and_maps_keyed_by_secrets(
         raws = [ev.raw for ev in mem.events]
         leaks = [r for r in raws if b"LEAK" in r]
         assert leaks == []
-        for name in (b"u1", b"u2", b"u3", b"u4", b"u5", b"u8"):  # each event was delivered
+        for name in (b"u1", b"u2", b"u3", b"u4", b"u5", b"u8", b"u9"):  # each was delivered
             assert sum(b'"' + name + b'"' in r for r in raws) == 1, name
         assert as_string in raws
         assert d.stats.malformed == 0 and sim.connections == 1
