@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import orjson
 
-from .constants import SEVT, SEVT_NAMES, job_status_name
+from .constants import JOB_STATUS_NAMES, SEVT, SEVT_NAMES, job_status_name
 
 __all__ = [
     "FORMATS",
@@ -165,7 +165,10 @@ class Event:
         if self.type == JOB_COMPLETED or self.type == _JOB_NEW:
             data = (self._doc if self._doc is not None else self.doc).get("Data")
             if type(data) is dict:
-                return job_status_name(data.get("Status"))
+                status = data.get("Status")
+                # (a known status without the call: not 5000.0, whose hash is 5000's)
+                name = JOB_STATUS_NAMES.get(status) if type(status) is int else None
+                return name if name is not None else job_status_name(status)
         return "other"
 
     def dedup_key(self) -> str | None:

@@ -8,7 +8,7 @@ commit (:attr:`Dedup.journal`) is inserted, and keys that left the window are de
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .identity import fingerprint
 
@@ -54,6 +54,12 @@ class Dedup:
             del d[fp]  # move to the newest end
         ts = d[fp] = self._ts.setdefault(ts, ts)
         self.journal.append((fp, ts))
+
+    @property
+    def shared_ts(self) -> Callable[[int, int], int]:
+        """``shared_ts(ts, ts)``: the window's one int object for that second (a kept key's
+        timestamp; :meth:`acked_fp` and the tracker's settle use it)."""
+        return self._ts.setdefault
 
     def forget_inflight(self, key: str | int) -> None:
         self.inflight.pop(fingerprint(key), None)
