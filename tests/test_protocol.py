@@ -364,13 +364,14 @@ def test_the_name_cache_starts_over_when_full_so_the_names_met_now_are_cached() 
     cache of judged names is full of old ones, it starts over, so the names of the profiles
     met now are judged once again and then matched in C, not judged at every event; and it
     never holds more than its bound."""
-    from cometstream.redact import KNOWN_MAX, MARK, Redactor
+    from cometstream.redact import KNOWN_MAX, MARK, NO_SECRETS, Redactor
 
     r = Redactor()
     r.is_secret("PasswordHash")
     for i in range(KNOWN_MAX + 10):  # old ids, never met again
         r.is_secret(f"0000-{i}")
         assert len(r._known) <= KNOWN_MAX
+    r.is_secret("Statistics")
     profile = {"Sources": {"6a1c-src": {"Description": "x", "ClientSecret": "s3"}},
                "PasswordHash": "h"}
     assert r._walk(profile)
@@ -378,6 +379,9 @@ def test_the_name_cache_starts_over_when_full_so_the_names_met_now_are_cached() 
                        "PasswordHash": MARK}
     assert {"Sources", "6a1c-src", "Description", "ClientSecret", "PasswordHash"} <= r._known
     assert {"ClientSecret", "PasswordHash"} <= r._secret
+    # the names an object may hold to be only looked into: known, neither secret nor skipped
+    assert r._plain and r._plain <= r._known and not r._plain & (r._secret | NO_SECRETS)
+    assert {"Sources", "6a1c-src", "Description"} <= r._plain
 
 
 def test_a_secret_key_given_twice_in_one_object_leaves_no_copy() -> None:
