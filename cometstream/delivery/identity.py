@@ -161,9 +161,7 @@ def job_event(ev: Event) -> tuple[int | None, int, Action]:
     guid = data.get("GUID")
     if type(guid) is not str or not guid:
         return None, 0, None
-    ts = doc.get("Timestamp")  # (:func:`timestamp`, inline)
-    if type(ts) is not int or not _INT64_MIN <= ts <= _INT64_MAX or not ts:
-        ts = int(ev.received_at)
+    ts = timestamp(doc, ev)
     if ev.type == JOB_COMPLETED:
         end = data.get("EndTime")
         key = ev.key = f"{JOB_COMPLETED}:{guid}:{end if type(end) is int else 0}"

@@ -86,10 +86,7 @@ class Tracker:
         known (:func:`~.identity.job_event`, or the resync that synthesized it)."""
         self.dedup.inflight[fp] = seq
         self._pending.append((seq, fp, ts, action))
-        low = self._low  # (:meth:`_track_low`, inline: every job event comes here)
-        while low and low[-1][1] >= ts:
-            low.pop()
-        low.append((seq, ts))
+        self._track_low(seq, ts)
 
     def _track_low(self, seq: int, ts: int) -> None:
         """The running minimum of pending timestamps (the watermark may not pass it)."""
@@ -157,9 +154,7 @@ class Tracker:
         if pending and pending[0][0] <= kept_through:
             # a server bug (or clock) must not push the watermark into the future for good
             latest = int(self.clock()) + _FUTURE_SLACK
-            dedup = self.dedup
-            inflight, delivered, shared = dedup.inflight, dedup.delivered, dedup.shared_ts
-            journal = dedup.journal
+            kept: list[tuple[int, int]] = []  # (the window takes them at once)
             running = self.running_jobs
             dirty_jobs = self._dirty_jobs
             newest = self.newest_acked
@@ -167,12 +162,8 @@ class Tracker:
                 _seq, fp, ts, action = pending.popleft()
                 if ts > latest:
                     ts = latest
-                if fp is not None:  # (Dedup.acked_fp, inline: every kept job event)
-                    inflight.pop(fp, None)
-                    if fp in delivered:
-                        del delivered[fp]  # move to the newest end
-                    ts = delivered[fp] = shared(ts, ts)
-                    journal.append((fp, ts))
+                if fp is not None:
+                    kept.append((fp, ts))
                 if action is not None:
                     kind = action[0]  # the job cases of _apply inline: they are the bulk
                     if kind == "job_done":
@@ -186,6 +177,8 @@ class Tracker:
                 if ts > newest:
                     newest = ts
             self.newest_acked = newest
+            if kept:
+                self.dedup.acked_all(kept)
         low = self._low
         while low and low[0][0] <= kept_through:
             low.popleft()

@@ -8,7 +8,7 @@ commit (:attr:`Dedup.journal`) is inserted, and keys that left the window are de
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from .identity import fingerprint
 
@@ -47,19 +47,19 @@ class Dedup:
         self.acked_fp(fingerprint(key), ts)
 
     def acked_fp(self, fp: int, ts: int) -> None:
-        """The key is kept (the hot path: every kept job event)."""
-        self.inflight.pop(fp, None)
-        d = self.delivered
-        if fp in d:
-            del d[fp]  # move to the newest end
-        ts = d[fp] = self._ts.setdefault(ts, ts)
-        self.journal.append((fp, ts))
+        """The key is kept."""
+        self.acked_all([(fp, ts)])
 
-    @property
-    def shared_ts(self) -> Callable[[int, int], int]:
-        """``shared_ts(ts, ts)``: the window's one int object for that second (a kept key's
-        timestamp; :meth:`acked_fp` and the tracker's settle use it)."""
-        return self._ts.setdefault
+    def acked_all(self, kept: list[tuple[int, int]]) -> None:
+        """Keys kept, in order, (fingerprint, timestamp) each (the hot path: a settle's kept
+        job events, at once)."""
+        inflight, d, shared = self.inflight, self.delivered, self._ts.setdefault
+        for fp, ts in kept:
+            inflight.pop(fp, None)
+            if fp in d:
+                del d[fp]  # move to the newest end
+            d[fp] = shared(ts, ts)
+        self.journal.extend(kept)
 
     def forget_inflight(self, key: str | int) -> None:
         self.inflight.pop(fingerprint(key), None)
