@@ -176,38 +176,36 @@ class Redactor:
         while stack:
             value = pop()
             if type(value) is dict:
-                if plain.issuperset(value):  # (most objects: nothing to replace or skip)
-                    for v in value.values():
-                        if type(v) in _CONTAINERS:
-                            push(v)
-                    continue
-                keys = value.keys()
-                secret: AbstractSet[Any]
-                if not known.issuperset(keys):  # new names (or ids used as keys)
-                    secret = found = keys & secret_names
-                    for k in keys:
-                        # (the verdict, not the cache: at its bound the cache starts over)
-                        if k not in known and isinstance(k, str) and self.is_secret(k):
-                            found.add(k)
-                elif keys.isdisjoint(secret_names):  # (most objects: no set built)
-                    secret = _NONE
-                else:
-                    secret = keys & secret_names
-                for k in secret:
-                    old = value[k]
-                    if old not in _EMPTY:
-                        if replaced is not None:
-                            replaced.append((value, k, old))
-                        value[k] = MARK
-                        changed = True
-                if keys.isdisjoint(NO_SECRETS):
-                    for v in value.values():
-                        if type(v) in _CONTAINERS:
-                            push(v)
-                else:
-                    for k, v in value.items():
-                        if type(v) in _CONTAINERS and k not in NO_SECRETS:
-                            push(v)
+                # most objects hold only plain names (nothing to replace or skip): they are
+                # only looked into, below
+                if not plain.issuperset(value):
+                    keys = value.keys()
+                    secret: AbstractSet[Any]
+                    if not known.issuperset(keys):  # new names (or ids used as keys)
+                        secret = found = keys & secret_names
+                        for k in keys:
+                            # (the verdict, not the cache: at its bound the cache starts over)
+                            if k not in known and isinstance(k, str) and self.is_secret(k):
+                                found.add(k)
+                    elif keys.isdisjoint(secret_names):  # (no set built)
+                        secret = _NONE
+                    else:
+                        secret = keys & secret_names
+                    for k in secret:
+                        old = value[k]
+                        if old not in _EMPTY:
+                            if replaced is not None:
+                                replaced.append((value, k, old))
+                            value[k] = MARK
+                            changed = True
+                    if not keys.isdisjoint(NO_SECRETS):
+                        for k, v in value.items():
+                            if type(v) in _CONTAINERS and k not in NO_SECRETS:
+                                push(v)
+                        continue
+                for v in value.values():
+                    if type(v) in _CONTAINERS:
+                        push(v)
             else:  # (only dicts and lists are pushed)
                 for v in value:
                     if type(v) in _CONTAINERS:
