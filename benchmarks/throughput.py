@@ -49,6 +49,7 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -497,34 +498,55 @@ def _pct(values: list[float], q: float) -> float:
 
 def _burst(kinds: list[str], sender: Sender, n: int, repeat: int, env: dict[str, str],
            extra: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """The best of ``repeat`` runs of each receiver, alternated."""
+    """The best of ``repeat`` runs of each receiver, alternated. With naive aiohttp among them,
+    each run's rate is also divided by naive aiohttp's in the same round (``ratios``): the
+    median of those pairs moves less with the machine's state than the ratio of two bests."""
     best: dict[str, dict[str, Any]] = {}
+    ratios: dict[str, list[float]] = {kind: [] for kind in kinds}
     for _ in range(repeat):
+        rates: dict[str, float] = {}
         for kind in kinds:
             res = run_receiver(kind, sender, n, env, extra)
             if kind != "daemon-filter":  # every event, and the HELLO, in the file
                 assert res["lines"] == n + 1, (kind, res["lines"], n + 1)
+            rates[kind] = res["rate"]
             if kind not in best or res["rate"] > best[kind]["rate"]:
                 best[kind] = res
+        naive = rates.get("naive-aiohttp")
+        for kind, rate in rates.items():
+            if naive:
+                ratios[kind].append(rate / naive)
+    for kind, res in best.items():
+        res["ratios"] = ratios[kind]
     return best
 
 
 def _table(best: dict[str, dict[str, Any]]) -> None:
     naive = [best[k]["rate"] for k in ("naive-aiohttp", "naive-websockets") if k in best]
     fastest = max(naive) if naive else 0.0
+    rounds = max((len(r.get("ratios", ())) for r in best.values()), default=0)
+    paired = rounds > 1
     print(f"{'receiver':<22} {'events/s':>10} {'CPU s/100k':>11} {'peak RSS MB':>12} "
-          f"{'vs fastest naive':>17}")
+          f"{'vs fastest naive':>17}" + (f"  {'vs naive aiohttp, same round':>29}" if paired else ""))
     for kind, r in best.items():
         ratio = f"{r['rate'] / fastest:>16.2f}x" if fastest else f"{'-':>17}"
-        print(f"{RECEIVERS[kind][2]:<22} {r['rate']:>10,.0f} {r['cpu_per_100k']:>11.2f} {r['rss_mb']:>12.1f} "
-              f"{ratio}")
+        line = (f"{RECEIVERS[kind][2]:<22} {r['rate']:>10,.0f} {r['cpu_per_100k']:>11.2f} "
+                f"{r['rss_mb']:>12.1f} {ratio}")
+        if paired and r.get("ratios"):
+            rs = r["ratios"]
+            line += f"  median {statistics.median(rs):.3f}x ({min(rs):.2f}-{max(rs):.2f})"
+        print(line)
+    if paired:
+        print(f"  (same round: each run's rate over naive aiohttp's in that round, {rounds} rounds)")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=100_000, help="events per burst")
-    ap.add_argument("--repeat", type=int, default=2, help="bursts per receiver (best is shown)")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="bursts per receiver, alternated (the best is shown, and the median of "
+                         "each round's ratio to naive aiohttp)")
     ap.add_argument("--paced", type=int, default=10_000,
                     help="events of the paced latency run, at 1,000/s (0: skip)")
     ap.add_argument("--only", help="comma-separated receivers to run (default: all)")
