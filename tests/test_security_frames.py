@@ -302,6 +302,26 @@ def test_an_event_with_nothing_hidden_keeps_its_bytes() -> None:
         assert ev.raw == raw  # type: ignore[union-attr]
 
 
+
+def test_a_secret_written_loosely_is_not_mistaken_for_its_copy_in_statistics() -> None:
+    """The received bytes are spliced only when they are orjson's own encoding of the parsed
+    event. Here the secret is written with a space before its value, and the same key and value
+    sit, compactly written, inside ``Statistics`` (never walked, so never redacted): a splice
+    that only counted the occurrences would find one, as expected, replace that copy, and leave
+    the real secret in place. The event is re-encoded instead."""
+    from cometstream.protocol import decode_frame
+    from cometstream.redact import MARK, Redactor
+
+    raw = (b'{"Type":4102,"Data":{"Username":"u","PasswordHash" : "s3cret",'
+           b'"Statistics":{"PasswordHash":"s3cret"}}}')
+    ev = decode_frame(raw, received_at=0.0, server="s")
+    r = Redactor()
+    r.apply(ev)  # type: ignore[arg-type]
+    data = orjson.loads(ev.raw)["Data"]  # type: ignore[union-attr]
+    assert data["PasswordHash"] == MARK
+    assert data["Statistics"] == {"PasswordHash": "s3cret"}  # (what is not walked is kept)
+    assert r.kept_events == 0 and r.redacted_events == 1
+
 # --- 3. a garbage login reply -------------------------------------------------------------------
 GARBAGE = "<html><body><h1>502 Bad Gateway</h1></body></html>"
 
