@@ -18,8 +18,8 @@ parsed document shows: a key given twice in one object (parsers keep the last on
 given first would survive in the bytes). Such an event is re-encoded from the parsed, redacted
 document.
 
-The walk is iterative (an explicit stack): a frame nested as deep as the parser allows (1,024
-levels) costs no recursion.
+The walk is iterative (a list of the containers to visit, breadth first): a frame nested as deep
+as the parser allows (1,024 levels) costs no recursion.
 """
 
 from __future__ import annotations
@@ -158,9 +158,9 @@ class Redactor:
 
     def _walk(self, root: Any,
               replaced: list[tuple[dict[str, Any], str, Any]] | None = None) -> bool:
-        """Redact ``root`` in place; True if anything changed. Iterative: the containers still
-        to visit are on a stack, so depth costs memory, never recursion. ``replaced``, when
-        given, gets each value replaced, with its object and key.
+        """Redact ``root`` in place; True if anything changed. Iterative: the containers to
+        visit are in a list (each once, breadth first), so depth costs memory, never recursion.
+        ``replaced``, when given, gets each value replaced, with its object and key.
 
         The hot path of an account event (a profile: a few dozen objects): an object whose
         names are all known plain ones (most) costs one set operation on its keys and one pass
@@ -170,11 +170,9 @@ class Redactor:
         known = self._known
         secret_names = self._secret
         plain = self._plain
-        stack = [root]
-        pop = stack.pop
-        push = stack.append
-        while stack:
-            value = pop()
+        todo = [root]  # (iterated as it grows: no pop per container)
+        push = todo.append
+        for value in todo:
             if type(value) is dict:
                 # most objects hold only plain names (nothing to replace or skip): they are
                 # only looked into, below
