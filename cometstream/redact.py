@@ -384,15 +384,16 @@ def _spliced(raw: bytes, replaced: list[tuple[dict[str, Any], str, Any]]) -> byt
         if times:
             return None
     places.sort()
-    out: list[bytes] = []
+    view = memoryview(raw)  # (slices of it are not copies: the join copies the bytes once)
+    out: list[bytes | memoryview] = []
     done = 0
     for start, value_at, end in places:
         if start < done:  # (cannot happen, by the above; never splice over a splice)
             return None
-        out.append(raw[done:value_at])
+        out.append(view[done:value_at])
         out.append(_MARK_JSON)
         done = end
-    out.append(raw[done:])
+    out.append(view[done:])
     return b"".join(out)
 
 
