@@ -12,7 +12,7 @@ from typing import Any, Final
 
 import orjson
 
-from .constants import JOB_STATUS_NAMES, SEVT, SEVT_NAMES, job_status_name
+from .constants import SEVT, SEVT_NAMES
 
 __all__ = [
     "FORMATS",
@@ -157,19 +157,6 @@ class Event:
             if isinstance(data, dict):
                 return data
         return None
-
-    @property
-    def job_status_label(self) -> str:
-        """The bounded label of a job event's status (``other`` for other events); on the hot
-        path (every completion received), so without the calls of ``job`` and ``doc``."""
-        if self.type == JOB_COMPLETED or self.type == _JOB_NEW:
-            data = (self._doc if self._doc is not None else self.doc).get("Data")
-            if type(data) is dict:
-                status = data.get("Status")
-                # (a known status without the call: not 5000.0, whose hash is 5000's)
-                name = JOB_STATUS_NAMES.get(status) if type(status) is int else None
-                return name if name is not None else job_status_name(status)
-        return "other"
 
     def dedup_key(self) -> str | None:
         """The key that identifies a job event across the stream, resync and restarts, or None

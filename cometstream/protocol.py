@@ -19,7 +19,7 @@ import re
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, final
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -139,6 +139,7 @@ def _b32_normalize(secret: str) -> str:
     return s + "=" * (-len(s) % 8)
 
 
+@final  # (so ``type(x) is Malformed`` tells a type checker that anything else is an Event)
 @dataclass(frozen=True, slots=True)
 class Malformed:
     """A frame that is not a StreamableEvent. ``reason`` is a bounded label; ``sample`` a short excerpt."""
@@ -298,7 +299,6 @@ def _lone_surrogate(doc: Any) -> bool:
 
 def decode_frame(
     data: bytes | str,
-    *,
     received_at: float,
     server: str,
     origin: str = "stream",
@@ -307,7 +307,8 @@ def decode_frame(
     integer ``Type``. Unknown types and unknown fields are fine: they are the server's to add.
 
     Runs for every frame: exact type checks, one parse, no copy unless the frame has line
-    breaks or surrounding whitespace."""
+    breaks or surrounding whitespace. (The read loop passes its arguments by position: a call
+    with keywords costs more.)"""
     raw = data if type(data) is bytes else (
         data.encode() if isinstance(data, str) else bytes(data))
     try:

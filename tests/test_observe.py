@@ -110,6 +110,30 @@ async def test_metrics_values_match_a_scripted_session(sim: Simulator, tmp_path:
     assert any(n.startswith("python_") for n, _l in m)
 
 
+async def test_completions_are_counted_by_the_status_they_carry(sim: Simulator,
+                                                                  tmp_path: Path) -> None:
+    """Known codes by name, unknown ones by their range, anything that is not an integer (a
+    float equal to a known code, a boolean, text, no Data) as "other"."""
+    port = _port()
+    cfg = make_config(sim.url, tmp_path, spool=MEMORY, http={"listen": f"127.0.0.1:{port}"},
+                      resync={"enabled": False}, sinks={"all": {"type": "memory"}})
+    statuses: list[Any] = [5000, 5000, 7002, 5999, 6500, 9000, 5000.0, True, "5000", None]
+    async with running(cfg) as d:
+        await wait_until(lambda: d.stats.received.get(4000), what="HELLO")
+        for i, status in enumerate(statuses):
+            sim.emit({"Type": 4201, "Data": {"GUID": f"g{i}", "Status": status}})
+        sim.emit({"Type": 4201, "Data": "not an object"})
+        await wait_until(lambda: d.sink("all").events and len(d.sink("all").events) == 12,
+                         what="delivery")
+        m = await _scrape(port)
+    srv = {"server": "sim"}
+    got = {labels[1][1]: v for (name, labels), v in m.items()
+           if name == "cometstream_jobs_completed_total"}
+    assert got == {"JOB_STATUS_STOP_SUCCESS": 2, "JOB_STATUS_FAILED_ERROR": 1,
+                   "JOB_STATUS_STOP_SUCCESS_OTHER": 1, "JOB_STATUS_RUNNING_OTHER": 1,
+                   "other": 6}, got
+    assert _v(m, "cometstream_events_received_total", type="SEVT_JOB_COMPLETED", **srv) == 11
+
 async def test_metrics_are_gzipped_when_asked(sim: Simulator, tmp_path: Path) -> None:
     """Prometheus asks for gzip; the body is gzip and decodes to the exposition."""
     port = _port()
