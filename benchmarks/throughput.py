@@ -38,7 +38,8 @@ the machine's monotonic clock, shared by both processes.
 settings ``cometstream run`` applies (``cometstream.runtime``; default ``all``).
 
 No timing is asserted anywhere: on a shared 2-core machine the figures are noisy. Compare the
-ratios within one run, and take the best of ``--repeat`` runs.
+ratios within one run: the best of ``--repeat`` runs, and (with 2 or more, when naive aiohttp is
+among the receivers) the median of each round's ratio to naive aiohttp in that round.
 """
 
 from __future__ import annotations

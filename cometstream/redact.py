@@ -159,7 +159,8 @@ class Redactor:
     def _walk(self, root: Any,
               replaced: list[tuple[dict[str, Any], str, Any]] | None = None) -> bool:
         """Redact ``root`` in place; True if anything changed. Iterative: the containers to
-        visit are in a list (each once, breadth first), so depth costs memory, never recursion.
+        visit are in a list (each once, breadth first, held until the walk ends: a slot per
+        container), so depth costs no recursion.
         ``replaced``, when given, gets each value replaced, with its object and key.
 
         The hot path of an account event (a profile: a few dozen objects): an object whose

@@ -134,6 +134,7 @@ async def test_completions_are_counted_by_the_status_they_carry(sim: Simulator,
                    "other": 6}, got
     assert _v(m, "cometstream_events_received_total", type="SEVT_JOB_COMPLETED", **srv) == 11
 
+
 async def test_metrics_are_gzipped_when_asked(sim: Simulator, tmp_path: Path) -> None:
     """Prometheus asks for gzip; the body is gzip and decodes to the exposition."""
     port = _port()

@@ -302,7 +302,6 @@ def test_an_event_with_nothing_hidden_keeps_its_bytes() -> None:
         assert ev.raw == raw  # type: ignore[union-attr]
 
 
-
 def test_a_secret_written_loosely_is_not_mistaken_for_its_copy_in_statistics() -> None:
     """The received bytes are spliced only when they are orjson's own encoding of the parsed
     event. Here the secret is written with a space before its value, and the same key and value
@@ -321,6 +320,7 @@ def test_a_secret_written_loosely_is_not_mistaken_for_its_copy_in_statistics() -
     assert data["PasswordHash"] == MARK
     assert data["Statistics"] == {"PasswordHash": "s3cret"}  # (what is not walked is kept)
     assert r.kept_events == 0 and r.redacted_events == 1
+
 
 # --- 3. a garbage login reply -------------------------------------------------------------------
 GARBAGE = "<html><body><h1>502 Bad Gateway</h1></body></html>"
