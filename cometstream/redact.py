@@ -160,8 +160,8 @@ class Redactor:
               replaced: list[tuple[dict[str, Any], str, Any]] | None = None) -> bool:
         """Redact ``root`` in place; True if anything changed. Iterative: the containers to
         visit are in a list (each once, breadth first, held until the walk ends: a slot per
-        container), so depth costs no recursion.
-        ``replaced``, when given, gets each value replaced, with its object and key.
+        container), so depth costs no recursion. ``replaced``, when given, gets each value
+        replaced, with its object and key.
 
         The hot path of an account event (a profile: a few dozen objects): an object whose
         names are all known plain ones (most) costs one set operation on its keys and one pass

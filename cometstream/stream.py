@@ -39,7 +39,7 @@ from aiohttp.http import WSMessageNoDecodeText
 
 from .backoff import Backoff
 from .config import ServerConfig, StreamConfig
-from .constants import SEVT_NAMES, job_status_name
+from .constants import JOB_STATUS_NAMES, SEVT_NAMES, job_status_name
 from .errors import CredentialsRejected, StreamError
 from .events import JOB_COMPLETED, Event
 from .observe.metrics import StreamStats
@@ -370,15 +370,13 @@ class Session:
         stats.last_event_time = now
         self.events += 1
         if type_ == JOB_COMPLETED:
-            # counted by status code, named when /metrics is read: no call per completion
+            # no call per completion: a known code's name is one lookup (ints only: True and
+            # 5000.0 hash as 1 and 5000, and job_status_name calls them "other")
             doc = ev._doc  # (the parsed event: decode_frame just set it)
             job = doc.get("Data") if doc is not None else None
             status = job.get("Status") if type(job) is dict else None
-            known = stats.completed_known
-            if type(status) is int and status in known:  # (not True, not 5000.0)
-                known[status] += 1
-            else:
-                stats.jobs_completed[job_status_name(status)] += 1
+            name = JOB_STATUS_NAMES.get(status) if type(status) is int else None
+            stats.jobs_completed[name if name is not None else job_status_name(status)] += 1
         if self.hello is None:
             self._first_event(ev)
         return self.publish(ev)

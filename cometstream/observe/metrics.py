@@ -24,7 +24,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from ..constants import JOB_STATUS_NAMES, SEVT_NAMES
+from ..constants import SEVT_NAMES
 
 __all__ = ["LATENCY_BUCKETS", "Histogram", "Metrics", "SinkStats", "StreamStats"]
 
@@ -100,11 +100,7 @@ class StreamStats:
         self.spool_quarantined = 0
         self.malformed_by_reason: dict[str, int] = defaultdict(int)
         self.last_event_time = 0.0
-        #: job-completed events by status label: those of a status not in JOB_STATUS_NAMES
-        #: (a range's label, or "other"); :meth:`completions_by_label` adds the known ones
-        self.jobs_completed: dict[str, int] = defaultdict(int)
-        #: job-completed events of a known status, by its code (named when read)
-        self.completed_known: dict[int, int] = dict.fromkeys(JOB_STATUS_NAMES, 0)
+        self.jobs_completed: dict[str, int] = defaultdict(int)  # status label
         self.resync_runs: dict[str, int] = defaultdict(int)
         self.resync_events: dict[str, int] = defaultdict(int)
         self.resync_duration = Histogram((0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0))
@@ -119,15 +115,6 @@ class StreamStats:
     @property
     def events_received(self) -> int:
         return sum(self.received.values())
-
-    def completions_by_label(self) -> dict[str, int]:
-        """Job-completed events by status label (known codes by name, then the others)."""
-        out = dict(self.jobs_completed)
-        for code, n in self.completed_known.items():
-            if n:
-                name = JOB_STATUS_NAMES[code]
-                out[name] = out.get(name, 0) + n
-        return out
 
 
 class SinkStats:
@@ -249,7 +236,7 @@ class Metrics(Collector):
 
         c = CounterMetricFamily(PREFIX + "jobs_completed", "Job-completed events by JOB_STATUS",
                                 labels=["server", "status"])
-        for status, n in sorted(s.completions_by_label().items()):
+        for status, n in sorted(s.jobs_completed.items()):
             c.add_metric([srv, status], n)
         yield c
 
